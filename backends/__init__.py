@@ -1,0 +1,1 @@
+"""How a model trains and generates: the torch trainer, rollout engines (imported lazily)."""

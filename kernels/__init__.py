@@ -1,0 +1,85 @@
+"""GRPO kernels: log-probs, ratio, clip and KL in one pass; Triton on CUDA, plain torch elsewhere.
+
+`impl` is "auto" (Triton for CUDA tensors when triton is installed, the reference
+otherwise), "triton" (also on CPU under TRITON_INTERPRET=1) or "torch".
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from r1cli.errors import missing_extra
+
+from .reference import (
+    TokenRecord,
+    fused_linear_grpo_loss_ref,
+    fused_linear_logprobs_ref,
+    grpo_loss_ref,
+    logprobs_ref,
+)
+
+__all__ = ["TokenRecord", "grpo_loss", "fused_linear_grpo_loss", "logprobs", "fused_linear_logprobs", "pick_impl"]
+
+
+def pick_impl(impl: str, device: torch.device) -> str:
+    if impl == "torch":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        if impl == "triton":
+            raise missing_extra("triton", "triton") from None
+        return "torch"
+    if impl == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("kernels=triton on CPU tensors needs TRITON_INTERPRET=1")
+        return "triton"
+    return "triton" if device.type == "cuda" else "torch"
+
+
+def logprobs(logits, targets, *, temperature: float = 1.0, with_entropy: bool = False, impl: str = "auto"):
+    """log p(target) [N] (and entropy [N]) from logits [N, V]; differentiable."""
+    if pick_impl(impl, logits.device) == "triton":
+        from .grpo_loss import triton_logprobs
+
+        return triton_logprobs(logits, targets, temperature=temperature, with_entropy=with_entropy)
+    return logprobs_ref(logits, targets, temperature=temperature, with_entropy=with_entropy)
+
+
+def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low: float, eps_high: float,
+              beta: float, kl: str = "k3", temperature: float = 1.0, dual_clip: float = 0.0,
+              entropy_coef: float = 0.0, clamp: float = 20.0, impl: str = "auto"):
+    """Per-token GRPO loss [N] (masked tokens are 0) and a TokenRecord, from logits [N, V]."""
+    kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, temperature=temperature,
+              dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+    if pick_impl(impl, logits.device) == "triton":
+        from .grpo_loss import triton_grpo_loss
+
+        return triton_grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, **kw)
+    return grpo_loss_ref(logits, targets, old_logp, ref_logp, advantages, mask, **kw)
+
+
+def fused_linear_logprobs(hidden, weight, targets, *, temperature: float = 1.0, with_entropy: bool = False,
+                          impl: str = "auto"):
+    """log p(target) from hidden [N, H] and lm_head weight [V, H] without materialising [N, V] (Triton)."""
+    if pick_impl(impl, hidden.device) == "triton":
+        from .fused_linear import triton_fused_linear_logprobs
+
+        return triton_fused_linear_logprobs(hidden, weight, targets, temperature=temperature,
+                                            with_entropy=with_entropy)
+    return fused_linear_logprobs_ref(hidden, weight, targets, temperature=temperature, with_entropy=with_entropy)
+
+
+def fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, eps_low: float,
+                           eps_high: float, beta: float, kl: str = "k3", temperature: float = 1.0,
+                           dual_clip: float = 0.0, entropy_coef: float = 0.0, clamp: float = 20.0,
+                           impl: str = "auto"):
+    kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, temperature=temperature,
+              dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+    if pick_impl(impl, hidden.device) == "triton":
+        from .fused_linear import triton_fused_linear_grpo_loss
+
+        return triton_fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw)
+    return fused_linear_grpo_loss_ref(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw)

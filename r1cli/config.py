@@ -1,0 +1,315 @@
+"""Typed run configuration: dataclasses per concern, YAML files, `a.b=c` overrides.
+
+Every key is checked: an unknown key names the closest valid one, a value of
+the wrong type names the key, the value and the type it should have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from r1cli.errors import R1Error
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # a local Hugging Face folder (config.json, *.safetensors, tokenizer)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # JSONL or Parquet
+    eval: str = ""  # held-out set (same format), optional
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    answer_field: str = "answer"
+    messages_field: str = "messages"
+    task_field: str = "task"  # which checker verifies a row (math, arithmetic, countdown)
+    template: Literal["chat", "r1_zero", "plain"] = "chat"
+    system_prompt: str = ""
+    prefill: str = ""  # text the assistant turn starts with, e.g. "<think>"
+    max_seq_len: int = 1024
+    pack: bool = True
+    shuffle: bool = True
+    max_samples: int = 0  # 0: all
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/run"
+    steps: int = 100
+    micro_batch_size: int = 8  # rows per forward (packed rows when data.pack)
+    grad_accum: int = 1
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, reference elsewhere
+    eval_every: int = 0  # 0: only at the end
+    eval_samples: int = 64
+    eval_max_new_tokens: int = 256
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0: off
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["torch", "megatron"] = "torch"
+    data_parallel: Literal["ddp", "fsdp"] = "ddp"
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    n: int = 8  # G: samples per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    prompts_per_generate: int = 8  # prompts batched into one generate call
+
+
+@dataclass
+class RewardsConfig:
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    language: str = "en"  # target language of the chain of thought (language reward)
+
+
+@dataclass
+class GRPOConfig:
+    prompts_per_step: int = 32  # global, across ranks
+    mu: int = 1  # optimisation passes over each rollout batch
+    mini_batch_size: int = 0  # sequences per optimizer step; 0: the whole batch
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0  # c > 1 enables dual clip for negative advantages; 0: off
+    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    adv_eps: float = 1e-6
+    beta: float = 0.001  # KL weight; 0 loads no reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in_reward: bool = False
+    ref_update_every: int = 0  # refresh the reference from the policy every N steps; 0: never
+    drop_equal_groups: bool = False  # dynamic sampling: groups whose rewards are all equal carry no signal
+    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0: off
+    overlong_penalty: float = 1.0
+    overlong_filter: bool = False  # truncated samples take no part in the loss
+    entropy_coef: float = 0.0
+    log_ratio_clamp: float = 20.0
+    max_bad_steps: int = 3  # stop after this many non-finite steps in a row
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    tensorboard: bool = True
+    progress: bool = True
+    sample_every: int = 10  # print sampled completions every N steps (0: only step 0)
+    samples_to_print: int = 2
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # 0: only at the end
+    keep: int = 2
+    stop_after: int = 0  # stop the run after this many steps (to test resume); 0: off
+    export_hf: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ---------------------------------------------------------------- type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + "|".join(map(str, typing.get_args(tp)))
+    if origin in (list, dict):
+        return repr(tp).replace("typing.", "")
+    return getattr(tp, "__name__", repr(tp))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    bad = R1Error(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            if arm is type(None) and value is None:
+                return None
+            try:
+                return _coerce(key, value, arm)
+            except R1Error:
+                pass
+        raise bad
+    if origin is list:
+        if isinstance(value, str):  # `rollout.stop=</answer>` on the command line
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise bad
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        _, vt = typing.get_args(tp)
+        return {str(k): _coerce(f"{key}.{k}", v, vt) for k, v in value.items()}
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or value is None:
+            raise bad
+        if isinstance(value, (int, float)):
+            return str(value)
+        if not isinstance(value, str):
+            raise bad
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} for {key}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> R1Error:
+    leaf = key.rsplit(".", 1)[-1]
+    prefix = key[: len(key) - len(leaf)]
+    close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return R1Error(f"unknown config key '{key}'{hint}")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    if not isinstance(values, dict):
+        raise R1Error(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise _unknown_key(key, names)
+        current = getattr(obj, k)
+        if dataclasses.is_dataclass(current):
+            _apply(current, v if v is not None else {}, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def _set_path(obj: Any, path: str, raw: Any) -> None:
+    """Apply one override; dict-valued fields (rewards.weights.x=1) merge by key."""
+    parts = path.split(".")
+    node, prefix = obj, ""
+    for i, p in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            break
+        names = [f.name for f in dataclasses.fields(node)]
+        if p not in names:
+            raise _unknown_key(prefix + p, names)
+        if i == len(parts) - 1:
+            _apply(node, {p: raw}, prefix)
+            return
+        child = getattr(node, p)
+        if isinstance(child, dict):
+            rest = ".".join(parts[i + 1 :])
+            merged = dict(child)
+            merged[rest] = raw
+            _apply(node, {p: merged}, prefix)
+            return
+        node, prefix = child, prefix + p + "."
+    raise R1Error(f"config key '{path}' does not name a setting")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise R1Error(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise R1Error(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        _apply(cfg, data)
+    for text in overrides:
+        if "=" not in text:
+            raise R1Error(f"override '{text}' must look like section.key=value")
+        key, raw = text.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_path(cfg, key.strip(), value)
+    _expand_paths(cfg)
+    return cfg
+
+
+def _expand_paths(cfg: Config) -> None:
+    for section, name in (("model", "path"), ("data", "train"), ("data", "eval"), ("train", "output_dir")):
+        obj = getattr(cfg, section)
+        value = getattr(obj, name)
+        if value:
+            setattr(obj, name, os.path.expandvars(os.path.expanduser(value)))
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Config, directory: str | Path) -> Path:
+    out = Path(directory) / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(cfg))
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,102 @@
+"""Prompt templates: the tokenizer's chat template, the paper's R1-Zero template, plain text.
+
+`render_prompt` gives the text a model is asked to continue; `render_turns` splits
+a conversation into (text, trainable) segments so that SFT puts loss only on the
+assistant's tokens.
+"""
+
+from __future__ import annotations
+
+from r1cli.config import DataConfig
+from r1cli.errors import R1Error
+
+# DeepSeek-R1 paper, Table 1, verbatim; {prompt} is replaced by the question.
+R1_ZERO_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user "
+    "with the answer. The reasoning process and answer are enclosed within <think> </think> and "
+    "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
+    "<answer> answer here </answer>. User: {prompt}. Assistant:"
+)
+
+
+def _messages(prompt: str, cfg: DataConfig) -> list[dict]:
+    msgs = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
+    if not getattr(tokenizer, "chat_template", None):
+        raise R1Error("the tokenizer has no chat template; use data.template=r1_zero or plain")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def render_prompt(tokenizer, prompt: str, cfg: DataConfig) -> str:
+    """The text the policy continues, ending with data.prefill (e.g. '<think>') if set."""
+    if cfg.template == "r1_zero":
+        text = R1_ZERO_TEMPLATE.format(prompt=prompt)
+    elif cfg.template == "plain":
+        text = prompt
+    else:
+        text = _chat(tokenizer, _messages(prompt, cfg), add_generation_prompt=True)
+    return text + cfg.prefill
+
+
+def render_turns(tokenizer, row_messages: list[dict], cfg: DataConfig) -> list[tuple[str, bool]]:
+    """[(text, is_assistant)] whose concatenation is the whole rendered conversation.
+
+    The chat template renders growing prefixes; each assistant turn is the text a
+    prefix gained when that turn was added, so the loss mask follows the template
+    exactly (including its end-of-turn tokens).
+    """
+    if cfg.template != "chat":
+        # single turn: user prompt, then the assistant's response and end of text
+        user = next((m["content"] for m in row_messages if m["role"] == "user"), None)
+        reply = next((m["content"] for m in row_messages if m["role"] == "assistant"), None)
+        if user is None or reply is None:
+            raise R1Error("a conversation needs a user and an assistant message")
+        prompt = render_prompt(tokenizer, user, cfg)
+        reply = _strip_prefill(reply, cfg.prefill)
+        sep = " " if cfg.template == "r1_zero" and not cfg.prefill else ""
+        return [(prompt, False), (sep + reply + (tokenizer.eos_token or ""), True)]
+
+    msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + list(row_messages)
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = _chat(tokenizer, msgs[:i], add_generation_prompt=True) + cfg.prefill
+        after = _chat(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        content = m["content"]
+        if cfg.prefill and not content.startswith(cfg.prefill):
+            after = _chat(tokenizer, msgs[:i] + [{**m, "content": cfg.prefill + content}], add_generation_prompt=False)
+        if not before.startswith(done) or not after.startswith(before):
+            raise R1Error("the chat template does not render conversations prefix by prefix; "
+                          "use single-turn rows or data.template=plain")
+        segments.append((before[len(done):], False))
+        segments.append((after[len(before):], True))
+        done = after
+    full = _chat(tokenizer, msgs, add_generation_prompt=False)
+    if full[len(done):]:
+        segments.append((full[len(done):], False))
+    if not any(t for t, _ in segments):
+        raise R1Error("a conversation has no assistant message to train on")
+    return segments
+
+
+def _strip_prefill(reply: str, prefill: str) -> str:
+    return reply[len(prefill):] if prefill and reply.startswith(prefill) else reply
+
+
+def row_messages(row: dict, cfg: DataConfig) -> list[dict] | None:
+    """A conversation from a row: its messages column, or prompt + response columns."""
+    if cfg.messages_field in row and row[cfg.messages_field]:
+        msgs = row[cfg.messages_field]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            raise R1Error(f"field '{cfg.messages_field}' must be a list of {{role, content}} objects")
+        return msgs
+    if cfg.prompt_field in row and cfg.response_field in row:
+        return [{"role": "user", "content": str(row[cfg.prompt_field])},
+                {"role": "assistant", "content": str(row[cfg.response_field])}]
+    return None

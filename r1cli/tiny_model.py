@@ -1,0 +1,120 @@
+"""Build a real Hugging Face model folder with random weights and a small trained tokenizer.
+
+For tests and the CPU quick start: the folder loads through the same code path as
+a downloaded Qwen or Llama checkpoint (config.json, model.safetensors, tokenizer.json,
+chat template).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from r1cli.errors import R1Error
+from r1cli.synth import generate
+from r1cli.templates import R1_ZERO_TEMPLATE
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Reasoning tags are whole tokens (as in Qwen's and DeepSeek's vocabularies) so a tiny
+# model does not have to learn to spell them.
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass
+class TinySpec:
+    family: str = "qwen2"  # qwen2 | llama | qwen3
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    vocab_size: int = 512  # BPE target; the final size is what the trainer reaches
+    tie_word_embeddings: bool = True
+    seed: int = 0
+    extra_corpus: list[str] = field(default_factory=list)
+
+
+def load_spec(path: str | None) -> TinySpec:
+    if not path:
+        return TinySpec()
+    p = Path(path)
+    if not p.is_file():
+        raise R1Error(f"tiny model spec not found: {path}")
+    data = yaml.safe_load(p.read_text()) or {}
+    names = TinySpec.__dataclass_fields__
+    bad = [k for k in data if k not in names]
+    if bad:
+        raise R1Error(f"{path}: unknown key '{bad[0]}' (valid: {', '.join(names)})")
+    return TinySpec(**data)
+
+
+def _corpus(spec: TinySpec) -> list[str]:
+    rows = generate("arithmetic", 500, seed=1, digits=3, ops="+-*") + generate("countdown", 300, seed=2)
+    text = [r["prompt"] + " " + r["response"] for r in rows]
+    text += [R1_ZERO_TEMPLATE, "The quick brown fox jumps over the lazy dog. " * 4, "user assistant system"]
+    return text * 3 + list(spec.extra_corpus)
+
+
+def build_tokenizer(spec: TinySpec):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    # digits one by one: column arithmetic is learnable only if 37 is "3","7"
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.vocab_size, special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(spec), trainer=trainer)
+    tok.add_tokens(TAGS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        bos_token=None, unk_token=None,
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from r1cli.models import quiet_transformers
+
+    quiet_transformers()
+    spec = spec or TinySpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(spec)
+    head_dim = spec.hidden_size // spec.num_attention_heads
+    kw = dict(
+        vocab_size=len(tok), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads, max_position_embeddings=spec.max_position_embeddings,
+        tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=None,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rope_theta=10000.0,
+    )
+    if spec.family == "qwen3":
+        kw["head_dim"] = head_dim
+    if spec.family not in ("qwen2", "llama", "qwen3"):
+        raise R1Error(f"tiny model family '{spec.family}' is not one of qwen2, llama, qwen3")
+    config = AutoConfig.for_model(spec.family, **kw)
+    torch.manual_seed(spec.seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
