@@ -85,7 +85,9 @@ def data_group():
 @click.option("--ops", default="+", show_default=True, help="arithmetic: operators to draw from (+-*).")
 @click.option("--count", default=3, show_default=True, help="countdown: how many numbers.")
 @click.option("--max-number", default=20, show_default=True, help="countdown: largest number.")
-def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_number):
+@click.option("--answer-noise", default=0.0, show_default=True,
+              help="arithmetic: share of worked responses that end in a wrong answer (a noisy cold start).")
+def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_number, answer_noise):
     """Write a synthetic verifiable task as JSONL (prompt, answer, task, worked response)."""
     from r1cli.records import write_jsonl
     from r1cli.synth import generate, split_held_out
@@ -94,7 +96,10 @@ def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_numb
         raise R1Error("--eval-n needs --eval-out")
     if set(ops) - set("+-*"):
         raise R1Error(f"--ops takes characters from '+-*', got '{ops}'")
-    rows = generate(task, n + eval_n, seed=seed, digits=digits, ops=ops, count=count, max_number=max_number)
+    if not 0 <= answer_noise < 1:
+        raise R1Error(f"--answer-noise must be in [0, 1), got {answer_noise}")
+    rows = generate(task, n + eval_n, seed=seed, digits=digits, ops=ops, count=count, max_number=max_number,
+                    answer_noise=answer_noise)
     train, held = split_held_out(rows, eval_n)
     click.echo(f"wrote {write_jsonl(train, out)} rows to {out}")
     if eval_n:

@@ -56,7 +56,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, reference elsewhere
     eval_every: int = 0  # 0: only at the end
-    eval_samples: int = 64
+    eval_samples: int = 64  # held-out rows used
+    eval_n: int = 1  # samples per held-out prompt (pass@1 is their mean)
+    eval_temperature: float = 0.0  # 0: greedy
     eval_max_new_tokens: int = 256
 
 
@@ -204,6 +206,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)

@@ -25,3 +25,12 @@ def answer_accuracy(engine, tokenizer, rows: list[dict], cfg: Config, *, n: int 
     correct = score(texts, [row for row in rows for _ in range(n)], {"accuracy": 1.0}, ctx).total
     return {"accuracy": sum(correct) / max(1, len(correct)),
             "examples": [(p, g[0].text) for p, g in zip(prompts[:2], groups[:2])]}
+
+
+def held_out_accuracy(trainer, engine, rows: list[dict], cfg: Config) -> dict:
+    """Accuracy over held-out rows, each rank sampling its share; same figure on every rank."""
+    mine = rows[trainer.rank:: trainer.world_size]
+    res = answer_accuracy(engine, trainer.tokenizer, mine, cfg, n=cfg.train.eval_n,
+                          temperature=cfg.train.eval_temperature, seed=cfg.train.seed, source=cfg.data.eval)
+    total = trainer.all_reduce_sum(res["accuracy"] * len(mine))
+    return {"eval/accuracy": total / len(rows)}

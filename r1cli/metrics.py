@@ -16,12 +16,14 @@ console = Console(stderr=True)
 class MetricsLog:
     """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, fresh: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._tb = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh and self.path.exists():
+                self.path.unlink()  # a new run does not append to an old run's curve
             if tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from r1cli import checkpoint as ckpt
 from r1cli.config import Config, save_config
 from r1cli.errors import R1Error
-from r1cli.evaluate import answer_accuracy
+from r1cli.evaluate import held_out_accuracy
 from r1cli.metrics import MetricsLog, StepProgress, console
 from r1cli.records import read_records
 from r1cli.sft_data import RowSchedule, collate, pack_examples, shard_micro_batches, tokenize_rows
@@ -43,7 +43,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
     t = cfg.train
     per_step = t.micro_batch_size * t.grad_accum * trainer.world_size
     schedule = RowSchedule(len(rows), per_step, t.seed, cfg.data.shuffle)
-    log = MetricsLog(run_dir, trainer.is_main, cfg.logging.tensorboard)
+    log = MetricsLog(run_dir, trainer.is_main, cfg.logging.tensorboard, fresh=not resume)
 
     start = 0
     if resume:
@@ -95,11 +95,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
 
 
 def _evaluate(trainer, cfg: Config, eval_rows: list[dict]) -> dict:
-    """Greedy exact-match accuracy on held-out rows (each rank takes a share)."""
     from r1cli.backends.hf_rollout import HFGenerateEngine
 
     engine = HFGenerateEngine(trainer.generation_model, trainer.tokenizer, cfg.rollout, trainer.device)
-    mine = eval_rows[trainer.rank:: trainer.world_size]
-    res = answer_accuracy(engine, trainer.tokenizer, mine, cfg, n=1, temperature=0.0, source=cfg.data.eval)
-    total = trainer.all_reduce_sum(res["accuracy"] * len(mine))
-    return {"eval/accuracy": total / len(eval_rows)}
+    return held_out_accuracy(trainer, engine, eval_rows, cfg)

@@ -77,9 +77,24 @@ def countdown_row(rng: random.Random, count: int, max_number: int) -> dict:
     }
 
 
+def corrupt_answer(rng: random.Random, row: dict) -> dict:
+    """The same worked steps with a near-miss final answer (the `answer` column stays true).
+
+    A cold start on such rows leaves a policy that often computes the right thing and
+    then writes something else: the gap RL is meant to close, in miniature.
+    """
+    value = int(row["answer"])
+    wrong = value + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if value + d >= 0])
+    head = row["response"].rsplit("<answer>", 1)[0]
+    return {**row, "response": f"{head}<answer>{wrong}</answer>"}
+
+
 def generate(task: str, n: int, seed: int = 0, digits: int = 2, ops: str = "+",
-             count: int = 3, max_number: int = 20) -> list[dict]:
-    """n distinct rows of a task; the same seed gives the same rows."""
+             count: int = 3, max_number: int = 20, answer_noise: float = 0.0) -> list[dict]:
+    """n distinct rows of a task; the same seed gives the same rows.
+
+    answer_noise: the share of arithmetic rows whose worked response ends in a wrong answer.
+    """
     rng = random.Random(seed)
     rows, seen = [], set()
     attempts = 0
@@ -89,6 +104,8 @@ def generate(task: str, n: int, seed: int = 0, digits: int = 2, ops: str = "+",
         if row["prompt"] in seen and attempts < 20 * n:
             continue
         seen.add(row["prompt"])
+        if answer_noise and task == "arithmetic" and rng.random() < answer_noise:
+            row = corrupt_answer(rng, row)
         rows.append(row)
     return rows
 

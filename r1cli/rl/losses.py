@@ -96,8 +96,8 @@ def per_token_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: 
                           advantages: torch.Tensor, mask: torch.Tensor, *, eps_low: float, eps_high: float,
                           beta: float, kl: str = "k3", dual_clip: float = 0.0, ratio_level: str = "token",
                           clamp: float = 20.0) -> PolicyLossTerms:
-    """Per-token terms of the GRPO objective; `advantages` is [B] or [B, T]."""
-    adv = advantages.unsqueeze(-1).expand_as(logp) if advantages.dim() == 1 else advantages
+    """Per-token terms of the GRPO objective; `advantages` has logp's shape or is [B] for [B, T] logp."""
+    adv = advantages if advantages.shape == logp.shape else advantages.unsqueeze(-1).expand_as(logp)
     if ratio_level == "sequence":
         log_ratio = sequence_log_ratio(logp, old_logp, mask)
     else:

@@ -1,0 +1,1 @@
+"""GRPO: advantages, policy-loss maths and the training loop."""

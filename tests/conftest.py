@@ -1,0 +1,45 @@
+"""Shared fixtures: a tiny real HF model folder and synthetic data, built once per test session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r1cli.records import write_jsonl
+from r1cli.synth import generate, split_held_out
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    from r1cli.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def arith_data(tmp_path_factory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("data")
+    train, held = split_held_out(generate("arithmetic", 4200, seed=0, digits=2, ops="+"), 200)
+    write_jsonl(train, d / "train.jsonl")
+    write_jsonl(held, d / "eval.jsonl")
+    return d / "train.jsonl", d / "eval.jsonl"
+
+
+def run_r1(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the real `r1` entry point in a fresh interpreter."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", "from r1cli.cli import run; run()", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
+
+
+def torchrun(nproc: int, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           "-m", "r1cli.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)

@@ -1,0 +1,50 @@
+import pytest
+
+from r1cli.config import load_config
+from r1cli.errors import R1Error
+
+
+def test_yaml_then_overrides(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("optim:\n  lr: 0.1\ngrpo:\n  beta: 0.5\n")
+    cfg = load_config(str(p), ["optim.lr=2e-5", "grpo.eps_high=0.28", "rollout.stop=[a, b]",
+                               "rewards.weights.language=0.3", "data.template=r1_zero"])
+    assert cfg.optim.lr == 2e-5 and cfg.grpo.beta == 0.5 and cfg.grpo.eps_high == 0.28
+    assert cfg.rollout.stop == ["a", "b"]
+    assert cfg.rewards.weights == {"accuracy": 1.0, "format": 0.1, "language": 0.3}
+    assert cfg.data.template == "r1_zero"
+
+
+def test_unknown_key_names_nearest(tmp_path):
+    with pytest.raises(R1Error, match=r"unknown config key 'optim.lrr'; did you mean 'optim.lr'"):
+        load_config(None, ["optim.lrr=1"])
+    p = tmp_path / "c.yaml"
+    p.write_text("grpo:\n  betta: 0.1\n")
+    with pytest.raises(R1Error, match=r"'grpo.betta'; did you mean 'grpo.beta'"):
+        load_config(str(p))
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("train.steps=ten", r"'train.steps': 'ten' is not int"),
+    ("grpo.beta=yes", r"'grpo.beta': True is not float"),
+    ("data.template=jinja", r"'data.template': 'jinja' is not one of chat\|r1_zero\|plain"),
+    ("data.pack=3", r"'data.pack': 3 is not bool"),
+])
+def test_bad_type_names_key_value_and_type(override, pattern):
+    with pytest.raises(R1Error, match=pattern):
+        load_config(None, [override])
+
+
+def test_missing_config_file():
+    with pytest.raises(R1Error, match="config file not found: nope.yaml"):
+        load_config("nope.yaml")
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.rglob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(str(f))
