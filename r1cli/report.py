@@ -1,0 +1,67 @@
+"""`r1 report RUN_DIR`: a run's curves as PNGs and one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+from r1cli.errors import R1Error
+from r1cli.metrics import read_metrics
+
+# (title, metric names drawn on one panel)
+PANELS = [
+    ("reward", ["reward/total", "reward/accuracy", "reward/format", "reward/format_partial", "reward/language"]),
+    ("held-out accuracy", ["eval/accuracy"]),
+    ("response length (tokens)", ["response_len/mean", "response_len/max"]),
+    ("KL to reference", ["kl"]),
+    ("entropy", ["entropy"]),
+    ("clip fraction / truncation", ["clip_frac", "truncation_rate", "zero_var_groups"]),
+    ("loss", ["loss"]),
+    ("grad norm", ["grad_norm"]),
+]
+
+
+def write_report(run_dir: str, out: str | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    src = Path(run_dir) / "metrics.jsonl"
+    if not src.is_file():
+        raise R1Error(f"no metrics.jsonl in {run_dir}")
+    rows = read_metrics(src)
+    out_dir = Path(out or run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for title, names in PANELS:
+        series = {n: [(r["step"], r[n]) for r in rows if isinstance(r.get(n), (int, float))] for n in names}
+        series = {n: s for n, s in series.items() if s}
+        if not series:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for name, pts in series.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker="o" if len(pts) < 20 else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        png = out_dir / f"{title.split(' ')[0].replace('/', '_')}.png"
+        fig.savefig(png, dpi=110)
+        plt.close(fig)
+        figures.append((title, png))
+    if not figures:
+        raise R1Error(f"{src} has no metrics to draw")
+    page = out_dir / "report.html"
+    imgs = "\n".join(
+        f"<figure><img src='data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}'>"
+        f"<figcaption>{html.escape(t)}</figcaption></figure>" for t, p in figures)
+    last = {k: v for r in rows for k, v in r.items() if k not in ("time",)}
+    table = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" for k, v in last.items()
+                    if isinstance(v, (int, float)))
+    page.write_text(f"<!doctype html><meta charset='utf-8'><title>r1 report: {html.escape(str(run_dir))}</title>"
+                    f"<style>body{{font-family:sans-serif}}figure{{display:inline-block;margin:8px}}</style>"
+                    f"<h1>{html.escape(str(run_dir))}</h1>{imgs}<h2>last values</h2><table>{table}</table>")
+    return page

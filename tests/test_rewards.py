@@ -1,0 +1,70 @@
+import pytest
+
+from r1cli.errors import R1Error
+from r1cli.rewards import (REWARDS, RewardContext, check_weights, countdown_reward, extract_answer, format_reward,
+                           language_reward, math_reward, partial_format_reward, register, score)
+
+CTX = RewardContext()
+
+
+def test_extract_answer():
+    assert extract_answer("<think>x</think><answer> 42 </answer>") == "42"
+    assert extract_answer("so the answer is \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
+    assert extract_answer("<answer>first</answer> <answer>\\boxed{7}</answer>") == "7"
+    assert extract_answer("no answer here") is None
+
+
+def test_math_reward_is_symbolic():
+    row = {"answer": "\\frac{1}{2}"}
+    assert math_reward("<think>..</think><answer>0.5</answer>", row, CTX) == 1.0
+    assert math_reward("<think>..</think><answer>$\\frac{2}{4}$</answer>", row, CTX) == 1.0
+    assert math_reward("<think>..</think><answer>1/3</answer>", row, CTX) == 0.0
+    assert math_reward("the answer is \\boxed{\\frac12}", row, CTX) == 1.0
+
+
+def test_strict_format_and_prefill():
+    good = "<think>a</think>\n<answer>b</answer>"
+    assert format_reward(good, {}, CTX) == 1.0
+    for bad in ["<think>a</think>", "<answer>b</answer>", "x<think>a</think><answer>b</answer>",
+                "<think>a<think>b</think><answer>c</answer>", "<think>a</think><answer>b</answer> trailing"]:
+        assert format_reward(bad, {}, CTX) == 0.0, bad
+    # the chat template already opened <think>: the completion starts inside it
+    assert format_reward("a</think><answer>b</answer>", {}, RewardContext(prefill="<think>")) == 1.0
+    assert partial_format_reward("<think>a</think>", {}, CTX) == 0.5
+
+
+def test_language_consistency():
+    assert language_reward("<think>first add the units</think><answer>1</answer>", {}, CTX) == 1.0
+    mixed = "<think>first 我们 add</think><answer>1</answer>"
+    assert language_reward(mixed, {}, CTX) == pytest.approx(2 / 4)
+    assert language_reward(mixed, {}, RewardContext(language="zh")) == pytest.approx(2 / 4)
+    assert language_reward("no tags", {}, CTX) == 0.0
+
+
+def test_countdown_checker():
+    row = {"answer": "24", "numbers": [4, 6, 1]}
+    assert countdown_reward("<answer>4*6*1</answer>", row, CTX) == 1.0
+    assert countdown_reward("<answer>(6-1)*4+4</answer>", row, CTX) == 0.0  # reuses 4
+    assert countdown_reward("<answer>4*6</answer>", row, CTX) == 0.0  # 1 unused
+    assert countdown_reward("<answer>__import__('os')</answer>", row, CTX) == 0.0
+    assert countdown_reward("<answer>4/(1-1)*6</answer>", {"answer": "24", "numbers": [4, 1, 1, 6]}, CTX) == 0.0
+
+
+def test_a_raising_reward_is_that_samples_zero():
+    @register("test_flaky")
+    def flaky(completion, row, ctx):
+        if "boom" in completion:
+            raise RuntimeError("checker crashed")
+        return 1.0
+
+    try:
+        s = score(["ok", "boom", "ok"], [{}, {}, {}], {"test_flaky": 2.0}, CTX)
+        assert s.total == [2.0, 0.0, 2.0]
+        assert s.failures == {"test_flaky": 1} and "checker crashed" in s.last_error["test_flaky"]
+    finally:
+        REWARDS.pop("test_flaky")
+
+
+def test_unknown_reward_name():
+    with pytest.raises(R1Error, match="unknown reward 'formt'.*did you mean 'format'"):
+        check_weights({"formt": 1.0})
