@@ -42,7 +42,7 @@ def pick_impl(impl: str, device: torch.device) -> str:
 def logprobs(logits, targets, *, temperature: float = 1.0, with_entropy: bool = False, impl: str = "auto"):
     """log p(target) [N] (and entropy [N]) from logits [N, V]; differentiable."""
     if pick_impl(impl, logits.device) == "triton":
-        from .grpo_loss import triton_logprobs
+        from .grpo_logits import triton_logprobs
 
         return triton_logprobs(logits, targets, temperature=temperature, with_entropy=with_entropy)
     return logprobs_ref(logits, targets, temperature=temperature, with_entropy=with_entropy)
@@ -55,7 +55,7 @@ def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low:
     kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, temperature=temperature,
               dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
     if pick_impl(impl, logits.device) == "triton":
-        from .grpo_loss import triton_grpo_loss
+        from .grpo_logits import triton_grpo_loss
 
         return triton_grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, **kw)
     return grpo_loss_ref(logits, targets, old_logp, ref_logp, advantages, mask, **kw)

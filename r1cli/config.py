@@ -37,7 +37,7 @@ class DataConfig:
     answer_field: str = "answer"
     messages_field: str = "messages"
     task_field: str = "task"  # which checker verifies a row (math, arithmetic, countdown)
-    template: Literal["chat", "r1_zero", "plain"] = "chat"
+    template: Literal["chat", "r1_zero", "r1_zero_chat", "plain"] = "chat"  # r1_zero_chat: the paper's template as the user turn of the chat template
     system_prompt: str = ""
     prefill: str = ""  # text the assistant turn starts with, e.g. "<think>"
     max_seq_len: int = 1024

@@ -35,6 +35,8 @@ def render_prompt(tokenizer, prompt: str, cfg: DataConfig) -> str:
     """The text the policy continues, ending with data.prefill (e.g. '<think>') if set."""
     if cfg.template == "r1_zero":
         text = R1_ZERO_TEMPLATE.format(prompt=prompt)
+    elif cfg.template == "r1_zero_chat":  # for instruct models: the same words, inside their chat format
+        text = _chat(tokenizer, _messages(R1_ZERO_TEMPLATE.format(prompt=prompt), cfg), add_generation_prompt=True)
     elif cfg.template == "plain":
         text = prompt
     else:
@@ -49,7 +51,7 @@ def render_turns(tokenizer, row_messages: list[dict], cfg: DataConfig) -> list[t
     prefix gained when that turn was added, so the loss mask follows the template
     exactly (including its end-of-turn tokens).
     """
-    if cfg.template != "chat":
+    if cfg.template not in ("chat",):
         # single turn: user prompt, then the assistant's response and end of text
         user = next((m["content"] for m in row_messages if m["role"] == "user"), None)
         reply = next((m["content"] for m in row_messages if m["role"] == "assistant"), None)

@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# Triton kernels run on CPU tensors through the interpreter when there is no GPU; the
+# variable is read when a kernel is defined, so it must be set before kernels import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from r1cli.records import write_jsonl
 from r1cli.synth import generate, split_held_out

@@ -1,0 +1,131 @@
+"""Log-probs (and the GRPO loss) from hidden states and the lm_head weight, never materialising [N, V].
+
+Forward: for each chunk of tokens and each tile of the vocabulary, logits = h @ W_tile^T
+(a cuBLAS matmul), then per-row online log-sum-exp statistics of the tile (Triton),
+combined across tiles — and, for tensor parallelism, across the ranks that each hold a
+vocabulary shard (max, then rescaled sums, all-reduced over the group). Only [N]
+vectors are kept. Backward recomputes each logits tile, turns it into d(logits) in
+place, and accumulates d(hidden) = dz @ W_tile and d(weight) = dz^T @ h.
+
+The GRPO loss is then plain elementwise maths on the [N] log-probs (kernels.reference.
+loss_from_logprobs), so this path and the reference share one definition of the objective.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .reference import loss_from_logprobs, tile_grad_ref, tile_stats_ref
+
+LOGITS_BUDGET_BYTES = 1 << 30  # one logits tile of at most 1 GiB
+
+
+def _ops(use_triton: bool):
+    if use_triton:
+        from .grpo_logits import tile_grad, tile_stats
+
+        return tile_stats, tile_grad
+    return tile_stats_ref, tile_grad_ref
+
+
+def combine_stats(parts: list[tuple], group=None):
+    """Merge per-tile (max, sumexp, sumexp*z, target logit) into row totals; all-reduce over `group`."""
+    m = torch.stack([p[0] for p in parts]).max(0).values
+    if group is not None:
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    s = sum(p[1] * torch.exp(p[0] - m) for p in parts)
+    zs = sum(p[2] * torch.exp(p[0] - m) for p in parts)
+    zt = torch.stack([p[3] for p in parts]).max(0).values
+    if group is not None:
+        sums = torch.stack([s, zs])
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        s, zs = sums[0], sums[1]
+        dist.all_reduce(zt, op=dist.ReduceOp.MAX, group=group)
+    lse = m + torch.log(s)
+    return zt - lse, lse, lse - zs / s  # logp, lse, entropy
+
+
+def _chunks(n: int, size: int):
+    return [(a, min(n, a + size)) for a in range(0, n, size)]
+
+
+class FusedLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, with_entropy, chunk_tokens, chunk_vocab, group,
+                vocab_start, use_triton):
+        stats_fn, _ = _ops(use_triton)
+        n, V = hidden.shape[0], weight.shape[0]
+        logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
+        lse, ent = torch.empty_like(logp), torch.empty_like(logp)
+        for a, b in _chunks(n, chunk_tokens):
+            h, t = hidden[a:b], targets[a:b]
+            parts = [stats_fn(h @ weight[v0:v1].t(), t, vocab_start + v0, temperature, with_entropy)
+                     for v0, v1 in _chunks(V, chunk_vocab)]
+            logp[a:b], lse[a:b], ent[a:b] = combine_stats(parts, group)
+        ctx.save_for_backward(hidden, weight, targets, lse, ent)
+        ctx.cfg = (temperature, with_entropy, chunk_tokens, chunk_vocab, group, vocab_start, use_triton)
+        if not with_entropy:
+            ent = torch.zeros_like(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, targets, lse, ent = ctx.saved_tensors
+        temperature, with_entropy, chunk_tokens, chunk_vocab, group, vocab_start, use_triton = ctx.cfg
+        _, grad_fn = _ops(use_triton)
+        g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
+        g_h = g_ent.float() if (with_entropy and g_ent is not None) else None
+        d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
+        d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
+            if ctx.needs_input_grad[1] else None
+        for a, b in _chunks(hidden.shape[0], chunk_tokens):
+            h, t = hidden[a:b], targets[a:b]
+            for v0, v1 in _chunks(weight.shape[0], chunk_vocab):
+                w = weight[v0:v1]
+                z = h @ w.t()
+                dz = grad_fn(z, t, vocab_start + v0, lse[a:b], ent[a:b], g_logp[a:b],
+                             None if g_h is None else g_h[a:b], temperature, out=z)  # in place
+                d_hidden[a:b] += (dz @ w).float()
+                if d_weight is not None:
+                    d_weight[v0:v1] += (dz.t() @ h).float()
+        if group is not None:
+            # each rank saw only its vocabulary shard: d(hidden) is the sum over the group
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=group)
+        return (d_hidden.to(hidden.dtype), None if d_weight is None else d_weight.to(weight.dtype),
+                None, None, None, None, None, None, None, None)
+
+
+def _default_chunks(hidden, weight, chunk_tokens, chunk_vocab):
+    V = weight.shape[0]
+    chunk_vocab = chunk_vocab or V
+    per_row = chunk_vocab * hidden.element_size()
+    chunk_tokens = chunk_tokens or max(1, min(hidden.shape[0], LOGITS_BUDGET_BYTES // per_row))
+    return chunk_tokens, chunk_vocab
+
+
+def fused_linear_logprobs_impl(hidden, weight, targets, *, temperature=1.0, with_entropy=False,
+                               chunk_tokens=0, chunk_vocab=0, group=None, vocab_start=0, use_triton=True):
+    ct, cv = _default_chunks(hidden, weight, chunk_tokens, chunk_vocab)
+    logp, ent = FusedLinearLogprobs.apply(hidden, weight, targets.contiguous(), temperature, with_entropy, ct, cv,
+                                          group, vocab_start, use_triton)
+    return logp, (ent if with_entropy else None)
+
+
+def triton_fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, with_entropy=False, **kw):
+    return fused_linear_logprobs_impl(hidden, weight, targets, temperature=temperature,
+                                      with_entropy=with_entropy, use_triton=True, **kw)
+
+
+def fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, eps_low,
+                                eps_high, beta, kl="k3", temperature=1.0, dual_clip=0.0, entropy_coef=0.0,
+                                clamp=20.0, use_triton=True, **kw):
+    logp, ent = fused_linear_logprobs_impl(hidden, weight, targets, temperature=temperature,
+                                           with_entropy=entropy_coef != 0, use_triton=use_triton, **kw)
+    return loss_from_logprobs(logp, ent, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
+                              beta=beta, kl=kl, dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+
+
+def triton_fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw):
+    return fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask,
+                                       use_triton=True, **kw)

@@ -1,0 +1,191 @@
+"""Every Triton kernel against its plain-torch reference: values and gradients (TRITON_INTERPRET=1 on CPU)."""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from r1cli import kernels  # noqa: E402
+from r1cli.kernels.fused_linear import fused_linear_logprobs_impl  # noqa: E402
+
+TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+def make(n, V, dtype, seed=0, all_masked=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, V, generator=g) * 2).to(dtype)
+    targets = torch.randint(0, V, (n,), generator=g)
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    old = logp + 0.3 * torch.randn(n, generator=g)  # ratios on both sides of the clip range
+    ref = logp + 0.2 * torch.randn(n, generator=g)
+    adv = torch.randn(n, generator=g)  # both signs
+    mask = torch.zeros(n) if all_masked else (torch.rand(n, generator=g) > 0.25).float()
+    return logits, targets, old, ref, adv, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kl", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("temperature,entropy_coef,dual_clip", [(1.0, 0.0, 0.0), (0.7, 0.01, 3.0)])
+def test_grpo_loss_matches_reference(dtype, kl, temperature, entropy_coef, dual_clip):
+    # V = 5000 streams two blocks of 4096, the second one partial
+    logits, targets, old, ref, adv, mask = make(12, 5000, dtype)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl=kl, temperature=temperature, dual_clip=dual_clip,
+              entropy_coef=entropy_coef)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    la, ra = kernels.grpo_loss(a, targets, old, ref, adv, mask, impl="triton", **kw)
+    lb, rb = kernels.grpo_loss(b, targets, old, ref, adv, mask, impl="torch", **kw)
+    w = torch.randn(12, generator=torch.Generator().manual_seed(1))  # any downstream aggregation
+    (la * w).sum().backward()
+    (lb * w).sum().backward()
+    on = mask.bool()
+    torch.testing.assert_close(la, lb, **TOL[dtype])
+    torch.testing.assert_close(ra.logp[on], rb.logp[on], **TOL[dtype])
+    torch.testing.assert_close(ra.kl, rb.kl, **TOL[dtype])
+    assert torch.equal(ra.clipped, rb.clipped) and ra.clipped.sum() > 0  # the clip range is exercised
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), **TOL[dtype])
+    assert (a.grad[~on] == 0).all()
+    if entropy_coef:
+        torch.testing.assert_close(ra.entropy[on], rb.entropy[on], **TOL[dtype])
+
+
+def test_all_rows_masked_cost_nothing_and_give_zero():
+    logits, targets, old, ref, adv, mask = make(5, 300, torch.float32, all_masked=True)
+    x = logits.clone().requires_grad_()
+    loss, rec = kernels.grpo_loss(x, targets, old, ref, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.1,
+                                  impl="triton")
+    loss.sum().backward()
+    assert loss.abs().sum() == 0 and x.grad.abs().sum() == 0 and rec.kl.abs().sum() == 0
+
+
+def test_backward_in_place_writes_into_logits():
+    from r1cli.kernels.grpo_logits import triton_grpo_loss
+
+    logits, targets, old, ref, adv, mask = make(6, 1000, torch.float32)
+    kw = dict(eps_low=0.2, eps_high=0.2, beta=0.0)
+    a = logits.clone().requires_grad_()
+    buf = logits.clone().requires_grad_()
+    loss, _ = triton_grpo_loss(buf, targets, old, None, adv, mask, **kw, inplace=True)
+    loss.sum().backward()
+    ref_loss, _ = kernels.grpo_loss(a, targets, old, None, adv, mask, impl="torch", **kw)
+    ref_loss.sum().backward()
+    torch.testing.assert_close(buf.grad, a.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_logprobs_and_entropy(temperature):
+    logits, targets, *_ = make(9, 4500, torch.float32, seed=3)
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    lpa, ea = kernels.logprobs(a, targets, temperature=temperature, with_entropy=True, impl="triton")
+    lpb, eb = kernels.logprobs(b, targets, temperature=temperature, with_entropy=True, impl="torch")
+    (lpa.sum() + 0.5 * ea.sum()).backward()
+    (lpb.sum() + 0.5 * eb.sum()).backward()
+    torch.testing.assert_close(lpa, lpb, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ea, eb, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunks", [dict(), dict(chunk_tokens=5, chunk_vocab=333)])
+def test_fused_linear_grpo_loss_matches_reference(dtype, chunks):
+    g = torch.Generator().manual_seed(4)
+    n, H, V = 13, 32, 1000
+    hidden = torch.randn(n, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.2).to(dtype)
+    targets = torch.randint(0, V, (n,), generator=g)
+    logp = torch.log_softmax((hidden.float() @ weight.float().t()), -1).gather(-1, targets[:, None]).squeeze(-1)
+    old, ref = logp + 0.3 * torch.randn(n, generator=g), logp + 0.2 * torch.randn(n, generator=g)
+    adv, mask = torch.randn(n, generator=g), (torch.rand(n, generator=g) > 0.2).float()
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=0.8, entropy_coef=0.01)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    from r1cli.kernels.fused_linear import fused_linear_grpo_loss_impl
+
+    la, ra = fused_linear_grpo_loss_impl(h1, w1, targets, old, ref, adv, mask, use_triton=True, **chunks, **kw)
+    lb, rb = kernels.fused_linear_grpo_loss(h2, w2, targets, old, ref, adv, mask, impl="torch", **kw)
+    la.sum().backward()
+    lb.sum().backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(la, lb, **tol)
+    torch.testing.assert_close(h1.grad.float(), h2.grad.float(), **tol)
+    torch.testing.assert_close(w1.grad.float(), w2.grad.float(), **tol)
+
+
+def test_fused_linear_logprobs_no_grad_path():
+    g = torch.Generator().manual_seed(5)
+    hidden, weight = torch.randn(7, 16, generator=g), torch.randn(500, 16, generator=g)
+    targets = torch.randint(0, 500, (7,), generator=g)
+    with torch.no_grad():
+        a, ea = fused_linear_logprobs_impl(hidden, weight, targets, with_entropy=True, chunk_tokens=2,
+                                           use_triton=True)
+        b, eb = kernels.fused_linear_logprobs(hidden, weight, targets, with_entropy=True, impl="torch")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ea, eb, rtol=1e-5, atol=1e-4)
+
+
+def _vocab_parallel_worker(rank, world, port, impl, out_dir):
+    import torch.distributed as dist
+
+    from r1cli.kernels.vocab_parallel import vocab_parallel_fused_linear_grpo_loss, vocab_parallel_grpo_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(6)
+    n, H, V = 9, 16, 1001
+    hidden = torch.randn(n, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.3
+    targets = torch.randint(0, V, (n,), generator=g)
+    old, ref, adv = -7 + torch.randn(n, generator=g), -7 + torch.randn(n, generator=g), torch.randn(n, generator=g)
+    mask = (torch.rand(n, generator=g) > 0.2).float()
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=0.9, entropy_coef=0.01, impl=impl)
+    bounds = [0, 480, V]  # uneven shards
+    lo, hi = bounds[rank], bounds[rank + 1]
+    h = hidden.clone().requires_grad_()
+    w = weight[lo:hi].clone().requires_grad_()
+    loss, rec = vocab_parallel_fused_linear_grpo_loss(h, w, targets, old, ref, adv, mask, lo, None if world == 1
+                                                      else dist.group.WORLD, chunk_tokens=4, **kw)
+    loss.sum().backward()
+    logits = (hidden @ weight.t())[:, lo:hi].clone().requires_grad_()
+    loss2, _ = vocab_parallel_grpo_loss(logits, targets, old, ref, adv, mask, lo, dist.group.WORLD, **kw)
+    loss2.sum().backward()
+    torch.save({"loss": loss.detach(), "loss2": loss2.detach(), "dh": h.grad, "dw": w.grad, "dlogits": logits.grad,
+                "lo": lo, "hi": hi}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_vocab_parallel_on_two_processes_equals_single(tmp_path, impl):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_vocab_parallel_worker, args=(2, port, impl, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    # single process, full vocabulary, reference maths
+    g = torch.Generator().manual_seed(6)
+    n, H, V = 9, 16, 1001
+    hidden = torch.randn(n, H, generator=g).requires_grad_()
+    weight = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    targets = torch.randint(0, V, (n,), generator=g)
+    old, ref, adv = -7 + torch.randn(n, generator=g), -7 + torch.randn(n, generator=g), torch.randn(n, generator=g)
+    mask = (torch.rand(n, generator=g) > 0.2).float()
+    loss, _ = kernels.fused_linear_grpo_loss(hidden, weight, targets, old, ref, adv, mask, eps_low=0.2,
+                                             eps_high=0.28, beta=0.04, kl="k3", temperature=0.9,
+                                             entropy_coef=0.01, impl="torch")
+    loss.sum().backward()
+    tol = dict(rtol=1e-4, atol=1e-5)
+    for r in (r0, r1):
+        torch.testing.assert_close(r["loss"], loss.detach(), **tol)
+        torch.testing.assert_close(r["loss2"], loss.detach(), **tol)
+        torch.testing.assert_close(r["dh"], hidden.grad, **tol)
+        torch.testing.assert_close(r["dw"], weight.grad[r["lo"]:r["hi"]], **tol)
+    logits_grad = torch.cat([r0["dlogits"], r1["dlogits"]], dim=1)
+    x = (hidden.detach() @ weight.detach().t()).requires_grad_()
+    l3, _ = kernels.grpo_loss(x, targets, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3",
+                              temperature=0.9, entropy_coef=0.01, impl="torch")
+    l3.sum().backward()
+    torch.testing.assert_close(logits_grad, x.grad, **tol)
