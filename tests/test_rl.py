@@ -130,3 +130,25 @@ def test_report_draws_the_curves(cold_start, tmp_path):
     page = write_report(str(tmp_path))
     assert page.is_file() and "data:image/png;base64" in page.read_text()
     assert (tmp_path / "reward.png").stat().st_size > 1000
+
+
+def test_triton_kernels_train_like_the_reference(cold_start, tmp_path):
+    """`train.kernels=triton` (interpreted on CPU) gives the same run as the plain-torch reference."""
+    pytest.importorskip("triton")
+    small = [*SHORT, "train.steps=2", "grpo.prompts_per_step=2", "grpo.beta=0.05", "grpo.entropy_coef=0.01"]
+    run_rl(rl_config(cold_start, tmp_path / "torch", *small, "train.kernels=torch"))
+    run_rl(rl_config(cold_start, tmp_path / "triton", *small, "train.kernels=triton"))
+    for key in ("reward/total", "loss", "grad_norm", "kl", "entropy"):
+        a, b = _curve(tmp_path / "torch", key), _curve(tmp_path / "triton", key)
+        assert len(a) == len(b) == 2
+        torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]),
+                                   rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_rl_learns_with_triton_kernels(cold_start, tmp_path):
+    """The full learning test through the Triton kernels (interpreted on CPU: about an hour)."""
+    pytest.importorskip("triton")
+    run_rl(rl_config(cold_start, tmp_path, "train.kernels=triton"))
+    before, after = eval_curve(tmp_path)
+    assert after - before >= 0.25, (before, after)

@@ -1,0 +1,164 @@
+"""GRPO loss kernels side by side: eager torch, torch.compile, Liger-Kernel (when installed), ours.
+
+Forward + backward time and peak memory, one run, printed as a table with ratios to ours.
+Loss from logits is bandwidth-bound: its floor is 6*N*V bytes (read the bf16 logits twice
+and write d(logits) once), reported as TB/s against the H100's 3.35 TB/s. The fused linear
+form is compute-bound: 8*N*H*V flops (forward logits, recomputed logits, d(hidden),
+d(weight)), reported as TFLOP/s against 989 dense bf16 TFLOP/s.
+
+    python benchmarks/grpo_kernels.py                      # H100/H200: the full table
+    python benchmarks/grpo_kernels.py --smoke              # any machine: tiny shapes, checks it runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from r1cli.kernels import fused_linear_grpo_loss, grpo_loss
+from r1cli.kernels.reference import fused_linear_grpo_loss_ref, grpo_loss_ref
+
+H100_TBPS, H100_TFLOPS = 3.35, 989.0
+KW = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=1.0)
+
+
+def inputs(n, V, H, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(n, V, device=device, dtype=dtype, generator=g)
+    hidden = torch.randn(n, H, device=device, dtype=dtype, generator=g)
+    weight = torch.randn(V, H, device=device, dtype=dtype, generator=g) * H**-0.5
+    targets = torch.randint(0, V, (n,), device=device, generator=g)
+    old = -torch.rand(n, device=device, generator=g) * 5
+    ref = old + 0.1 * torch.randn(n, device=device, generator=g)
+    adv = torch.randn(n, device=device, generator=g)
+    mask = torch.ones(n, device=device)
+    return logits, hidden, weight, targets, old, ref, adv, mask
+
+
+def measure(fn, device, reps):
+    """Median fwd+bwd seconds and peak memory (bytes above the inputs)."""
+    for _ in range(2):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        return statistics.median(times), torch.cuda.max_memory_allocated() - base
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), float("nan")
+
+
+def logits_variants(x, targets, old, ref, adv, mask):
+    def run(f):
+        def go():
+            leaf = x.detach().requires_grad_()
+            loss, _ = f(leaf, targets, old, ref, adv, mask, **KW)
+            loss.sum().backward()
+        return go
+
+    out = {"eager torch": run(grpo_loss_ref)}
+    if x.device.type == "cuda":
+        out["torch.compile"] = run(torch.compile(grpo_loss_ref))
+    try:
+        from liger_kernel.transformers.grpo_loss import triton_grpo_loss as liger
+
+        padded = torch.cat([x, x[:1]]).unsqueeze(0)  # Liger takes [B, L+1, V] and drops the last position
+
+        def liger_go():
+            leaf = padded.detach().requires_grad_()
+            res = liger(leaf, old[None], ref[None], targets[None], adv[:1].expand(1), mask[None], temperature=1.0,
+                        beta=KW["beta"], eps_low=KW["eps_low"], eps_high=KW["eps_high"], inplace=True)
+            loss = res[0] if isinstance(res, tuple) else res
+            loss.sum().backward()
+
+        out["Liger"] = liger_go
+    except ImportError:
+        pass
+    out["r1 (ours)"] = run(lambda *a, **k: grpo_loss(*a, impl="auto", **k))
+    return out
+
+
+def linear_variants(hidden, weight, targets, old, ref, adv, mask):
+    def run(f):
+        def go():
+            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            loss, _ = f(h, w, targets, old, ref, adv, mask, **KW)
+            loss.sum().backward()
+        return go
+
+    out = {"eager torch": run(fused_linear_grpo_loss_ref)}
+    if hidden.device.type == "cuda":
+        out["torch.compile"] = run(torch.compile(fused_linear_grpo_loss_ref))
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        liger = LigerFusedLinearGRPOLoss(beta=KW["beta"], epsilon_low=KW["eps_low"], epsilon_high=KW["eps_high"])
+
+        def liger_go():
+            h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            res = liger(h[None], w, targets[None], mask[None], adv[:1], ref_per_token_logps=ref[None],
+                        old_per_token_logps=old[None])
+            (res[0] if isinstance(res, tuple) else res).backward()
+
+        out["Liger"] = liger_go
+    except ImportError:
+        pass
+    out["r1 (ours)"] = run(lambda *a, **k: fused_linear_grpo_loss(*a, impl="auto", **k))
+    return out
+
+
+def table(title, rows, ours_key, extra_name, extra_fn):
+    print(f"\n{title}")
+    print(f"{'impl':<16}{'time ms':>10}{'peak MiB':>11}{'vs ours':>9}{extra_name:>12}")
+    t_ours = rows[ours_key][0]
+    for name, (t, mem) in rows.items():
+        mib = mem / 2**20 if mem == mem else float("nan")
+        print(f"{name:<16}{t * 1e3:>10.2f}{mib:>11.0f}{t / t_ours:>8.2f}x{extra_fn(t):>12.2f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
+    p.add_argument("--vocab", type=int, nargs="+", default=[151936, 152064])
+    p.add_argument("--hidden", type=int, default=3584)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on whatever device is here")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.tokens, args.vocab, args.hidden, args.reps = [64], [1000], 64, 2
+    dtype = torch.bfloat16
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    print(f"device: {name}   dtype: bf16   torch {torch.__version__}   date: {time.strftime('%Y-%m-%d')}")
+    for V in args.vocab:
+        for n in args.tokens:
+            x, h, w, t, old, ref, adv, mask = inputs(n, V, args.hidden, dtype, device)
+            rows = {k: measure(f, device, args.reps) for k, f in logits_variants(x, t, old, ref, adv, mask).items()}
+            floor = 6 * n * V
+            table(f"loss from logits  N={n} V={V}  (floor {floor / 1e9:.2f} GB, H100 {H100_TBPS} TB/s)", rows,
+                  "r1 (ours)", "TB/s", lambda s: floor / s / 1e12)
+            del x
+            rows = {k: measure(f, device, args.reps) for k, f in linear_variants(h, w, t, old, ref, adv, mask).items()}
+            flops = 8 * n * args.hidden * V
+            table(f"fused linear  N={n} H={args.hidden} V={V}  ({flops / 1e12:.1f} TFLOP, H100 {H100_TFLOPS})", rows,
+                  "r1 (ours)", "TFLOP/s", lambda s: flops / s / 1e12)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
