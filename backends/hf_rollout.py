@@ -16,12 +16,15 @@ from .base import Completion
 
 
 class HFGenerateEngine:
-    def __init__(self, model, tokenizer, cfg: RolloutConfig, device: torch.device):
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, device: torch.device, own_copy: bool = False):
         self.model, self.tok, self.cfg, self.device = model, tokenizer, cfg, device
+        self.own_copy = own_copy
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
     def load_weights(self, trainer) -> None:
-        """Nothing to copy: the engine samples from the trainer's live module."""
+        """A colocated engine samples from the trainer's live module; a copy is refreshed from it."""
+        if self.own_copy:
+            self.model.load_state_dict(trainer.full_state_dict())
 
     def _cut(self, ids: list[int], stops: list[str]) -> tuple[list[int], bool]:
         """Trim a generated row at EOS (kept) or at the end of the first stop string; flag truncation."""
@@ -75,3 +78,17 @@ class HFGenerateEngine:
         if was_training:
             self.model.train()
         return out
+
+
+def hf_engine_for(trainer, cfg) -> HFGenerateEngine:
+    """Share the trainer's module when it is whole; with sharded parameters keep an unsharded copy,
+    so that each rank can generate on its own (ranks stop at different lengths)."""
+    model = trainer.generation_model
+    if model is not None:
+        return HFGenerateEngine(model, trainer.tokenizer, cfg.rollout, trainer.device)
+    from r1cli.models import load_model
+
+    engine = HFGenerateEngine(load_model(cfg.model, trainer.device).eval(), trainer.tokenizer, cfg.rollout,
+                              trainer.device, own_copy=True)
+    engine.load_weights(trainer)
+    return engine

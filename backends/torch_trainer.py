@@ -117,8 +117,11 @@ class TorchTrainer:
         return DDP(module, device_ids=ids)
 
     @property
-    def generation_model(self) -> nn.Module:
-        """The unwrapped policy, for a colocated rollout engine (shares the trained weights)."""
+    def generation_model(self) -> nn.Module | None:
+        """The live policy for a colocated rollout engine, or None when its parameters are sharded
+        (FSDP) and an engine must hold its own copy, refreshed through full_state_dict()."""
+        if self.world_size > 1 and self.cfg.parallel.data_parallel == "fsdp":
+            return None
         return self.model
 
     # ------------------------------------------------------------------ collectives
@@ -196,10 +199,13 @@ class TorchTrainer:
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch, which: str = "policy") -> torch.Tensor:
         """[B, C] log-probs of each completion token under the policy or the reference (0 past the end)."""
-        model = self.model if which == "policy" else self.reference
-        if model is None:
+        if which == "policy":
+            module = self.loss_module  # through FSDP's root when sharded (every rank runs the same chunks)
+        elif self.reference is not None:
+            module = HiddenLoss(self.reference)
+        else:
             raise RuntimeError("no reference model is loaded (grpo.beta == 0)")
-        module = HiddenLoss(model).eval()
+        module.eval()
         mask = batch.completion_mask()
         out = torch.zeros_like(mask)
         mbs = max(1, self.cfg.train.micro_batch_size)
@@ -239,7 +245,7 @@ class TorchTrainer:
             def loss_fn(hidden, weight):
                 if g.ratio_level == "sequence":
                     logp, ent = kernels.fused_linear_logprobs(hidden, weight, tgt, temperature=self.cfg.rollout.temperature,
-                                                              with_entropy=g.entropy_coef != 0, impl=self.impl)
+                                                              with_entropy=True, impl=self.impl)
                     return self._sequence_level_loss(logp, ent, sub, present, mask, record,
                                                      global_seqs, global_tokens)
                 per_tok, rec = kernels.fused_linear_grpo_loss(
@@ -247,7 +253,7 @@ class TorchTrainer:
                     adv_tok, flat(mask), eps_low=g.eps_low, eps_high=g.eps_high,
                     beta=0.0 if g.kl_in_reward else g.beta, kl=g.kl_estimator,
                     temperature=self.cfg.rollout.temperature, dual_clip=g.dual_clip, entropy_coef=g.entropy_coef,
-                    clamp=g.log_ratio_clamp, impl=self.impl)
+                    clamp=g.log_ratio_clamp, with_entropy=True, impl=self.impl)
                 record.update(kl=rec.kl, clipped=rec.clipped, entropy=rec.entropy)
                 grid = torch.zeros(present.shape, dtype=per_tok.dtype, device=per_tok.device)
                 grid = grid.masked_scatter(present.to(per_tok.device), per_tok)
@@ -268,8 +274,7 @@ class TorchTrainer:
         out["loss"] = self.all_reduce_sum(sums["loss"])
         out["kl"] = self.all_reduce_sum(sums["kl"]) / tok
         out["clip_frac"] = self.all_reduce_sum(sums["clipped"]) / tok
-        if g.entropy_coef:
-            out["entropy"] = self.all_reduce_sum(sums["entropy"]) / tok
+        out["entropy"] = self.all_reduce_sum(sums["entropy"]) / tok
         return out
 
     def _aggregate(self, grid, mask, global_seqs, global_tokens):
@@ -299,13 +304,16 @@ class TorchTrainer:
 
     def update_reference(self) -> None:
         if self.reference is not None:
-            self.reference.load_state_dict(self._full_state())
+            self.reference.load_state_dict(self.full_state_dict())
 
     # ------------------------------------------------------------------ state
-    def _full_state(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, all_ranks: bool = True) -> dict[str, torch.Tensor]:
+        """Unsharded policy weights (a collective: every rank calls it). With all_ranks=False only
+        rank 0 receives them, on CPU (enough for writing files, and lighter)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(self.loss_module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+        sd = get_model_state_dict(self.loss_module, options=opts)
         return {k.removeprefix("model."): v for k, v in sd.items()}
 
     def save(self, directory: Path, extra: dict) -> None:
@@ -313,7 +321,7 @@ class TorchTrainer:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         directory = Path(directory)
-        model_sd = self._full_state()
+        model_sd = self.full_state_dict(all_ranks=False)
         optim_sd = get_optimizer_state_dict(self.loss_module, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.is_main:
@@ -355,7 +363,7 @@ class TorchTrainer:
 
     def export_hf(self, directory: Path) -> None:
         """A plain Hugging Face folder (config, safetensors, tokenizer) any tool can load."""
-        sd = self._full_state()
+        sd = self.full_state_dict(all_ranks=False)
         if self.is_main:
             directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)

@@ -50,10 +50,12 @@ def logprobs(logits, targets, *, temperature: float = 1.0, with_entropy: bool = 
 
 def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low: float, eps_high: float,
               beta: float, kl: str = "k3", temperature: float = 1.0, dual_clip: float = 0.0,
-              entropy_coef: float = 0.0, clamp: float = 20.0, impl: str = "auto"):
-    """Per-token GRPO loss [N] (masked tokens are 0) and a TokenRecord, from logits [N, V]."""
+              entropy_coef: float = 0.0, clamp: float = 20.0, with_entropy: bool = False, impl: str = "auto"):
+    """Per-token GRPO loss [N] (masked tokens are 0) and a TokenRecord, from logits [N, V].
+
+    The record carries entropy when entropy_coef != 0 or with_entropy (for metrics)."""
     kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, temperature=temperature,
-              dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+              dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp, with_entropy=with_entropy)
     if pick_impl(impl, logits.device) == "triton":
         from .grpo_logits import triton_grpo_loss
 
@@ -75,9 +77,9 @@ def fused_linear_logprobs(hidden, weight, targets, *, temperature: float = 1.0, 
 def fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, eps_low: float,
                            eps_high: float, beta: float, kl: str = "k3", temperature: float = 1.0,
                            dual_clip: float = 0.0, entropy_coef: float = 0.0, clamp: float = 20.0,
-                           impl: str = "auto"):
+                           with_entropy: bool = False, impl: str = "auto"):
     kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, temperature=temperature,
-              dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+              dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp, with_entropy=with_entropy)
     if pick_impl(impl, hidden.device) == "triton":
         from .fused_linear import triton_fused_linear_grpo_loss
 

@@ -119,9 +119,10 @@ def triton_fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, wi
 
 def fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, eps_low,
                                 eps_high, beta, kl="k3", temperature=1.0, dual_clip=0.0, entropy_coef=0.0,
-                                clamp=20.0, use_triton=True, **kw):
+                                clamp=20.0, with_entropy=False, use_triton=True, **kw):
     logp, ent = fused_linear_logprobs_impl(hidden, weight, targets, temperature=temperature,
-                                           with_entropy=entropy_coef != 0, use_triton=use_triton, **kw)
+                                           with_entropy=with_entropy or entropy_coef != 0, use_triton=use_triton,
+                                           **kw)
     return loss_from_logprobs(logp, ent, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
                               beta=beta, kl=kl, dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
 

@@ -238,10 +238,11 @@ class _GRPOLossFromLogits(torch.autograd.Function):
 
 
 def triton_grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low, eps_high, beta,
-                     kl="k3", temperature=1.0, dual_clip=0.0, entropy_coef=0.0, clamp=20.0, inplace=False):
+                     kl="k3", temperature=1.0, dual_clip=0.0, entropy_coef=0.0, clamp=20.0, with_entropy=False,
+                     inplace=False):
     from .reference import TokenRecord
 
-    with_ent = entropy_coef != 0
+    with_ent = with_entropy or entropy_coef != 0
     loss, logp, ent, klv, clipped = _GRPOLossFromLogits.apply(
         logits, targets, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, kl, temperature,
         dual_clip, entropy_coef, clamp, True, with_ent, inplace)

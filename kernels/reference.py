@@ -60,9 +60,11 @@ def loss_from_logprobs(logp: torch.Tensor, entropy: torch.Tensor | None, old_log
 def grpo_loss_ref(logits: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
                   ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,
                   eps_low: float, eps_high: float, beta: float, kl: str = "k3", temperature: float = 1.0,
-                  dual_clip: float = 0.0, entropy_coef: float = 0.0, clamp: float = 20.0):
+                  dual_clip: float = 0.0, entropy_coef: float = 0.0, clamp: float = 20.0,
+                  with_entropy: bool = False):
     """Per-token GRPO loss [N] (zero where mask is 0) and a TokenRecord."""
-    logp, entropy = logprobs_ref(logits, targets, temperature=temperature, with_entropy=entropy_coef != 0)
+    logp, entropy = logprobs_ref(logits, targets, temperature=temperature,
+                                 with_entropy=with_entropy or entropy_coef != 0)
     return loss_from_logprobs(logp, entropy, old_logp, ref_logp, advantages, mask, eps_low=eps_low,
                               eps_high=eps_high, beta=beta, kl=kl, dual_clip=dual_clip,
                               entropy_coef=entropy_coef, clamp=clamp)

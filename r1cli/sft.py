@@ -95,7 +95,6 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
 
 
 def _evaluate(trainer, cfg: Config, eval_rows: list[dict]) -> dict:
-    from r1cli.backends.hf_rollout import HFGenerateEngine
+    from r1cli.backends.hf_rollout import hf_engine_for
 
-    engine = HFGenerateEngine(trainer.generation_model, trainer.tokenizer, cfg.rollout, trainer.device)
-    return held_out_accuracy(trainer, engine, eval_rows, cfg)
+    return held_out_accuracy(trainer, hf_engine_for(trainer, cfg), eval_rows, cfg)

@@ -70,11 +70,13 @@ def test_rl_resume_is_exact(cold_start, tmp_path):
         assert [v for _, v in cut] == [v for _, v in full], key  # bit-exact on CPU
 
 
-def test_two_ranks_match_one(cold_start, tmp_path):
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_two_ranks_match_one(cold_start, tmp_path, dp):
     base = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
             f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3", "grpo.prompts_per_step=4",
             "rollout.n=4", "rollout.prompts_per_generate=1", "logging.progress=false", "logging.tensorboard=false",
-            "logging.sample_every=0", "checkpoint.export_hf=false", "train.micro_batch_size=4"]
+            "logging.sample_every=0", "checkpoint.export_hf=false", "train.micro_batch_size=4",
+            f"parallel.data_parallel={dp}"]
     one = torchrun(1, *base, f"train.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun(2, *base, f"train.output_dir={tmp_path / 'two'}")

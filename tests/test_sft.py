@@ -86,7 +86,8 @@ def test_packed_loss_equals_unpacked(tiny_model):
     assert abs(float(leak - separate)) > 1e-2
 
 
-def test_two_process_ddp_matches_one_process(tiny_model, arith_data, tmp_path):
+@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+def test_two_process_data_parallel_matches_one_process(tiny_model, arith_data, tmp_path, dp):
     train, _ = arith_data
     args = ["sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}", f"data.train={train}",
             "data.eval=", "train.steps=6", "logging.every=1", "logging.progress=false", "logging.tensorboard=false",
@@ -94,7 +95,7 @@ def test_two_process_ddp_matches_one_process(tiny_model, arith_data, tmp_path):
     one = run_r1(*args, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4", "train.grad_accum=2")
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *args, f"train.output_dir={tmp_path / 'two'}", "train.micro_batch_size=4",
-                   "train.grad_accum=1")
+                   "train.grad_accum=1", f"parallel.data_parallel={dp}")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
     assert len(a) == len(b) == 6

@@ -40,9 +40,9 @@ def build_trainer(cfg: Config):
 def build_engine(cfg: Config, trainer):
     if cfg.rollout.engine == "vllm":
         raise R1Error("rollout.engine=vllm is not built yet; use rollout.engine=hf")
-    from r1cli.backends.hf_rollout import HFGenerateEngine
+    from r1cli.backends.hf_rollout import hf_engine_for
 
-    return HFGenerateEngine(trainer.generation_model, trainer.tokenizer, cfg.rollout, trainer.device)
+    return hf_engine_for(trainer, cfg)
 
 
 def validate(cfg: Config, world_size: int) -> None:
