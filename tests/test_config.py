@@ -27,7 +27,7 @@ def test_unknown_key_names_nearest(tmp_path):
 @pytest.mark.parametrize("override, pattern", [
     ("train.steps=ten", r"'train.steps': 'ten' is not int"),
     ("grpo.beta=yes", r"'grpo.beta': True is not float"),
-    ("data.template=jinja", r"'data.template': 'jinja' is not one of chat\|r1_zero\|plain"),
+    ("data.template=jinja", r"'data.template': 'jinja' is not one of chat\|r1_zero\|r1_zero_chat\|plain"),
     ("data.pack=3", r"'data.pack': 3 is not bool"),
 ])
 def test_bad_type_names_key_value_and_type(override, pattern):
