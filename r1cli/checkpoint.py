@@ -87,3 +87,22 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: Path):
     return json.loads(path.read_text())
+
+
+def save(trainer, run_dir: str | Path, step: int, keep: int) -> None:
+    """Every rank writes its part into the staging folder; rank 0 publishes it."""
+    staging = begin(run_dir, step) if trainer.is_main else staging_dir(run_dir, step)
+    trainer.barrier()
+    trainer.save(staging, {"step": step})
+    if trainer.is_main:
+        commit(run_dir, step, keep)
+    trainer.barrier()
+
+
+def save_if_due(trainer, run_dir: str | Path, cfg, done: int, total: int) -> bool:
+    """The periodic checkpoint after step `done`; True when `checkpoint.stop_after` says stop here."""
+    c = cfg.checkpoint
+    stop = bool(c.stop_after) and done == c.stop_after
+    if stop or (c.every and done % c.every == 0 and done < total):
+        save(trainer, run_dir, done, c.keep)
+    return stop

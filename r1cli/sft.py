@@ -19,15 +19,6 @@ def build_rows(cfg: Config, tokenizer, path: str):
     return pack_examples(examples, cfg.data.max_seq_len) if cfg.data.pack else examples
 
 
-def save_checkpoint(trainer, run_dir: Path, step: int, keep: int) -> None:
-    staging = ckpt.begin(run_dir, step) if trainer.is_main else ckpt.staging_dir(run_dir, step)
-    trainer.barrier()
-    trainer.save(staging, {"step": step})
-    if trainer.is_main:
-        ckpt.commit(run_dir, step, keep)
-    trainer.barrier()
-
-
 def run_sft(cfg: Config, resume: bool = False) -> dict:
     from r1cli.backends.torch_trainer import TorchTrainer
 
@@ -72,14 +63,11 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
         if t.eval_every and (step + 1) % t.eval_every == 0 and eval_rows:
             log.log(step + 1, _evaluate(trainer, cfg, eval_rows))
         done = step + 1
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.steps:
-            save_checkpoint(trainer, run_dir, done, cfg.checkpoint.keep)
-        if cfg.checkpoint.stop_after and done == cfg.checkpoint.stop_after:
-            save_checkpoint(trainer, run_dir, done, cfg.checkpoint.keep)
+        if ckpt.save_if_due(trainer, run_dir, cfg, done, t.steps):
             bar.close()
             return {"stopped_at": done, **last}
     bar.close()
-    save_checkpoint(trainer, run_dir, t.steps, cfg.checkpoint.keep)
+    ckpt.save(trainer, run_dir, t.steps, cfg.checkpoint.keep)
     result = dict(last)
     if eval_rows:
         ev = _evaluate(trainer, cfg, eval_rows)

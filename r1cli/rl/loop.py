@@ -24,7 +24,6 @@ from r1cli.records import field, read_records
 from r1cli.rewards import check_weights, score
 from r1cli.rl.advantages import equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
-from r1cli.sft import save_checkpoint
 from r1cli.sft_data import RowSchedule
 from r1cli.templates import render_prompt
 
@@ -163,14 +162,11 @@ def run_rl(cfg: Config, resume: bool = False) -> dict:
         if t.eval_every and eval_rows and (step + 1) % t.eval_every == 0:
             log.log(step + 1, held_out_accuracy(trainer, engine, eval_rows, cfg))
         done = step + 1
-        if cfg.checkpoint.every and done % cfg.checkpoint.every == 0 and done < t.steps:
-            save_checkpoint(trainer, run_dir, done, cfg.checkpoint.keep)
-        if cfg.checkpoint.stop_after and done == cfg.checkpoint.stop_after:
-            save_checkpoint(trainer, run_dir, done, cfg.checkpoint.keep)
+        if ckpt.save_if_due(trainer, run_dir, cfg, done, t.steps):
             bar.close()
             return {"stopped_at": done, **last}
     bar.close()
-    save_checkpoint(trainer, run_dir, t.steps, cfg.checkpoint.keep)
+    ckpt.save(trainer, run_dir, t.steps, cfg.checkpoint.keep)
     result = dict(last)
     if eval_rows and not (t.eval_every and t.steps % t.eval_every == 0):
         ev = held_out_accuracy(trainer, engine, eval_rows, cfg)
