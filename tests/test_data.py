@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from r1cli.config import DataConfig
