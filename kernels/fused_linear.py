@@ -5,7 +5,8 @@ Forward: for each chunk of tokens and each tile of the vocabulary, logits = h @ 
 combined across tiles — and, for tensor parallelism, across the ranks that each hold a
 vocabulary shard (max, then rescaled sums, all-reduced over the group). Only [N]
 vectors are kept. Backward recomputes each logits tile, turns it into d(logits) in
-place, and accumulates d(hidden) = dz @ W_tile and d(weight) = dz^T @ h.
+place, and accumulates d(hidden) = dz @ W_tile (fp32, [N, H]) and d(weight) = dz^T @ h
+(fp32 for one vocabulary tile at a time, then stored in the weight's dtype).
 
 The GRPO loss is then plain elementwise maths on the [N] log-probs (kernels.reference.
 loss_from_logprobs), so this path and the reference share one definition of the objective.
@@ -19,6 +20,7 @@ import torch.distributed as dist
 from .reference import loss_from_logprobs, tile_grad_ref, tile_stats_ref
 
 LOGITS_BUDGET_BYTES = 1 << 30  # one logits tile of at most 1 GiB
+VOCAB_TILE = 32768  # columns per vocabulary tile: bounds the fp32 d(weight) accumulator to VOCAB_TILE x H
 
 
 def _ops(use_triton: bool):
@@ -77,28 +79,32 @@ class FusedLinearLogprobs(torch.autograd.Function):
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
         g_h = g_ent.float() if (with_entropy and g_ent is not None) else None
         d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
-        d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
-            if ctx.needs_input_grad[1] else None
-        for a, b in _chunks(hidden.shape[0], chunk_tokens):
-            h, t = hidden[a:b], targets[a:b]
-            for v0, v1 in _chunks(weight.shape[0], chunk_vocab):
-                w = weight[v0:v1]
+        d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
+        # vocabulary tiles outside, token chunks inside: d(weight) of one tile is complete after
+        # its inner loop, so its fp32 accumulator is [tile x H], never [V x H]
+        for v0, v1 in _chunks(weight.shape[0], chunk_vocab):
+            w = weight[v0:v1]
+            dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if d_weight is not None else None
+            for a, b in _chunks(hidden.shape[0], chunk_tokens):
+                h, t = hidden[a:b], targets[a:b]
                 z = h @ w.t()
                 dz = grad_fn(z, t, vocab_start + v0, lse[a:b], ent[a:b], g_logp[a:b],
                              None if g_h is None else g_h[a:b], temperature, out=z)  # in place
-                d_hidden[a:b] += (dz @ w).float()
-                if d_weight is not None:
-                    d_weight[v0:v1] += (dz.t() @ h).float()
+                d_hidden[a:b] += dz @ w
+                if dw is not None:
+                    dw += dz.t() @ h
+            if d_weight is not None:
+                d_weight[v0:v1] = dw
         if group is not None:
             # each rank saw only its vocabulary shard: d(hidden) is the sum over the group
             dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=group)
-        return (d_hidden.to(hidden.dtype), None if d_weight is None else d_weight.to(weight.dtype),
-                None, None, None, None, None, None, None, None)
+        return (d_hidden.to(hidden.dtype), d_weight, None, None, None, None, None, None, None, None)
 
 
 def _default_chunks(hidden, weight, chunk_tokens, chunk_vocab):
+    """Vocabulary tiles of VOCAB_TILE columns; as many tokens per chunk as fit one logits tile in the budget."""
     V = weight.shape[0]
-    chunk_vocab = chunk_vocab or V
+    chunk_vocab = chunk_vocab or min(V, VOCAB_TILE)
     per_row = chunk_vocab * hidden.element_size()
     chunk_tokens = chunk_tokens or max(1, min(hidden.shape[0], LOGITS_BUDGET_BYTES // per_row))
     return chunk_tokens, chunk_vocab
