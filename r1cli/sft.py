@@ -60,7 +60,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
         if (step + 1) % cfg.logging.every == 0 or step + 1 == t.steps:
             log.log(step + 1, last)
         bar.update(step + 1, last)
-        if t.eval_every and (step + 1) % t.eval_every == 0 and eval_rows:
+        if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps and eval_rows:  # last: below
             log.log(step + 1, _evaluate(trainer, cfg, eval_rows))
         done = step + 1
         if ckpt.save_if_due(trainer, run_dir, cfg, done, t.steps):

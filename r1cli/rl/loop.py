@@ -159,7 +159,7 @@ def run_rl(cfg: Config, resume: bool = False) -> dict:
                 _print_samples(samples, sample_rows, scores, cfg, step + 1)
             if last["reward/max"] <= 0:
                 _warn_zero_rewards(scores, samples, step + 1)
-        if t.eval_every and eval_rows and (step + 1) % t.eval_every == 0:
+        if t.eval_every and eval_rows and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:  # last: below
             log.log(step + 1, held_out_accuracy(trainer, engine, eval_rows, cfg))
         done = step + 1
         if ckpt.save_if_due(trainer, run_dir, cfg, done, t.steps):
@@ -168,7 +168,7 @@ def run_rl(cfg: Config, resume: bool = False) -> dict:
     bar.close()
     ckpt.save(trainer, run_dir, t.steps, cfg.checkpoint.keep)
     result = dict(last)
-    if eval_rows and not (t.eval_every and t.steps % t.eval_every == 0):
+    if eval_rows:
         ev = held_out_accuracy(trainer, engine, eval_rows, cfg)
         log.log(t.steps, ev)
         result.update(ev)
