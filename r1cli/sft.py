@@ -44,6 +44,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
         if trainer.is_main:
             console.print(f"resumed from step {start}")
     eval_rows = read_records(cfg.data.eval)[: t.eval_samples] if cfg.data.eval else []
+    engine = None  # built at the first evaluation; under FSDP it holds a whole copy of the model
 
     bar = StepProgress(t.steps, start, trainer.is_main and cfg.logging.progress,
                        [("loss", "loss"), ("lr", "lr"), ("tokens_per_s", "tok/s")])
@@ -61,7 +62,8 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
             log.log(step + 1, last)
         bar.update(step + 1, last)
         if t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < t.steps and eval_rows:  # last: below
-            log.log(step + 1, _evaluate(trainer, cfg, eval_rows))
+            engine = _eval_engine(engine, trainer, cfg)
+            log.log(step + 1, held_out_accuracy(trainer, engine, eval_rows, cfg))
         done = step + 1
         if ckpt.save_if_due(trainer, run_dir, cfg, done, t.steps):
             bar.close()
@@ -70,7 +72,7 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
     ckpt.save(trainer, run_dir, t.steps, cfg.checkpoint.keep)
     result = dict(last)
     if eval_rows:
-        ev = _evaluate(trainer, cfg, eval_rows)
+        ev = held_out_accuracy(trainer, _eval_engine(engine, trainer, cfg), eval_rows, cfg)
         log.log(t.steps, ev)
         result.update(ev)
     if cfg.checkpoint.export_hf:
@@ -82,7 +84,11 @@ def run_sft(cfg: Config, resume: bool = False) -> dict:
     return result
 
 
-def _evaluate(trainer, cfg: Config, eval_rows: list[dict]) -> dict:
-    from r1cli.backends.hf_rollout import hf_engine_for
+def _eval_engine(engine, trainer, cfg: Config):
+    """One rollout engine for the whole run, its weights refreshed before each evaluation."""
+    if engine is None:
+        from r1cli.backends.hf_rollout import hf_engine_for
 
-    return held_out_accuracy(trainer, hf_engine_for(trainer, cfg), eval_rows, cfg)
+        return hf_engine_for(trainer, cfg)  # starts from the current weights
+    engine.load_weights(trainer)
+    return engine

@@ -51,7 +51,7 @@ def render_turns(tokenizer, row_messages: list[dict], cfg: DataConfig) -> list[t
     prefix gained when that turn was added, so the loss mask follows the template
     exactly (including its end-of-turn tokens).
     """
-    if cfg.template not in ("chat",):
+    if cfg.template != "chat":
         # single turn: user prompt, then the assistant's response and end of text
         user = next((m["content"] for m in row_messages if m["role"] == "user"), None)
         reply = next((m["content"] for m in row_messages if m["role"] == "assistant"), None)

@@ -46,7 +46,6 @@ def build_engine(cfg: Config, trainer):
 
 def validate(cfg: Config, world_size: int) -> None:
     g, r = cfg.grpo, cfg.rollout
-    check_weights(cfg.rewards.weights)
     if g.prompts_per_step % world_size:
         raise R1Error(f"grpo.prompts_per_step={g.prompts_per_step} must be a multiple of the {world_size} ranks")
     seqs = g.prompts_per_step * r.n
@@ -65,7 +64,7 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 def run_rl(cfg: Config, resume: bool = False) -> dict:
     rows = read_records(cfg.data.train, cfg.data.max_samples)
     eval_rows = read_records(cfg.data.eval)[: cfg.train.eval_samples] if cfg.data.eval else []
-    check_weights(cfg.rewards.weights)
+    check_weights(cfg.rewards.weights)  # before loading a model
     trainer = build_trainer(cfg)
     validate(cfg, trainer.world_size)
     engine = build_engine(cfg, trainer)
