@@ -164,7 +164,7 @@ def main():
             floor = 6 * n * V
             table(f"loss from logits  N={n} V={V}  (floor {floor / 1e9:.2f} GB, H100 {H100_TBPS} TB/s)", rows,
                   "r1 (ours)", "TB/s", lambda s: floor / s / 1e12)
-            del x
+            del x, contenders  # the closures hold the [N, V] logits too
             contenders = linear_variants(h, w, t, old, ref, adv, mask)
             rows = {k: measure_or_oom(f, device, args.reps) for k, f in contenders.items()}
             flops = 8 * n * args.hidden * V
