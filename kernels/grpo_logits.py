@@ -26,7 +26,9 @@ def _online_stats(base, V, n_active, target, inv_temp, WITH_ENT: tl.constexpr, B
     m = float("-inf")
     s = 0.0
     zs = 0.0
-    zt = float("-inf")
+    # the target's logit is one scalar load, not a reduction per block (-inf when outside this tile)
+    hit = (target >= 0) & (target < V) & (n_active > 0)
+    zt = tl.load(base + tl.where(hit, target, 0), mask=hit, other=float("-inf")).to(tl.float32) * inv_temp
     for off in range(0, n_active, BLOCK_V):
         cols = off + tl.arange(0, BLOCK_V)
         valid = cols < V
@@ -37,7 +39,6 @@ def _online_stats(base, V, n_active, target, inv_temp, WITH_ENT: tl.constexpr, B
         s = s * scale + tl.sum(e, 0)
         if WITH_ENT:
             zs = zs * scale + tl.sum(e * tl.where(valid, z, 0.0), 0)  # no 0 * -inf on padding
-        zt = tl.maximum(zt, tl.max(tl.where(cols == target, z, float("-inf")), 0))
         m = m_new
     return m, s, zs, zt
 
@@ -155,8 +156,21 @@ def _stats_kernel(z_ptr, stride_z, targets_ptr, m_ptr, s_ptr, zs_ptr, zt_ptr, V,
     tl.store(zt_ptr + row, zt)
 
 
-def _block(V: int) -> int:
-    return min(4096, triton.next_power_of_2(V)) if V > 0 else 16
+# Launch settings per kernel: the vocabulary columns a program streams per step (capped by V), warps per
+# program and software-pipelining depth. Chosen so that, on sm_90, every bf16 load and store is 16 bytes per
+# thread with several in flight and nothing spills (`python -m r1cli.kernels.aot` shows it); not yet timed on
+# a GPU -- `python benchmarks/grpo_kernels.py --sweep` times the alternatives and names the fastest.
+LAUNCH = {
+    "fwd": dict(block=4096, num_warps=4, num_stages=3),  # loss / log-probs from logits
+    "stats": dict(block=4096, num_warps=4, num_stages=3),  # fused linear: statistics of one logits tile
+    "grad": dict(block=4096, num_warps=4, num_stages=3),  # d(logits), from logits or one tile
+}
+
+
+def _launch(kind: str, V: int) -> dict:
+    cfg = LAUNCH[kind]
+    block = min(cfg["block"], triton.next_power_of_2(V)) if V > 0 else 16
+    return dict(BLOCK_V=block, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # ------------------------------------------------------------------ tile primitives
@@ -168,7 +182,7 @@ def tile_stats(z: torch.Tensor, targets: torch.Tensor, v_start: int, temperature
     out = [torch.empty(n, device=z.device, dtype=torch.float32) for _ in range(4)]
     if n:
         _stats_kernel[(n,)](z, z.stride(0), targets, *out, V, v_start, 1.0 / temperature,
-                            WITH_ENT=with_entropy, BLOCK_V=_block(V))
+                            WITH_ENT=with_entropy, **_launch("stats", V))
     return tuple(out)
 
 
@@ -182,7 +196,7 @@ def tile_grad(z: torch.Tensor, targets: torch.Tensor, v_start: int, lse, entropy
         _grad_kernel[(n,)](z, z.stride(0), dz, dz.stride(0), targets, lse,
                            entropy if with_ent else lse, g_logp.float().contiguous(),
                            g_ent.float().contiguous() if with_ent else g_logp, V, v_start, 1.0 / temperature,
-                           WITH_ENT=with_ent, BLOCK_V=_block(V))
+                           WITH_ENT=with_ent, **_launch("grad", V))
     return dz
 
 
@@ -210,7 +224,7 @@ class _GRPOLossFromLogits(torch.autograd.Function):
                 mask.to(torch.int32).contiguous() if has_loss else dummy,
                 loss, logp, lse, ent, klv, clipped, dlogp,
                 V, 1.0 / temperature, eps_low, eps_high, beta, dual_clip, entropy_coef, clamp,
-                HAS_LOSS=has_loss, HAS_REF=has_ref, KL=KL_CODES[kl], WITH_ENT=with_entropy, BLOCK_V=_block(V),
+                HAS_LOSS=has_loss, HAS_REF=has_ref, KL=KL_CODES[kl], WITH_ENT=with_entropy, **_launch("fwd", V),
             )
         # d(loss)/d(entropy): -entropy_coef on rows in the loss, 0 on masked rows
         dent = -entropy_coef * mask.float() if has_loss and with_entropy else None
