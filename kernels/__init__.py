@@ -50,16 +50,19 @@ def logprobs(logits, targets, *, temperature: float = 1.0, with_entropy: bool = 
 
 def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low: float, eps_high: float,
               beta: float, kl: str = "k3", temperature: float = 1.0, dual_clip: float = 0.0,
-              entropy_coef: float = 0.0, clamp: float = 20.0, with_entropy: bool = False, impl: str = "auto"):
+              entropy_coef: float = 0.0, clamp: float = 20.0, with_entropy: bool = False, inplace: bool = False,
+              impl: str = "auto"):
     """Per-token GRPO loss [N] (masked tokens are 0) and a TokenRecord, from logits [N, V].
 
-    The record carries entropy when entropy_coef != 0 or with_entropy (for metrics)."""
+    The record carries entropy when entropy_coef != 0 or with_entropy (for metrics). inplace=True (Triton)
+    writes d(logits) into the logits buffer, saving an [N, V] tensor: only when nothing else in the
+    backward graph needs the logits (true after a plain lm_head matmul, false after e.g. a tanh soft-cap)."""
     kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, temperature=temperature,
               dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp, with_entropy=with_entropy)
     if pick_impl(impl, logits.device) == "triton":
         from .grpo_logits import triton_grpo_loss
 
-        return triton_grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, **kw)
+        return triton_grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, inplace=inplace, **kw)
     return grpo_loss_ref(logits, targets, old_logp, ref_logp, advantages, mask, **kw)
 
 

@@ -81,19 +81,25 @@ class FusedLinearLogprobs(torch.autograd.Function):
         d_hidden = torch.zeros(hidden.shape, device=hidden.device, dtype=torch.float32)
         d_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
         # vocabulary tiles outside, token chunks inside: d(weight) of one tile is complete after
-        # its inner loop, so its fp32 accumulator is [tile x H], never [V x H]
+        # its inner loop, so its fp32 accumulator is [tile x H], never [V x H] -- and with a single
+        # token chunk there is nothing to accumulate: the matmul writes the tile of d(weight) itself
+        token_chunks = _chunks(hidden.shape[0], chunk_tokens)
+        accumulate = d_weight is not None and len(token_chunks) > 1
         for v0, v1 in _chunks(weight.shape[0], chunk_vocab):
             w = weight[v0:v1]
-            dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if d_weight is not None else None
-            for a, b in _chunks(hidden.shape[0], chunk_tokens):
+            dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if accumulate else None
+            for a, b in token_chunks:
                 h, t = hidden[a:b], targets[a:b]
                 z = h @ w.t()
                 dz = grad_fn(z, t, vocab_start + v0, lse[a:b], ent[a:b], g_logp[a:b],
                              None if g_h is None else g_h[a:b], temperature, out=z)  # in place
                 d_hidden[a:b] += dz @ w
-                if dw is not None:
+                if accumulate:
                     dw += dz.t() @ h
-            if d_weight is not None:
+                elif d_weight is not None:
+                    torch.mm(dz.t(), h, out=d_weight[v0:v1])
+                del z, dz  # else the next tile is allocated while this one is still alive: two tiles at peak
+            if accumulate:
                 d_weight[v0:v1] = dw
         if group is not None:
             # each rank saw only its vocabulary shard: d(hidden) is the sum over the group

@@ -50,6 +50,33 @@ def test_grpo_loss_matches_reference(dtype, kl, temperature, entropy_coef, dual_
         torch.testing.assert_close(ra.entropy[on], rb.entropy[on], **TOL[dtype])
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_grpo_loss_matches_liger_kernel(impl):
+    """An independent implementation (Liger-Kernel's Triton GRPO loss, token level, k3, no reduction) agrees
+    token by token on loss, KL, clipped flag and d(logits): same objective, not just self-consistency."""
+    from liger_kernel.transformers.grpo_loss import triton_grpo_loss as liger
+
+    B, L, V, T = 3, 5, 5000, 0.7
+    logits, targets, old, ref, _, mask = make(B * L, V, torch.float32, seed=8)
+    logits = logits.view(B, L, V)
+    adv = torch.tensor([1.3, -0.8, 0.4])  # Liger's advantages are per sequence
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04)
+    a = logits.reshape(B * L, V).clone().requires_grad_()
+    ours, rec = kernels.grpo_loss(a, targets, old, ref, adv.repeat_interleave(L), mask, kl="k3", temperature=T,
+                                  impl=impl, **kw)
+    b = torch.cat([logits, torch.zeros(B, 1, V)], 1).requires_grad_()  # Liger drops the last position
+    theirs, their_kl, their_clipped = liger(b, old.view(B, L), ref.view(B, L), targets.view(B, L), adv,
+                                           mask.view(B, L), temperature=T, inplace=False, reduce=False, **kw)
+    w = torch.randn(B * L, generator=torch.Generator().manual_seed(9))
+    (ours * w).sum().backward()
+    (theirs.reshape(-1) * w).sum().backward()
+    on = mask.bool()
+    torch.testing.assert_close(ours, theirs.reshape(-1), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rec.kl, their_kl.reshape(-1), rtol=1e-4, atol=1e-5)
+    assert torch.equal(rec.clipped.bool(), their_clipped.reshape(-1).bool() & on) and rec.clipped.sum() > 0
+    torch.testing.assert_close(a.grad, b.grad[:, :L].reshape(B * L, V), rtol=1e-4, atol=1e-6)
+
+
 def test_all_rows_masked_cost_nothing_and_give_zero():
     logits, targets, old, ref, adv, mask = make(5, 300, torch.float32, all_masked=True)
     x = logits.clone().requires_grad_()
@@ -189,3 +216,34 @@ def test_vocab_parallel_on_two_processes_equals_single(tmp_path, impl):
                               temperature=0.9, entropy_coef=0.01, impl="torch")
     l3.sum().backward()
     torch.testing.assert_close(logits_grad, x.grad, **tol)
+
+
+@pytest.mark.parametrize("n", [4096, 32768])
+def test_memory_at_qwen_size_counted(n):
+    """Tensor memory at the real shapes (H = 3584, V = 151936, bf16), counted under FakeTensorMode: the fused
+    linear path needs at most 1/8 of eager torch's peak, and the loss from logits needs only d(logits)."""
+    from r1cli.kernels.fused_linear import fused_linear_grpo_loss_impl
+    from r1cli.kernels.grpo_logits import triton_grpo_loss
+    from r1cli.kernels.memcount import counted_peak
+    from r1cli.kernels.reference import fused_linear_grpo_loss_ref, grpo_loss_ref
+
+    H, V = 3584, 151936
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04)
+
+    def small():
+        return torch.randint(0, V, (n,)), -torch.rand(n), -torch.rand(n), torch.randn(n), torch.ones(n)
+
+    def linear_in():
+        return (torch.randn(n, H, dtype=torch.bfloat16).requires_grad_(),
+                torch.randn(V, H, dtype=torch.bfloat16).requires_grad_()) + small()
+
+    def logits_in():
+        return (torch.randn(n, V, dtype=torch.bfloat16).requires_grad_(),) + small()
+
+    eager = counted_peak(lambda *a: fused_linear_grpo_loss_ref(*a, **kw), linear_in)
+    ours = counted_peak(lambda *a: fused_linear_grpo_loss_impl(*a, use_triton=True, **kw), linear_in)
+    assert ours * 8 <= eager, (ours / 1e9, eager / 1e9)
+    d_logits = n * V * 2
+    eager = counted_peak(lambda *a: grpo_loss_ref(*a, **kw), logits_in)
+    ours = counted_peak(lambda *a: triton_grpo_loss(*a, **kw), logits_in)
+    assert d_logits <= ours <= 1.01 * d_logits and ours * 8 <= eager, (ours / 1e9, eager / 1e9)
