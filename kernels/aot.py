@@ -22,6 +22,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from unittest import mock
@@ -52,19 +53,6 @@ class Report:
     shared_bytes: int
     global_loads: dict  # SASS load opcode -> count, e.g. {"LDG.E.128": 4}
     global_stores: dict
-
-    @property
-    def widest_load_bits(self) -> int:
-        return max((_bits(op) for op in self.global_loads), default=0)
-
-    @property
-    def widest_store_bits(self) -> int:
-        return max((_bits(op) for op in self.global_stores), default=0)
-
-
-def _bits(op: str) -> int:
-    m = re.search(r"\.(64|128)\b", op)
-    return int(m.group(1)) if m else 32
 
 
 class _Recorder:
@@ -153,9 +141,9 @@ def compile_launch(launch: Launch, arch: int = 90) -> Report:
         sass = subprocess.run([os.path.join(_tools(), "nvdisasm"), cubin],
                               capture_output=True, text=True, check=True).stdout
     res = dict(re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", usage))
-    loads, stores = {}, {}
-    for op in re.findall(r"\b(LDG\.[A-Z0-9.]+|STG\.[A-Z0-9.]+)", sass):
-        (loads if op.startswith("LDG") else stores)[op] = (loads if op.startswith("LDG") else stores).get(op, 0) + 1
+    counts = Counter(re.findall(r"\b((?:LDG|STG)\.[A-Z0-9.]+)", sass))
+    loads = {op: c for op, c in counts.items() if op.startswith("LDG")}
+    stores = {op: c for op, c in counts.items() if op.startswith("STG")}
     shown = {k: v for k, v in constexprs.items() if k.isupper()}
     config = " ".join([f"{k}={v}" for k, v in shown.items()] + [f"w={options.num_warps}", f"s={options.num_stages}"])
     return Report(launch.name, config, int(res["REG"]), int(res["LOCAL"]) + int(res.get("STACK", 0)),
@@ -201,6 +189,7 @@ def main():
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--json", action="store_true", help="one JSON report per line instead of the table")
     args = p.parse_args()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # what a launch on the GPU uses; silences the warning
     import triton
 
     if args.json:
