@@ -20,7 +20,8 @@ from .reference import (
     logprobs_ref,
 )
 
-__all__ = ["TokenRecord", "grpo_loss", "fused_linear_grpo_loss", "logprobs", "fused_linear_logprobs", "pick_impl"]
+__all__ = ["TokenRecord", "grpo_loss", "fused_linear_grpo_loss", "fused_linear_grpo_objective", "logprobs",
+           "fused_linear_logprobs", "pick_impl"]
 
 
 def pick_impl(impl: str, device: torch.device) -> str:
@@ -88,3 +89,23 @@ def fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantag
 
         return triton_fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw)
     return fused_linear_grpo_loss_ref(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw)
+
+
+def fused_linear_grpo_objective(hidden, weight, targets, old_logp, ref_logp, advantages, mask, token_weights, *,
+                                eps_low: float, eps_high: float, beta: float, kl: str = "k3",
+                                temperature: float = 1.0, dual_clip: float = 0.0, entropy_coef: float = 0.0,
+                                clamp: float = 20.0, with_entropy: bool = False, impl: str = "auto"):
+    """The aggregated loss sum_i token_weights_i * loss_i (a scalar), the per-token loss [N] and a TokenRecord.
+
+    Same maths as `fused_linear_grpo_loss` followed by a weighted sum, but with the aggregation weights known
+    up front the gradient is formed in the forward (one pass over the logits, 6*N*H*V matmul flops instead of
+    8*N*H*V); every GRPO aggregation (sequence mean, token mean, Dr. GRPO) is such a weighted sum."""
+    kw = dict(eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, temperature=temperature,
+              dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp, with_entropy=with_entropy)
+    if pick_impl(impl, hidden.device) == "triton":
+        from .fused_linear import fused_linear_grpo_objective_impl
+
+        return fused_linear_grpo_objective_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask,
+                                                token_weights, use_triton=True, **kw)
+    loss, rec = fused_linear_grpo_loss_ref(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw)
+    return (loss * token_weights.float()).sum(), loss, rec

@@ -142,3 +142,98 @@ def fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, adv
 def triton_fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw):
     return fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask,
                                        use_triton=True, **kw)
+
+
+# ------------------------------------------------------------------ one pass: the gradient formed in the forward
+
+
+class FusedLinearObjective(torch.autograd.Function):
+    """sum_i w_i * loss_i from hidden states, with d(hidden) and d(weight) formed during the forward.
+
+    Each chunk of tokens gets its full [chunk x V] logits once (one matmul), its log-sum-exp, its per-token loss
+    and -- the weights w_i being known -- d(objective)/d(logits) in place, then d(hidden) of the chunk (complete:
+    the chunk saw all of V) and its share of d(weight). The backward only scales them by the incoming scalar.
+    Matmul work 6*N*H*V, as eager torch, against 8*N*H*V for FusedLinearLogprobs, which recomputes the logits
+    in its backward; the price is an fp32 [V x H] d(weight) accumulator when there is more than one chunk.
+    Outputs: the objective and, not differentiable, per-token loss, log-prob, KL, clipped flag and entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_weights, per_token_loss, temperature, with_entropy,
+                chunk_tokens, group, vocab_start, use_triton):
+        stats_fn, grad_fn = _ops(use_triton)
+        chunks = _chunks(hidden.shape[0], chunk_tokens)
+        want_dw = ctx.needs_input_grad[1]
+        # under tensor parallelism d(hidden) is summed over ranks: in fp32, as the recompute path does
+        d_hidden = torch.empty_like(hidden, dtype=torch.float32 if group is not None else hidden.dtype)
+        d_weight = torch.empty_like(weight) if want_dw else None
+        acc = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) \
+            if want_dw and len(chunks) > 1 else None
+        objective = torch.zeros((), device=hidden.device, dtype=torch.float32)
+        recs = []
+        for a, b in chunks:
+            h, t = hidden[a:b], targets[a:b]
+            z = h @ weight.t()
+            logp, lse, ent = combine_stats([stats_fn(z, t, vocab_start, temperature, with_entropy)], group)
+            with torch.enable_grad():  # d(objective)/d(logp, entropy) on [chunk] vectors, by the loss's autograd
+                leaves = [logp.requires_grad_()] + ([ent.requires_grad_()] if with_entropy else [])
+                loss, rec = per_token_loss(logp, ent if with_entropy else None, a, b)
+                part = (loss * token_weights[a:b].float()).sum()
+                grads = torch.autograd.grad(part, leaves, allow_unused=True)
+            grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+            objective += part.detach()
+            recs.append((loss.detach(), rec.logp, rec.kl, rec.clipped, ent.detach()))
+            dz = grad_fn(z, t, vocab_start, lse, ent.detach(), grads[0], grads[1] if with_entropy else None,
+                         temperature, out=z)  # in place
+            if d_hidden.dtype == dz.dtype:
+                torch.mm(dz, weight, out=d_hidden[a:b])
+            else:
+                d_hidden[a:b] = dz @ weight
+            if acc is not None:
+                acc += dz.t() @ h
+            elif want_dw:
+                torch.mm(dz.t(), h, out=d_weight)
+            del z, dz
+        if acc is not None:
+            d_weight.copy_(acc)
+        if group is not None:  # each rank saw only its vocabulary shard
+            dist.all_reduce(d_hidden, op=dist.ReduceOp.SUM, group=group)
+        ctx.save_for_backward(d_hidden, d_weight)
+        ctx.hidden_dtype = hidden.dtype
+        outs = [torch.cat(parts) for parts in zip(*recs)]
+        ctx.mark_non_differentiable(*outs)
+        return (objective, *outs)
+
+    @staticmethod
+    def backward(ctx, g, *_records):
+        # scaled in place (a copy of d(weight) would be another [V x H]), so the graph is backward-ed once
+        d_hidden, d_weight = ctx.saved_tensors  # g stays a tensor: float(g) would synchronise the GPU
+        if d_weight is not None:
+            d_weight.mul_(g.to(d_weight.dtype))
+        d_hidden = d_hidden.mul_(g.to(d_hidden.dtype)).to(ctx.hidden_dtype)
+        return (d_hidden, d_weight, None, None, None, None, None, None, None, None, None)
+
+
+def fused_linear_grpo_objective_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, token_weights,
+                                     *, eps_low, eps_high, beta, kl="k3", temperature=1.0, dual_clip=0.0,
+                                     entropy_coef=0.0, clamp=20.0, with_entropy=False, chunk_tokens=0, group=None,
+                                     vocab_start=0, use_triton=True):
+    """Scalar sum_i token_weights_i * loss_i, per-token loss [N] and TokenRecord; see FusedLinearObjective."""
+    from .reference import TokenRecord
+
+    with_ent = with_entropy or entropy_coef != 0
+    n, (V, H) = hidden.shape[0], weight.shape
+    if not chunk_tokens:
+        # one chunk when its logits cost no more than chunking would (a budget-sized chunk plus the fp32
+        # [V x H] d(weight) accumulator that several chunks need); else chunks of the budget
+        one_chunk = n * V * hidden.element_size() <= LOGITS_BUDGET_BYTES + V * H * 4
+        chunk_tokens = n if one_chunk else max(1, LOGITS_BUDGET_BYTES // (V * hidden.element_size()))
+
+    def per_token_loss(logp, ent, a, b):
+        return loss_from_logprobs(logp, ent, old_logp[a:b], None if ref_logp is None else ref_logp[a:b],
+                                  advantages[a:b], mask[a:b], eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl,
+                                  dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+
+    objective, loss, logp, klv, clipped, ent = FusedLinearObjective.apply(
+        hidden, weight, targets.contiguous(), token_weights, per_token_loss, temperature, with_ent, chunk_tokens,
+        group, vocab_start, use_triton)
+    return objective, loss, TokenRecord(logp, klv, clipped, ent if with_ent else None)

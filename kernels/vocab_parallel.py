@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .fused_linear import _ops, combine_stats, fused_linear_logprobs_impl
+from .fused_linear import _ops, combine_stats, fused_linear_grpo_objective_impl, fused_linear_logprobs_impl
 from .reference import loss_from_logprobs
 
 
@@ -74,3 +74,11 @@ def vocab_parallel_fused_linear_grpo_loss(hidden, weight_shard, targets, old_log
                                                      impl=impl, **chunks)
     return loss_from_logprobs(logp, ent, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
                               beta=beta, kl=kl, dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+
+
+def vocab_parallel_fused_linear_grpo_objective(hidden, weight_shard, targets, old_logp, ref_logp, advantages, mask,
+                                               token_weights, vocab_start: int, group, *, impl="auto", **kw):
+    """`fused_linear_grpo_objective` (gradient formed in the forward) with this rank's vocabulary shard."""
+    return fused_linear_grpo_objective_impl(hidden, weight_shard, targets, old_logp, ref_logp, advantages, mask,
+                                            token_weights, group=group, vocab_start=vocab_start,
+                                            use_triton=_use_triton(impl, hidden.device), **kw)

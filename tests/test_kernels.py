@@ -154,7 +154,8 @@ def test_fused_linear_logprobs_no_grad_path():
 def _vocab_parallel_worker(rank, world, port, impl, out_dir):
     import torch.distributed as dist
 
-    from r1cli.kernels.vocab_parallel import vocab_parallel_fused_linear_grpo_loss, vocab_parallel_grpo_loss
+    from r1cli.kernels.vocab_parallel import (vocab_parallel_fused_linear_grpo_loss,
+                                              vocab_parallel_fused_linear_grpo_objective, vocab_parallel_grpo_loss)
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -176,8 +177,12 @@ def _vocab_parallel_worker(rank, world, port, impl, out_dir):
     logits = (hidden @ weight.t())[:, lo:hi].clone().requires_grad_()
     loss2, _ = vocab_parallel_grpo_loss(logits, targets, old, ref, adv, mask, lo, dist.group.WORLD, **kw)
     loss2.sum().backward()
+    h3, w3 = hidden.clone().requires_grad_(), weight[lo:hi].clone().requires_grad_()
+    obj, _, _ = vocab_parallel_fused_linear_grpo_objective(h3, w3, targets, old, ref, adv, mask, torch.ones(n), lo,
+                                                           dist.group.WORLD, chunk_tokens=4, **kw)
+    obj.backward()
     torch.save({"loss": loss.detach(), "loss2": loss2.detach(), "dh": h.grad, "dw": w.grad, "dlogits": logits.grad,
-                "lo": lo, "hi": hi}, f"{out_dir}/rank{rank}.pt")
+                "obj": obj.detach(), "dh3": h3.grad, "dw3": w3.grad, "lo": lo, "hi": hi}, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -210,6 +215,9 @@ def test_vocab_parallel_on_two_processes_equals_single(tmp_path, impl):
         torch.testing.assert_close(r["loss2"], loss.detach(), **tol)
         torch.testing.assert_close(r["dh"], hidden.grad, **tol)
         torch.testing.assert_close(r["dw"], weight.grad[r["lo"]:r["hi"]], **tol)
+        torch.testing.assert_close(r["obj"], loss.detach().sum(), **tol)  # one pass, weights 1
+        torch.testing.assert_close(r["dh3"], hidden.grad, **tol)
+        torch.testing.assert_close(r["dw3"], weight.grad[r["lo"]:r["hi"]], **tol)
     logits_grad = torch.cat([r0["dlogits"], r1["dlogits"]], dim=1)
     x = (hidden.detach() @ weight.detach().t()).requires_grad_()
     l3, _ = kernels.grpo_loss(x, targets, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3",
@@ -247,3 +255,36 @@ def test_memory_at_qwen_size_counted(n):
     eager = counted_peak(lambda *a: grpo_loss_ref(*a, **kw), logits_in)
     ours = counted_peak(lambda *a: triton_grpo_loss(*a, **kw), logits_in)
     assert d_logits <= ours <= 1.01 * d_logits and ours * 8 <= eager, (ours / 1e9, eager / 1e9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_triton", [True, False])
+@pytest.mark.parametrize("chunk_tokens", [0, 5])  # one chunk (d(weight) written directly) or three (accumulated)
+def test_fused_linear_objective_one_pass_matches_reference(dtype, use_triton, chunk_tokens):
+    from r1cli.kernels.fused_linear import fused_linear_grpo_objective_impl
+
+    g = torch.Generator().manual_seed(10)
+    n, H, V = 13, 32, 1000
+    hidden = torch.randn(n, H, generator=g).to(dtype)
+    weight = (torch.randn(V, H, generator=g) * 0.2).to(dtype)
+    targets = torch.randint(0, V, (n,), generator=g)
+    logp = torch.log_softmax(hidden.float() @ weight.float().t(), -1).gather(-1, targets[:, None]).squeeze(-1)
+    old, ref = logp + 0.3 * torch.randn(n, generator=g), logp + 0.2 * torch.randn(n, generator=g)
+    adv, mask = torch.randn(n, generator=g), (torch.rand(n, generator=g) > 0.2).float()
+    w = torch.rand(n, generator=g)  # any aggregation weights
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k2", temperature=0.8, entropy_coef=0.01, dual_clip=3.0)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    obj, per_tok, rec = fused_linear_grpo_objective_impl(h1, w1, targets, old, ref, adv, mask, w, use_triton=use_triton,
+                                                         chunk_tokens=chunk_tokens, **kw)
+    (2.5 * obj).backward()  # the incoming gradient scales what the forward formed
+    ref_obj, ref_tok, ref_rec = kernels.fused_linear_grpo_objective(h2, w2, targets, old, ref, adv, mask, w,
+                                                                    impl="torch", **kw)
+    (2.5 * ref_obj).backward()
+    tol = TOL[dtype]
+    torch.testing.assert_close(obj, ref_obj, **tol)
+    torch.testing.assert_close(per_tok, ref_tok, **tol)
+    torch.testing.assert_close(rec.kl, ref_rec.kl, **tol)
+    torch.testing.assert_close(rec.entropy[mask.bool()], ref_rec.entropy[mask.bool()], **tol)
+    torch.testing.assert_close(h1.grad.float(), h2.grad.float(), **tol)
+    torch.testing.assert_close(w1.grad.float(), w2.grad.float(), **tol)
