@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from r1cli import kernels
 from r1cli.config import Config
 from r1cli.models import load_model, load_tokenizer, resolve_device
-from r1cli.rl.losses import aggregate
+from r1cli.rl.losses import aggregate, aggregation_weights
 
 from .base import RolloutBatch
 from .distributed import all_gather_objects, all_reduce_sum, barrier, init_distributed
@@ -248,12 +248,17 @@ class TorchTrainer:
                                                               with_entropy=True, impl=self.impl)
                     return self._sequence_level_loss(logp, ent, sub, present, mask, record,
                                                      global_seqs, global_tokens)
-                per_tok, rec = kernels.fused_linear_grpo_loss(
-                    hidden, weight, tgt, flat(sub.old_logp), None if sub.ref_logp is None else flat(sub.ref_logp),
-                    adv_tok, flat(mask), eps_low=g.eps_low, eps_high=g.eps_high,
-                    beta=0.0 if g.kl_in_reward else g.beta, kl=g.kl_estimator,
-                    temperature=self.cfg.rollout.temperature, dual_clip=g.dual_clip, entropy_coef=g.entropy_coef,
-                    clamp=g.log_ratio_clamp, with_entropy=True, impl=self.impl)
+                args = (hidden, weight, tgt, flat(sub.old_logp), None if sub.ref_logp is None else flat(sub.ref_logp),
+                        adv_tok, flat(mask))
+                kw = dict(eps_low=g.eps_low, eps_high=g.eps_high, beta=0.0 if g.kl_in_reward else g.beta,
+                          kl=g.kl_estimator, temperature=self.cfg.rollout.temperature, dual_clip=g.dual_clip,
+                          entropy_coef=g.entropy_coef, clamp=g.log_ratio_clamp, with_entropy=True, impl=self.impl)
+                if self.cfg.train.fused_linear == "one_pass":  # the aggregation, as weights known before the forward
+                    w = aggregation_weights(mask, g.loss_agg, **self._aggregation_kw(global_seqs, global_tokens))
+                    loss, _, rec = kernels.fused_linear_grpo_objective(*args, flat(w), **kw)
+                    record.update(kl=rec.kl, clipped=rec.clipped, entropy=rec.entropy)
+                    return loss
+                per_tok, rec = kernels.fused_linear_grpo_loss(*args, **kw)
                 record.update(kl=rec.kl, clipped=rec.clipped, entropy=rec.entropy)
                 grid = torch.zeros(present.shape, dtype=per_tok.dtype, device=per_tok.device)
                 grid = grid.masked_scatter(present.to(per_tok.device), per_tok)
@@ -277,10 +282,11 @@ class TorchTrainer:
         out["entropy"] = self.all_reduce_sum(sums["entropy"]) / tok
         return out
 
+    def _aggregation_kw(self, global_seqs, global_tokens):
+        return dict(num_seqs=global_seqs, num_tokens=global_tokens, max_len=self.cfg.rollout.max_new_tokens)
+
     def _aggregate(self, grid, mask, global_seqs, global_tokens):
-        g = self.cfg.grpo
-        return aggregate(grid, mask, g.loss_agg, num_seqs=global_seqs, num_tokens=global_tokens,
-                         max_len=self.cfg.rollout.max_new_tokens)
+        return aggregate(grid, mask, self.cfg.grpo.loss_agg, **self._aggregation_kw(global_seqs, global_tokens))
 
     def _sequence_level_loss(self, logp, ent, sub, present, mask, record, global_seqs, global_tokens):
         from r1cli.rl.losses import per_token_policy_loss

@@ -55,6 +55,9 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, reference elsewhere
+    # GRPO loss from hidden states: "recompute" keeps the least memory (logits recomputed in the backward),
+    # "one_pass" forms the gradient in the forward (a quarter fewer matmul flops, an fp32 [V x H] accumulator)
+    fused_linear: Literal["recompute", "one_pass"] = "recompute"
     eval_every: int = 0  # 0: only at the end
     eval_samples: int = 64  # held-out rows used
     eval_n: int = 1  # samples per held-out prompt (pass@1 is their mean)

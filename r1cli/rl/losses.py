@@ -84,6 +84,15 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, *, num_seq
     raise ValueError(f"unknown loss aggregation {mode!r} ({', '.join(LOSS_AGGS)})")
 
 
+def aggregation_weights(mask: torch.Tensor, mode: str, **kw) -> torch.Tensor:
+    """The w with aggregate(x, mask, mode) == (w * x).sum() for every x (aggregate is linear in x), taken
+    from aggregate itself so the two can never disagree; lets a fused loss form its gradient in the forward."""
+    x = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device, requires_grad=True)
+    with torch.enable_grad():
+        (w,) = torch.autograd.grad(aggregate(x, mask, mode, **kw), x)
+    return w
+
+
 @dataclass
 class PolicyLossTerms:
     pg: torch.Tensor  # per-token surrogate loss
