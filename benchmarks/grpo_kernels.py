@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from r1cli.kernels import fused_linear_grpo_loss, grpo_loss
+from r1cli.kernels import fused_linear_grpo_loss, fused_linear_grpo_objective, grpo_loss
 from r1cli.kernels.reference import fused_linear_grpo_loss_ref, grpo_loss_ref
 
 H100_TBPS, H100_TFLOPS = 3.35, 989.0
@@ -134,6 +134,8 @@ def linear_variants(hidden, weight, targets, old, ref, adv, mask, seq_len):
     except ImportError:
         pass
     out["r1 (ours)"] = run(lambda *a, **k: fused_linear_grpo_loss(*a, impl="auto", **k))
+    token_w = torch.full_like(old, 1.0 / old.numel())  # token-mean weights: the gradient is formed in the forward
+    out["r1 one pass"] = run(lambda *a, **k: fused_linear_grpo_objective(*a, token_w, impl="auto", **k)[::2])
     return out
 
 
@@ -174,7 +176,7 @@ def sweep(n, V, device, reps, smoke=False):
 
 def memory_model(tokens, vocab, H):
     """Loss from logits and fused linear at the benchmark's shapes: counted tensor peak, eager vs ours."""
-    from r1cli.kernels.fused_linear import fused_linear_grpo_loss_impl
+    from r1cli.kernels.fused_linear import fused_linear_grpo_loss_impl, fused_linear_grpo_objective_impl
     from r1cli.kernels.grpo_logits import triton_grpo_loss
     from r1cli.kernels.memcount import counted_peak
 
@@ -198,6 +200,9 @@ def memory_model(tokens, vocab, H):
             e = counted_peak(lambda *a: fused_linear_grpo_loss_ref(*a, **KW), linear_in)
             o = counted_peak(lambda *a: fused_linear_grpo_loss_impl(*a, use_triton=True, **KW), linear_in)
             print(f"{f'linear N={n} H={H} V={V}':<30}{e / 1e9:>9.2f}{o / 1e9:>9.2f}{e / o:>11.1f}x")
+            o = counted_peak(lambda *a: fused_linear_grpo_objective_impl(*a, torch.ones(n), use_triton=True, **KW),
+                             linear_in)
+            print(f"{f'  one pass':<30}{'':>9}{o / 1e9:>9.2f}{e / o:>11.1f}x")
 
 
 def table(title, rows, ours_key, extra_name, extra_fn):
