@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .reference import loss_from_logprobs, tile_grad_ref, tile_stats_ref
+from .reference import TokenRecord, loss_from_logprobs, tile_grad_ref, tile_stats_ref
 
 LOGITS_BUDGET_BYTES = 1 << 30  # one logits tile of at most 1 GiB
 VOCAB_TILE = 32768  # columns per vocabulary tile: bounds the fp32 d(weight) accumulator to VOCAB_TILE x H
@@ -218,8 +218,6 @@ def fused_linear_grpo_objective_impl(hidden, weight, targets, old_logp, ref_logp
                                      entropy_coef=0.0, clamp=20.0, with_entropy=False, chunk_tokens=0, group=None,
                                      vocab_start=0, use_triton=True):
     """Scalar sum_i token_weights_i * loss_i, per-token loss [N] and TokenRecord; see FusedLinearObjective."""
-    from .reference import TokenRecord
-
     with_ent = with_entropy or entropy_coef != 0
     n, (V, H) = hidden.shape[0], weight.shape
     if not chunk_tokens:
