@@ -1,32 +1,46 @@
-"""Rollouts with transformers `generate`: batched, KV cache, temperature / top-p / stop strings.
+"""Rollouts with transformers `generate`: batched, KV cache, temperature / top-p / top-k / stop strings.
 
-Colocated with the torch trainer: it samples from the trainer's own module, so
-"loading new weights" after a step costs nothing.
+Colocated with the torch trainer it samples from the trainer's own module, so new
+weights after a step cost nothing; otherwise (sharded trainer, or `r1 eval` /
+`r1 sample` without a trainer) it holds its own copy, refreshed by load_weights.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from typing import Iterable
 
 import torch
 
-from r1cli.config import RolloutConfig
-
-from .base import Completion
+from r1cli.config import ModelConfig, RolloutConfig
+from r1cli.interfaces import Completion, SamplingParams
+from r1cli.models.loading import autocast, load_model, load_tokenizer, resolve_device
 
 
 class HFGenerateEngine:
-    def __init__(self, model, tokenizer, cfg: RolloutConfig, device: torch.device, own_copy: bool = False):
+    def __init__(self, model, tokenizer, cfg: RolloutConfig, device: torch.device, dtype: str = "auto",
+                 shared: bool = False):
         self.model, self.tok, self.cfg, self.device = model, tokenizer, cfg, device
-        self.own_copy = own_copy
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+        self.shared = shared  # the trainer's live module: its weights are always current
+        self.autocast = autocast(dtype, device)
 
-    def load_weights(self, trainer) -> None:
-        """A colocated engine samples from the trainer's live module; a copy is refreshed from it."""
-        if self.own_copy:
-            self.model.load_state_dict(trainer.full_state_dict())
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (HF name, tensor) pairs into the engine's own copy, in place; a shared module needs nothing."""
+        if self.shared:
+            return
+        params = self.model.state_dict()
+        with torch.no_grad():
+            for name, t in weights:
+                if name not in params:
+                    raise KeyError(f"load_weights: the engine's model has no weight named {name!r}")
+                params[name].copy_(t)
 
-    def _cut(self, ids: list[int], stops: list[str]) -> tuple[list[int], bool]:
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def _cut(self, ids: list[int], stops: tuple[str, ...]) -> tuple[list[int], bool]:
         """Trim a generated row at EOS (kept) or at the end of the first stop string; flag truncation."""
         eos = self.tok.eos_token_id
         end = ids.index(eos) + 1 if eos in ids else len(ids)
@@ -40,55 +54,61 @@ class HFGenerateEngine:
         finished = eos in ids[:end]
         return ids[:end], not finished
 
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.tok.pad_token_id, dtype=torch.long)
+        att = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            att[i, width - len(p):] = 1
+        return ids.to(self.device), att.to(self.device)
+
     @torch.no_grad()
-    def generate(self, prompts: list[str], n: int, seeds: list[int], *, temperature: float | None = None,
-                 max_new_tokens: int | None = None) -> list[list[Completion]]:
-        """n completions for each prompt; prompts are batched `prompts_per_generate` at a time and each
-        batch is seeded from its first prompt's seed, so results do not depend on how prompts are sharded
-        when prompts_per_generate == 1."""
-        temperature = self.cfg.temperature if temperature is None else temperature
-        max_new = max_new_tokens or self.cfg.max_new_tokens
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """params.n completions for each token-id prompt; prompts are batched `prompts_per_generate` at a time
+        and each batch is seeded from its first prompt's seed (params.seed + its index), so results do not
+        depend on how prompts are sharded when prompts_per_generate == 1."""
         was_training = self.model.training
         self.model.eval()
         out: list[list[Completion]] = []
         step = max(1, self.cfg.prompts_per_generate)
+        n = params.n
         for s in range(0, len(prompts), step):
             chunk = prompts[s: s + step]
-            enc = self.tok(chunk, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-            torch.manual_seed(seeds[s])
-            kw = dict(do_sample=True, temperature=temperature, top_p=self.cfg.top_p, top_k=0) if temperature > 0 \
-                else dict(do_sample=False)
+            ids, att = self._left_pad(chunk)
+            torch.manual_seed(params.seed + s)
+            kw = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \
+                if params.temperature > 0 else dict(do_sample=False)
             with self.autocast:
                 seqs = self.model.generate(
-                    input_ids=enc["input_ids"].to(self.device), attention_mask=enc["attention_mask"].to(self.device),
-                    max_new_tokens=max_new, num_return_sequences=n, use_cache=True,
-                    stop_strings=self.cfg.stop or None, tokenizer=self.tok,
+                    input_ids=ids, attention_mask=att, max_new_tokens=params.max_tokens, num_return_sequences=n,
+                    use_cache=True, stop_strings=list(params.stop) or None, tokenizer=self.tok,
                     pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, **kw,
                 )
-            width = enc["input_ids"].shape[1]
-            for i, prompt in enumerate(chunk):
-                p_ids = enc["input_ids"][i][enc["attention_mask"][i].bool()].tolist()
+            width = ids.shape[1]
+            for i, p_ids in enumerate(chunk):
                 group = []
                 for j in range(n):
                     gen = seqs[i * n + j, width:].tolist()
-                    ids, truncated = self._cut(gen, self.cfg.stop)
-                    truncated = truncated and len(ids) >= max_new
-                    group.append(Completion(p_ids, ids, self.tok.decode(ids, skip_special_tokens=True), truncated))
+                    c_ids, truncated = self._cut(gen, params.stop)
+                    truncated = truncated and len(c_ids) >= params.max_tokens
+                    group.append(Completion(list(p_ids), c_ids, self.tok.decode(c_ids, skip_special_tokens=True),
+                                            "length" if truncated else "stop"))
                 out.append(group)
         if was_training:
             self.model.train()
         return out
 
 
-def hf_engine_for(trainer, cfg) -> HFGenerateEngine:
-    """Share the trainer's module when it is whole; with sharded parameters keep an unsharded copy,
-    so that each rank can generate on its own (ranks stop at different lengths)."""
-    model = trainer.generation_model
-    if model is not None:
-        return HFGenerateEngine(model, trainer.tokenizer, cfg.rollout, trainer.device)
-    from r1cli.models import load_model
-
-    engine = HFGenerateEngine(load_model(cfg.model, trainer.device).eval(), trainer.tokenizer, cfg.rollout,
-                              trainer.device, own_copy=True)
-    engine.load_weights(trainer)
+def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> HFGenerateEngine:
+    """Share a colocated trainer's module when it is whole in this process; with sharded parameters (or no
+    trainer) hold an own copy, so that each rank can generate on its own (ranks stop at different lengths)."""
+    shared = getattr(trainer, "generation_model", None)
+    if shared is not None:
+        return HFGenerateEngine(shared, trainer.tokenizer, rollout, trainer.device, model.dtype, shared=True)
+    device = trainer.device if trainer is not None else resolve_device("auto")
+    tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
+    engine = HFGenerateEngine(load_model(model, device).eval(), tok, rollout, device, model.dtype)
+    if trainer is not None:
+        engine.load_weights(trainer.named_weights())
     return engine

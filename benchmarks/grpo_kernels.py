@@ -22,9 +22,11 @@ import torch
 
 from r1cli.kernels import fused_linear_grpo_loss, fused_linear_grpo_objective, grpo_loss
 from r1cli.kernels.reference import fused_linear_grpo_loss_ref, grpo_loss_ref
+from r1cli.rl.objective import GRPOObjective
 
 H100_TBPS, H100_TFLOPS = 3.35, 989.0
-KW = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=1.0)
+KW = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=1.0)  # the Triton launcher's scalars
+SPEC = GRPOObjective(**KW)  # the same objective as the spec the public functions take
 
 
 def inputs(n, V, H, dtype, device, seed=0):
@@ -77,7 +79,7 @@ def logits_variants(x, targets, old, ref, adv, mask):
     def run(f):
         def go():
             leaf = x.detach().requires_grad_()
-            loss, _ = f(leaf, targets, old, ref, adv, mask, **KW)
+            loss, _ = f(leaf, targets, old, ref, adv, mask, objective=SPEC)
             loss.sum().backward()
         return go
 
@@ -107,7 +109,7 @@ def linear_variants(hidden, weight, targets, old, ref, adv, mask, seq_len):
     def run(f):
         def go():
             h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
-            loss, _ = f(h, w, targets, old, ref, adv, mask, **KW)
+            loss, _ = f(h, w, targets, old, ref, adv, mask, objective=SPEC)
             loss.sum().backward()
         return go
 
@@ -194,13 +196,13 @@ def memory_model(tokens, vocab, H):
                 return (torch.randn(n, H, dtype=torch.bfloat16).requires_grad_(),
                         torch.randn(V, H, dtype=torch.bfloat16).requires_grad_()) + small()
 
-            e = counted_peak(lambda *a: grpo_loss_ref(*a, **KW), logits_in)  # d(logits) in a new buffer both ways
+            e = counted_peak(lambda *a: grpo_loss_ref(*a, objective=SPEC), logits_in)  # d(logits) in a new buffer both ways
             o = counted_peak(lambda *a: triton_grpo_loss(*a, **KW), logits_in)
             print(f"{f'logits N={n} V={V}':<30}{e / 1e9:>9.2f}{o / 1e9:>9.2f}{e / o:>11.1f}x")
-            e = counted_peak(lambda *a: fused_linear_grpo_loss_ref(*a, **KW), linear_in)
-            o = counted_peak(lambda *a: fused_linear_grpo_loss_impl(*a, use_triton=True, **KW), linear_in)
+            e = counted_peak(lambda *a: fused_linear_grpo_loss_ref(*a, objective=SPEC), linear_in)
+            o = counted_peak(lambda *a: fused_linear_grpo_loss_impl(*a, use_triton=True, objective=SPEC), linear_in)
             print(f"{f'linear N={n} H={H} V={V}':<30}{e / 1e9:>9.2f}{o / 1e9:>9.2f}{e / o:>11.1f}x")
-            o = counted_peak(lambda *a: fused_linear_grpo_objective_impl(*a, torch.ones(n), use_triton=True, **KW),
+            o = counted_peak(lambda *a: fused_linear_grpo_objective_impl(*a, torch.ones(n), use_triton=True, objective=SPEC),
                              linear_in)
             print(f"{f'  one pass':<30}{'':>9}{o / 1e9:>9.2f}{e / o:>11.1f}x")
 

@@ -8,8 +8,8 @@ vectors are kept. Backward recomputes each logits tile, turns it into d(logits) 
 place, and accumulates d(hidden) = dz @ W_tile (fp32, [N, H]) and d(weight) = dz^T @ h
 (fp32 for one vocabulary tile at a time, then stored in the weight's dtype).
 
-The GRPO loss is then plain elementwise maths on the [N] log-probs (kernels.reference.
-loss_from_logprobs), so this path and the reference share one definition of the objective.
+The GRPO loss is then plain elementwise maths on the [N] log-probs (GRPOObjective.per_token,
+r1cli/rl/objective.py), so this path and the reference share one definition of the objective.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .reference import TokenRecord, loss_from_logprobs, tile_grad_ref, tile_stats_ref
+from r1cli.rl.objective import GRPOObjective, TokenRecord
+
+from .reference import tile_grad_ref, tile_stats_ref
 
 LOGITS_BUDGET_BYTES = 1 << 30  # one logits tile of at most 1 GiB
 VOCAB_TILE = 32768  # columns per vocabulary tile: bounds the fp32 d(weight) accumulator to VOCAB_TILE x H
@@ -129,14 +131,12 @@ def triton_fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, wi
                                       with_entropy=with_entropy, use_triton=True, **kw)
 
 
-def fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *, eps_low,
-                                eps_high, beta, kl="k3", temperature=1.0, dual_clip=0.0, entropy_coef=0.0,
-                                clamp=20.0, with_entropy=False, use_triton=True, **kw):
-    logp, ent = fused_linear_logprobs_impl(hidden, weight, targets, temperature=temperature,
-                                           with_entropy=with_entropy or entropy_coef != 0, use_triton=use_triton,
-                                           **kw)
-    return loss_from_logprobs(logp, ent, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
-                              beta=beta, kl=kl, dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+def fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *,
+                                objective: GRPOObjective, with_entropy=False, use_triton=True, **kw):
+    logp, ent = fused_linear_logprobs_impl(hidden, weight, targets, temperature=objective.temperature,
+                                           with_entropy=with_entropy or objective.needs_entropy,
+                                           use_triton=use_triton, **kw)
+    return objective.per_token(logp, ent, old_logp, ref_logp, advantages, mask)
 
 
 def triton_fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, **kw):
@@ -213,25 +213,31 @@ class FusedLinearObjective(torch.autograd.Function):
         return (d_hidden, d_weight, None, None, None, None, None, None, None, None, None)
 
 
-def fused_linear_grpo_objective_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, token_weights,
-                                     *, eps_low, eps_high, beta, kl="k3", temperature=1.0, dual_clip=0.0,
-                                     entropy_coef=0.0, clamp=20.0, with_entropy=False, chunk_tokens=0, group=None,
-                                     vocab_start=0, use_triton=True):
-    """Scalar sum_i token_weights_i * loss_i, per-token loss [N] and TokenRecord; see FusedLinearObjective."""
-    with_ent = with_entropy or entropy_coef != 0
+def fused_linear_weighted_loss_impl(hidden, weight, targets, token_weights, per_token_loss, *, temperature=1.0,
+                                    with_entropy=False, chunk_tokens=0, group=None, vocab_start=0, use_triton=True):
+    """Scalar sum_i token_weights_i * loss_i, per-token loss [N] and TokenRecord; see FusedLinearObjective.
+
+    per_token_loss(logp, entropy, a, b) -> (loss, TokenRecord) is the elementwise loss of tokens a..b: any
+    weighted sum of an elementwise per-token loss (every GRPO aggregation, SFT's mean NLL) fits."""
     n, (V, H) = hidden.shape[0], weight.shape
     if not chunk_tokens:
         # one chunk when its logits cost no more than chunking would (a budget-sized chunk plus the fp32
         # [V x H] d(weight) accumulator that several chunks need); else chunks of the budget
         one_chunk = n * V * hidden.element_size() <= LOGITS_BUDGET_BYTES + V * H * 4
         chunk_tokens = n if one_chunk else max(1, LOGITS_BUDGET_BYTES // (V * hidden.element_size()))
-
-    def per_token_loss(logp, ent, a, b):
-        return loss_from_logprobs(logp, ent, old_logp[a:b], None if ref_logp is None else ref_logp[a:b],
-                                  advantages[a:b], mask[a:b], eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl,
-                                  dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
-
     objective, loss, logp, klv, clipped, ent = FusedLinearObjective.apply(
-        hidden, weight, targets.contiguous(), token_weights, per_token_loss, temperature, with_ent, chunk_tokens,
-        group, vocab_start, use_triton)
-    return objective, loss, TokenRecord(logp, klv, clipped, ent if with_ent else None)
+        hidden, weight, targets.contiguous(), token_weights, per_token_loss, temperature, with_entropy,
+        chunk_tokens, group, vocab_start, use_triton)
+    return objective, loss, TokenRecord(logp, klv, clipped, ent if with_entropy else None)
+
+
+def fused_linear_grpo_objective_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, token_weights,
+                                     *, objective: GRPOObjective, with_entropy=False, **kw):
+    """The GRPO objective aggregated with `token_weights`, its gradient formed in the forward."""
+    def per_token_loss(logp, ent, a, b):
+        return objective.per_token(logp, ent, old_logp[a:b], None if ref_logp is None else ref_logp[a:b],
+                                   advantages[a:b], mask[a:b])
+
+    return fused_linear_weighted_loss_impl(hidden, weight, targets, token_weights, per_token_loss,
+                                           temperature=objective.temperature,
+                                           with_entropy=with_entropy or objective.needs_entropy, **kw)

@@ -10,17 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from r1cli.rl.losses import per_token_policy_loss
+from r1cli.rl.objective import GRPOObjective, TokenRecord
 
-
-@dataclass
-class TokenRecord:
-    """Per-token by-products of a loss call, for metrics (all detached, [N])."""
-
-    logp: torch.Tensor
-    kl: torch.Tensor
-    clipped: torch.Tensor
-    entropy: torch.Tensor | None
+__all__ = ["TokenRecord", "logprobs_ref", "fused_linear_logprobs_ref", "grpo_loss_ref", "fused_linear_grpo_loss_ref",
+           "tile_stats_ref", "tile_grad_ref"]
 
 
 def logprobs_ref(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
@@ -39,35 +32,13 @@ def fused_linear_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, target
     return logprobs_ref(hidden @ weight.t(), targets, temperature=temperature, with_entropy=with_entropy)
 
 
-def loss_from_logprobs(logp: torch.Tensor, entropy: torch.Tensor | None, old_logp: torch.Tensor,
-                       ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,
-                       eps_low: float, eps_high: float, beta: float, kl: str = "k3", dual_clip: float = 0.0,
-                       entropy_coef: float = 0.0, clamp: float = 20.0):
-    """Per-token GRPO loss [N] (zero where mask is 0) from per-token log-probs (and entropy)."""
-    terms = per_token_policy_loss(
-        logp, old_logp.float(), None if ref_logp is None else ref_logp.float(), advantages.float(), mask,
-        eps_low=eps_low, eps_high=eps_high, beta=beta, kl=kl, dual_clip=dual_clip, clamp=clamp,
-    )
-    loss = terms.pg + beta * terms.kl
-    if entropy_coef:
-        loss = loss - entropy_coef * entropy
-    m = mask.float()
-    rec = TokenRecord(logp.detach(), (terms.kl * m).detach(), (terms.clipped * m).detach(),
-                      None if entropy is None else entropy.detach())
-    return loss * m, rec
-
-
 def grpo_loss_ref(logits: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
                   ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,
-                  eps_low: float, eps_high: float, beta: float, kl: str = "k3", temperature: float = 1.0,
-                  dual_clip: float = 0.0, entropy_coef: float = 0.0, clamp: float = 20.0,
-                  with_entropy: bool = False):
+                  objective: GRPOObjective, with_entropy: bool = False):
     """Per-token GRPO loss [N] (zero where mask is 0) and a TokenRecord."""
-    logp, entropy = logprobs_ref(logits, targets, temperature=temperature,
-                                 with_entropy=with_entropy or entropy_coef != 0)
-    return loss_from_logprobs(logp, entropy, old_logp, ref_logp, advantages, mask, eps_low=eps_low,
-                              eps_high=eps_high, beta=beta, kl=kl, dual_clip=dual_clip,
-                              entropy_coef=entropy_coef, clamp=clamp)
+    logp, entropy = logprobs_ref(logits, targets, temperature=objective.temperature,
+                                 with_entropy=with_entropy or objective.needs_entropy)
+    return objective.per_token(logp, entropy, old_logp, ref_logp, advantages, mask)
 
 
 def fused_linear_grpo_loss_ref(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

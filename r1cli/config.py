@@ -20,10 +20,16 @@ import yaml
 from r1cli.errors import R1Error
 
 
+def named(default: str, registry: str, help: str = ""):
+    """A field whose valid values are the names in a registry ("module:ATTR"): one definition of the names."""
+    return field(default=default, metadata={"registry": registry, "help": help})
+
+
 @dataclass
 class ModelConfig:
     path: str = ""  # a local Hugging Face folder (config.json, *.safetensors, tokenizer)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # parameter dtype for training; auto: fp32 master weights (and optimizer state) with bf16 autocast on GPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
 
@@ -58,11 +64,6 @@ class TrainConfig:
     # GRPO loss from hidden states: "recompute" keeps the least memory (logits recomputed in the backward),
     # "one_pass" forms the gradient in the forward (a quarter fewer matmul flops, an fp32 [V x H] accumulator)
     fused_linear: Literal["recompute", "one_pass"] = "recompute"
-    eval_every: int = 0  # 0: only at the end
-    eval_samples: int = 64  # held-out rows used
-    eval_n: int = 1  # samples per held-out prompt (pass@1 is their mean)
-    eval_temperature: float = 0.0  # 0: greedy
-    eval_max_new_tokens: int = 256
 
 
 @dataclass
@@ -80,7 +81,7 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["torch", "megatron"] = "torch"
+    backend: str = named("torch", "r1cli.interfaces:TRAINERS")  # trainer backend
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -88,10 +89,11 @@ class ParallelConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: Literal["hf", "vllm"] = "hf"
+    engine: str = named("hf", "r1cli.interfaces:ENGINES")  # rollout engine
     n: int = 8  # G: samples per prompt
     temperature: float = 1.0
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     max_new_tokens: int = 512
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     prompts_per_generate: int = 8  # prompts batched into one generate call
@@ -99,7 +101,8 @@ class RolloutConfig:
 
 @dataclass
 class RewardsConfig:
-    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
+                                      metadata={"registry": "r1cli.rewards:REWARDS"})
     language: str = "en"  # target language of the chain of thought (language reward)
 
 
@@ -111,12 +114,13 @@ class GRPOConfig:
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float = 0.0  # c > 1 enables dual clip for negative advantages; 0: off
-    ratio_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
-    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
-    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"
+    ratio_level: str = named("token", "r1cli.rl.losses:RATIO_LEVELS")  # sequence: GSPO
+    # seq-mean-token-mean (paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr. GRPO)
+    loss_agg: str = named("seq-mean-token-mean", "r1cli.rl.losses:AGGREGATIONS")
+    advantage: str = named("grpo", "r1cli.rl.advantages:ADVANTAGES")  # grpo, drgrpo, rloo
     adv_eps: float = 1e-6
     beta: float = 0.001  # KL weight; 0 loads no reference model
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: str = named("k3", "r1cli.rl.losses:KL_ESTIMATORS")  # k1, k2, k3
     kl_in_reward: bool = False
     ref_update_every: int = 0  # refresh the reference from the policy every N steps; 0: never
     drop_equal_groups: bool = False  # dynamic sampling: groups whose rewards are all equal carry no signal
@@ -126,6 +130,18 @@ class GRPOConfig:
     entropy_coef: float = 0.0
     log_ratio_clamp: float = 20.0
     max_bad_steps: int = 3  # stop after this many non-finite steps in a row
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation during and after training: pass@1 as the mean over n samples per prompt."""
+
+    every: int = 0  # steps between evaluations; 0: only before and after training
+    samples: int = 64  # held-out rows used
+    n: int = 1  # samples per held-out prompt
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
 
 
 @dataclass
@@ -155,6 +171,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -228,7 +245,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise TypeError(f"unsupported config annotation {tp!r} for {key}")
 
 
+MOVED = {f"train.eval_{k}": f"eval.{k}" for k in ("every", "samples", "n", "temperature", "max_new_tokens")}
+
+
 def _unknown_key(key: str, valid: list[str]) -> R1Error:
+    if key in MOVED:
+        return R1Error(f"config key '{key}' moved to '{MOVED[key]}'")
     leaf = key.rsplit(".", 1)[-1]
     prefix = key[: len(key) - len(leaf)]
     close = difflib.get_close_matches(leaf, valid, n=1, cutoff=0.5)
@@ -297,7 +319,23 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             value = raw
         _set_path(cfg, key.strip(), value)
     _expand_paths(cfg)
+    check_registered(cfg)
     return cfg
+
+
+def check_registered(obj: Any, prefix: str = "") -> None:
+    """Every registry-backed key names a registered entry (dict keys for dict fields)."""
+    import importlib
+
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_registered(value, f"{prefix}{f.name}.")
+        elif "registry" in f.metadata:
+            module, attr = f.metadata["registry"].split(":")
+            registry = getattr(importlib.import_module(module), attr)
+            for name in value if isinstance(value, dict) else [value]:
+                registry.check(name, f"{prefix}{f.name}")
 
 
 def _expand_paths(cfg: Config) -> None:

@@ -15,15 +15,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from r1cli.records import write_jsonl
-from r1cli.synth import generate, split_held_out
+from r1cli.data.records import write_jsonl
+from r1cli.data.synth import generate, split_held_out
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
-    from r1cli.tiny_model import build_tiny_model
+    from r1cli.models.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 

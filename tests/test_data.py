@@ -2,11 +2,12 @@ import pytest
 
 from r1cli.config import DataConfig
 from r1cli.errors import R1Error
-from r1cli.records import read_records, write_jsonl
-from r1cli.rewards import RewardContext, arithmetic_reward, countdown_reward
-from r1cli.sft_data import IGNORE, tokenize_conversation
-from r1cli.synth import generate, split_held_out
-from r1cli.templates import R1_ZERO_TEMPLATE, render_prompt
+from r1cli.data.records import read_records, write_jsonl
+from r1cli.rewards import RewardContext
+from r1cli.rewards.answers import arithmetic_reward, countdown_reward
+from r1cli.data.sft_examples import IGNORE, tokenize_conversation
+from r1cli.data.synth import generate, split_held_out
+from r1cli.data.templates import R1_ZERO_TEMPLATE, render_prompt
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
@@ -51,7 +52,7 @@ def test_r1_zero_template_is_the_papers():
 
 
 def test_loss_only_on_assistant_tokens(tiny_model):
-    from r1cli.models import load_tokenizer
+    from r1cli.models.loading import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     msgs = [{"role": "user", "content": "12+30=?"},

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from r1cli.rl.advantages import equal_reward_groups, group_advantages, overlong_penalty
-from r1cli.rl.losses import aggregate, clipped_surrogate, kl_penalty, per_token_policy_loss
+from r1cli.rl.losses import aggregate, clipped_surrogate, kl_penalty, sequence_log_ratio
+from r1cli.rl.objective import GRPOObjective
 
 
 def test_group_advantages_by_hand():
@@ -94,8 +95,9 @@ def test_policy_loss_and_gradient_match_loop(agg):
     mask = torch.ones(B, T)
     mask[0, 5:] = 0
     mask[2, 3:] = 0
-    terms = per_token_policy_loss(logp, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3")
-    ours = aggregate(terms.pg + 0.04 * terms.kl, mask, agg, max_len=10)
+    objective = GRPOObjective(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", loss_agg=agg, max_len=10)
+    per_token, _ = objective.per_token(logp, None, old, ref, adv, mask)
+    ours = objective.aggregate(per_token, mask)
     (g_ours,) = torch.autograd.grad(ours, logp)
     lp2 = logp.detach().clone().requires_grad_()
     want = loop_objective(lp2, old, ref, adv, mask, 0.2, 0.28, 0.04, agg, 10)
@@ -122,10 +124,8 @@ def test_sequence_ratio_gspo():
     logp = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
     old = torch.tensor([[-1.5, -2.0, -2.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    terms = per_token_policy_loss(logp, old, None, torch.tensor([1.0]), mask, eps_low=0.2, eps_high=0.2,
-                                  beta=0.0, ratio_level="sequence")
     # mean log-ratio over the two real tokens: (0.5 + 0) / 2
-    torch.testing.assert_close(terms.log_ratio[0, :2], torch.tensor([0.25, 0.25]))
+    torch.testing.assert_close(sequence_log_ratio(logp, old, mask)[0, :2], torch.tensor([0.25, 0.25]))
 
 
 def test_log_ratio_is_clamped_before_exp():

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 
 from r1cli import kernels  # noqa: E402
 from r1cli.kernels.fused_linear import fused_linear_logprobs_impl  # noqa: E402
+from r1cli.rl.objective import GRPOObjective  # noqa: E402
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
@@ -31,8 +32,8 @@ def make(n, V, dtype, seed=0, all_masked=False):
 def test_grpo_loss_matches_reference(dtype, kl, temperature, entropy_coef, dual_clip):
     # V = 5000 streams two blocks of 4096, the second one partial
     logits, targets, old, ref, adv, mask = make(12, 5000, dtype)
-    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl=kl, temperature=temperature, dual_clip=dual_clip,
-              entropy_coef=entropy_coef)
+    kw = dict(objective=GRPOObjective(eps_low=0.2, eps_high=0.28, beta=0.04, kl=kl, temperature=temperature,
+                                      dual_clip=dual_clip, entropy_coef=entropy_coef))
     a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     la, ra = kernels.grpo_loss(a, targets, old, ref, adv, mask, impl="triton", **kw)
     lb, rb = kernels.grpo_loss(b, targets, old, ref, adv, mask, impl="torch", **kw)
@@ -62,8 +63,8 @@ def test_grpo_loss_matches_liger_kernel(impl):
     adv = torch.tensor([1.3, -0.8, 0.4])  # Liger's advantages are per sequence
     kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04)
     a = logits.reshape(B * L, V).clone().requires_grad_()
-    ours, rec = kernels.grpo_loss(a, targets, old, ref, adv.repeat_interleave(L), mask, kl="k3", temperature=T,
-                                  impl=impl, **kw)
+    ours, rec = kernels.grpo_loss(a, targets, old, ref, adv.repeat_interleave(L), mask, impl=impl,
+                                  objective=GRPOObjective(kl="k3", temperature=T, **kw))
     b = torch.cat([logits, torch.zeros(B, 1, V)], 1).requires_grad_()  # Liger drops the last position
     theirs, their_kl, their_clipped = liger(b, old.view(B, L), ref.view(B, L), targets.view(B, L), adv,
                                            mask.view(B, L), temperature=T, inplace=False, reduce=False, **kw)
@@ -80,8 +81,8 @@ def test_grpo_loss_matches_liger_kernel(impl):
 def test_all_rows_masked_cost_nothing_and_give_zero():
     logits, targets, old, ref, adv, mask = make(5, 300, torch.float32, all_masked=True)
     x = logits.clone().requires_grad_()
-    loss, rec = kernels.grpo_loss(x, targets, old, ref, adv, mask, eps_low=0.2, eps_high=0.2, beta=0.1,
-                                  impl="triton")
+    loss, rec = kernels.grpo_loss(x, targets, old, ref, adv, mask, impl="triton",
+                                  objective=GRPOObjective(eps_low=0.2, eps_high=0.2, beta=0.1))
     loss.sum().backward()
     assert loss.abs().sum() == 0 and x.grad.abs().sum() == 0 and rec.kl.abs().sum() == 0
 
@@ -95,7 +96,7 @@ def test_backward_in_place_writes_into_logits():
     buf = logits.clone().requires_grad_()
     loss, _ = triton_grpo_loss(buf, targets, old, None, adv, mask, **kw, inplace=True)
     loss.sum().backward()
-    ref_loss, _ = kernels.grpo_loss(a, targets, old, None, adv, mask, impl="torch", **kw)
+    ref_loss, _ = kernels.grpo_loss(a, targets, old, None, adv, mask, impl="torch", objective=GRPOObjective(**kw))
     ref_loss.sum().backward()
     torch.testing.assert_close(buf.grad, a.grad, rtol=1e-4, atol=1e-5)
 
@@ -124,7 +125,8 @@ def test_fused_linear_grpo_loss_matches_reference(dtype, chunks):
     logp = torch.log_softmax((hidden.float() @ weight.float().t()), -1).gather(-1, targets[:, None]).squeeze(-1)
     old, ref = logp + 0.3 * torch.randn(n, generator=g), logp + 0.2 * torch.randn(n, generator=g)
     adv, mask = torch.randn(n, generator=g), (torch.rand(n, generator=g) > 0.2).float()
-    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=0.8, entropy_coef=0.01)
+    kw = dict(objective=GRPOObjective(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=0.8,
+                                      entropy_coef=0.01))
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     from r1cli.kernels.fused_linear import fused_linear_grpo_loss_impl
@@ -166,7 +168,8 @@ def _vocab_parallel_worker(rank, world, port, impl, out_dir):
     targets = torch.randint(0, V, (n,), generator=g)
     old, ref, adv = -7 + torch.randn(n, generator=g), -7 + torch.randn(n, generator=g), torch.randn(n, generator=g)
     mask = (torch.rand(n, generator=g) > 0.2).float()
-    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=0.9, entropy_coef=0.01, impl=impl)
+    kw = dict(objective=GRPOObjective(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=0.9,
+                                      entropy_coef=0.01), impl=impl)
     bounds = [0, 480, V]  # uneven shards
     lo, hi = bounds[rank], bounds[rank + 1]
     h = hidden.clone().requires_grad_()
@@ -205,9 +208,9 @@ def test_vocab_parallel_on_two_processes_equals_single(tmp_path, impl):
     targets = torch.randint(0, V, (n,), generator=g)
     old, ref, adv = -7 + torch.randn(n, generator=g), -7 + torch.randn(n, generator=g), torch.randn(n, generator=g)
     mask = (torch.rand(n, generator=g) > 0.2).float()
-    loss, _ = kernels.fused_linear_grpo_loss(hidden, weight, targets, old, ref, adv, mask, eps_low=0.2,
-                                             eps_high=0.28, beta=0.04, kl="k3", temperature=0.9,
-                                             entropy_coef=0.01, impl="torch")
+    objective = GRPOObjective(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3", temperature=0.9, entropy_coef=0.01)
+    loss, _ = kernels.fused_linear_grpo_loss(hidden, weight, targets, old, ref, adv, mask, objective=objective,
+                                             impl="torch")
     loss.sum().backward()
     tol = dict(rtol=1e-4, atol=1e-5)
     for r in (r0, r1):
@@ -220,8 +223,7 @@ def test_vocab_parallel_on_two_processes_equals_single(tmp_path, impl):
         torch.testing.assert_close(r["dw3"], weight.grad[r["lo"]:r["hi"]], **tol)
     logits_grad = torch.cat([r0["dlogits"], r1["dlogits"]], dim=1)
     x = (hidden.detach() @ weight.detach().t()).requires_grad_()
-    l3, _ = kernels.grpo_loss(x, targets, old, ref, adv, mask, eps_low=0.2, eps_high=0.28, beta=0.04, kl="k3",
-                              temperature=0.9, entropy_coef=0.01, impl="torch")
+    l3, _ = kernels.grpo_loss(x, targets, old, ref, adv, mask, objective=objective, impl="torch")
     l3.sum().backward()
     torch.testing.assert_close(logits_grad, x.grad, **tol)
 
@@ -248,11 +250,12 @@ def test_memory_at_qwen_size_counted(n):
     def logits_in():
         return (torch.randn(n, V, dtype=torch.bfloat16).requires_grad_(),) + small()
 
-    eager = counted_peak(lambda *a: fused_linear_grpo_loss_ref(*a, **kw), linear_in)
-    ours = counted_peak(lambda *a: fused_linear_grpo_loss_impl(*a, use_triton=True, **kw), linear_in)
+    spec = GRPOObjective(**kw)
+    eager = counted_peak(lambda *a: fused_linear_grpo_loss_ref(*a, objective=spec), linear_in)
+    ours = counted_peak(lambda *a: fused_linear_grpo_loss_impl(*a, use_triton=True, objective=spec), linear_in)
     assert ours * 8 <= eager, (ours / 1e9, eager / 1e9)
     d_logits = n * V * 2
-    eager = counted_peak(lambda *a: grpo_loss_ref(*a, **kw), logits_in)
+    eager = counted_peak(lambda *a: grpo_loss_ref(*a, objective=spec), logits_in)
     ours = counted_peak(lambda *a: triton_grpo_loss(*a, **kw), logits_in)
     assert d_logits <= ours <= 1.01 * d_logits and ours * 8 <= eager, (ours / 1e9, eager / 1e9)
 
@@ -272,7 +275,8 @@ def test_fused_linear_objective_one_pass_matches_reference(dtype, use_triton, ch
     old, ref = logp + 0.3 * torch.randn(n, generator=g), logp + 0.2 * torch.randn(n, generator=g)
     adv, mask = torch.randn(n, generator=g), (torch.rand(n, generator=g) > 0.2).float()
     w = torch.rand(n, generator=g)  # any aggregation weights
-    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k2", temperature=0.8, entropy_coef=0.01, dual_clip=3.0)
+    kw = dict(objective=GRPOObjective(eps_low=0.2, eps_high=0.28, beta=0.04, kl="k2", temperature=0.8,
+                                      entropy_coef=0.01, dual_clip=3.0))
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     obj, per_tok, rec = fused_linear_grpo_objective_impl(h1, w1, targets, old, ref, adv, mask, w, use_triton=use_triton,

@@ -1,8 +1,9 @@
 import pytest
 
 from r1cli.errors import R1Error
-from r1cli.rewards import (REWARDS, RewardContext, check_weights, countdown_reward, extract_answer, format_reward,
-                           language_reward, math_reward, partial_format_reward, register, score)
+from r1cli.rewards import REWARDS, RewardContext, check_weights, extract_answer, score
+from r1cli.rewards.answers import countdown_reward, math_reward
+from r1cli.rewards.rules import format_reward, language_reward, partial_format_reward
 
 CTX = RewardContext()
 
@@ -51,7 +52,7 @@ def test_countdown_checker():
 
 
 def test_a_raising_reward_is_that_samples_zero():
-    @register("test_flaky")
+    @REWARDS.register("test_flaky")
     def flaky(completion, row, ctx):
         if "boom" in completion:
             raise RuntimeError("checker crashed")
@@ -62,7 +63,7 @@ def test_a_raising_reward_is_that_samples_zero():
         assert s.total == [2.0, 0.0, 2.0]
         assert s.failures == {"test_flaky": 1} and "checker crashed" in s.last_error["test_flaky"]
     finally:
-        REWARDS.pop("test_flaky")
+        REWARDS.unregister("test_flaky")
 
 
 def test_unknown_reward_name():

@@ -8,11 +8,11 @@ import torch
 from conftest import torchrun
 from r1cli.config import load_config
 from r1cli.errors import R1Error
-from r1cli.metrics import read_metrics
-from r1cli.records import write_jsonl
+from r1cli.run.metrics import read_metrics
+from r1cli.data.records import write_jsonl
 from r1cli.rl.loop import run_rl
-from r1cli.sft import run_sft
-from r1cli.synth import generate, split_held_out
+from r1cli.sft.loop import run_sft
+from r1cli.data.synth import generate, split_held_out
 
 
 @pytest.fixture(scope="module")
@@ -113,20 +113,20 @@ def test_variants_run_and_report(cold_start, tmp_path, switches):
 
 
 def test_non_finite_steps_stop_the_run(cold_start, tmp_path):
-    from r1cli.rewards import REWARDS, register
+    from r1cli.rewards import REWARDS
 
-    register("test_nan")(lambda completion, row, ctx: float("nan"))
+    REWARDS.register("test_nan")(lambda completion, row, ctx: float("nan"))
     try:
         with pytest.raises(R1Error, match="3 steps in a row had a non-finite"):
             run_rl(rl_config(cold_start, tmp_path, *SHORT, "rewards.weights={test_nan: 1.0}"))
     finally:
-        REWARDS.pop("test_nan")
+        REWARDS.unregister("test_nan")
     skipped = [m["skipped"] for m in read_metrics(tmp_path / "metrics.jsonl") if "skipped" in m]
     assert skipped == [1.0, 1.0]  # the third is the one that stops the run
 
 
 def test_report_draws_the_curves(cold_start, tmp_path):
-    from r1cli.report import write_report
+    from r1cli.run.report import write_report
 
     run_rl(rl_config(cold_start, tmp_path, *SHORT, "train.steps=2"))
     page = write_report(str(tmp_path))

@@ -7,8 +7,8 @@ import torch
 
 from conftest import run_r1, torchrun
 from r1cli.config import load_config
-from r1cli.metrics import read_metrics
-from r1cli.sft import run_sft
+from r1cli.run.metrics import read_metrics
+from r1cli.sft.loop import run_sft
 
 
 def sft_config(tiny_model, arith_data, out, *extra):
@@ -20,7 +20,7 @@ def sft_config(tiny_model, arith_data, out, *extra):
 
 def test_sft_learns_arithmetic(tiny_model, arith_data, tmp_path):
     """Loss falls far below its start and held-out exact match is clearly above zero."""
-    result = run_sft(sft_config(tiny_model, arith_data, tmp_path / "run", "train.eval_samples=100"))
+    result = run_sft(sft_config(tiny_model, arith_data, tmp_path / "run", "eval.samples=100"))
     losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
     assert losses[-1] < 0.3 * losses[0]
     assert result["eval/accuracy"] >= 0.2
@@ -52,9 +52,9 @@ def test_packed_loss_equals_unpacked(tiny_model):
     from r1cli.backends.torch_trainer import HiddenLoss
     from r1cli.config import DataConfig, ModelConfig
     from r1cli.kernels import fused_linear_logprobs
-    from r1cli.models import load_model, load_tokenizer
-    from r1cli.sft_data import collate, pack_examples, tokenize_rows
-    from r1cli.synth import generate
+    from r1cli.models.loading import load_model, load_tokenizer
+    from r1cli.data.sft_examples import pack_examples, to_token_batch, tokenize_rows
+    from r1cli.data.synth import generate
 
     tok = load_tokenizer(str(tiny_model))
     model = load_model(ModelConfig(path=str(tiny_model)), torch.device("cpu")).eval()
@@ -63,12 +63,9 @@ def test_packed_loss_equals_unpacked(tiny_model):
                              DataConfig(max_seq_len=512), "synthetic")
 
     def nll(rows):
-        b = collate(rows, tok.pad_token_id)
-        flat = b["targets"].reshape(-1)
-        idx = (flat != -100).nonzero().squeeze(-1)
+        ids, pos, idx, tgt = to_token_batch(rows).tensors(tok.pad_token_id, "cpu")
         with torch.no_grad():
-            logp = module(b["input_ids"], b["position_ids"], idx,
-                          lambda h, w: fused_linear_logprobs(h, w, flat[idx], impl="torch")[0])
+            logp = module(ids, pos, idx, lambda h, w: fused_linear_logprobs(h, w, tgt, impl="torch")[0])
         return -logp.double().sum()
 
     packed = pack_examples(examples, 512)
@@ -76,13 +73,10 @@ def test_packed_loss_equals_unpacked(tiny_model):
     separate = sum(nll([ex]) for ex in examples)
     torch.testing.assert_close(nll(packed), separate, rtol=1e-5, atol=1e-4)
     # and a mask that leaked across samples would change it: attend over the whole row
-    leaky = collate(packed, tok.pad_token_id)
-    leaky_pos = torch.arange(leaky["input_ids"].shape[1]).expand_as(leaky["input_ids"])
-    flat = leaky["targets"].reshape(-1)
-    idx = (flat != -100).nonzero().squeeze(-1)
+    ids, _, idx, tgt = to_token_batch(packed).tensors(tok.pad_token_id, "cpu")
+    leaky_pos = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad():
-        leak = -module(leaky["input_ids"], leaky_pos, idx,
-                       lambda h, w: fused_linear_logprobs(h, w, flat[idx], impl="torch")[0]).double().sum()
+        leak = -module(ids, leaky_pos, idx, lambda h, w: fused_linear_logprobs(h, w, tgt, impl="torch")[0]).double().sum()
     assert abs(float(leak - separate)) > 1e-2
 
 

@@ -9,7 +9,30 @@ from __future__ import annotations
 
 import torch
 
-ESTIMATORS = ("grpo", "drgrpo", "rloo")
+from r1cli.registry import Registry
+
+ADVANTAGES = Registry("advantage estimator", "grpo.advantage")  # [n_groups, G] rewards -> advantages
+
+
+@ADVANTAGES.register("grpo")
+def grpo_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
+    # unbiased std (torch default), as in the reference implementations
+    mean = r.mean(-1, keepdim=True)
+    std = r.std(-1, keepdim=True) if r.shape[-1] > 1 else torch.zeros_like(mean)
+    return (r - mean) / (std + eps)
+
+
+@ADVANTAGES.register("drgrpo")
+def drgrpo_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
+    return r - r.mean(-1, keepdim=True)
+
+
+@ADVANTAGES.register("rloo")
+def rloo_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
+    g = r.shape[-1]
+    if g < 2:
+        raise ValueError("rloo needs at least 2 samples per prompt")
+    return (r - r.mean(-1, keepdim=True)) * g / (g - 1)  # = R_i - mean of the others
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo",
@@ -18,20 +41,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "g
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
     r = rewards.view(-1, group_size).to(torch.float64)
-    mean = r.mean(-1, keepdim=True)
-    if estimator == "grpo":
-        # unbiased std (torch default), as in the reference implementations
-        std = r.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
-        adv = (r - mean) / (std + eps)
-    elif estimator == "drgrpo":
-        adv = r - mean
-    elif estimator == "rloo":
-        if group_size < 2:
-            raise ValueError("rloo needs at least 2 samples per prompt")
-        adv = (r - mean) * group_size / (group_size - 1)  # = R_i - mean of the others
-    else:
-        raise ValueError(f"unknown advantage estimator {estimator!r} ({', '.join(ESTIMATORS)})")
-    return adv.view(-1).to(rewards.dtype)
+    return ADVANTAGES.get(estimator)(r, eps).view(-1).to(rewards.dtype)
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:

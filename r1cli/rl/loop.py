@@ -2,58 +2,53 @@
 
 Per step: prompts -> G samples each -> rewards -> group advantages -> old/ref
 log-probs -> mu passes of clipped-objective mini-batch steps -> new weights to the
-rollout engine. It talks only to a trainer backend and a rollout engine
-(backends/base.py) and never imports torch.distributed, megatron or vllm.
+rollout engine. It talks only to a trainer backend, a rollout engine and their
+parallel context (r1cli/interfaces.py) and never imports torch.distributed,
+megatron or vllm.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 
 import torch
 
-from r1cli import checkpoint as ckpt
-from r1cli.backends.base import RolloutBatch
-from r1cli.config import Config, save_config
+from r1cli.config import Config
+from r1cli.data.records import read_records
+from r1cli.data.schedule import RowSchedule
 from r1cli.errors import R1Error
-from r1cli.evaluate import held_out_accuracy, reward_context
-from r1cli.metrics import MetricsLog, StepProgress, console
-from r1cli.records import field, read_records
-from r1cli.rewards import check_weights, score
+from r1cli.eval.accuracy import encode_prompts
+from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+from r1cli.rewards import RewardContext, check_weights, score
 from r1cli.rl.advantages import equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
-from r1cli.sft_data import RowSchedule
-from r1cli.templates import render_prompt
+from r1cli.rl.objective import GRPOLoss, GRPOObjective
+from r1cli.run.harness import RunHarness
+from r1cli.run.metrics import console
+from r1cli.sft.loop import held_out_evaluator
+from r1cli.token_batch import TokenBatch
 
 
-def build_trainer(cfg: Config):
-    if cfg.parallel.backend == "megatron":
-        raise R1Error("parallel.backend=megatron is not built yet; use parallel.backend=torch")
-    from r1cli.backends.torch_trainer import TorchTrainer
-
-    return TorchTrainer(cfg, need_reference=cfg.grpo.beta > 0)
-
-
-def build_engine(cfg: Config, trainer):
-    if cfg.rollout.engine == "vllm":
-        raise R1Error("rollout.engine=vllm is not built yet; use rollout.engine=hf")
-    from r1cli.backends.hf_rollout import hf_engine_for
-
-    return hf_engine_for(trainer, cfg)
-
-
-def validate(cfg: Config, world_size: int) -> None:
+def validate(cfg: Config) -> None:
+    """What no single section can check alone, before any model loads."""
     g, r = cfg.grpo, cfg.rollout
-    if g.prompts_per_step % world_size:
-        raise R1Error(f"grpo.prompts_per_step={g.prompts_per_step} must be a multiple of the {world_size} ranks")
-    seqs = g.prompts_per_step * r.n
-    if g.mini_batch_size and (seqs % g.mini_batch_size or g.mini_batch_size % world_size):
-        raise R1Error(f"grpo.mini_batch_size={g.mini_batch_size} must divide the {seqs} samples per step "
-                      f"and be a multiple of the {world_size} ranks")
     if r.n < 2 and g.advantage in ("grpo", "rloo"):
         raise R1Error("rollout.n must be at least 2: advantages are relative to the group")
+    if cfg.train.fused_linear == "one_pass" and g.ratio_level != "token":
+        raise R1Error("train.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence needs "
+                      "train.fused_linear=recompute")
+
+
+def validate_layout(cfg: Config, dp_size: int) -> None:
+    g = cfg.grpo
+    if g.prompts_per_step % dp_size:
+        raise R1Error(f"grpo.prompts_per_step={g.prompts_per_step} must be a multiple of the {dp_size} "
+                      "data-parallel ranks")
+    seqs = g.prompts_per_step * cfg.rollout.n
+    if g.mini_batch_size and (seqs % g.mini_batch_size or g.mini_batch_size % dp_size):
+        raise R1Error(f"grpo.mini_batch_size={g.mini_batch_size} must divide the {seqs} samples per step "
+                      f"and be a multiple of the {dp_size} data-parallel ranks")
 
 
 def sample_seed(seed: int, step: int, position: int) -> int:
@@ -63,48 +58,36 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 
 def run_rl(cfg: Config, resume: bool = False) -> dict:
     rows = read_records(cfg.data.train, cfg.data.max_samples)
-    eval_rows = read_records(cfg.data.eval)[: cfg.train.eval_samples] if cfg.data.eval else []
     check_weights(cfg.rewards.weights)  # before loading a model
-    trainer = build_trainer(cfg)
-    validate(cfg, trainer.world_size)
-    engine = build_engine(cfg, trainer)
-    run_dir = Path(cfg.train.output_dir)
-    if trainer.is_main:
-        save_config(cfg, run_dir)
-    tok = trainer.tokenizer
-    prompts = [render_prompt(tok, str(field(r, cfg.data.prompt_field, cfg.data.train, i)), cfg.data)
-               for i, r in enumerate(rows)]
-    g, t = cfg.grpo, cfg.train
+    validate(cfg)
+    g, t, n = cfg.grpo, cfg.train, cfg.rollout.n
+    objective = GRPOObjective.from_config(g, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
+    trainer = build_trainer(cfg, need_reference=g.beta > 0)
+    p = trainer.parallel
+    validate_layout(cfg, p.dp_size)
+    engine = build_engine(cfg.model, cfg.rollout, trainer)
+    prompts = encode_prompts(trainer.tokenizer, rows, cfg.data, cfg.data.train)
     schedule = RowSchedule(len(rows), g.prompts_per_step, t.seed, cfg.data.shuffle)
-    log = MetricsLog(run_dir, trainer.is_main, cfg.logging.tensorboard, fresh=not resume)
-    ctx = reward_context(cfg)
-
-    start = 0
-    if resume:
-        start = trainer.load(ckpt.require_latest(run_dir))["step"]
-        log.truncate_after(start)
-        if trainer.is_main:
-            console.print(f"resumed from step {start}")
-    elif eval_rows:
-        log.log(0, held_out_accuracy(trainer, engine, eval_rows, cfg))
-
-    bar = StepProgress(t.steps, start, trainer.is_main and cfg.logging.progress,
-                       [("reward/total", "reward"), ("reward/accuracy", "acc"), ("response_len/mean", "len"),
-                        ("kl", "kl"), ("rollout_tokens_per_s", "tok/s")])
+    ctx = RewardContext.from_config(cfg.data, cfg.rewards)
+    harness = RunHarness(cfg, trainer, resume=resume, evaluate=held_out_evaluator(cfg, trainer, engine),
+                         eval_before=True,
+                         progress_keys=[("reward/total", "reward"), ("reward/accuracy", "acc"),
+                                        ("response_len/mean", "len"), ("kl", "kl"), ("rollout_tokens_per_s", "tok/s")])
     bad_streak = 0
     last: dict = {}
-    per_rank = g.prompts_per_step // trainer.world_size
-    for step in range(start, t.steps):
-        # 1. prompts for this rank, and G samples of each
+    per_rank = g.prompts_per_step // p.dp_size
+    for step in range(harness.start, t.steps):
+        # 1. this data-parallel rank's prompts (the same on every TP/PP rank of its replica), G samples each
         idx = schedule.rows_for_step(step)
-        positions = list(range(trainer.rank * per_rank, (trainer.rank + 1) * per_rank))
-        my_rows = [rows[idx[p]] for p in positions]
+        first = p.dp_rank * per_rank
+        positions = range(first, first + per_rank)
+        my_rows = [rows[idx[q]] for q in positions]
         t0 = time.perf_counter()
-        groups = engine.generate([prompts[idx[p]] for p in positions], cfg.rollout.n,
-                                 [sample_seed(t.seed, step, p) for p in positions])
+        groups = engine.generate([prompts[idx[q]] for q in positions],
+                                 SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(t.seed, step, first)))
         t_rollout = time.perf_counter() - t0
         samples = [c for grp in groups for c in grp]
-        sample_rows = [r for r in my_rows for _ in range(cfg.rollout.n)]
+        sample_rows = [r for r in my_rows for _ in range(n)]
 
         # 2. rewards (a failing checker is that sample's 0)
         scores = score([c.text for c in samples], sample_rows, cfg.rewards.weights, ctx)
@@ -113,33 +96,33 @@ def run_rl(cfg: Config, resume: bool = False) -> dict:
         truncated = torch.tensor([c.truncated for c in samples], dtype=torch.bool)
         rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer,
                                              g.overlong_penalty)
-        batch = RolloutBatch([c.prompt_ids for c in samples], [c.completion_ids for c in samples],
-                             torch.zeros(len(samples)), torch.ones(len(samples)))
+        batch = TokenBatch.from_completions([c.prompt_ids for c in samples], [c.completion_ids for c in samples])
 
         # 3. log-probs under the sampling policy and the reference
         t1 = time.perf_counter()
-        batch.old_logp = trainer.logprobs(batch, "policy")
+        completion_mask = batch.scored_mask()
+        batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
         if g.beta > 0:
-            batch.ref_logp = trainer.logprobs(batch, "reference")
+            batch.fields["ref_logp"] = trainer.logprobs(batch, "reference", objective.temperature)
         if g.beta > 0 and g.kl_in_reward:
-            mask = batch.completion_mask()
-            kl_seq = (kl_penalty(batch.old_logp, batch.ref_logp, g.kl_estimator) * mask).sum(-1)
+            kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator)
+                      * completion_mask).sum(-1)
             rewards = rewards - g.beta * kl_seq
 
         # 4. group-relative advantages; groups without signal and truncated samples leave the loss
-        batch.advantages = group_advantages(rewards, cfg.rollout.n, g.advantage, g.adv_eps)
-        flat_groups = equal_reward_groups(rewards, cfg.rollout.n)
+        advantages = group_advantages(rewards, n, g.advantage, g.adv_eps)
+        flat_groups = equal_reward_groups(rewards, n)
         weight = torch.ones(len(samples))
         if g.drop_equal_groups:
-            weight = weight * (~flat_groups).repeat_interleave(cfg.rollout.n).float()
+            weight = weight * (~flat_groups).repeat_interleave(n).float()
         if g.overlong_filter:
             weight = weight * (~truncated).float()
-        batch.loss_weight = weight
+        batch.fields.update(advantages=advantages, loss_weight=weight, mask=completion_mask * weight.unsqueeze(-1))
 
         # 5. mu passes of mini-batch optimizer steps
-        train_out = _optimize(trainer, batch, cfg, step)
+        train_out = optimize(trainer, batch, objective, cfg, step)
         t_train = time.perf_counter() - t1
-        engine.load_weights(trainer)
+        engine.load_weights(trainer.named_weights())
         if g.ref_update_every and (step + 1) % g.ref_update_every == 0:
             trainer.update_reference()
 
@@ -147,43 +130,26 @@ def run_rl(cfg: Config, resume: bool = False) -> dict:
         bad_streak = bad_streak + 1 if train_out["skipped"] else 0
         if bad_streak >= g.max_bad_steps:
             raise R1Error(f"stopping at step {step + 1}: {bad_streak} steps in a row had a non-finite loss or "
-                          f"gradient (lower optim.lr, check data); the last good checkpoint is in {run_dir}")
-        last = _step_metrics(trainer, scores, rewards, lengths, truncated, batch, flat_groups, train_out,
+                          f"gradient (lower optim.lr, check data); the last good checkpoint is in {harness.run_dir}")
+        last = _step_metrics(p, scores, rewards, lengths, truncated, advantages, flat_groups, train_out,
                              t_rollout, t_train, cfg)
-        if (step + 1) % cfg.logging.every == 0 or step + 1 == t.steps:
-            log.log(step + 1, last)
-        bar.update(step + 1, last)
-        if trainer.is_main:
-            if step == start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
+        if p.is_main:
+            if step == harness.start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
                 _print_samples(samples, sample_rows, scores, cfg, step + 1)
             if last["reward/max"] <= 0:
                 _warn_zero_rewards(scores, samples, step + 1)
-        if t.eval_every and eval_rows and (step + 1) % t.eval_every == 0 and step + 1 < t.steps:  # last: below
-            log.log(step + 1, held_out_accuracy(trainer, engine, eval_rows, cfg))
-        done = step + 1
-        if ckpt.save_if_due(trainer, run_dir, cfg, done, t.steps):
-            bar.close()
-            return {"stopped_at": done, **last}
-    bar.close()
-    ckpt.save(trainer, run_dir, t.steps, cfg.checkpoint.keep)
-    result = dict(last)
-    if eval_rows:
-        ev = held_out_accuracy(trainer, engine, eval_rows, cfg)
-        log.log(t.steps, ev)
-        result.update(ev)
-    if cfg.checkpoint.export_hf:
-        trainer.export_hf(run_dir / "hf")
-    log.close()
-    return result
+        if harness.step_done(step + 1, last):
+            return harness.stopped(last)
+    return harness.finish(last)
 
 
-def _optimize(trainer, batch, cfg: Config, step: int) -> dict:
-    """mu passes over the batch in shuffled mini-batches; each normalised by its global size."""
-    g = cfg.grpo
+def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, step: int) -> dict:
+    """mu passes over the batch in shuffled mini-batches; each one optimizer step, normalised by its global size."""
+    g, p = cfg.grpo, trainer.parallel
     n_local = len(batch)
-    mini_local = (g.mini_batch_size // trainer.world_size) if g.mini_batch_size else n_local
+    mini_local = (g.mini_batch_size // p.dp_size) if g.mini_batch_size else n_local
     rng = random.Random(cfg.train.seed * 7919 + step)
-    mask = batch.completion_mask() * batch.loss_weight.unsqueeze(-1)
+    weight, mask = batch.fields["loss_weight"], batch.fields["mask"]
     acc: dict[str, float] = {}
     steps = 0
     for _ in range(g.mu):
@@ -192,20 +158,19 @@ def _optimize(trainer, batch, cfg: Config, step: int) -> dict:
             rng.shuffle(order)
         for s in range(0, n_local, mini_local):
             mb = order[s: s + mini_local]
-            seqs = trainer.all_reduce_sum(float(batch.loss_weight[mb].sum()))
-            tokens = trainer.all_reduce_sum(float(mask[mb].sum()))
-            out = trainer.grpo_step(batch.select(mb), max(seqs, 1.0), max(tokens, 1.0))
+            seqs = p.all_reduce_sum(float(weight[mb].sum()))
+            tokens = p.all_reduce_sum(float(mask[mb].sum()))
+            out = trainer.train_step(batch.select(mb), GRPOLoss(objective, max(seqs, 1.0), max(tokens, 1.0)))
             for k, v in out.items():
                 acc[k] = acc.get(k, 0.0) + v
             steps += 1
     out = {k: v / steps for k, v in acc.items()}
     out["skipped"] = float(acc.get("skipped", 0.0) > 0)
-    out["train_tokens"] = trainer.all_reduce_sum(float(sum(len(p) + len(c) for p, c in
-                                                            zip(batch.prompt_ids, batch.completion_ids)))) * g.mu
+    out["train_tokens"] = p.all_reduce_sum(float(sum(len(r) for r in batch.input_ids))) * g.mu
     return out
 
 
-def _step_metrics(trainer, scores, rewards, lengths, truncated, batch, flat_groups, train_out,
+def _step_metrics(parallel, scores, rewards, lengths, truncated, advantages, flat_groups, train_out,
                   t_rollout, t_train, cfg) -> dict:
     local = {
         "rewards": rewards.tolist(),
@@ -213,10 +178,10 @@ def _step_metrics(trainer, scores, rewards, lengths, truncated, batch, flat_grou
         "failures": scores.failures,
         "lengths": lengths.tolist(),
         "truncated": truncated.tolist(),
-        "adv": batch.advantages.tolist(),
+        "adv": advantages.tolist(),
         "flat": flat_groups.tolist(),
     }
-    parts = trainer.all_gather(local)
+    parts = parallel.all_gather(local)
     cat = lambda k: [x for p in parts for x in p[k]]  # noqa: E731
     rw, ln, adv = torch.tensor(cat("rewards")), torch.tensor(cat("lengths")).float(), torch.tensor(cat("adv"))
     out = {
@@ -227,7 +192,7 @@ def _step_metrics(trainer, scores, rewards, lengths, truncated, batch, flat_grou
         "truncation_rate": float(torch.tensor(cat("truncated")).float().mean()),
         "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
         "zero_var_groups": float(torch.tensor(cat("flat")).float().mean()),
-        "rollout_tokens_per_s": float(ln.sum()) / max(1e-9, trainer.all_reduce_sum(t_rollout) / trainer.world_size),
+        "rollout_tokens_per_s": float(ln.sum()) / max(1e-9, parallel.all_reduce_sum(t_rollout) / parallel.dp_size),
         "train_tokens_per_s": train_out["train_tokens"] / max(1e-9, t_train),
     }
     for name in cfg.rewards.weights:

@@ -13,8 +13,8 @@ from pathlib import Path
 import yaml
 
 from r1cli.errors import R1Error
-from r1cli.synth import generate
-from r1cli.templates import R1_ZERO_TEMPLATE
+from r1cli.data.synth import generate
+from r1cli.data.templates import R1_ZERO_TEMPLATE
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Reasoning tags are whole tokens (as in Qwen's and DeepSeek's vocabularies) so a tiny
@@ -91,7 +91,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from r1cli.models import quiet_transformers
+    from r1cli.models.loading import quiet_transformers
 
     quiet_transformers()
     spec = spec or TinySpec()

@@ -28,10 +28,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def param_dtype(name: str) -> torch.dtype:
+    """The dtype parameters (and so AdamW's state) are kept in. `auto` is fp32 everywhere: in bf16 an AdamW update
+    below 2^-8 of a weight rounds away (at lr 3e-6 most of them would); compute goes bf16 through autocast."""
+    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+            "float16": torch.float16}[name]
+
+
+def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for none: `auto` computes in bf16 on CUDA over fp32 master weights."""
+    return torch.bfloat16 if name == "auto" and device.type == "cuda" else None
+
+
+def autocast(name: str, device: torch.device):
+    from contextlib import nullcontext
+
+    dtype = compute_dtype(name, device)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def check_model_folder(path: str) -> Path:
@@ -59,7 +72,8 @@ def load_tokenizer(path: str):
 
 
 def load_model(cfg: ModelConfig, device: torch.device):
-    """The causal LM on `device`, in the configured dtype, weights from local safetensors."""
+    """The causal LM on `device`, parameters in the configured dtype (fp32 under auto), weights from local
+    safetensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
@@ -68,7 +82,7 @@ def load_model(cfg: ModelConfig, device: torch.device):
     if hf_cfg.model_type not in SUPPORTED:
         raise R1Error(f"{cfg.path}: model type '{hf_cfg.model_type}' is not supported ({', '.join(SUPPORTED)})")
     model = AutoModelForCausalLM.from_pretrained(
-        str(p), local_files_only=True, dtype=resolve_dtype(cfg.dtype, device),
+        str(p), local_files_only=True, dtype=param_dtype(cfg.dtype),
         attn_implementation=cfg.attn_implementation,
     ).to(device)
     if cfg.gradient_checkpointing:

@@ -33,7 +33,7 @@ def convert_gguf(out_dir: str | Path, gguf_path: str | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from r1cli.models import quiet_transformers
+    from r1cli.models.loading import quiet_transformers
 
     quiet_transformers()
     src = Path(gguf_path) if gguf_path else packaged_smollm2()

@@ -7,7 +7,7 @@ import html
 from pathlib import Path
 
 from r1cli.errors import R1Error
-from r1cli.metrics import read_metrics
+from r1cli.run.metrics import read_metrics
 
 # (title, metric names drawn on one panel)
 PANELS = [

@@ -6,11 +6,11 @@ checkpoint always survives.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
+from r1cli.config import CheckpointConfig
 from r1cli.errors import R1Error
 
 
@@ -81,27 +81,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1))
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text())
-
-
 def save(trainer, run_dir: str | Path, step: int, keep: int) -> None:
     """Every rank writes its part into the staging folder; rank 0 publishes it."""
-    staging = begin(run_dir, step) if trainer.is_main else staging_dir(run_dir, step)
-    trainer.barrier()
+    p = trainer.parallel
+    staging = begin(run_dir, step) if p.is_main else staging_dir(run_dir, step)
+    p.barrier()
     trainer.save(staging, {"step": step})
-    if trainer.is_main:
+    if p.is_main:
         commit(run_dir, step, keep)
-    trainer.barrier()
+    p.barrier()
 
 
-def save_if_due(trainer, run_dir: str | Path, cfg, done: int, total: int) -> bool:
+def save_if_due(trainer, run_dir: str | Path, c: CheckpointConfig, done: int, total: int) -> bool:
     """The periodic checkpoint after step `done`; True when `checkpoint.stop_after` says stop here."""
-    c = cfg.checkpoint
     stop = bool(c.stop_after) and done == c.stop_after
     if stop or (c.every and done % c.every == 0 and done < total):
         save(trainer, run_dir, done, c.keep)

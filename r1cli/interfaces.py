@@ -1,0 +1,149 @@
+"""The seams: what a trainer backend and a rollout engine must do, and the tables that name them.
+
+The loops (sft, rl, and the stages built on them) talk only to these protocols and
+never import torch.distributed, megatron or vllm; a backend is one registered module.
+`build_trainer` / `build_engine` are the only way r1cli reaches `backends/`.
+
+    ParallelContext   ranks and sizes; data shards and metric reductions go over the
+                      data-parallel group, never the world (TP/PP ranks of one replica
+                      see the same prompts)
+    TrainerBackend    logprobs(batch) · train_step(batch, loss) · named_weights() ·
+                      update_reference() · save/load/export_hf
+    RolloutEngine     generate(token-id prompts, SamplingParams) · load_weights(named
+                      tensors) · sleep/wake
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
+
+from r1cli.registry import Registry
+
+if TYPE_CHECKING:
+    import torch
+
+    from r1cli.config import Config, EvalConfig, ModelConfig, RolloutConfig
+    from r1cli.token_batch import TokenBatch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0  # prompt i of a generate call samples with seed + i
+
+    @classmethod
+    def from_rollout(cls, r: "RolloutConfig", seed: int) -> "SamplingParams":
+        return cls(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
+                   stop=tuple(r.stop), seed=seed)
+
+    @classmethod
+    def from_eval(cls, e: "EvalConfig", stop: list[str], seed: int) -> "SamplingParams":
+        return cls(n=e.n, temperature=e.temperature, top_p=e.top_p, max_tokens=e.max_new_tokens, stop=tuple(stop),
+                   seed=seed)
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_tokens)
+    logprobs: list[float] | None = None  # the engine's own per-token log-probs, when it reports them
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+class ParallelContext(Protocol):
+    rank: int  # global
+    world_size: int
+    dp_rank: int
+    dp_size: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+
+    @property
+    def is_main(self) -> bool: ...  # global rank 0: writes shared files, prints
+    def all_reduce_sum(self, value: float) -> float: ...  # over the data-parallel group
+    def all_gather(self, obj: Any) -> list: ...  # over the data-parallel group, in dp-rank order
+    def barrier(self) -> None: ...  # every rank
+
+
+class TokenLoss(Protocol):
+    """A loss the trainer applies to per-token log-probs: SFT's NLL and GRPO's objective go through one door.
+
+    `__call__` gets the log-probs of one micro-batch's scored tokens (flat, row by row) and returns that
+    micro-batch's share of the global loss (already normalised by the global batch) and metric sums;
+    `finish` turns the sums, reduced over the data-parallel group, into metrics."""
+
+    temperature: float
+    wants_entropy: bool
+
+    def __call__(self, logp: "torch.Tensor", entropy: "torch.Tensor | None", batch: "TokenBatch"): ...
+    def finish(self, sums: dict[str, float]) -> dict[str, float]: ...
+
+
+class TrainerBackend(Protocol):
+    parallel: ParallelContext
+    tokenizer: Any
+
+    def logprobs(self, batch: "TokenBatch", which: str = "policy", temperature: float = 1.0) -> "torch.Tensor":
+        """[B, C] log-probs of each row's scored tokens under the policy or the reference (0 past a row's end)."""
+
+    def train_step(self, batch: "TokenBatch", loss: TokenLoss) -> dict:
+        """One optimizer step over this rank's rows (split into micro-batches as the backend likes):
+        returns loss.finish(...) plus grad_norm, lr and skipped (1.0 when a non-finite gradient skipped it)."""
+
+    def named_weights(self) -> Iterator[tuple[str, "torch.Tensor"]]:
+        """The policy's weights as (Hugging Face name, full tensor), one at a time (a collective: every rank
+        iterates it)."""
+
+    def update_reference(self) -> None: ...
+    def save(self, directory: Path, extra: dict) -> None: ...
+    def load(self, directory: Path) -> dict: ...
+    def export_hf(self, directory: Path) -> None: ...
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """params.n completions for each token-id prompt; prompt i samples with seed params.seed + i."""
+
+    def load_weights(self, weights: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+        """Replace the engine's weights in place from (HF name, tensor) pairs."""
+
+    def sleep(self) -> None: ...  # free the engine's memory while the trainer runs
+    def wake(self) -> None: ...
+
+
+# Implementations, imported only when chosen. A trainer class takes
+# (ModelConfig, TrainConfig, OptimConfig, ParallelConfig, need_reference=bool);
+# an engine factory takes (ModelConfig, RolloutConfig, trainer or None).
+TRAINERS = Registry("trainer backend", "parallel.backend")
+TRAINERS.register("torch", "r1cli.backends.torch_trainer:TorchTrainer")
+ENGINES = Registry("rollout engine", "rollout.engine")
+ENGINES.register("hf", "r1cli.backends.hf_rollout:create_engine")
+
+
+def build_trainer(cfg: "Config", need_reference: bool = False) -> TrainerBackend:
+    cls = TRAINERS.get(cfg.parallel.backend)
+    return cls(cfg.model, cfg.train, cfg.optim, cfg.parallel, need_reference=need_reference)
+
+
+def build_engine(model: "ModelConfig", rollout: "RolloutConfig", trainer: TrainerBackend | None = None,
+                 ) -> RolloutEngine:
+    """An engine from configs alone (r1 sample, r1 eval), or colocated with a trainer whose weights it follows."""
+    return ENGINES.get(rollout.engine)(model, rollout, trainer)
+
+
+__all__ = ["SamplingParams", "Completion", "ParallelContext", "TokenLoss", "TrainerBackend", "RolloutEngine",
+           "TRAINERS", "ENGINES", "build_trainer", "build_engine"]

@@ -1,0 +1,63 @@
+"""Name -> implementation tables at the places users extend r1.
+
+One table defines the valid names of a config key: config validation reads it, and
+an unknown name is one line listing the valid ones. Entries may be given as
+"module:attribute" strings, imported on first use, so that naming a backend never
+imports torch.distributed, megatron or vllm before it is chosen.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any, Callable, Iterator
+
+from r1cli.errors import R1Error
+
+
+class Registry:
+    def __init__(self, kind: str, config_key: str = ""):
+        self.kind = kind  # "advantage estimator", "rollout engine", ...
+        self.config_key = config_key  # where a user names one, for error messages
+        self._items: dict[str, Any] = {}
+
+    def register(self, name: str, obj: Any = None):
+        """`REG.register("x", fn)`, `REG.register("x", "pkg.mod:Class")`, or `@REG.register("x")`."""
+        if obj is not None:
+            self._items[name] = obj
+            return obj
+
+        def deco(fn):
+            self._items[name] = fn
+            return fn
+
+        return deco
+
+    def unregister(self, name: str) -> None:
+        self._items.pop(name, None)
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def check(self, name: str, where: str = "") -> None:
+        if name not in self._items:
+            key = where or self.config_key
+            close = difflib.get_close_matches(name, self.names(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise R1Error(f"unknown {self.kind} '{name}'" + (f" in {key}" if key else "") + hint
+                          + f" (known: {', '.join(self.names())})")
+
+    def get(self, name: str, where: str = "") -> Callable | Any:
+        self.check(name, where)
+        obj = self._items[name]
+        if isinstance(obj, str):  # lazy "module:attribute"
+            module, attr = obj.split(":")
+            obj = getattr(importlib.import_module(module), attr)
+            self._items[name] = obj
+        return obj

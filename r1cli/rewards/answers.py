@@ -1,0 +1,124 @@
+"""Final answers and the task checkers that verify them, registered by task name (a row's task column).
+
+A checker is `fn(completion, row, ctx) -> float` in [0, 1]; the `accuracy` reward dispatches
+on the row's task to one of these.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections import Counter
+from fractions import Fraction
+
+from r1cli.registry import Registry
+
+from .scoring import RewardContext
+
+TASKS = Registry("task checker", "data.task_field")
+register = TASKS.register
+
+# ------------------------------------------------------------------ answers
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def _last_boxed(text: str) -> str | None:
+    i = text.rfind("\\boxed{")
+    if i < 0:
+        return None
+    depth, start = 0, i + len("\\boxed{")
+    for j in range(start, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            if depth == 0:
+                return text[start:j]
+            depth -= 1
+    return None
+
+
+def extract_answer(text: str) -> str | None:
+    """The last <answer>…</answer>, or else the last \\boxed{…}; a boxed answer inside <answer> wins."""
+    found = _ANSWER.findall(text)
+    if found:
+        inner = found[-1].strip()
+        return _last_boxed(inner) or inner
+    boxed = _last_boxed(text)
+    return boxed.strip() if boxed is not None else None
+
+
+# ------------------------------------------------------------------ checkers
+
+
+def _number(text: str) -> Fraction | None:
+    t = text.strip().replace(",", "").rstrip(".")
+    try:
+        return Fraction(t)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+@register("arithmetic")
+def arithmetic_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    ans = extract_answer(completion)
+    if ans is None:
+        return 0.0
+    got, want = _number(ans), _number(str(row[ctx.answer_field]))
+    return float(got is not None and got == want)
+
+
+def _eval_expr(node: ast.AST) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _eval_expr(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+        a, b = _eval_expr(node.left), _eval_expr(node.right)
+        if isinstance(node.op, ast.Add):
+            return a + b
+        if isinstance(node.op, ast.Sub):
+            return a - b
+        if isinstance(node.op, ast.Mult):
+            return a * b
+        return a / b  # ZeroDivisionError is the sample's 0
+    raise ValueError("only integers, + - * / and parentheses are allowed")
+
+
+@register("countdown")
+def countdown_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    """1 if the answer is an expression using each given number exactly once that equals the target."""
+    ans = extract_answer(completion)
+    if ans is None:
+        return 0.0
+    expr = ans.split("=")[0].strip()
+    if not re.fullmatch(r"[\d+\-*/() .]+", expr):
+        return 0.0
+    used = Counter(int(x) for x in re.findall(r"\d+", expr))
+    if used != Counter(int(x) for x in row["numbers"]):
+        return 0.0
+    try:
+        value = _eval_expr(ast.parse(expr, mode="eval"))
+    except (SyntaxError, ZeroDivisionError, ValueError):
+        return 0.0
+    return float(value == Fraction(int(row[ctx.answer_field])))
+
+
+def math_equal(answer: str, gold: str) -> bool:
+    """Symbolic equality through math-verify (LaTeX or plain expressions)."""
+    from math_verify import parse, verify
+
+    def wrap(s: str) -> str:
+        return s if "$" in s or "\\(" in s else f"${s}$"
+
+    gold_parsed = parse(wrap(gold))
+    ans_parsed = parse(wrap(answer))
+    if not gold_parsed or not ans_parsed:
+        return answer.strip() == gold.strip()
+    return bool(verify(gold_parsed, ans_parsed))
+
+
+@register("math")
+def math_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    ans = extract_answer(completion)
+    return 0.0 if ans is None else float(math_equal(ans, str(row[ctx.answer_field])))

@@ -1,0 +1,74 @@
+"""Rule-based rewards (no neural reward model): accuracy, strict and partial format, language consistency."""
+
+from __future__ import annotations
+
+import re
+
+from .answers import TASKS
+from .scoring import REWARDS, RewardContext
+
+register = REWARDS.register
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def _full(completion: str, ctx: RewardContext) -> str:
+    return ctx.prefill + completion if ctx.prefill and not completion.startswith(ctx.prefill) else completion
+
+
+@register("accuracy")
+def accuracy_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    """The checker named by the row's task column (math when absent)."""
+    task = row.get(ctx.task_field) or "math"
+    if task not in TASKS:
+        raise ValueError(f"no checker for task '{task}' (known: {', '.join(TASKS.names())})")
+    return TASKS.get(task)(completion, row, ctx)
+
+
+_STRICT = re.compile(r"^\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>\s*$",
+                     re.DOTALL)
+
+
+@register("format")
+def format_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    """Strict: exactly one <think>…</think> followed by exactly one <answer>…</answer>, nothing else."""
+    text = _full(completion, ctx)
+    return float(bool(_STRICT.match(text)))
+
+
+@register("format_partial")
+def partial_format_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    """Shaped credit: 0.25 for each of the four tags appearing exactly once, in order."""
+    text = _full(completion, ctx)
+    score, pos = 0.0, 0
+    for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+        if text.count(tag) == 1 and text.find(tag) >= pos:
+            score += 0.25
+            pos = text.find(tag)
+    return score
+
+
+_LATIN = re.compile(r"[A-Za-z]+")
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@register("language")
+def language_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    """Share of the chain of thought's words in the target language (R1 paper, section 2.3.3).
+
+    Words are Latin-script words for 'en' and single CJK characters for 'zh'.
+    """
+    text = _full(completion, ctx)
+    m = _THINK.search(text)
+    if m is None:
+        return 0.0
+    cot = m.group(1)
+    latin, cjk = len(_LATIN.findall(cot)), len(_CJK.findall(cot))
+    total = latin + cjk
+    if total == 0:
+        return 1.0
+    if ctx.language == "en":
+        return latin / total
+    if ctx.language == "zh":
+        return cjk / total
+    raise ValueError(f"language reward knows en and zh, not '{ctx.language}'")

@@ -1,0 +1,170 @@
+"""The GRPO objective as one frozen spec, built once from the config and handed to kernels and backends.
+
+A backend computes log-probs (from logits, hidden states or vocabulary shards) and
+applies the spec; it does not know which GRPO variants exist. The variant switches
+(clip bounds, dual clip, KL estimator and weight, entropy bonus, token or sequence
+ratio, aggregation) are all read here, and the maths they select lives in losses.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from r1cli.config import GRPOConfig
+from r1cli.rl.losses import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, aggregate, aggregation_weights, \
+    clipped_surrogate, kl_penalty
+
+
+@dataclass
+class TokenRecord:
+    """Per-token by-products of a loss call, for metrics (all detached)."""
+
+    logp: torch.Tensor
+    kl: torch.Tensor
+    clipped: torch.Tensor
+    entropy: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class GRPOObjective:
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0  # c > 1: for A < 0 the loss is capped at -c A
+    beta: float = 0.0  # KL weight in the loss (0 when the KL is a reward penalty instead)
+    kl: str = "k3"  # KL estimator
+    entropy_coef: float = 0.0
+    ratio_level: str = "token"  # "sequence": GSPO
+    loss_agg: str = "seq-mean-token-mean"
+    max_len: int = 0  # Dr. GRPO's constant normaliser: the generation budget
+    temperature: float = 1.0  # log-probs are of the sampling distribution
+    clamp: float = 20.0  # |log-ratio| bound before exp
+
+    def __post_init__(self):
+        KL_ESTIMATORS.check(self.kl, "grpo.kl_estimator")
+        RATIO_LEVELS.check(self.ratio_level, "grpo.ratio_level")
+        AGGREGATIONS.check(self.loss_agg, "grpo.loss_agg")
+
+    @classmethod
+    def from_config(cls, g: GRPOConfig, temperature: float, max_len: int) -> "GRPOObjective":
+        return cls(eps_low=g.eps_low, eps_high=g.eps_high, dual_clip=g.dual_clip,
+                   beta=0.0 if g.kl_in_reward else g.beta, kl=g.kl_estimator, entropy_coef=g.entropy_coef,
+                   ratio_level=g.ratio_level, loss_agg=g.loss_agg, max_len=max_len, temperature=temperature,
+                   clamp=g.log_ratio_clamp)
+
+    @property
+    def needs_entropy(self) -> bool:
+        return self.entropy_coef != 0
+
+    @property
+    def elementwise(self) -> bool:
+        """True when each token's loss depends on that token alone (token-level ratios): then a fused kernel
+        may apply it to any chunk of tokens. Sequence-level ratios need whole [B, T] rows."""
+        return self.ratio_level == "token"
+
+    def per_token(self, logp: torch.Tensor, entropy: torch.Tensor | None, old_logp: torch.Tensor,
+                  ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor):
+        """Per-token loss (zero where mask is 0) and a TokenRecord.
+
+        Token level: any shape, advantages per token or [B] for [B, T]. Sequence level: [B, T] rows."""
+        if not self.elementwise and logp.dim() != 2:
+            raise ValueError("sequence-level ratios need [B, T] rows, not flat tokens")
+        adv = advantages.float()
+        if adv.shape != logp.shape:
+            adv = adv.unsqueeze(-1).expand_as(logp)
+        log_ratio = RATIO_LEVELS.get(self.ratio_level)(logp, old_logp.float(), mask)
+        pg, clipped = clipped_surrogate(log_ratio, adv, self.eps_low, self.eps_high, self.dual_clip, self.clamp)
+        if self.beta > 0 and ref_logp is not None:
+            kl_t = kl_penalty(logp, ref_logp.float(), self.kl, self.clamp)
+        else:
+            kl_t = torch.zeros_like(logp)
+        loss = pg + self.beta * kl_t
+        if self.entropy_coef:
+            loss = loss - self.entropy_coef * entropy
+        m = mask.float()
+        rec = TokenRecord(logp.detach(), (kl_t * m).detach(), (clipped * m).detach(),
+                          None if entropy is None else entropy.detach())
+        return loss * m, rec
+
+    def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, num_seqs: float | None = None,
+                  num_tokens: float | None = None) -> torch.Tensor:
+        """[B, T] per-token loss -> scalar; num_seqs / num_tokens: the global batch's, when it is split."""
+        return aggregate(per_token, mask, self.loss_agg, num_seqs=num_seqs, num_tokens=num_tokens,
+                         max_len=self.max_len or None)
+
+    def token_weights(self, mask: torch.Tensor, num_seqs: float | None = None,
+                      num_tokens: float | None = None) -> torch.Tensor:
+        """[B, T] w with aggregate(x) == (w * x).sum(): the aggregation known before the forward."""
+        return aggregation_weights(mask, self.loss_agg, num_seqs=num_seqs, num_tokens=num_tokens,
+                                   max_len=self.max_len or None)
+
+
+class GRPOLoss:
+    """The trainer-facing loss of one GRPO optimizer step (r1cli.interfaces.TokenLoss).
+
+    Bound to the spec and to the global mini-batch's sequence and token counts, so that
+    every micro-batch on every rank contributes its exact share of the one global loss.
+    Rows carry fields advantages [B], mask [B, C] (the completion mask times the row's
+    loss weight), old_logp [B, C] and, with a reference, ref_logp [B, C].
+    """
+
+    wants_entropy = True  # measured for the logs even without an entropy bonus
+
+    def __init__(self, objective: GRPOObjective, num_seqs: float, num_tokens: float):
+        self.objective, self.num_seqs, self.num_tokens = objective, num_seqs, num_tokens
+        self.temperature = objective.temperature
+
+    def _flat(self, batch, device):
+        """The rows' fields as flat vectors over their scored tokens, on `device`."""
+        f = batch.fields
+        present = batch.scored_mask().bool()
+        flat = lambda x: x[present].to(device)  # noqa: E731  grid [b, C] -> tokens [N]
+        return present, dict(old=flat(f["old_logp"]), ref=None if "ref_logp" not in f else flat(f["ref_logp"]),
+                             adv=flat(f["advantages"].unsqueeze(-1).expand_as(present).float()),
+                             mask=flat(f["mask"]))
+
+    def _sums(self, value, rec, mask) -> dict[str, float]:
+        m = mask.float()
+        return {"loss": float(value.detach()), "kl": float((rec.kl.float() * m).sum()),
+                "clipped": float((rec.clipped.float() * m).sum()), "tokens": float(m.sum()),
+                "entropy": 0.0 if rec.entropy is None else float((rec.entropy.float() * m).sum())}
+
+    def __call__(self, logp, entropy, batch):
+        obj, dev = self.objective, logp.device
+        present, t = self._flat(batch, dev)
+        mask_grid = batch.fields["mask"].to(dev)
+        if obj.elementwise:
+            per_tok, rec = obj.per_token(logp, entropy, t["old"], t["ref"], t["adv"], t["mask"])
+            grid = torch.zeros(present.shape, dtype=per_tok.dtype, device=dev).masked_scatter(present.to(dev),
+                                                                                               per_tok)
+        else:  # sequence-level ratios need whole rows
+            p = present.to(dev)
+            to_grid = lambda x: torch.zeros(present.shape, dtype=x.dtype, device=dev).masked_scatter(p, x)  # noqa
+            f = batch.fields
+            grid, rec = obj.per_token(to_grid(logp), None if entropy is None else to_grid(entropy),
+                                      f["old_logp"].to(dev), None if "ref_logp" not in f else f["ref_logp"].to(dev),
+                                      f["advantages"].to(dev), mask_grid)
+            rec = TokenRecord(logp.detach(), rec.kl[p], rec.clipped[p], None if entropy is None else entropy.detach())
+        value = obj.aggregate(grid, mask_grid, self.num_seqs, self.num_tokens)
+        return value, self._sums(value, rec, t["mask"])
+
+    def weighted_terms(self, batch, device):
+        """(token weights [N], per-token loss of tokens a..b, sums) for a one-pass fused kernel, or None
+        when the objective is not elementwise."""
+        if not self.objective.elementwise:
+            return None
+        present, t = self._flat(batch, device)
+        w = self.objective.token_weights(batch.fields["mask"], self.num_seqs, self.num_tokens)
+        ref = t["ref"]
+
+        def per_token(logp, ent, a, b):
+            return self.objective.per_token(logp, ent, t["old"][a:b], None if ref is None else ref[a:b],
+                                            t["adv"][a:b], t["mask"][a:b])
+
+        return w[present].to(device), per_token, lambda value, rec: self._sums(value, rec, t["mask"])
+
+    def finish(self, sums: dict[str, float]) -> dict[str, float]:
+        tok = max(1.0, sums["tokens"])
+        return {"loss": sums["loss"], "kl": sums["kl"] / tok, "clip_frac": sums["clipped"] / tok,
+                "entropy": sums["entropy"] / tok}

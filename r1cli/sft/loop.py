@@ -1,0 +1,62 @@
+"""`r1 sft`: supervised fine-tuning on conversations, loss on assistant tokens only."""
+
+from __future__ import annotations
+
+import time
+
+from r1cli.config import Config
+from r1cli.data.records import read_records
+from r1cli.data.schedule import RowSchedule, rank_share
+from r1cli.data.sft_examples import pack_examples, to_token_batch, tokenize_rows
+from r1cli.eval.accuracy import held_out_accuracy
+from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+from r1cli.rewards import RewardContext
+from r1cli.run.harness import RunHarness
+from r1cli.sft.loss import NLLLoss
+
+
+def build_rows(cfg: Config, tokenizer, path: str):
+    examples = tokenize_rows(read_records(path, cfg.data.max_samples), tokenizer, cfg.data, path)
+    return pack_examples(examples, cfg.data.max_seq_len) if cfg.data.pack else examples
+
+
+def held_out_evaluator(cfg: Config, trainer, engine=None):
+    """A closure scoring held-out accuracy with one rollout engine for the whole run (built at its first use,
+    weights refreshed before each evaluation), or None without data.eval."""
+    if not cfg.data.eval:
+        return None
+    rows = read_records(cfg.data.eval)[: cfg.eval.samples]
+    ctx = RewardContext.from_config(cfg.data, cfg.rewards)
+    params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
+    box = [engine]
+
+    def evaluate() -> dict:
+        if box[0] is None:
+            box[0] = build_engine(cfg.model, cfg.rollout, trainer)  # starts from the current weights
+        else:
+            box[0].load_weights(trainer.named_weights())
+        return held_out_accuracy(box[0], trainer.tokenizer, rows, cfg.data, params, ctx, trainer.parallel)
+
+    return evaluate
+
+
+def run_sft(cfg: Config, resume: bool = False) -> dict:
+    read_records(cfg.data.train, 1)  # fail on a missing data file before loading a model
+    trainer = build_trainer(cfg)
+    p, t = trainer.parallel, cfg.train
+    rows = build_rows(cfg, trainer.tokenizer, cfg.data.train)
+    schedule = RowSchedule(len(rows), t.micro_batch_size * t.grad_accum * p.dp_size, t.seed, cfg.data.shuffle)
+    harness = RunHarness(cfg, trainer, resume=resume, evaluate=held_out_evaluator(cfg, trainer),
+                         progress_keys=[("loss", "loss"), ("lr", "lr"), ("tokens_per_s", "tok/s")])
+    last: dict = {}
+    for step in range(harness.start, t.steps):
+        t0 = time.perf_counter()
+        batch = to_token_batch([rows[i] for i in rank_share(schedule.rows_for_step(step), p.dp_rank, p.dp_size)])
+        tokens = p.all_reduce_sum(sum(batch.scored_counts()))
+        out = trainer.train_step(batch, NLLLoss(tokens))
+        last = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                "tokens_per_s": tokens / (time.perf_counter() - t0), "epoch": schedule.epoch_of(step + 1),
+                "skipped": out["skipped"]}
+        if harness.step_done(step + 1, last):
+            return harness.stopped(last)
+    return harness.finish(last)

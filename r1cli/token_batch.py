@@ -1,0 +1,68 @@
+"""TokenBatch: rows of token ids, which of their tokens are scored, and per-row tensors riding along.
+
+The one currency of the trainer door. An SFT row is a packed run of conversations whose
+assistant tokens are scored; a GRPO row is prompt + completion with the completion
+scored. Row b's scored tokens, in order, form row b of a [B, C] grid (C = the most
+scored tokens in a row); `fields` hold per-row tensors ([B] or [B, C] on that grid)
+that select() slices with the rows, so a backend can cut any micro-batches it likes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class TokenBatch:
+    input_ids: list[list[int]]
+    targets: list[list[int]]  # targets[b][t]: the token predicted at position t, IGNORE where not scored
+    position_ids: list[list[int]] | None = None  # None: 0..len-1 (packed rows restart at each sample)
+    fields: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def from_completions(cls, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> "TokenBatch":
+        """Prompt + completion rows; completion token j is predicted at position len(prompt) - 1 + j."""
+        targets = [[IGNORE] * (len(p) - 1) + list(c) + [IGNORE] for p, c in zip(prompt_ids, completion_ids)]
+        return cls([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], targets)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def scored_counts(self) -> list[int]:
+        return [sum(t != IGNORE for t in row) for row in self.targets]
+
+    def scored_mask(self) -> torch.Tensor:
+        """[B, C] 1.0 where row b has a j-th scored token."""
+        counts = self.scored_counts()
+        grid = torch.zeros(len(self), max(1, max(counts, default=0)))
+        for b, n in enumerate(counts):
+            grid[b, :n] = 1.0
+        return grid
+
+    def select(self, rows: list[int]) -> "TokenBatch":
+        pick = torch.tensor(rows, dtype=torch.long)
+        width = max(1, max(self.scored_counts()[b] for b in rows))
+        fields = {k: (v[pick] if v.dim() == 1 else v[pick, :width]) for k, v in self.fields.items()}
+        return TokenBatch([self.input_ids[b] for b in rows], [self.targets[b] for b in rows],
+                          None if self.position_ids is None else [self.position_ids[b] for b in rows], fields)
+
+    def tensors(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Right-padded input_ids and position_ids [B, L], the flat indices (b * L + t) of scored positions [N]
+        and their targets [N], row by row: the order of the scored grid."""
+        width = max(len(r) for r in self.input_ids)
+        ids = torch.full((len(self), width), pad_id, dtype=torch.long)
+        tgt = torch.full((len(self), width), IGNORE, dtype=torch.long)
+        pos = torch.arange(width).expand(len(self), -1).clone()
+        for b, row in enumerate(self.input_ids):
+            ids[b, : len(row)] = torch.tensor(row)
+            tgt[b, : len(row)] = torch.tensor(self.targets[b])
+            if self.position_ids is not None:  # padding keeps fresh positions
+                pos[b, : len(row)] = torch.tensor(self.position_ids[b])
+                pos[b, len(row):] = torch.arange(width - len(row))
+        flat = tgt.reshape(-1)
+        index = (flat != IGNORE).nonzero().squeeze(-1)
+        return ids.to(device), pos.to(device), index.to(device), flat[index].to(device)
