@@ -73,6 +73,8 @@ def run_rl(cfg: Config, resume: bool = False) -> dict:
                          eval_before=True,
                          progress_keys=[("reward/total", "reward"), ("reward/accuracy", "acc"),
                                         ("response_len/mean", "len"), ("kl", "kl"), ("rollout_tokens_per_s", "tok/s")])
+    if harness.start:  # resumed: an engine with its own copy still holds the starting weights
+        engine.load_weights(trainer.named_weights())
     bad_streak = 0
     last: dict = {}
     per_rank = g.prompts_per_step // p.dp_size
