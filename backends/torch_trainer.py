@@ -53,8 +53,8 @@ class TorchTrainer:
                  need_reference: bool = False):
         if not self.model_parallel and (parallel.tensor_parallel > 1 or parallel.pipeline_parallel > 1):
             raise R1Error(f"parallel.backend={parallel.backend} is data parallel only: parallel.tensor_parallel="
-                          f"{parallel.tensor_parallel} and pipeline_parallel={parallel.pipeline_parallel} need a "
-                          "model-parallel backend (megatron)")
+                          f"{parallel.tensor_parallel} and parallel.pipeline_parallel={parallel.pipeline_parallel} "
+                          "need a model-parallel backend (megatron)")
         self.model_cfg, self.train_cfg, self.optim_cfg, self.parallel_cfg = model, train, optim, parallel
         device = resolve_device(train.device)
         self.parallel = init_parallel(device, parallel.tensor_parallel, parallel.pipeline_parallel)

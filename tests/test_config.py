@@ -48,3 +48,34 @@ def test_shipped_configs_load():
     assert files
     for f in files:
         load_config(str(f))
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("grpo.advantage=grpoo", r"unknown advantage estimator 'grpoo' in grpo.advantage; did you mean 'grpo'\? "
+                             r"\(known: grpo, drgrpo, rloo\)"),
+    ("grpo.loss_agg=mean", r"unknown loss aggregation 'mean' in grpo.loss_agg.*known: seq-mean-token-mean, "
+                           r"token-mean, seq-mean-token-sum-norm"),
+    ("grpo.kl_estimator=k4", r"unknown KL estimator 'k4' in grpo.kl_estimator.*known: k1, k2, k3"),
+    ("grpo.ratio_level=seq", r"unknown ratio level 'seq' in grpo.ratio_level.*known: token, sequence"),
+    ("rollout.engine=vllmm", r"unknown rollout engine 'vllmm' in rollout.engine.*known: hf"),
+    ("parallel.backend=megatrom", r"unknown trainer backend 'megatrom' in parallel.backend.*known: torch"),
+    ("rewards.weights.formt=1", r"unknown reward 'formt' in rewards.weights; did you mean 'format'"),
+])
+def test_registered_names_are_checked_against_their_one_table(override, pattern):
+    with pytest.raises(R1Error, match=pattern):
+        load_config(None, [override])
+
+
+def test_a_registered_extension_becomes_a_valid_config_value():
+    from r1cli.rl.advantages import ADVANTAGES
+
+    ADVANTAGES.register("median", lambda r, eps: r - r.median(-1, keepdim=True).values)
+    try:
+        assert load_config(None, ["grpo.advantage=median"]).grpo.advantage == "median"
+    finally:
+        ADVANTAGES.unregister("median")
+
+
+def test_moved_eval_keys_say_where_they_went():
+    with pytest.raises(R1Error, match=r"config key 'train.eval_n' moved to 'eval.n'"):
+        load_config(None, ["train.eval_n=4"])
