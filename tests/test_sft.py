@@ -24,10 +24,14 @@ def test_sft_learns_arithmetic(tiny_model, arith_data, tmp_path):
     losses = [m["loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
     assert losses[-1] < 0.3 * losses[0]
     assert result["eval/accuracy"] >= 0.2
-    # the exported folder is a normal HF folder
+    # the exported folder is a normal HF folder holding the final weights
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf") is not None
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf").state_dict()
+    final = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000500" / "model.safetensors"))
+    assert final.keys() <= exported.keys()
+    assert all(torch.equal(exported[k], v) for k, v in final.items())
     assert (tmp_path / "run" / "config.yaml").is_file()
 
 

@@ -50,3 +50,27 @@ def test_torch_backend_refuses_tensor_and_pipeline_parallel(tiny_model, arith_da
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
         assert "data parallel only" in lines[0] and key.split("=")[0] in lines[0]
+
+
+def test_an_engine_from_configs_alone_follows_the_trainer_through_load_weights(tiny_model, tmp_path):
+    """`r1 sample` / `r1 eval` build an engine without a trainer; a colocated one that holds its own copy is
+    refreshed with (HF name, tensor) pairs: after a large step both give the trainer's own greedy output."""
+    from r1cli.interfaces import SamplingParams, build_engine
+
+    cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "optim.lr=0.05", "train.steps=1",
+                                                 f"train.output_dir={tmp_path}"])
+    own = build_engine(cfg.model, cfg.rollout)  # no trainer: loads the model folder itself
+    trainer = build_trainer(cfg)
+    shared = build_engine(cfg.model, cfg.rollout, trainer)  # the trainer's live module
+    prompt = [trainer.tokenizer("Compute 12 + 34.", add_special_tokens=False)["input_ids"]]
+    greedy = SamplingParams(n=1, temperature=0.0, max_tokens=12)
+    before = own.generate(prompt, greedy)[0][0].completion_ids
+    assert before == shared.generate(prompt, greedy)[0][0].completion_ids
+    ids = prompt[0] + before
+    for _ in range(3):
+        trainer.train_step(TokenBatch([ids], [[-100] * (len(prompt[0]) - 1) + [3] * len(before) + [-100]]),
+                           NLLLoss(len(before)))
+    after = shared.generate(prompt, greedy)[0][0].completion_ids
+    assert after != before and own.generate(prompt, greedy)[0][0].completion_ids == before
+    own.load_weights(trainer.named_weights())
+    assert own.generate(prompt, greedy)[0][0].completion_ids == after

@@ -33,8 +33,8 @@ from r1cli.token_batch import TokenBatch
 def validate(cfg: Config) -> None:
     """What no single section can check alone, before any model loads."""
     g, r = cfg.grpo, cfg.rollout
-    if r.n < 2 and g.advantage in ("grpo", "rloo"):
-        raise R1Error("rollout.n must be at least 2: advantages are relative to the group")
+    if r.n < 2:
+        raise R1Error("rollout.n must be at least 2: advantages are relative to the group (one sample has none)")
     if cfg.train.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("train.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence needs "
                       "train.fused_linear=recompute")
