@@ -114,7 +114,11 @@ class FakeTrainer:
 
 
 class FakeEngine:
-    """RolloutEngine: samples from its own copy of the logits, refreshed only through load_weights."""
+    """RolloutEngine: samples from its own copy of the logits, refreshed only through load_weights.
+
+    With `menu` set, a completion's text is menu[first token % len(menu)]: a policy choosing among given texts."""
+
+    menu: list[str] | None = None
 
     def __init__(self, record_dir: Path | None = None, rank: int = 0):
         self.theta = initial_logits()
@@ -137,7 +141,8 @@ class FakeEngine:
                 ids = torch.multinomial(probs, params.max_tokens, replacement=True, generator=g).tolist()
                 cut = ids.index(EOS) + 1 if EOS in ids else len(ids)
                 ids = ids[:cut]
-                group.append(Completion(list(prompt), ids, self.tok.decode(ids), "stop" if EOS in ids else "length"))
+                text = self.menu[ids[0] % len(self.menu)] if self.menu else self.tok.decode(ids)
+                group.append(Completion(list(prompt), ids, text, "stop" if EOS in ids else "length"))
             out.append(group)
         return out
 

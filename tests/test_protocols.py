@@ -144,3 +144,23 @@ def test_tensor_parallel_ranks_see_the_same_prompts_and_metrics_reduce_over_data
     tp = [strip(m) for m in read_metrics(tmp_path / "tp" / "metrics.jsonl")]
     dp = [strip(m) for m in read_metrics(tmp_path / "dp" / "metrics.jsonl")]
     assert len(tp) == 3 and tp == dp
+
+
+EXPLOITS = ["<think>maybe \\boxed{7}</think>", "<think>x</think><answer>\\boxed{4} or \\boxed{7}</answer>",
+            "<think>x</think><answer>4</answer><answer>7</answer>", "\\boxed{4} or \\boxed{7}"]
+
+
+def test_a_policy_cannot_raise_accuracy_by_exploiting_reward_holes(prompts, tmp_path, monkeypatch):
+    """The policy picks among exploit completions of the right answer (7): accuracy stays 0 at every step. Given
+    one honest option as well, the same loop learns to pick it, so the zero is the rewards', not the loop's."""
+    def accuracy_curve(out):
+        return [m["reward/accuracy"] for m in read_metrics(out / "metrics.jsonl") if "reward/accuracy" in m]
+
+    common = ["rewards.weights={accuracy: 1.0}", "train.steps=25", "optim.lr=50.0"]
+    monkeypatch.setattr(fakes.FakeEngine, "menu", EXPLOITS)
+    run_rl(fake_config(prompts, tmp_path / "exploits", *common))
+    assert max(accuracy_curve(tmp_path / "exploits")) == 0.0
+    monkeypatch.setattr(fakes.FakeEngine, "menu", EXPLOITS + ["<think>x</think><answer>7</answer>"])
+    run_rl(fake_config(prompts, tmp_path / "honest", *common))
+    curve = accuracy_curve(tmp_path / "honest")
+    assert curve[0] < 0.4 and sum(curve[-5:]) / 5 > 0.8, curve

@@ -11,7 +11,7 @@ CTX = RewardContext()
 def test_extract_answer():
     assert extract_answer("<think>x</think><answer> 42 </answer>") == "42"
     assert extract_answer("so the answer is \\boxed{\\frac{1}{2}}.") == "\\frac{1}{2}"
-    assert extract_answer("<answer>first</answer> <answer>\\boxed{7}</answer>") == "7"
+    assert extract_answer("<answer>the sum is \\boxed{7}</answer>") == "7"
     assert extract_answer("no answer here") is None
 
 
@@ -69,3 +69,53 @@ def test_a_raising_reward_is_that_samples_zero():
 def test_unknown_reward_name():
     with pytest.raises(R1Error, match="unknown reward 'formt'.*did you mean 'format'"):
         check_weights({"formt": 1.0})
+
+
+# Reward hacking holes: each completion tries to score accuracy without one clear, right final answer.
+# (completion, row) -> the accuracy reward must be 0; the honest twin beside it scores 1.
+HOLES = [
+    # a boxed answer inside the reasoning, no <answer>: the fallback must not reach into <think>
+    ("<think>maybe \\boxed{3}</think>", "<think>x</think> \\boxed{3}", {"answer": "3", "task": "math"}),
+    ("<think>it is \\boxed{3}", "<think>x</think><answer>3</answer>", {"answer": "3", "task": "math"}),
+    # two final answers, the last right: hedging is wrong
+    ("<think>x</think><answer>\\boxed{4} or \\boxed{3}</answer>", "<think>x</think><answer>\\boxed{3}</answer>",
+     {"answer": "3", "task": "math"}),
+    ("<think>x</think><answer>4</answer><answer>3</answer>", "<think>x</think><answer>3</answer>",
+     {"answer": "3", "task": "math"}),
+    ("\\boxed{4} or maybe \\boxed{3}", "so \\boxed{3}", {"answer": "3", "task": "math"}),
+    ("<answer>4</answer> <answer>3</answer>", "<answer>3</answer>", {"answer": "3", "task": "arithmetic"}),
+    # commas are thousands separators only
+    ("<answer>1,2</answer>", "<answer>12</answer>", {"answer": "12", "task": "arithmetic"}),
+    ("<answer>12,34</answer>", "<answer>1,234</answer>", {"answer": "1234", "task": "arithmetic"}),
+]
+
+
+@pytest.mark.parametrize("hack, honest, row", HOLES)
+def test_reward_hacking_holes_are_closed(hack, honest, row):
+    accuracy = REWARDS.get("accuracy")
+    assert accuracy(hack, row, CTX) == 0.0, hack
+    assert accuracy(honest, row, CTX) == 1.0, honest
+
+
+def test_prefilled_think_counts_as_reasoning():
+    ctx = RewardContext(prefill="<think>")
+    accuracy = REWARDS.get("accuracy")
+    assert accuracy("so \\boxed{3}", {"answer": "3", "task": "math"}, ctx) == 0.0  # still inside <think>
+    assert accuracy("x</think> \\boxed{3}", {"answer": "3", "task": "math"}, ctx) == 1.0
+
+
+@pytest.mark.parametrize("text", [
+    "<think>a <answer>1</answer></think><answer>42</answer>",
+    "<think>a</think><answer>42 <think>x</think></answer>",
+    "<think>a</think><answer>42 </answer></answer>",
+    "<think>a <think>b</think><answer>42</answer>",
+])
+def test_strict_format_rejects_nested_tags(text):
+    assert format_reward(text, {}, CTX) == 0.0
+
+
+def test_currency_sign_is_not_a_false_negative():
+    row = {"answer": "1000", "task": "math"}
+    assert math_reward("<answer>\\$1000</answer>", row, CTX) == 1.0
+    assert math_reward("<answer>1000</answer>", {"answer": "\\$1000"}, CTX) == 1.0
+    assert math_reward("<answer>\\$1001</answer>", row, CTX) == 0.0

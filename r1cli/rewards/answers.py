@@ -23,36 +23,61 @@ register = TASKS.register
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
-def _last_boxed(text: str) -> str | None:
-    i = text.rfind("\\boxed{")
-    if i < 0:
-        return None
-    depth, start = 0, i + len("\\boxed{")
-    for j in range(start, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            if depth == 0:
-                return text[start:j]
-            depth -= 1
-    return None
+def all_boxed(text: str) -> list[str]:
+    """The contents of every \\boxed{…} in text, braces balanced."""
+    out, i = [], text.find("\\boxed{")
+    while i >= 0:
+        depth, start = 0, i + len("\\boxed{")
+        for j in range(start, len(text)):
+            if text[j] == "{":
+                depth += 1
+            elif text[j] == "}":
+                if depth == 0:
+                    out.append(text[start:j])
+                    break
+                depth -= 1
+        i = text.find("\\boxed{", i + 1)
+    return out
+
+
+def _outside_reasoning(text: str) -> str:
+    """The text after the chain of thought: nothing while <think> is still open."""
+    if "</think>" in text:
+        return text[text.rfind("</think>") + len("</think>"):]
+    return "" if "<think>" in text else text
 
 
 def extract_answer(text: str) -> str | None:
-    """The last <answer>…</answer>, or else the last \\boxed{…}; a boxed answer inside <answer> wins."""
-    found = _ANSWER.findall(text)
-    if found:
-        inner = found[-1].strip()
-        return _last_boxed(inner) or inner
-    boxed = _last_boxed(text)
-    return boxed.strip() if boxed is not None else None
+    """The one final answer, or None.
+
+    The single <answer>…</answer> block (a single \\boxed{} inside it wins), or else, without answer tags, the
+    single \\boxed{} outside the reasoning. More than one final answer (two answer blocks, two boxes) is no
+    answer, and nothing inside <think>…</think> is ever taken as one: either would let a policy hedge."""
+    blocks = _ANSWER.findall(text)
+    if len(blocks) > 1:
+        return None
+    if blocks:
+        boxes = all_boxed(blocks[0])
+        if len(boxes) > 1:
+            return None
+        return (boxes[0] if boxes else blocks[0]).strip()
+    boxes = all_boxed(_outside_reasoning(text))
+    return boxes[0].strip() if len(boxes) == 1 else None
 
 
 # ------------------------------------------------------------------ checkers
 
 
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?")
+
+
 def _number(text: str) -> Fraction | None:
-    t = text.strip().replace(",", "").rstrip(".")
+    """An exact number; commas only as thousands separators ("1,234" is 1234, "1,2" is no number)."""
+    t = text.strip().rstrip(".")
+    if "," in t:
+        if not _THOUSANDS.fullmatch(t):
+            return None
+        t = t.replace(",", "")
     try:
         return Fraction(t)
     except (ValueError, ZeroDivisionError):
@@ -61,7 +86,7 @@ def _number(text: str) -> Fraction | None:
 
 @register("arithmetic")
 def arithmetic_reward(completion: str, row: dict, ctx: RewardContext) -> float:
-    ans = extract_answer(completion)
+    ans = extract_answer(ctx.full(completion))
     if ans is None:
         return 0.0
     got, want = _number(ans), _number(str(row[ctx.answer_field]))
@@ -88,7 +113,7 @@ def _eval_expr(node: ast.AST) -> Fraction:
 @register("countdown")
 def countdown_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """1 if the answer is an expression using each given number exactly once that equals the target."""
-    ans = extract_answer(completion)
+    ans = extract_answer(ctx.full(completion))
     if ans is None:
         return 0.0
     expr = ans.split("=")[0].strip()
@@ -109,6 +134,7 @@ def math_equal(answer: str, gold: str) -> bool:
     from math_verify import parse, verify
 
     def wrap(s: str) -> str:
+        s = s.replace("\\$", "").strip()  # a currency sign is not a math delimiter: \$1000 is 1000
         return s if "$" in s or "\\(" in s else f"${s}$"
 
     gold_parsed = parse(wrap(gold))
@@ -120,5 +146,5 @@ def math_equal(answer: str, gold: str) -> bool:
 
 @register("math")
 def math_reward(completion: str, row: dict, ctx: RewardContext) -> float:
-    ans = extract_answer(completion)
+    ans = extract_answer(ctx.full(completion))
     return 0.0 if ans is None else float(math_equal(ans, str(row[ctx.answer_field])))

@@ -12,10 +12,6 @@ register = REWARDS.register
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-def _full(completion: str, ctx: RewardContext) -> str:
-    return ctx.prefill + completion if ctx.prefill and not completion.startswith(ctx.prefill) else completion
-
-
 @register("accuracy")
 def accuracy_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """The checker named by the row's task column (math when absent)."""
@@ -25,21 +21,21 @@ def accuracy_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     return TASKS.get(task)(completion, row, ctx)
 
 
-_STRICT = re.compile(r"^\s*<think>(?:(?!</?think>).)*</think>\s*<answer>(?:(?!</?answer>).)*</answer>\s*$",
-                     re.DOTALL)
+_NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"  # text holding none of the four tags
+_STRICT = re.compile(rf"^\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*$", re.DOTALL)
 
 
 @register("format")
 def format_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """Strict: exactly one <think>…</think> followed by exactly one <answer>…</answer>, nothing else."""
-    text = _full(completion, ctx)
+    text = ctx.full(completion)
     return float(bool(_STRICT.match(text)))
 
 
 @register("format_partial")
 def partial_format_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """Shaped credit: 0.25 for each of the four tags appearing exactly once, in order."""
-    text = _full(completion, ctx)
+    text = ctx.full(completion)
     score, pos = 0.0, 0
     for tag in ("<think>", "</think>", "<answer>", "</answer>"):
         if text.count(tag) == 1 and text.find(tag) >= pos:
@@ -58,7 +54,7 @@ def language_reward(completion: str, row: dict, ctx: RewardContext) -> float:
 
     Words are Latin-script words for 'en' and single CJK characters for 'zh'.
     """
-    text = _full(completion, ctx)
+    text = ctx.full(completion)
     m = _THINK.search(text)
     if m is None:
         return 0.0

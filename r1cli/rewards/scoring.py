@@ -20,6 +20,12 @@ class RewardContext:
     answer_field: str = "answer"
     task_field: str = "task"
 
+    def full(self, completion: str) -> str:
+        """The assistant turn as written: the prefill the prompt ended with, then the completion."""
+        if self.prefill and not completion.startswith(self.prefill):
+            return self.prefill + completion
+        return completion
+
     @classmethod
     def from_config(cls, data: DataConfig, rewards: RewardsConfig) -> "RewardContext":
         return cls(prefill=data.prefill, language=rewards.language, answer_field=data.answer_field,
