@@ -9,15 +9,22 @@ import click
 from r1cli.errors import R1Error
 
 
+OVERRIDES_HELP = """
+Settings come from --config and then from OVERRIDES, each `section.key=value`
+(e.g. `optim.lr=1e-5 grpo.beta=0 rewards.weights.format=0.5`); later ones win.
+`--print-config` prints every key with its merged value and exits; r1cli/config.py
+documents each key, its type, range and default."""
+
+
 def _training_command(name: str, help_text: str):
     """A command taking --config, --print-config, --resume and `section.key=value` overrides."""
 
     def deco(fn):
-        fn = click.argument("overrides", nargs=-1)(fn)
+        fn = click.argument("overrides", nargs=-1, metavar="[OVERRIDES]...")(fn)
         fn = click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")(fn)
         fn = click.option("--print-config", is_flag=True, help="Print the merged config and exit.")(fn)
         fn = click.option("--config", "config_path", type=str, default=None, help="YAML config file.")(fn)
-        return main.command(name, help=help_text)(fn)
+        return main.command(name, help=help_text + "\n" + OVERRIDES_HELP)(fn)
 
     return deco
 
@@ -58,6 +65,27 @@ def rl_cmd(config_path, print_config, resume, overrides):
     run_rl(cfg, resume=resume)
 
 
+NOT_BUILT = {
+    "coldstart": "cold-start data and SFT (DeepSeek-R1 stage 1)",
+    "sample": "rejection sampling (DeepSeek-R1 stage 3)",
+    "distill": "distillation into small dense models",
+    "eval": "benchmark evaluation (pass@1, cons@k)",
+}
+
+
+def _not_built(name: str, what: str):
+    @main.command(name, help=f"{what[0].upper()}{what[1:]}: not built yet.",
+                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def cmd():
+        raise R1Error(f"r1 {name} ({what}) is not built yet; r1 sft, r1 rl and r1 report are")
+
+    return cmd
+
+
+for _name, _what in NOT_BUILT.items():
+    _not_built(_name, _what)
+
+
 @main.command("report")
 @click.argument("run_dir", type=str)
 @click.option("--out", type=str, default=None, help="Folder for the PNGs and report.html (default: RUN_DIR).")
@@ -77,14 +105,16 @@ def data_group():
 @data_group.command("synth")
 @click.argument("task", type=click.Choice(["arithmetic", "countdown"]))
 @click.option("--out", required=True, help="Output JSONL (train rows).")
-@click.option("--n", default=1000, show_default=True, help="Number of training rows.")
+@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=1), help="Number of training rows.")
 @click.option("--eval-out", default=None, help="Also write held-out rows here.")
-@click.option("--eval-n", default=0, show_default=True, help="Number of held-out rows.")
+@click.option("--eval-n", default=0, show_default=True, type=click.IntRange(min=0), help="Number of held-out rows.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--digits", default=2, show_default=True, help="arithmetic: digits per operand.")
+@click.option("--digits", default=2, show_default=True, type=click.IntRange(1, 18),
+              help="arithmetic: digits per operand.")
 @click.option("--ops", default="+", show_default=True, help="arithmetic: operators to draw from (+-*).")
-@click.option("--count", default=3, show_default=True, help="countdown: how many numbers.")
-@click.option("--max-number", default=20, show_default=True, help="countdown: largest number.")
+@click.option("--count", default=3, show_default=True, type=click.IntRange(2, 8), help="countdown: how many numbers.")
+@click.option("--max-number", default=20, show_default=True, type=click.IntRange(min=1),
+              help="countdown: largest number.")
 @click.option("--answer-noise", default=0.0, show_default=True,
               help="arithmetic: share of worked responses that end in a wrong answer (a noisy cold start).")
 def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_number, answer_noise):

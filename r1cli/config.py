@@ -20,9 +20,14 @@ import yaml
 from r1cli.errors import R1Error
 
 
-def named(default: str, registry: str, help: str = ""):
+def named(default: str, registry: str):
     """A field whose valid values are the names in a registry ("module:ATTR"): one definition of the names."""
-    return field(default=default, metadata={"registry": registry, "help": help})
+    return field(default=default, metadata={"registry": registry})
+
+
+def bounded(default, low=None, high=None, *, above: bool = False):
+    """A number with its valid range beside it: >= low (> low with above=True) and <= high."""
+    return field(default=default, metadata={"low": low, "high": high, "above": above})
 
 
 @dataclass
@@ -46,18 +51,18 @@ class DataConfig:
     template: Literal["chat", "r1_zero", "r1_zero_chat", "plain"] = "chat"  # r1_zero_chat: the paper's template as the user turn of the chat template
     system_prompt: str = ""
     prefill: str = ""  # text the assistant turn starts with, e.g. "<think>"
-    max_seq_len: int = 1024
+    max_seq_len: int = bounded(1024, 1)
     pack: bool = True
     shuffle: bool = True
-    max_samples: int = 0  # 0: all
+    max_samples: int = bounded(0, 0)  # 0: all
 
 
 @dataclass
 class TrainConfig:
     output_dir: str = "runs/run"
-    steps: int = 100
-    micro_batch_size: int = 8  # rows per forward (packed rows when data.pack)
-    grad_accum: int = 1
+    steps: int = bounded(100, 1)
+    micro_batch_size: int = bounded(8, 1)  # rows per forward (packed rows when data.pack)
+    grad_accum: int = bounded(1, 1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, reference elsewhere
@@ -68,35 +73,35 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 0
+    lr: float = bounded(1e-5, 0.0)
+    weight_decay: float = bounded(0.0, 0.0)
+    beta1: float = bounded(0.9, 0.0, 1.0)
+    beta2: float = bounded(0.95, 0.0, 1.0)
+    eps: float = bounded(1e-8, 0.0, above=True)
+    warmup_steps: int = bounded(0, 0)
     schedule: Literal["cosine", "constant"] = "cosine"
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0: off
+    min_lr_ratio: float = bounded(0.1, 0.0, 1.0)
+    grad_clip: float = bounded(1.0, 0.0)  # 0: off
 
 
 @dataclass
 class ParallelConfig:
     backend: str = named("torch", "r1cli.interfaces:TRAINERS")  # trainer backend
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
-    tensor_parallel: int = 1
-    pipeline_parallel: int = 1
+    tensor_parallel: int = bounded(1, 1)
+    pipeline_parallel: int = bounded(1, 1)
 
 
 @dataclass
 class RolloutConfig:
     engine: str = named("hf", "r1cli.interfaces:ENGINES")  # rollout engine
-    n: int = 8  # G: samples per prompt
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off
-    max_new_tokens: int = 512
+    n: int = bounded(8, 1)  # G: samples per prompt
+    temperature: float = bounded(1.0, 0.0)
+    top_p: float = bounded(1.0, 0.0, 1.0, above=True)
+    top_k: int = bounded(0, 0)  # 0: off
+    max_new_tokens: int = bounded(512, 1)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    prompts_per_generate: int = 8  # prompts batched into one generate call
+    prompts_per_generate: int = bounded(8, 1)  # prompts batched into one generate call
 
 
 @dataclass
@@ -108,56 +113,56 @@ class RewardsConfig:
 
 @dataclass
 class GRPOConfig:
-    prompts_per_step: int = 32  # global, across ranks
-    mu: int = 1  # optimisation passes over each rollout batch
-    mini_batch_size: int = 0  # sequences per optimizer step; 0: the whole batch
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float = 0.0  # c > 1 enables dual clip for negative advantages; 0: off
+    prompts_per_step: int = bounded(32, 1)  # global, across ranks
+    mu: int = bounded(1, 1)  # optimisation passes over each rollout batch
+    mini_batch_size: int = bounded(0, 0)  # sequences per optimizer step; 0: the whole batch
+    eps_low: float = bounded(0.2, 0.0)
+    eps_high: float = bounded(0.2, 0.0)
+    dual_clip: float = bounded(0.0, 0.0)  # c > 1 enables dual clip for negative advantages; 0: off
     ratio_level: str = named("token", "r1cli.rl.losses:RATIO_LEVELS")  # sequence: GSPO
     # seq-mean-token-mean (paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr. GRPO)
     loss_agg: str = named("seq-mean-token-mean", "r1cli.rl.losses:AGGREGATIONS")
     advantage: str = named("grpo", "r1cli.rl.advantages:ADVANTAGES")  # grpo, drgrpo, rloo
-    adv_eps: float = 1e-6
-    beta: float = 0.001  # KL weight; 0 loads no reference model
+    adv_eps: float = bounded(1e-6, 0.0)  # added to the group std before dividing
+    beta: float = bounded(0.001, 0.0)  # KL weight; 0 loads no reference model
     kl_estimator: str = named("k3", "r1cli.rl.losses:KL_ESTIMATORS")  # k1, k2, k3
     kl_in_reward: bool = False
-    ref_update_every: int = 0  # refresh the reference from the policy every N steps; 0: never
+    ref_update_every: int = bounded(0, 0)  # refresh the reference from the policy every N steps; 0: never
     drop_equal_groups: bool = False  # dynamic sampling: groups whose rewards are all equal carry no signal
-    overlong_buffer: int = 0  # DAPO soft overlong penalty over the last N tokens; 0: off
-    overlong_penalty: float = 1.0
+    overlong_buffer: int = bounded(0, 0)  # DAPO soft overlong penalty over the last N tokens; 0: off
+    overlong_penalty: float = bounded(1.0, 0.0)
     overlong_filter: bool = False  # truncated samples take no part in the loss
-    entropy_coef: float = 0.0
-    log_ratio_clamp: float = 20.0
-    max_bad_steps: int = 3  # stop after this many non-finite steps in a row
+    entropy_coef: float = bounded(0.0, 0.0)
+    log_ratio_clamp: float = bounded(20.0, 0.0, above=True)
+    max_bad_steps: int = bounded(3, 1)  # stop after this many non-finite steps in a row
 
 
 @dataclass
 class EvalConfig:
     """Held-out evaluation during and after training: pass@1 as the mean over n samples per prompt."""
 
-    every: int = 0  # steps between evaluations; 0: only before and after training
-    samples: int = 64  # held-out rows used
-    n: int = 1  # samples per held-out prompt
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    max_new_tokens: int = 256
+    every: int = bounded(0, 0)  # steps between evaluations; 0: only before and after training
+    samples: int = bounded(64, 1)  # held-out rows used
+    n: int = bounded(1, 1)  # samples per held-out prompt
+    temperature: float = bounded(0.0, 0.0)  # 0: greedy
+    top_p: float = bounded(1.0, 0.0, 1.0, above=True)
+    max_new_tokens: int = bounded(256, 1)
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 1
+    every: int = bounded(1, 1)
     tensorboard: bool = True
     progress: bool = True
-    sample_every: int = 10  # print sampled completions every N steps (0: only step 0)
-    samples_to_print: int = 2
+    sample_every: int = bounded(10, 0)  # print sampled completions every N steps (0: only step 0)
+    samples_to_print: int = bounded(2, 0)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # 0: only at the end
-    keep: int = 2
-    stop_after: int = 0  # stop the run after this many steps (to test resume); 0: off
+    every: int = bounded(0, 0)  # 0: only at the end
+    keep: int = bounded(2, 0)  # newest checkpoints kept; 0: all
+    stop_after: int = bounded(0, 0)  # stop the run after this many steps (to test resume); 0: off
     export_hf: bool = True
 
 
@@ -307,7 +312,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise R1Error(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise R1Error(f"{where}: not valid YAML ({what})") from None
         _apply(cfg, data)
     for text in overrides:
         if "=" not in text:
@@ -319,8 +327,24 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
             value = raw
         _set_path(cfg, key.strip(), value)
     _expand_paths(cfg)
+    check_ranges(cfg)
     check_registered(cfg)
     return cfg
+
+
+def check_ranges(obj: Any, prefix: str = "") -> None:
+    """Every bounded number lies in its range (declared with the field)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{prefix}{f.name}.")
+            continue
+        low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
+        if low is not None and (value <= low if above else value < low):
+            raise R1Error(f"config key '{prefix}{f.name}': {value!r} is out of range (must be {'>' if above else '>='} "
+                          f"{low})")
+        if high is not None and value > high:
+            raise R1Error(f"config key '{prefix}{f.name}': {value!r} is out of range (must be <= {high})")
 
 
 def check_registered(obj: Any, prefix: str = "") -> None:

@@ -1,7 +1,7 @@
 import pytest
 
 from r1cli.errors import R1Error
-from r1cli.rewards import REWARDS, RewardContext, check_weights, extract_answer, score
+from r1cli.rewards import REWARDS, RewardContext, extract_answer, score
 from r1cli.rewards.answers import countdown_reward, math_reward
 from r1cli.rewards.rules import format_reward, language_reward, partial_format_reward
 
@@ -68,7 +68,7 @@ def test_a_raising_reward_is_that_samples_zero():
 
 def test_unknown_reward_name():
     with pytest.raises(R1Error, match="unknown reward 'formt'.*did you mean 'format'"):
-        check_weights({"formt": 1.0})
+        REWARDS.check("formt")
 
 
 # Reward hacking holes: each completion tries to score accuracy without one clear, right final answer.

@@ -2,6 +2,6 @@
 
 from . import rules  # noqa: F401  registers the built-in rewards
 from .answers import TASKS, extract_answer
-from .scoring import REWARDS, RewardContext, Scores, check_weights, score
+from .scoring import REWARDS, RewardContext, Scores, score
 
-__all__ = ["REWARDS", "TASKS", "RewardContext", "Scores", "check_weights", "extract_answer", "score"]
+__all__ = ["REWARDS", "TASKS", "RewardContext", "Scores", "extract_answer", "score"]

@@ -44,11 +44,6 @@ class Scores:
     last_error: dict[str, str] = field(default_factory=dict)
 
 
-def check_weights(weights: dict[str, float]) -> None:
-    for name in weights:
-        REWARDS.check(name)
-
-
 def score(completions: list[str], rows: list[dict], weights: dict[str, float], ctx: RewardContext) -> Scores:
     """Weighted sum of the configured rewards for each (completion, row) pair."""
     fns = {name: REWARDS.get(name) for name in weights}

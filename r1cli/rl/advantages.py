@@ -22,6 +22,9 @@ def grpo_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
     return (r - mean) / (std + eps)
 
 
+grpo_advantage.divides_by_std = True  # a group of equal rewards is 0 / (0 + eps): eps must be > 0
+
+
 @ADVANTAGES.register("drgrpo")
 def drgrpo_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
     return r - r.mean(-1, keepdim=True)

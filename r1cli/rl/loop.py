@@ -20,8 +20,8 @@ from r1cli.data.schedule import RowSchedule
 from r1cli.errors import R1Error
 from r1cli.eval.accuracy import encode_prompts
 from r1cli.interfaces import SamplingParams, build_engine, build_trainer
-from r1cli.rewards import RewardContext, check_weights, score
-from r1cli.rl.advantages import equal_reward_groups, group_advantages, overlong_penalty
+from r1cli.rewards import RewardContext, score
+from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.run.harness import RunHarness
@@ -35,6 +35,9 @@ def validate(cfg: Config) -> None:
     g, r = cfg.grpo, cfg.rollout
     if r.n < 2:
         raise R1Error("rollout.n must be at least 2: advantages are relative to the group (one sample has none)")
+    if getattr(ADVANTAGES.get(g.advantage), "divides_by_std", False) and g.adv_eps <= 0:
+        raise R1Error(f"grpo.adv_eps=0 with grpo.advantage={g.advantage}: a group whose rewards are all equal "
+                      "divides 0 by 0 (NaN advantages); use a small positive grpo.adv_eps such as 1e-6")
     if cfg.train.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("train.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence needs "
                       "train.fused_linear=recompute")
@@ -57,9 +60,8 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 
 
 def run_rl(cfg: Config, resume: bool = False) -> dict:
+    validate(cfg)  # before reading data or loading a model
     rows = read_records(cfg.data.train, cfg.data.max_samples)
-    check_weights(cfg.rewards.weights)  # before loading a model
-    validate(cfg)
     g, t, n = cfg.grpo, cfg.train, cfg.rollout.n
     objective = GRPOObjective.from_config(g, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
     trainer = build_trainer(cfg, need_reference=g.beta > 0)
