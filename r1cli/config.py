@@ -55,6 +55,11 @@ class DataConfig:
     pack: bool = True
     shuffle: bool = True
     max_samples: int = bounded(0, 0)  # 0: all
+    max_line_mb: int = bounded(64, 1)  # longest JSONL line read
+    # RL prompts longer than this many tokens (0: the model's context less rollout.max_new_tokens) are
+    # dropped and counted, or with long_prompts=error the first is an error
+    max_prompt_tokens: int = bounded(0, 0)
+    long_prompts: Literal["drop", "error"] = "drop"
 
 
 @dataclass

@@ -67,3 +67,103 @@ def test_help_explains_overrides():
     for command in ("sft", "rl"):
         out = run_r1(command, "--help").stdout
         assert "section.key=value" in out and "--print-config" in out
+
+
+# ------------------------------------------------------------------ data files
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    from r1cli.data.records import read_records
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(R1Error, match=r"latin1.jsonl:2: not UTF-8 \(byte 16 of the line\)"):
+        read_records(str(bad))
+
+
+def test_an_enormous_line_is_an_error_not_a_memory_blowup(tmp_path):
+    import json
+    import tracemalloc
+
+    from r1cli.data.records import read_records
+
+    big = tmp_path / "big.jsonl"
+    with big.open("w") as f:
+        f.write(json.dumps({"prompt": "small"}) + "\n")
+        f.write('{"prompt": "' + "x" * (8 << 20) + '"}\n')  # 8 MiB on one line
+    tracemalloc.start()
+    with pytest.raises(R1Error, match=r"big.jsonl:2: line longer than 1 MiB \(raise data.max_line_mb"):
+        read_records(str(big), max_line_bytes=1 << 20)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 << 20  # never read the whole line
+
+
+def test_rl_row_without_its_answer_is_an_error(tmp_path, tiny_model):
+    rows = tmp_path / "rl.jsonl"
+    rows.write_text('{"prompt": "1+1", "answer": "2"}\n\n{"prompt": "2+2", "solution": "4"}\n')
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={tiny_model}", f"data.train={rows}",
+                  "data.eval=", f"train.output_dir={tmp_path / 'run'}")
+    one_line_error(proc, "rl.jsonl:3: row has no field 'answer' (it has: prompt, solution); map the right column "
+                         "with data.answer_field")
+
+
+def test_long_prompts_are_dropped_with_a_count_or_an_error(tmp_path, tiny_model):
+    import json
+
+    from r1cli.rl.loop import run_rl
+
+    rows = tmp_path / "rl.jsonl"
+    rows.write_text("".join(json.dumps({"prompt": p, "answer": "2", "task": "arithmetic"}) + "\n"
+                            for p in ["1+1", "1+1 " * 200, "1+1", "2+0"]))
+    base = ["rollout.n=2", "grpo.prompts_per_step=2", "train.steps=1", "data.eval=", "data.max_prompt_tokens=100",
+            "logging.progress=false", "logging.tensorboard=false", "checkpoint.export_hf=false"]
+    cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", f"data.train={rows}",
+                                                 f"train.output_dir={tmp_path / 'drop'}", *base])
+    import io
+    from contextlib import redirect_stderr
+
+    from r1cli.run.metrics import console
+
+    with redirect_stderr(io.StringIO()):
+        with console.capture() as cap:
+            run_rl(cfg)
+    assert "dropped 1 of 4 prompts longer than 100 tokens" in cap.get()
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={tiny_model}", f"data.train={rows}",
+                  f"train.output_dir={tmp_path / 'err'}", "data.long_prompts=error", *base)
+    one_line_error(proc, "rl.jsonl:2: the prompt has")
+
+
+# ------------------------------------------------------------------ model folders
+
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    import shutil
+
+    return shutil.copytree(tiny_model, tmp_path / "model")
+
+
+def _sft(model, arith_data, tmp_path):
+    return run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={model}", f"data.train={arith_data[0]}",
+                  f"train.output_dir={tmp_path / 'run'}")
+
+
+def test_truncated_safetensors(model_copy, arith_data, tmp_path):
+    w = model_copy / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1000])
+    one_line_error(_sft(model_copy, arith_data, tmp_path), "model.safetensors: truncated or corrupt safetensors")
+
+
+def test_garbage_safetensors(model_copy, arith_data, tmp_path):
+    (model_copy / "model.safetensors").write_bytes(b"\x00" * 64)
+    one_line_error(_sft(model_copy, arith_data, tmp_path), "model.safetensors: not a valid safetensors file")
+
+
+def test_invalid_config_json(model_copy, arith_data, tmp_path):
+    (model_copy / "config.json").write_text('{"model_type": "qwen2",\n "hidden_size": }\n')
+    one_line_error(_sft(model_copy, arith_data, tmp_path), "config.json:2:17: not valid JSON")
+
+
+def test_model_folder_without_tokenizer(model_copy, arith_data, tmp_path):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (model_copy / f).unlink()
+    one_line_error(_sft(model_copy, arith_data, tmp_path), "has no tokenizer files")

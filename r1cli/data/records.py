@@ -10,24 +10,70 @@ from typing import Iterable
 from r1cli.errors import R1Error
 
 
-def read_records(path: str, max_samples: int = 0) -> list[dict]:
-    """All rows of a local JSONL or Parquet file; a malformed line names file and line."""
+MAX_LINE_BYTES = 64 << 20  # data.max_line_mb's default: one JSONL line is read whole into memory
+
+
+class Records(list):
+    """Rows of one file that remember where each came from, so that an error can name file:line."""
+
+    def __init__(self, rows, path: str, lines: list[int]):
+        super().__init__(rows)
+        self.path, self.lines = path, lines
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Records(super().__getitem__(i), self.path, self.lines[i])
+        return super().__getitem__(i)
+
+    def where(self, i: int) -> str:
+        return f"{self.path}:{self.lines[i]}"
+
+    def value(self, i: int, name: str, key: str = ""):
+        """Row i's field `name`, or an error that names the file, line and the fields the row does have."""
+        row = self[i]
+        if name not in row:
+            hint = f"; map the right column with {key}" if key else ""
+            raise R1Error(f"{self.where(i)}: row has no field '{name}' (it has: {', '.join(row) or 'nothing'}){hint}")
+        return row[name]
+
+    def require(self, name: str, key: str) -> None:
+        """Every row has field `name` (set by config key `key`)."""
+        for i in range(len(self)):
+            self.value(i, name, key)
+
+
+def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE_BYTES) -> Records:
+    """All rows of a local JSONL or Parquet file; a malformed line names file and line. JSONL lines are read
+    one at a time, at most max_line_bytes each: one enormous line is an error, not an exhausted memory."""
     if not path:
         raise R1Error("no data file given (set data.train)")
     p = Path(path)
     if not p.is_file():
         raise R1Error(f"data file not found: {path}")
+    rows, lines = [], []
     if p.suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
         try:
             rows = pq.read_table(p).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a corrupt file
+        except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
             raise R1Error(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        lines = list(range(1, len(rows) + 1))  # row numbers
     else:
-        rows = []
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with p.open("rb") as f:
+            lineno = 0
+            while not (max_samples and len(rows) >= max_samples):
+                raw = f.readline(max_line_bytes + 1)
+                if not raw:
+                    break
+                lineno += 1
+                if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+                    raise R1Error(f"{path}:{lineno}: line longer than {max_line_bytes >> 20} MiB "
+                                  f"(raise data.max_line_mb if it is meant to be)")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise R1Error(f"{path}:{lineno}: not UTF-8 (byte {e.start + 1} of the line)") from None
                 if not line.strip():
                     continue
                 try:
@@ -37,21 +83,12 @@ def read_records(path: str, max_samples: int = 0) -> list[dict]:
                 if not isinstance(row, dict):
                     raise R1Error(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
                 rows.append(row)
-                if max_samples and len(rows) >= max_samples:
-                    break
+                lines.append(lineno)
     if max_samples:
-        rows = rows[:max_samples]
+        rows, lines = rows[:max_samples], lines[:max_samples]
     if not rows:
         raise R1Error(f"data file is empty: {path}")
-    return rows
-
-
-def field(row: dict, name: str, path: str, index: int):
-    """row[name], or an error that names the file, the row and the fields it does have."""
-    if name not in row:
-        raise R1Error(f"{path}: row {index + 1} has no field '{name}' (it has: {', '.join(row)}); "
-                      f"map the right column with data.*_field")
-    return row[name]
+    return Records(rows, path, lines)
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:

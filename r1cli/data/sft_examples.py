@@ -46,7 +46,8 @@ def tokenize_rows(rows: list[dict], tokenizer, cfg: DataConfig, source: str) -> 
     for i, row in enumerate(rows):
         msgs = row_messages(row, cfg)
         if msgs is None:
-            raise R1Error(f"{source}: row {i + 1} has neither '{cfg.messages_field}' nor "
+            where = rows.where(i) if hasattr(rows, "where") else f"{source}: row {i + 1}"
+            raise R1Error(f"{where}: row has neither '{cfg.messages_field}' nor "
                           f"'{cfg.prompt_field}' + '{cfg.response_field}' (it has: {', '.join(row)})")
         ex = tokenize_conversation(tokenizer, msgs, cfg)
         if ex.n_targets:

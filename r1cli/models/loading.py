@@ -47,7 +47,33 @@ def autocast(name: str, device: torch.device):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the data its offsets describe: a
+    truncated or corrupt file fails here with its name instead of deep inside a loader."""
+    import json
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError, IndexError) as e:
+        raise R1Error(f"{path}: not a valid safetensors file ({e})") from None
+    if 8 + n + end != size:
+        raise R1Error(f"{path}: truncated or corrupt safetensors file ({size} bytes, its header describes "
+                      f"{8 + n + end})")
+
+
 def check_model_folder(path: str) -> Path:
+    import json
+
     if not path:
         raise R1Error("no model given (set model.path to a local Hugging Face folder)")
     p = Path(path)
@@ -55,9 +81,26 @@ def check_model_folder(path: str) -> Path:
         raise R1Error(f"model folder not found: {path}")
     if not (p / "config.json").is_file():
         raise R1Error(f"{path} is not a Hugging Face model folder (no config.json)")
-    if not any(p.glob("*.safetensors")) and not any(p.glob("*.bin")):
+    try:
+        json.loads((p / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise R1Error(f"{p / 'config.json'}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from None
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights and not any(p.glob("*.bin")):
         raise R1Error(f"{path} has no weights (*.safetensors)")
+    for w in weights:
+        check_safetensors(w)
     return p
+
+
+def context_length(path: str) -> int | None:
+    """The model's context (config.json's max_position_embeddings), without loading it."""
+    import json
+
+    try:
+        return int(json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def load_tokenizer(path: str):
@@ -65,6 +108,9 @@ def load_tokenizer(path: str):
 
     quiet_transformers()
     p = check_model_folder(path)
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise R1Error(f"{path} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them from the "
+                      "model's original folder")
     tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -21,6 +21,9 @@ def accuracy_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     return TASKS.get(task)(completion, row, ctx)
 
 
+accuracy_reward.needs_answer = True  # rows without data.answer_field are an error, not silent zeros
+
+
 _NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"  # text holding none of the four tags
 _STRICT = re.compile(rf"^\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*$", re.DOTALL)
 

@@ -18,9 +18,10 @@ from r1cli.config import Config
 from r1cli.data.records import read_records
 from r1cli.data.schedule import RowSchedule
 from r1cli.errors import R1Error
-from r1cli.eval.accuracy import encode_prompts
+from r1cli.data.prompts import encode_prompts, fit_prompts
 from r1cli.interfaces import SamplingParams, build_engine, build_trainer
-from r1cli.rewards import RewardContext, score
+from r1cli.models.loading import context_length
+from r1cli.rewards import REWARDS, RewardContext, score
 from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
@@ -61,14 +62,21 @@ def sample_seed(seed: int, step: int, position: int) -> int:
 
 def run_rl(cfg: Config, resume: bool = False) -> dict:
     validate(cfg)  # before reading data or loading a model
-    rows = read_records(cfg.data.train, cfg.data.max_samples)
+    rows = read_records(cfg.data.train, cfg.data.max_samples, cfg.data.max_line_mb << 20)
+    if any(getattr(REWARDS.get(name), "needs_answer", False) for name in cfg.rewards.weights):
+        rows.require(cfg.data.answer_field, "data.answer_field")  # else every sample would silently score 0
     g, t, n = cfg.grpo, cfg.train, cfg.rollout.n
     objective = GRPOObjective.from_config(g, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
     trainer = build_trainer(cfg, need_reference=g.beta > 0)
     p = trainer.parallel
     validate_layout(cfg, p.dp_size)
     engine = build_engine(cfg.model, cfg.rollout, trainer)
-    prompts = encode_prompts(trainer.tokenizer, rows, cfg.data, cfg.data.train)
+    prompts = encode_prompts(trainer.tokenizer, rows, cfg.data)
+    limit = cfg.data.max_prompt_tokens or (context_length(cfg.model.path) or 1 << 62) - cfg.rollout.max_new_tokens
+    rows, prompts, dropped = fit_prompts(rows, prompts, limit, cfg.data.long_prompts)
+    if dropped and p.is_main:
+        console.print(f"dropped {dropped} of {dropped + len(rows)} prompts longer than {limit} tokens "
+                      "(data.max_prompt_tokens; data.long_prompts=error to stop instead)")
     schedule = RowSchedule(len(rows), g.prompts_per_step, t.seed, cfg.data.shuffle)
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     harness = RunHarness(cfg, trainer, resume=resume, evaluate=held_out_evaluator(cfg, trainer, engine),

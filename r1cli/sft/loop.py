@@ -16,7 +16,8 @@ from r1cli.sft.loss import NLLLoss
 
 
 def build_rows(cfg: Config, tokenizer, path: str):
-    examples = tokenize_rows(read_records(path, cfg.data.max_samples), tokenizer, cfg.data, path)
+    rows = read_records(path, cfg.data.max_samples, cfg.data.max_line_mb << 20)
+    examples = tokenize_rows(rows, tokenizer, cfg.data, path)
     return pack_examples(examples, cfg.data.max_seq_len) if cfg.data.pack else examples
 
 
@@ -25,7 +26,8 @@ def held_out_evaluator(cfg: Config, trainer, engine=None):
     weights refreshed before each evaluation), or None without data.eval."""
     if not cfg.data.eval:
         return None
-    rows = read_records(cfg.data.eval)[: cfg.eval.samples]
+    rows = read_records(cfg.data.eval, cfg.eval.samples, cfg.data.max_line_mb << 20)
+    rows.require(cfg.data.answer_field, "data.answer_field")
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
     box = [engine]
@@ -41,7 +43,7 @@ def held_out_evaluator(cfg: Config, trainer, engine=None):
 
 
 def run_sft(cfg: Config, resume: bool = False) -> dict:
-    read_records(cfg.data.train, 1)  # fail on a missing data file before loading a model
+    read_records(cfg.data.train, 1, cfg.data.max_line_mb << 20)  # a missing file fails before a model loads
     trainer = build_trainer(cfg)
     p, t = trainer.parallel, cfg.train
     rows = build_rows(cfg, trainer.tokenizer, cfg.data.train)
