@@ -196,13 +196,15 @@ def memory_model(tokens, vocab, H):
                 return (torch.randn(n, H, dtype=torch.bfloat16).requires_grad_(),
                         torch.randn(V, H, dtype=torch.bfloat16).requires_grad_()) + small()
 
-            e = counted_peak(lambda *a: grpo_loss_ref(*a, objective=SPEC), logits_in)  # d(logits) in a new buffer both ways
+            # d(logits) in a new buffer both ways
+            e = counted_peak(lambda *a: grpo_loss_ref(*a, objective=SPEC), logits_in)
             o = counted_peak(lambda *a: triton_grpo_loss(*a, **KW), logits_in)
             print(f"{f'logits N={n} V={V}':<30}{e / 1e9:>9.2f}{o / 1e9:>9.2f}{e / o:>11.1f}x")
             e = counted_peak(lambda *a: fused_linear_grpo_loss_ref(*a, objective=SPEC), linear_in)
             o = counted_peak(lambda *a: fused_linear_grpo_loss_impl(*a, use_triton=True, objective=SPEC), linear_in)
             print(f"{f'linear N={n} H={H} V={V}':<30}{e / 1e9:>9.2f}{o / 1e9:>9.2f}{e / o:>11.1f}x")
-            o = counted_peak(lambda *a: fused_linear_grpo_objective_impl(*a, torch.ones(n), use_triton=True, objective=SPEC),
+            o = counted_peak(lambda *a: fused_linear_grpo_objective_impl(*a, torch.ones(n), use_triton=True,
+                                                                         objective=SPEC),
                              linear_in)
             print(f"{f'  one pass':<30}{'':>9}{o / 1e9:>9.2f}{e / o:>11.1f}x")
 

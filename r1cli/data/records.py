@@ -92,14 +92,19 @@ def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:
-    """Write atomically (temp file, then rename); returns the row count."""
+    """Write atomically (temp file, then rename); returns the row count. A failed write leaves nothing behind."""
     path = Path(path)
+    if path.is_dir():
+        raise R1Error(f"{path} is a folder; give a file name such as {path / 'data.jsonl'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            n += 1
-    os.replace(tmp, path)
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                n += 1
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n

@@ -25,7 +25,7 @@ def packaged_smollm2() -> Path:
     return path
 
 
-def convert_gguf(out_dir: str | Path, gguf_path: str | None = None) -> Path:
+def convert_gguf(out_dir: str | Path, gguf_path: str | None = None, overwrite: bool = False) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError:
@@ -33,13 +33,13 @@ def convert_gguf(out_dir: str | Path, gguf_path: str | None = None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from r1cli.models.loading import quiet_transformers
+    from r1cli.models.loading import check_new_folder, publish_model_folder, quiet_transformers
 
     quiet_transformers()
+    check_new_folder(out_dir, overwrite)  # before minutes of conversion
     src = Path(gguf_path) if gguf_path else packaged_smollm2()
     if not src.is_file():
         raise R1Error(f"GGUF file not found: {src}")
-    out = Path(out_dir)
     tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
     # the GGUF-loaded model is flagged as quantised and refuses to save; its tensors are already
@@ -53,7 +53,4 @@ def convert_gguf(out_dir: str | Path, gguf_path: str | None = None) -> Path:
         raise R1Error(f"{src}: GGUF tensors did not map onto the model (missing {missing[:3]}, "
                       f"unexpected {unexpected[:3]})")
     model.tie_weights()
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return publish_model_folder(model, tok, out_dir, overwrite)

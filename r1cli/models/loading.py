@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -135,3 +137,31 @@ def load_model(cfg: ModelConfig, device: torch.device):
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
     return model
+
+
+def check_new_folder(out: str | Path, overwrite: bool) -> Path:
+    """A folder a command is about to create: an existing non-empty one is kept unless overwrite."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise R1Error(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+    return out
+
+
+def publish_model_folder(model, tokenizer, out: str | Path, overwrite: bool) -> Path:
+    """Write model + tokenizer into a temporary folder beside `out`, then swap it in: a crash never leaves a
+    half-written model, and an existing one is replaced only with overwrite, and only once the new one is whole."""
+    out = check_new_folder(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, out)
+    return out

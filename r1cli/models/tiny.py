@@ -87,16 +87,15 @@ def build_tokenizer(spec: TinySpec):
     return fast
 
 
-def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
+def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, overwrite: bool = False) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from r1cli.models.loading import quiet_transformers
+    from r1cli.models.loading import check_new_folder, publish_model_folder, quiet_transformers
 
     quiet_transformers()
     spec = spec or TinySpec()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_new_folder(out_dir, overwrite)
     tok = build_tokenizer(spec)
     head_dim = spec.hidden_size // spec.num_attention_heads
     kw = dict(
@@ -115,6 +114,4 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return publish_model_folder(model, tok, out_dir, overwrite)

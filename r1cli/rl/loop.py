@@ -25,7 +25,7 @@ from r1cli.rewards import REWARDS, RewardContext, score
 from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
-from r1cli.run.harness import RunHarness
+from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
 from r1cli.sft.loop import held_out_evaluator
 from r1cli.token_batch import TokenBatch
@@ -60,8 +60,9 @@ def sample_seed(seed: int, step: int, position: int) -> int:
     return (seed * 1_000_003 + step) * 100_003 + position
 
 
-def run_rl(cfg: Config, resume: bool = False) -> dict:
+def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     validate(cfg)  # before reading data or loading a model
+    check_run_dir(cfg.train.output_dir, resume, overwrite)
     rows = read_records(cfg.data.train, cfg.data.max_samples, cfg.data.max_line_mb << 20)
     if any(getattr(REWARDS.get(name), "needs_answer", False) for name in cfg.rewards.weights):
         rows.require(cfg.data.answer_field, "data.answer_field")  # else every sample would silently score 0
@@ -79,80 +80,81 @@ def run_rl(cfg: Config, resume: bool = False) -> dict:
                       "(data.max_prompt_tokens; data.long_prompts=error to stop instead)")
     schedule = RowSchedule(len(rows), g.prompts_per_step, t.seed, cfg.data.shuffle)
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
-    harness = RunHarness(cfg, trainer, resume=resume, evaluate=held_out_evaluator(cfg, trainer, engine),
-                         eval_before=True,
-                         progress_keys=[("reward/total", "reward"), ("reward/accuracy", "acc"),
-                                        ("response_len/mean", "len"), ("kl", "kl"), ("rollout_tokens_per_s", "tok/s")])
-    if harness.start:  # resumed: an engine with its own copy still holds the starting weights
-        engine.load_weights(trainer.named_weights())
-    bad_streak = 0
-    last: dict = {}
-    per_rank = g.prompts_per_step // p.dp_size
-    for step in range(harness.start, t.steps):
-        # 1. this data-parallel rank's prompts (the same on every TP/PP rank of its replica), G samples each
-        idx = schedule.rows_for_step(step)
-        first = p.dp_rank * per_rank
-        positions = range(first, first + per_rank)
-        my_rows = [rows[idx[q]] for q in positions]
-        t0 = time.perf_counter()
-        groups = engine.generate([prompts[idx[q]] for q in positions],
-                                 SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(t.seed, step, first)))
-        t_rollout = time.perf_counter() - t0
-        samples = [c for grp in groups for c in grp]
-        sample_rows = [r for r in my_rows for _ in range(n)]
+    keys = [("reward/total", "reward"), ("reward/accuracy", "acc"), ("response_len/mean", "len"), ("kl", "kl"),
+            ("rollout_tokens_per_s", "tok/s")]
+    with RunHarness(cfg, trainer, resume=resume, overwrite=overwrite, progress_keys=keys, eval_before=True,
+                    evaluate=held_out_evaluator(cfg, trainer, engine)) as harness:
+        if harness.start:  # resumed: an engine with its own copy still holds the starting weights
+            engine.load_weights(trainer.named_weights())
+        bad_streak = 0
+        last: dict = {}
+        per_rank = g.prompts_per_step // p.dp_size
+        for step in range(harness.start, t.steps):
+            # 1. this data-parallel rank's prompts (the same on every TP/PP rank of its replica), G samples each
+            idx = schedule.rows_for_step(step)
+            first = p.dp_rank * per_rank
+            positions = range(first, first + per_rank)
+            my_rows = [rows[idx[q]] for q in positions]
+            t0 = time.perf_counter()
+            groups = engine.generate([prompts[idx[q]] for q in positions],
+                                     SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(t.seed, step, first)))
+            t_rollout = time.perf_counter() - t0
+            samples = [c for grp in groups for c in grp]
+            sample_rows = [r for r in my_rows for _ in range(n)]
 
-        # 2. rewards (a failing checker is that sample's 0)
-        scores = score([c.text for c in samples], sample_rows, cfg.rewards.weights, ctx)
-        rewards = torch.tensor(scores.total, dtype=torch.float32)
-        lengths = torch.tensor([len(c.completion_ids) for c in samples])
-        truncated = torch.tensor([c.truncated for c in samples], dtype=torch.bool)
-        rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer,
-                                             g.overlong_penalty)
-        batch = TokenBatch.from_completions([c.prompt_ids for c in samples], [c.completion_ids for c in samples])
+            # 2. rewards (a failing checker is that sample's 0)
+            scores = score([c.text for c in samples], sample_rows, cfg.rewards.weights, ctx)
+            rewards = torch.tensor(scores.total, dtype=torch.float32)
+            lengths = torch.tensor([len(c.completion_ids) for c in samples])
+            truncated = torch.tensor([c.truncated for c in samples], dtype=torch.bool)
+            rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer,
+                                                 g.overlong_penalty)
+            batch = TokenBatch.from_completions([c.prompt_ids for c in samples], [c.completion_ids for c in samples])
 
-        # 3. log-probs under the sampling policy and the reference
-        t1 = time.perf_counter()
-        completion_mask = batch.scored_mask()
-        batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
-        if g.beta > 0:
-            batch.fields["ref_logp"] = trainer.logprobs(batch, "reference", objective.temperature)
-        if g.beta > 0 and g.kl_in_reward:
-            kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator)
-                      * completion_mask).sum(-1)
-            rewards = rewards - g.beta * kl_seq
+            # 3. log-probs under the sampling policy and the reference
+            t1 = time.perf_counter()
+            completion_mask = batch.scored_mask()
+            batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
+            if g.beta > 0:
+                batch.fields["ref_logp"] = trainer.logprobs(batch, "reference", objective.temperature)
+            if g.beta > 0 and g.kl_in_reward:
+                kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator)
+                          * completion_mask).sum(-1)
+                rewards = rewards - g.beta * kl_seq
 
-        # 4. group-relative advantages; groups without signal and truncated samples leave the loss
-        advantages = group_advantages(rewards, n, g.advantage, g.adv_eps)
-        flat_groups = equal_reward_groups(rewards, n)
-        weight = torch.ones(len(samples))
-        if g.drop_equal_groups:
-            weight = weight * (~flat_groups).repeat_interleave(n).float()
-        if g.overlong_filter:
-            weight = weight * (~truncated).float()
-        batch.fields.update(advantages=advantages, loss_weight=weight, mask=completion_mask * weight.unsqueeze(-1))
+            # 4. group-relative advantages; groups without signal and truncated samples leave the loss
+            advantages = group_advantages(rewards, n, g.advantage, g.adv_eps)
+            flat_groups = equal_reward_groups(rewards, n)
+            weight = torch.ones(len(samples))
+            if g.drop_equal_groups:
+                weight = weight * (~flat_groups).repeat_interleave(n).float()
+            if g.overlong_filter:
+                weight = weight * (~truncated).float()
+            batch.fields.update(advantages=advantages, loss_weight=weight, mask=completion_mask * weight.unsqueeze(-1))
 
-        # 5. mu passes of mini-batch optimizer steps
-        train_out = optimize(trainer, batch, objective, cfg, step)
-        t_train = time.perf_counter() - t1
-        engine.load_weights(trainer.named_weights())
-        if g.ref_update_every and (step + 1) % g.ref_update_every == 0:
-            trainer.update_reference()
+            # 5. mu passes of mini-batch optimizer steps
+            train_out = optimize(trainer, batch, objective, cfg, step)
+            t_train = time.perf_counter() - t1
+            engine.load_weights(trainer.named_weights())
+            if g.ref_update_every and (step + 1) % g.ref_update_every == 0:
+                trainer.update_reference()
 
-        # 6. metrics, samples, checkpoint
-        bad_streak = bad_streak + 1 if train_out["skipped"] else 0
-        if bad_streak >= g.max_bad_steps:
-            raise R1Error(f"stopping at step {step + 1}: {bad_streak} steps in a row had a non-finite loss or "
-                          f"gradient (lower optim.lr, check data); the last good checkpoint is in {harness.run_dir}")
-        last = _step_metrics(p, scores, rewards, lengths, truncated, advantages, flat_groups, train_out,
-                             t_rollout, t_train, cfg)
-        if p.is_main:
-            if step == harness.start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
-                _print_samples(samples, sample_rows, scores, cfg, step + 1)
-            if last["reward/max"] <= 0:
-                _warn_zero_rewards(scores, samples, step + 1)
-        if harness.step_done(step + 1, last):
-            return harness.stopped(last)
-    return harness.finish(last)
+            # 6. metrics, samples, checkpoint
+            bad_streak = bad_streak + 1 if train_out["skipped"] else 0
+            if bad_streak >= g.max_bad_steps:
+                raise R1Error(f"stopping at step {step + 1}: {bad_streak} steps in a row had a non-finite loss or "
+                              "gradient (lower optim.lr, check data); the last good checkpoint is in "
+                              f"{harness.run_dir}")
+            last = _step_metrics(p, scores, rewards, lengths, truncated, advantages, flat_groups, train_out,
+                                 t_rollout, t_train, cfg)
+            if p.is_main:
+                if step == harness.start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
+                    _print_samples(samples, sample_rows, scores, cfg, step + 1)
+                if last["reward/max"] <= 0:
+                    _warn_zero_rewards(scores, samples, step + 1)
+            if harness.step_done(step + 1, last):
+                return harness.stopped(last)
+        return harness.finish(last)
 
 
 def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, step: int) -> dict:

@@ -1,17 +1,28 @@
-"""Atomic checkpoint directories: write into `step_N.tmp`, then rename; `latest` names the newest.
+"""Atomic, verified checkpoint folders.
 
-A crash mid-write leaves a `.tmp` folder that is never read, so the last complete
-checkpoint always survives.
+Every rank writes its part into `step_N.tmp`; rank 0 then writes `manifest.json` (the
+run's id, the step, each file's size and sha256) last, fsyncs, renames the folder to
+`step_N` and points `latest` at it. A crash mid-write leaves a `.tmp` folder that is
+never read. On resume the newest checkpoint whose files match its manifest is used; a
+truncated or corrupt one is skipped with the reason, and a missing or dangling
+`latest` falls back to scanning the folders. Rotation deletes only the current run's
+own older checkpoints, never another run's.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 from r1cli.config import CheckpointConfig
 from r1cli.errors import R1Error
+
+MANIFEST = "manifest.json"
+_STEP = re.compile(r"step_(\d+)")
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -19,8 +30,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 
 def staging_dir(run_dir: str | Path, step: int) -> Path:
-    d = checkpoint_root(run_dir) / f"step_{step:08d}.tmp"
-    return d
+    return checkpoint_root(run_dir) / f"step_{step:08d}.tmp"
 
 
 def begin(run_dir: str | Path, step: int) -> Path:
@@ -39,38 +49,12 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def commit(run_dir: str | Path, step: int, keep: int) -> Path:
-    """Publish a staged checkpoint and drop all but the newest `keep`."""
-    root = checkpoint_root(run_dir)
-    tmp, final = staging_dir(run_dir, step), root / f"step_{step:08d}"
-    for f in tmp.iterdir():
-        with f.open("rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_text_atomic(root / "latest", final.name)
-    _fsync_dir(root)
-    done = sorted(p for p in root.glob("step_*") if not p.name.endswith(".tmp"))
-    for old in done[: max(0, len(done) - keep)] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest(run_dir: str | Path) -> Path | None:
-    root = checkpoint_root(run_dir)
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    d = root / pointer.read_text().strip()
-    return d if d.is_dir() else None
-
-
-def require_latest(run_dir: str | Path) -> Path:
-    d = latest(run_dir)
-    if d is None:
-        raise R1Error(f"--resume: no checkpoint under {checkpoint_root(run_dir)}")
-    return d
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -81,20 +65,107 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(trainer, run_dir: str | Path, step: int, keep: int) -> None:
-    """Every rank writes its part into the staging folder; rank 0 publishes it."""
+def commit(run_dir: str | Path, step: int, keep: int, run_id: str) -> Path:
+    """Publish a staged checkpoint (manifest last) and drop all but this run's newest `keep`."""
+    root = checkpoint_root(run_dir)
+    tmp, final = staging_dir(run_dir, step), root / f"step_{step:08d}"
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        with f.open("rb") as fh:
+            os.fsync(fh.fileno())
+        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+    write_text_atomic(tmp / MANIFEST, json.dumps({"run_id": run_id, "step": step, "files": files}, indent=1))
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_text_atomic(root / "latest", final.name)
+    _fsync_dir(root)
+    if keep > 0:
+        mine = [d for d in completed(run_dir) if _run_id(d) == run_id]
+        for old in mine[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def completed(run_dir: str | Path) -> list[Path]:
+    """Published checkpoint folders, newest step first."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [d for d in root.iterdir() if d.is_dir() and _STEP.fullmatch(d.name)]
+    return sorted(found, key=lambda d: int(_STEP.fullmatch(d.name).group(1)), reverse=True)
+
+
+def _manifest(d: Path) -> dict | None:
+    try:
+        return json.loads((d / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _run_id(d: Path) -> str | None:
+    m = _manifest(d)
+    return m.get("run_id") if isinstance(m, dict) else None
+
+
+def verify(d: Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong."""
+    m = _manifest(d)
+    if not isinstance(m, dict) or "files" not in m:
+        return "no readable manifest.json (an unfinished or damaged checkpoint)"
+    for name, want in m["files"].items():
+        f = d / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["size"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint, and a line for each newer one skipped. The checkpoint `latest` names
+    decides which run is resumed (another run's folders are never candidates); without it (deleted,
+    dangling) every folder is."""
+    root = checkpoint_root(run_dir)
+    candidates = completed(run_dir)
+    pointer = root / "latest"
+    named = root / pointer.read_text().strip() if pointer.is_file() else None
+    if named is not None and named in candidates and _run_id(named) is not None:
+        candidates = [d for d in candidates if _run_id(d) == _run_id(named)]
+    skipped = []
+    for d in candidates:
+        problem = verify(d)
+        if problem is None:
+            return d, skipped
+        skipped.append(f"skipped checkpoint {d.name}: {problem}")
+    return None, skipped
+
+
+def require_latest(run_dir: str | Path, say=print) -> Path:
+    d, skipped = latest(run_dir)
+    for line in skipped:
+        say(line)
+    if d is None:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise R1Error(f"--resume: no intact checkpoint under {checkpoint_root(run_dir)}{why}")
+    return d
+
+
+def run_id_of(d: Path) -> str | None:
+    return _run_id(d)
+
+
+def save(trainer, run_dir: str | Path, step: int, keep: int, run_id: str) -> Path:
+    """Every rank writes its part into the staging folder; rank 0 verifies and publishes it."""
     p = trainer.parallel
     staging = begin(run_dir, step) if p.is_main else staging_dir(run_dir, step)
     p.barrier()
     trainer.save(staging, {"step": step})
+    final = staging_dir(run_dir, step).with_suffix("")
     if p.is_main:
-        commit(run_dir, step, keep)
+        final = commit(run_dir, step, keep, run_id)
     p.barrier()
-
-
-def save_if_due(trainer, run_dir: str | Path, c: CheckpointConfig, done: int, total: int) -> bool:
-    """The periodic checkpoint after step `done`; True when `checkpoint.stop_after` says stop here."""
-    stop = bool(c.stop_after) and done == c.stop_after
-    if stop or (c.every and done % c.every == 0 and done < total):
-        save(trainer, run_dir, done, c.keep)
-    return stop
+    return final

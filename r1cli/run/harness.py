@@ -1,66 +1,144 @@
 """What every training command shares around its loop: the run folder, merged config, metrics,
-progress bar, resume, periodic held-out evaluation and checkpoints, and the final save and export.
+progress bar, resume, periodic held-out evaluation and checkpoints, a clean stop on SIGINT /
+SIGTERM, and the final save and export.
 
-A loop reads:  harness = RunHarness(...); for step in range(harness.start, steps): ...;
-if harness.step_done(step + 1, metrics): return harness.stopped(metrics); return harness.finish(metrics).
+A loop reads:
+
+    check_run_dir(cfg.train.output_dir, resume, overwrite)      # before any model loads
+    with RunHarness(cfg, trainer, ...) as harness:
+        for step in range(harness.start, cfg.train.steps):
+            ...
+            if harness.step_done(step + 1, metrics):
+                return harness.stopped(metrics)
+        return harness.finish(metrics)
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
 from r1cli.config import Config, save_config
+from r1cli.errors import R1Error, RunInterrupted
 from r1cli.run import checkpoint as ckpt
 from r1cli.run.metrics import MetricsLog, StepProgress, console
+
+RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "hf")
+
+
+def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
+    """A new run never lands on an earlier one by accident: it must be resumed or replaced explicitly."""
+    run_dir = Path(run_dir)
+    if resume and overwrite:
+        raise R1Error("--resume continues a run and --overwrite replaces it: give one of them")
+    found = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    if found and not resume and not overwrite:
+        done = ckpt.completed(run_dir)
+        what = f"checkpoints up to {done[0].name}" if done else ", ".join(found)
+        raise R1Error(f"train.output_dir {run_dir} already holds a run ({what}); continue it with --resume, "
+                      "replace it with --overwrite, or set another train.output_dir")
 
 
 class RunHarness:
     def __init__(self, cfg: Config, trainer, *, resume: bool, progress_keys: list[tuple[str, str]],
-                 evaluate: Callable[[], dict] | None = None, eval_before: bool = False):
+                 evaluate: Callable[[], dict] | None = None, eval_before: bool = False, overwrite: bool = False):
         """`evaluate` returns held-out metrics (it runs on every rank); with `eval_before` a fresh run scores
         the starting model as step 0."""
         self.cfg, self.trainer, self.evaluate = cfg, trainer, evaluate
-        self.parallel = trainer.parallel
+        self.parallel = p = trainer.parallel
         self.run_dir = Path(cfg.train.output_dir)
-        if self.parallel.is_main:
+        self.t0 = time.perf_counter()
+        p.barrier()  # every rank has checked the folder (check_run_dir) before rank 0 changes it
+        if overwrite and p.is_main:
+            for name in RUN_ARTIFACTS:
+                target = self.run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        p.barrier()
+        if p.is_main:
             save_config(cfg, self.run_dir)
-        self.log = MetricsLog(self.run_dir, self.parallel.is_main, cfg.logging.tensorboard, fresh=not resume)
-        self.start = 0
+        self.log = MetricsLog(self.run_dir, p.is_main, cfg.logging.tensorboard, fresh=not resume)
+        self.start, self.run_id = 0, uuid.uuid4().hex[:12]
+        self.first_eval: dict = {}
         if resume:
-            self.start = trainer.load(ckpt.require_latest(self.run_dir))["step"]
+            found = ckpt.require_latest(self.run_dir, say=self.print)
+            self.start = trainer.load(found)["step"]
+            self.run_id = ckpt.run_id_of(found) or self.run_id
             self.log.truncate_after(self.start)
-            self.print(f"resumed from step {self.start}")
+            self.print(f"resumed from step {self.start} ({found})")
         elif eval_before and evaluate is not None:
-            self.log.log(0, evaluate())
-        self.bar = StepProgress(cfg.train.steps, self.start, self.parallel.is_main and cfg.logging.progress,
-                                progress_keys)
+            self.first_eval = evaluate()
+            self.log.log(0, self.first_eval)
+        self.bar = StepProgress(cfg.train.steps, self.start, p.is_main and cfg.logging.progress, progress_keys,
+                                log_every=cfg.logging.every)
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    # ------------------------------------------------------------------ SIGINT / SIGTERM
+    def __enter__(self) -> "RunHarness":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous.clear()
+        self.bar.close()
+        self.log.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        """Finish the step in progress, checkpoint it and stop; a second signal acts at once."""
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        os.write(2, f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                    "(send it again to stop at once)\n".encode())
 
     def print(self, text: str) -> None:
         if self.parallel.is_main:
             console.print(text)
 
+    # ------------------------------------------------------------------ per step
     def step_done(self, step: int, metrics: dict) -> bool:
         """After step `step` (1-based): log, progress, periodic evaluation and checkpoint; True when
-        checkpoint.stop_after says the run stops here."""
-        steps, every = self.cfg.train.steps, self.cfg.eval.every
+        checkpoint.stop_after says the run stops here. After SIGINT / SIGTERM: checkpoint and raise."""
+        steps, every, c = self.cfg.train.steps, self.cfg.eval.every, self.cfg.checkpoint
         if step % self.cfg.logging.every == 0 or step == steps:
             self.log.log(step, metrics)
         self.bar.update(step, metrics)
         if self.evaluate is not None and every and step % every == 0 and step < steps:  # the last one: finish()
             self.log.log(step, self.evaluate())
-        return ckpt.save_if_due(self.trainer, self.run_dir, self.cfg.checkpoint, step, steps)
+        stop = bool(c.stop_after) and step == c.stop_after
+        # every rank stops after the same step, even when the signal reached them at different moments
+        interrupted = self.parallel.all_reduce_sum(float(self.signum is not None)) > 0
+        if stop or interrupted or (c.every and step % c.every == 0 and step < steps):
+            saved = ckpt.save(self.trainer, self.run_dir, step, c.keep, self.run_id)
+            if interrupted:
+                signum = self.signum or signal.SIGTERM
+                raise RunInterrupted(f"{signal.Signals(signum).name} after step {step}: checkpoint saved to {saved}; "
+                                     "continue with --resume", int(signum))
+        if stop:
+            self.print(f"stopped after step {step} (checkpoint.stop_after={c.stop_after}): checkpoint in "
+                       f"{ckpt.checkpoint_root(self.run_dir)}; continue with --resume")
+        return stop
 
     def stopped(self, last: dict) -> dict:
-        self.bar.close()
-        self.log.close()
         return {"stopped_at": self.cfg.checkpoint.stop_after, **last}
 
     def finish(self, last: dict) -> dict:
         """The final checkpoint, held-out evaluation and Hugging Face export; a one-line summary."""
         steps = self.cfg.train.steps
         self.bar.close()
-        ckpt.save(self.trainer, self.run_dir, steps, self.cfg.checkpoint.keep)
+        ckpt.save(self.trainer, self.run_dir, steps, self.cfg.checkpoint.keep, self.run_id)
         result = dict(last)
         if self.evaluate is not None:
             ev = self.evaluate()
@@ -68,7 +146,16 @@ class RunHarness:
             result.update(ev)
         if self.cfg.checkpoint.export_hf:
             self.trainer.export_hf(self.run_dir / "hf")
-        self.log.close()
-        self.print(f"done: {self.run_dir}  " + "  ".join(f"{k}={v:.4g}" for k, v in result.items()
-                                                          if isinstance(v, float)))
+        self.print(self.summary(result, steps))
         return result
+
+    def summary(self, result: dict, steps: int) -> str:
+        parts = [f"done: {steps - self.start} steps in {time.perf_counter() - self.t0:.0f} s"]
+        if "eval/accuracy" in result:
+            before = f"{self.first_eval['eval/accuracy']:.3f} -> " if "eval/accuracy" in self.first_eval else ""
+            parts.append(f"held-out accuracy {before}{result['eval/accuracy']:.3f}")
+        if "loss" in result:
+            parts.append(f"final loss {result['loss']:.4g}")
+        exported = " (Hugging Face export in hf/)" if self.cfg.checkpoint.export_hf else ""
+        parts.append(f"run in {self.run_dir}{exported}")
+        return "; ".join(parts)

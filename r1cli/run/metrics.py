@@ -1,14 +1,17 @@
-"""Where a run's numbers go: metrics.jsonl, TensorBoard, and a rich progress bar."""
+"""Where a run's numbers go: metrics.jsonl, TensorBoard, and a rich progress bar (plain lines in a log)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from r1cli.errors import R1Error
 
 console = Console(stderr=True)
 
@@ -30,11 +33,13 @@ class MetricsLog:
                 self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: forget lines logged after the checkpoint we continue from."""
+        """On resume: forget lines logged after the checkpoint we continue from (and a torn last line)."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [json.dumps(m) for m in read_metrics(self.path) if m["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -53,18 +58,34 @@ class MetricsLog:
             self._tb.close()
 
 
-def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_metrics(path: str | Path, say=None) -> list[dict]:
+    """Every logged line; a torn last line (a kill mid-write) is dropped, and said so. A bad line elsewhere is
+    damage, not a kill: an error naming it."""
+    lines = Path(path).read_text(errors="replace").splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(rest.strip() for rest in lines[i:]):
+                raise R1Error(f"{path}:{i}: not a JSON line; the metrics file is damaged") from None
+            (say or console.print)(f"{path}:{i}: dropped a torn last line (the run was stopped mid-write)")
+    return out
 
 
 class StepProgress:
-    """A progress bar whose description carries the figures a user watches."""
+    """A progress bar whose description carries the figures a user watches; where the output is not a
+    terminal (a SLURM log), one plain line per logging step instead."""
 
-    def __init__(self, total: int, start: int, enabled: bool, keys: list[tuple[str, str]]):
+    def __init__(self, total: int, start: int, enabled: bool, keys: list[tuple[str, str]], log_every: int = 1):
         self.keys = keys  # (metric name, short label)
+        self.total, self.log_every = total, max(1, log_every)
         self.enabled = enabled
+        self.t0 = time.perf_counter()
         self._p = None
-        if enabled:
+        if enabled and console.is_terminal:
             self._p = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[figures]}"),
@@ -73,16 +94,19 @@ class StepProgress:
             self._task = self._p.add_task("train", total=total, completed=start, figures="")
             self._p.start()
 
+    def _figures(self, values: dict) -> str:
+        return "  ".join(f"{label} {values[name]:.4g}" for name, label in self.keys
+                         if isinstance(values.get(name), float))
+
     def update(self, step: int, values: dict) -> None:
-        if not self._p:
-            return
-        parts = []
-        for name, label in self.keys:
-            v = values.get(name)
-            if isinstance(v, float):
-                parts.append(f"{label} {v:.4g}")
-        self._p.update(self._task, completed=step, figures="  ".join(parts))
+        if self._p:
+            self._p.update(self._task, completed=step, figures=self._figures(values))
+        elif self.enabled and (step % self.log_every == 0 or step == self.total):
+            elapsed = time.perf_counter() - self.t0
+            console.print(f"step {step}/{self.total}  {self._figures(values)}  [{elapsed:.0f} s]", highlight=False,
+                          soft_wrap=True)
 
     def close(self) -> None:
         if self._p:
             self._p.stop()
+            self._p = None

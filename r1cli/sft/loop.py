@@ -11,7 +11,7 @@ from r1cli.data.sft_examples import pack_examples, to_token_batch, tokenize_rows
 from r1cli.eval.accuracy import held_out_accuracy
 from r1cli.interfaces import SamplingParams, build_engine, build_trainer
 from r1cli.rewards import RewardContext
-from r1cli.run.harness import RunHarness
+from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.sft.loss import NLLLoss
 
 
@@ -42,23 +42,25 @@ def held_out_evaluator(cfg: Config, trainer, engine=None):
     return evaluate
 
 
-def run_sft(cfg: Config, resume: bool = False) -> dict:
+def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+    check_run_dir(cfg.train.output_dir, resume, overwrite)
     read_records(cfg.data.train, 1, cfg.data.max_line_mb << 20)  # a missing file fails before a model loads
     trainer = build_trainer(cfg)
     p, t = trainer.parallel, cfg.train
     rows = build_rows(cfg, trainer.tokenizer, cfg.data.train)
     schedule = RowSchedule(len(rows), t.micro_batch_size * t.grad_accum * p.dp_size, t.seed, cfg.data.shuffle)
-    harness = RunHarness(cfg, trainer, resume=resume, evaluate=held_out_evaluator(cfg, trainer),
-                         progress_keys=[("loss", "loss"), ("lr", "lr"), ("tokens_per_s", "tok/s")])
     last: dict = {}
-    for step in range(harness.start, t.steps):
-        t0 = time.perf_counter()
-        batch = to_token_batch([rows[i] for i in rank_share(schedule.rows_for_step(step), p.dp_rank, p.dp_size)])
-        tokens = p.all_reduce_sum(sum(batch.scored_counts()))
-        out = trainer.train_step(batch, NLLLoss(tokens))
-        last = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                "tokens_per_s": tokens / (time.perf_counter() - t0), "epoch": schedule.epoch_of(step + 1),
-                "skipped": out["skipped"]}
-        if harness.step_done(step + 1, last):
-            return harness.stopped(last)
-    return harness.finish(last)
+    with RunHarness(cfg, trainer, resume=resume, overwrite=overwrite, evaluate=held_out_evaluator(cfg, trainer),
+                    progress_keys=[("loss", "loss"), ("lr", "lr"), ("tokens_per_s", "tok/s")]) as harness:
+        for step in range(harness.start, t.steps):
+            t0 = time.perf_counter()
+            mine = rank_share(schedule.rows_for_step(step), p.dp_rank, p.dp_size)
+            batch = to_token_batch([rows[i] for i in mine])
+            tokens = p.all_reduce_sum(sum(batch.scored_counts()))
+            out = trainer.train_step(batch, NLLLoss(tokens))
+            last = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+                    "tokens_per_s": tokens / (time.perf_counter() - t0), "epoch": schedule.epoch_of(step + 1),
+                    "skipped": out["skipped"]}
+            if harness.step_done(step + 1, last):
+                return harness.stopped(last)
+        return harness.finish(last)
