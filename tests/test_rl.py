@@ -128,10 +128,13 @@ def test_non_finite_steps_stop_the_run(cold_start, tmp_path):
 def test_report_draws_the_curves(cold_start, tmp_path):
     from r1cli.run.report import write_report
 
-    run_rl(rl_config(cold_start, tmp_path, *SHORT, "train.steps=2"))
-    page = write_report(str(tmp_path))
+    run_rl(rl_config(cold_start, tmp_path / "no_kl", *SHORT, "train.steps=2"))  # tiny/zero.yaml: beta 0
+    page = write_report(str(tmp_path / "no_kl"))
     assert page.is_file() and "data:image/png;base64" in page.read_text()
-    assert (tmp_path / "reward.png").stat().st_size > 1000
+    assert (tmp_path / "no_kl" / "reward.png").stat().st_size > 1000
+    assert "KL to reference (β = 0: no KL)" in page.read_text()
+    run_rl(rl_config(cold_start, tmp_path / "kl", *SHORT, "train.steps=2", "grpo.beta=0.05"))
+    assert "no KL" not in write_report(str(tmp_path / "kl")).read_text()
 
 
 @pytest.mark.parametrize("fused_linear,loss_agg", [("recompute", "seq-mean-token-mean"),
@@ -159,3 +162,23 @@ def test_rl_learns_with_triton_kernels(cold_start, tmp_path):
     run_rl(rl_config(cold_start, tmp_path, "train.kernels=triton"))
     before, after = eval_curve(tmp_path)
     assert after - before >= 0.25, (before, after)
+
+
+def test_rl_in_a_log_prints_plain_progress_lines_and_a_summary(cold_start, tmp_path):
+    """Not a terminal (a SLURM log): one readable line per logging step; the run ends with held-out accuracy
+    before -> after and where the run is; checkpoint.stop_after says that it stopped."""
+    from conftest import run_r1
+
+    args = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+            f"data.train={cold_start / 'train.jsonl'}", f"data.eval={cold_start / 'eval.jsonl'}", "eval.samples=8",
+            "train.steps=3", "grpo.prompts_per_step=4", "rollout.n=4", "logging.sample_every=0",
+            "logging.tensorboard=false"]
+    proc = run_r1(*args, f"train.output_dir={tmp_path / 'a'}")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    steps = [ln for ln in lines if ln.startswith("step ")]
+    assert [ln.split()[1] for ln in steps] == ["1/3", "2/3", "3/3"] and all("reward" in ln for ln in steps)
+    assert any(ln.startswith("done: 3 steps in") and "held-out accuracy" in ln and " -> " in ln
+               and str(tmp_path / "a") in ln for ln in lines), proc.stderr
+    proc = run_r1(*args, f"train.output_dir={tmp_path / 'b'}", "checkpoint.stop_after=2")
+    assert proc.returncode == 0 and "stopped after step 2 (checkpoint.stop_after=2)" in proc.stderr

@@ -105,7 +105,7 @@ class RunHarness:
 
     def print(self, text: str) -> None:
         if self.parallel.is_main:
-            console.print(text)
+            console.print(text, soft_wrap=True, highlight=False)  # one line in a log, however wide
 
     # ------------------------------------------------------------------ per step
     def step_done(self, step: int, metrics: dict) -> bool:

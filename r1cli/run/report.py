@@ -34,6 +34,7 @@ def write_report(run_dir: str, out: str | None = None) -> Path:
     rows = read_metrics(src)
     out_dir = Path(out or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    no_kl = _kl_weight(Path(run_dir)) == 0.0
     figures = []
     for title, names in PANELS:
         series = {n: [(r["step"], r[n]) for r in rows if isinstance(r.get(n), (int, float))] for n in names}
@@ -41,17 +42,23 @@ def write_report(run_dir: str, out: str | None = None) -> Path:
         if not series:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.4))
-        for name, pts in series.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker="o" if len(pts) < 20 else None)
+        if names == ["kl"] and no_kl:  # a flat line at 0 would read as "the policy stayed on the reference"
+            ax.text(0.5, 0.5, "β = 0: no KL (no reference model)", ha="center", va="center", fontsize=13,
+                    transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        else:
+            for name, pts in series.items():
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=name, marker="o" if len(pts) < 20 else None)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
         fig.tight_layout()
         png = out_dir / f"{title.split(' ')[0].replace('/', '_')}.png"
         fig.savefig(png, dpi=110)
         plt.close(fig)
-        figures.append((title, png))
+        figures.append((title + (" (β = 0: no KL)" if names == ["kl"] and no_kl else ""), png))
     if not figures:
         raise R1Error(f"{src} has no metrics to draw")
     page = out_dir / "report.html"
@@ -65,3 +72,14 @@ def write_report(run_dir: str, out: str | None = None) -> Path:
                     f"<style>body{{font-family:sans-serif}}figure{{display:inline-block;margin:8px}}</style>"
                     f"<h1>{html.escape(str(run_dir))}</h1>{imgs}<h2>last values</h2><table>{table}</table>")
     return page
+
+
+def _kl_weight(run_dir: Path) -> float | None:
+    """grpo.beta from the run's merged config.yaml (None when unknown)."""
+    import yaml
+
+    try:
+        beta = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("grpo", {}).get("beta")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return float(beta) if isinstance(beta, (int, float)) else None
