@@ -10,6 +10,7 @@ that select() slices with the rows, so a backend can cut any micro-batches it li
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -32,12 +33,17 @@ class TokenBatch:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def scored_counts(self) -> list[int]:
+    @cached_property
+    def counts(self) -> list[int]:
+        """Scored tokens per row (targets are not changed after construction)."""
         return [sum(t != IGNORE for t in row) for row in self.targets]
+
+    def scored_counts(self) -> list[int]:
+        return list(self.counts)
 
     def scored_mask(self) -> torch.Tensor:
         """[B, C] 1.0 where row b has a j-th scored token."""
-        counts = self.scored_counts()
+        counts = self.counts
         grid = torch.zeros(len(self), max(1, max(counts, default=0)))
         for b, n in enumerate(counts):
             grid[b, :n] = 1.0
@@ -45,7 +51,7 @@ class TokenBatch:
 
     def select(self, rows: list[int]) -> "TokenBatch":
         pick = torch.tensor(rows, dtype=torch.long)
-        width = max(1, max(self.scored_counts()[b] for b in rows))
+        width = max(1, max(self.counts[b] for b in rows))
         fields = {k: (v[pick] if v.dim() == 1 else v[pick, :width]) for k, v in self.fields.items()}
         return TokenBatch([self.input_ids[b] for b in rows], [self.targets[b] for b in rows],
                           None if self.position_ids is None else [self.position_ids[b] for b in rows], fields)

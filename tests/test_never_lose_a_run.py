@@ -187,3 +187,14 @@ def test_data_commands_never_overwrite_a_model_or_leave_temp_files(tiny_model, t
     folder.mkdir()
     one_line(run_r1("data", "synth", "arithmetic", "--out", str(folder), "--n", "10"), "is a folder")
     assert list(folder.iterdir()) == [] and not list(tmp_path.glob("*.tmp"))
+
+
+def test_a_checkpoint_from_before_manifests_still_resumes(tiny_model, arith_data, tmp_path):
+    out = tmp_path / "run"
+    common = ["train.steps=4", "checkpoint.every=2"]
+    assert sft(tiny_model, arith_data, out, *common, "checkpoint.stop_after=2").returncode == 0
+    (out / "checkpoints" / "step_00000002" / "manifest.json").unlink()
+    proc = sft(tiny_model, arith_data, out, *common, flags=["--resume"])
+    assert proc.returncode == 0, proc.stderr
+    assert "has no manifest.json (an older r1 wrote it): not verified" in proc.stderr
+    assert "resumed from step 2" in proc.stderr

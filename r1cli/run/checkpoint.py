@@ -137,6 +137,9 @@ def latest(run_dir: str | Path) -> tuple[Path | None, list[str]]:
         candidates = [d for d in candidates if _run_id(d) == _run_id(named)]
     skipped = []
     for d in candidates:
+        if not (d / MANIFEST).exists() and (d / "trainer.pt").is_file():
+            # published by an r1 from before manifests: usable, but nothing to verify it against
+            return d, skipped + [f"checkpoint {d.name} has no manifest.json (an older r1 wrote it): not verified"]
         problem = verify(d)
         if problem is None:
             return d, skipped
