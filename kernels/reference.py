@@ -6,8 +6,6 @@ vectors [N]. These materialise [N, V]; the Triton kernels must match them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from r1cli.rl.objective import GRPOObjective, TokenRecord

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from r1cli.config import DataConfig
+from r1cli.config import Config, DataConfig
+from r1cli.data.records import read_records
 from r1cli.data.prompts import encode_prompts
-from r1cli.interfaces import RolloutEngine, SamplingParams
+from r1cli.interfaces import RolloutEngine, SamplingParams, build_engine
 from r1cli.rewards import RewardContext, score
 
 
@@ -23,3 +24,24 @@ def held_out_accuracy(engine: RolloutEngine, tokenizer, rows, data: DataConfig, 
     mine = rows[parallel.dp_rank:: parallel.dp_size]
     acc = answer_accuracy(engine, tokenizer, mine, data, params, ctx)
     return {"eval/accuracy": parallel.all_reduce_sum(acc * len(mine)) / len(rows)}
+
+
+def held_out_evaluator(cfg: Config, trainer, engine=None):
+    """A closure scoring held-out accuracy with one rollout engine for the whole run (built at its first use,
+    weights refreshed before each evaluation), or None without data.eval."""
+    if not cfg.data.eval:
+        return None
+    rows = read_records(cfg.data.eval, cfg.eval.samples, cfg.data.max_line_mb << 20)
+    rows.require(cfg.data.answer_field, "data.answer_field")
+    ctx = RewardContext.from_config(cfg.data, cfg.rewards)
+    params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
+    box = [engine]
+
+    def evaluate() -> dict:
+        if box[0] is None:
+            box[0] = build_engine(cfg.model, cfg.rollout, trainer)  # starts from the current weights
+        else:
+            box[0].load_weights(trainer.named_weights())
+        return held_out_accuracy(box[0], trainer.tokenizer, rows, cfg.data, params, ctx, trainer.parallel)
+
+    return evaluate

@@ -18,6 +18,7 @@ from r1cli.config import Config
 from r1cli.data.records import read_records
 from r1cli.data.schedule import RowSchedule
 from r1cli.errors import R1Error
+from r1cli.eval.accuracy import held_out_evaluator
 from r1cli.data.prompts import encode_prompts, fit_prompts
 from r1cli.interfaces import SamplingParams, build_engine, build_trainer
 from r1cli.models.loading import context_length
@@ -27,7 +28,6 @@ from r1cli.rl.losses import kl_penalty
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
-from r1cli.sft.loop import held_out_evaluator
 from r1cli.token_batch import TokenBatch
 
 

@@ -18,7 +18,6 @@ import re
 import shutil
 from pathlib import Path
 
-from r1cli.config import CheckpointConfig
 from r1cli.errors import R1Error
 
 MANIFEST = "manifest.json"

@@ -8,9 +8,8 @@ from r1cli.config import Config
 from r1cli.data.records import read_records
 from r1cli.data.schedule import RowSchedule, rank_share
 from r1cli.data.sft_examples import pack_examples, to_token_batch, tokenize_rows
-from r1cli.eval.accuracy import held_out_accuracy
-from r1cli.interfaces import SamplingParams, build_engine, build_trainer
-from r1cli.rewards import RewardContext
+from r1cli.eval.accuracy import held_out_evaluator
+from r1cli.interfaces import build_trainer
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.sft.loss import NLLLoss
 
@@ -19,27 +18,6 @@ def build_rows(cfg: Config, tokenizer, path: str):
     rows = read_records(path, cfg.data.max_samples, cfg.data.max_line_mb << 20)
     examples = tokenize_rows(rows, tokenizer, cfg.data, path)
     return pack_examples(examples, cfg.data.max_seq_len) if cfg.data.pack else examples
-
-
-def held_out_evaluator(cfg: Config, trainer, engine=None):
-    """A closure scoring held-out accuracy with one rollout engine for the whole run (built at its first use,
-    weights refreshed before each evaluation), or None without data.eval."""
-    if not cfg.data.eval:
-        return None
-    rows = read_records(cfg.data.eval, cfg.eval.samples, cfg.data.max_line_mb << 20)
-    rows.require(cfg.data.answer_field, "data.answer_field")
-    ctx = RewardContext.from_config(cfg.data, cfg.rewards)
-    params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
-    box = [engine]
-
-    def evaluate() -> dict:
-        if box[0] is None:
-            box[0] = build_engine(cfg.model, cfg.rollout, trainer)  # starts from the current weights
-        else:
-            box[0].load_weights(trainer.named_weights())
-        return held_out_accuracy(box[0], trainer.tokenizer, rows, cfg.data, params, ctx, trainer.parallel)
-
-    return evaluate
 
 
 def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
