@@ -71,7 +71,6 @@ NOT_BUILT = {
     "coldstart": "cold-start data and SFT (DeepSeek-R1 stage 1)",
     "sample": "rejection sampling (DeepSeek-R1 stage 3)",
     "distill": "distillation into small dense models",
-    "eval": "benchmark evaluation (pass@1, cons@k)",
 }
 
 
@@ -86,6 +85,34 @@ def _not_built(name: str, what: str):
 
 for _name, _what in NOT_BUILT.items():
     _not_built(_name, _what)
+
+
+@main.command("eval")
+@click.option("--model", default="", help="Local Hugging Face folder to generate with.")
+@click.option("--completions", default="", help="JSONL of existing completions {benchmark, id, completion} to score.")
+@click.option("--benchmarks", required=True,
+              help="Comma-separated names, each optionally NAME=PATH (aime24, math500, math, gsm8k, cmath, gpqa, arc, "
+                   "mmlu, livecodebench, leetcode, jsonl, humaneval).")
+@click.option("--data-dir", default="", help="Folder with each benchmark's default file.")
+@click.option("--out", default="runs/eval", show_default=True, help="Folder for samples.jsonl and summary.json.")
+@click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per problem (k).")
+@click.option("--temperature", default=0.6, show_default=True, type=click.FloatRange(min=0))
+@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--max-new-tokens", default=2048, show_default=True, type=click.IntRange(min=1))
+@click.option("--template", default="chat", show_default=True,
+              type=click.Choice(["chat", "r1_zero", "r1_zero_chat", "plain"]))
+@click.option("--prefill", default="", help="Text the assistant turn starts with, e.g. '<think>'.")
+@click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0), help="Problems per benchmark; 0: all.")
+@click.option("--seed", default=0, show_default=True)
+def eval_cmd(model, completions, benchmarks, data_dir, out, samples, temperature, top_p, max_new_tokens, template,
+             prefill, limit, seed):
+    """Benchmarks: pass@1 (mean over k samples), cons@k, pass@k with 95% bootstrap intervals."""
+    from r1cli.eval.run import EvalRequest, run_eval
+
+    run_eval(EvalRequest(tuple(b.strip() for b in benchmarks.split(",") if b.strip()), out, model=model,
+                         completions=completions, data_dir=data_dir, samples=samples, temperature=temperature,
+                         top_p=top_p, max_new_tokens=max_new_tokens, template=template, prefill=prefill, limit=limit,
+                         seed=seed))
 
 
 @main.command("report")

@@ -119,3 +119,15 @@ def test_currency_sign_is_not_a_false_negative():
     assert math_reward("<answer>\\$1000</answer>", row, CTX) == 1.0
     assert math_reward("<answer>1000</answer>", {"answer": "\\$1000"}, CTX) == 1.0
     assert math_reward("<answer>\\$1001</answer>", row, CTX) == 0.0
+
+
+def test_code_reward_runs_the_program_in_the_sandbox():
+    accuracy = REWARDS.get("accuracy")
+    row = {"task": "code", "tests": [{"input": "2 3\n", "output": "5"}, {"input": "7 -7\n", "output": "0"}]}
+    good = "<think>add</think><answer>```python\na, b = map(int, input().split())\nprint(a + b)\n```</answer>"
+    assert accuracy(good, row, CTX) == 1.0
+    assert accuracy(good.replace("a + b", "a - b"), row, CTX) == 0.0  # passes one test of two
+    assert accuracy(good.replace("print(a + b)", "raise SystemExit(3)"), row, CTX) == 0.0
+    # a program inside the reasoning is not the answer
+    assert accuracy("<think>```python\nprint(5)\n```</think>", {"task": "code", "tests": [row["tests"][0]]},
+                    CTX) == 0.0

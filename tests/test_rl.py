@@ -40,11 +40,18 @@ def eval_curve(run_dir):
     return [m["eval/accuracy"] for m in read_metrics(run_dir / "metrics.jsonl") if "eval/accuracy" in m]
 
 
-def test_rl_learns_and_lr_zero_does_not(cold_start, tmp_path):
-    run_rl(rl_config(cold_start, tmp_path / "rl"))
-    before, after = eval_curve(tmp_path / "rl")
+@pytest.fixture(scope="module")
+def trained(cold_start, tmp_path_factory):
+    """The full tiny R1-Zero run (80 steps), exported to hf/."""
+    out = tmp_path_factory.mktemp("trained") / "rl"
+    run_rl(rl_config(cold_start, out))
+    return out
+
+
+def test_rl_learns_and_lr_zero_does_not(cold_start, trained, tmp_path):
+    before, after = eval_curve(trained)
     assert after - before >= 0.25, (before, after)
-    rewards = [m["reward/accuracy"] for m in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "reward/accuracy" in m]
+    rewards = [m["reward/accuracy"] for m in read_metrics(trained / "metrics.jsonl") if "reward/accuracy" in m]
     assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10 + 0.15
 
     run_rl(rl_config(cold_start, tmp_path / "lr0", "optim.lr=0.0"))
@@ -182,3 +189,24 @@ def test_rl_in_a_log_prints_plain_progress_lines_and_a_summary(cold_start, tmp_p
                and str(tmp_path / "a") in ln for ln in lines), proc.stderr
     proc = run_r1(*args, f"train.output_dir={tmp_path / 'b'}", "checkpoint.stop_after=2")
     assert proc.returncode == 0 and "stopped after step 2 (checkpoint.stop_after=2)" in proc.stderr
+
+
+def test_r1_eval_scores_the_policy_higher_after_rl(cold_start, trained, tmp_path):
+    """`r1 eval` on held-out problems, 4 samples at temperature 1: pass@1 after RL is above the cold start's,
+    and their 95% bootstrap intervals do not overlap."""
+    import json
+
+    from conftest import run_r1
+
+    def evaluate(model, out):
+        proc = run_r1("eval", "--model", str(model), "--benchmarks", f"jsonl={cold_start / 'eval.jsonl'}",
+                      "--limit", "80", "--samples", "4", "--temperature", "1.0", "--top-p", "1.0",
+                      "--max-new-tokens", "48", "--out", str(out))
+        assert proc.returncode == 0, proc.stderr
+        return json.loads((out / "summary.json").read_text())["jsonl"]
+
+    before = evaluate(cold_start / "sft" / "hf", tmp_path / "before")
+    after = evaluate(trained / "hf", tmp_path / "after")
+    assert before["problems"] == after["problems"] == 80 and after["samples"] == 4
+    assert after["pass@1"]["ci_low"] > before["pass@1"]["ci_high"], (before["pass@1"], after["pass@1"])
+    assert {"pass@4", "cons@4"} <= after.keys()

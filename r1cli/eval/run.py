@@ -1,0 +1,182 @@
+"""`r1 eval`: sample k completions per benchmark problem (or read existing ones), score them, report.
+
+Outputs in --out: samples.jsonl (one line per sample: prompt, completion, extracted answer,
+verdict, reason; appended as problems finish, so a restart skips what is done), summary.json and
+a table of pass@1 (mean over k samples), pass@k and cons@k, each with a 95% bootstrap interval.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from r1cli.config import DataConfig, ModelConfig, RolloutConfig
+from r1cli.data.records import read_records
+from r1cli.data.templates import render_prompt
+from r1cli.errors import R1Error
+from r1cli.eval.benchmarks import Problem, load_benchmark, normalise, program_jobs, score_code, score_text
+from r1cli.eval.metrics import summarise
+from r1cli.rewards import RewardContext
+from r1cli.run.metrics import console, read_metrics
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    benchmarks: tuple[str, ...]
+    out: str
+    model: str = ""
+    completions: str = ""
+    data_dir: str = ""
+    samples: int = 1
+    temperature: float = 0.6  # DeepSeek-R1's evaluation settings
+    top_p: float = 0.95
+    max_new_tokens: int = 2048
+    template: str = "chat"
+    prefill: str = ""
+    limit: int = 0  # problems per benchmark; 0: all
+    seed: int = 0
+    code_workers: int = 0  # sandbox pool size; 0: twice the cores
+
+
+def _load(req: EvalRequest) -> dict[str, list[Problem]]:
+    out = {}
+    for spec in req.benchmarks:
+        problems = load_benchmark(spec, req.data_dir or None)
+        out[spec.partition("=")[0]] = problems[: req.limit] if req.limit else problems
+    return out
+
+
+def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardContext, workers: int) -> list[list[dict]]:
+    """Verdict records per problem and sample; programs of all problems run together in the sandbox pool."""
+    from r1cli.sandbox import Limits, run_many
+
+    records = [[{} for _ in c] for c in completions]
+    jobs, owners = [], []
+    for i, (p, comps) in enumerate(zip(problems, completions)):
+        for j, text in enumerate(comps):
+            if p.kind in ("humaneval", "stdio"):
+                runs = program_jobs(p, text)
+                owners.append((i, j, len(jobs), len(runs)))
+                jobs += runs
+            else:
+                ok, ans = score_text(p, text, ctx)
+                records[i][j] = {"extracted": ans, "correct": ok, "reason": "right" if ok else "wrong answer"
+                                 if ans is not None else "no final answer"}
+    if jobs:
+        results = run_many(jobs, Limits(wall_s=10, cpu_s=6), workers=workers or None)
+        for i, j, start, n in owners:
+            ok, reason = score_code(problems[i], results[start: start + n])
+            records[i][j] = {"extracted": None, "correct": ok, "reason": reason}
+    return records
+
+
+def _done(path: Path, expected) -> dict[tuple[str, str], list[dict]]:
+    """Problems finished by an earlier run into the same --out; a problem cut off mid-way (fewer lines than
+    expected(problem key), or a torn last line) is dropped from the file and done again."""
+    got: dict = defaultdict(list)
+    if not path.is_file():
+        return got
+    for r in read_metrics(path):
+        got[(r["benchmark"], r["id"])].append(r)
+    partial = [k for k, v in got.items() if len(v) < expected(k)]
+    if partial:
+        for k in partial:
+            del got[k]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for v in got.values() for r in v),
+                       encoding="utf-8")
+        tmp.replace(path)
+    return got
+
+
+def run_eval(req: EvalRequest) -> dict:
+    if bool(req.model) == bool(req.completions):
+        raise R1Error("give --model (to generate) or --completions FILE (to score existing completions)")
+    benches = _load(req)
+    out = Path(req.out)
+    out.mkdir(parents=True, exist_ok=True)
+    samples_path = out / "samples.jsonl"
+    ctx = RewardContext(prefill=req.prefill)
+    if req.completions:
+        given = defaultdict(list)
+        for r in read_records(req.completions):
+            given[(str(r.get("benchmark")), str(r.get("id")))].append(str(r.get("completion", "")))
+        unknown = [k for k in given if k[0] not in benches or k[1] not in {p.id for p in benches[k[0]]}]
+        if unknown:
+            raise R1Error(f"{req.completions}: no problem {unknown[0][1]!r} in benchmark {unknown[0][0]!r} "
+                          f"(benchmarks given: {', '.join(benches)})")
+        done = _done(samples_path, lambda key: len(given.get(key, ())))
+    else:
+        done = _done(samples_path, lambda key: req.samples)
+        engine, tokenizer = _engine(req)
+    with samples_path.open("a", encoding="utf-8") as log:
+        for name, problems in benches.items():
+            todo = [p for p in problems if (name, p.id) not in done]
+            if req.completions:
+                todo = [p for p in todo if (name, p.id) in given]
+            for s in range(0, len(todo), 16):
+                chunk = todo[s: s + 16]
+                if req.completions:
+                    texts = [given[(name, p.id)] for p in chunk]
+                else:
+                    texts = _generate(engine, tokenizer, chunk, req, problems.index(chunk[0]))
+                for p, comps, recs in zip(chunk, texts, _score(chunk, texts, ctx, req.code_workers)):
+                    for j, (text, rec) in enumerate(zip(comps, recs)):
+                        row = {"benchmark": name, "id": p.id, "sample": j, "prompt": p.prompt, "completion": text,
+                               **rec}
+                        log.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        done[(name, p.id)].append(row)
+                    log.flush()
+    return _summary(benches, done, out)
+
+
+def _engine(req: EvalRequest):
+    from r1cli.interfaces import build_engine
+    from r1cli.models.loading import load_tokenizer
+
+    rollout = RolloutConfig(engine="hf", n=req.samples, temperature=req.temperature, top_p=req.top_p,
+                            max_new_tokens=req.max_new_tokens, stop=[], prompts_per_generate=8)
+    return build_engine(ModelConfig(path=req.model), rollout), load_tokenizer(req.model)
+
+
+def _generate(engine, tokenizer, problems: list[Problem], req: EvalRequest, first: int) -> list[list[str]]:
+    from r1cli.interfaces import SamplingParams
+
+    data = DataConfig(template=req.template, prefill=req.prefill)
+    plain = DataConfig(template="plain")
+    prompts = [render_prompt(tokenizer, p.prompt, plain if p.kind == "humaneval" else data) for p in problems]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
+    params = SamplingParams(n=req.samples, temperature=req.temperature, top_p=req.top_p,
+                            max_tokens=req.max_new_tokens, seed=req.seed * 1_000_003 + first)
+    return [[c.text for c in group] for group in engine.generate(ids, params)]
+
+
+def _summary(benches: dict[str, list[Problem]], done: dict, out: Path) -> dict:
+    from rich.table import Table
+
+    summary = {}
+    table = Table(title=f"r1 eval  ({out})")
+    for col in ("benchmark", "problems", "samples", "pass@1 [95% CI]", "cons@k", "pass@k"):
+        table.add_column(col)
+    for name, problems in benches.items():
+        per = []
+        for p in problems:
+            recs = sorted(done.get((name, p.id), []), key=lambda r: r["sample"])
+            if recs:
+                per.append({"correct": [bool(r["correct"]) for r in recs],
+                            "answers": [normalise(r["extracted"]) for r in recs]})
+        if not per:
+            continue
+        k = min(len(p["correct"]) for p in per)
+        metrics = summarise(per, ks=(k,) if k > 1 else (), cons=(k,) if k > 1 else ())
+        summary[name] = {"problems": len(per), "samples": k, **metrics}
+        fmt = lambda m: f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"  # noqa: E731
+        table.add_row(name, str(len(per)), str(k), fmt(metrics["pass@1"]),
+                      fmt(metrics[f"cons@{k}"]) if k > 1 else "-", fmt(metrics[f"pass@{k}"]) if k > 1 else "-")
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(out / "summary.json")
+    console.print(table)
+    return summary
