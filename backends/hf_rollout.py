@@ -7,6 +7,7 @@ weights after a step cost nothing; otherwise (sharded trainer, or `r1 eval` /
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
@@ -106,7 +107,12 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> H
     shared = getattr(trainer, "generation_model", None)
     if shared is not None:
         return HFGenerateEngine(shared, trainer.tokenizer, rollout, trainer.device, model.dtype, shared=True)
-    device = trainer.device if trainer is not None else resolve_device("auto")
+    if trainer is not None:
+        device = trainer.device
+    else:  # one process per GPU under torchrun
+        device = resolve_device("auto")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
     engine = HFGenerateEngine(load_model(model, device).eval(), tok, rollout, device, model.dtype)
     if trainer is not None:

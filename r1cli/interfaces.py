@@ -134,6 +134,18 @@ ENGINES = Registry("rollout engine", "rollout.engine")
 ENGINES.register("hf", "r1cli.backends.hf_rollout:create_engine")
 
 
+# The process layout for commands without a trainer (r1 eval, r1 sample): (device, tp, pp) -> ParallelContext
+LAYOUTS = Registry("process layout")
+LAYOUTS.register("torch", "r1cli.backends.parallel:init_parallel")
+
+
+def build_parallel(device: str = "cpu") -> ParallelContext:
+    """Join torchrun's process group (gloo for a CPU device) when launched by torchrun; one process otherwise."""
+    import torch
+
+    return LAYOUTS.get("torch")(torch.device(device))
+
+
 def build_trainer(cfg: "Config", need_reference: bool = False) -> TrainerBackend:
     cls = TRAINERS.get(cfg.parallel.backend)
     return cls(cfg.model, cfg.train, cfg.optim, cfg.parallel, need_reference=need_reference)
@@ -146,4 +158,4 @@ def build_engine(model: "ModelConfig", rollout: "RolloutConfig", trainer: Traine
 
 
 __all__ = ["SamplingParams", "Completion", "ParallelContext", "TokenLoss", "TrainerBackend", "RolloutEngine",
-           "TRAINERS", "ENGINES", "build_trainer", "build_engine"]
+           "TRAINERS", "ENGINES", "LAYOUTS", "build_trainer", "build_engine", "build_parallel"]

@@ -155,3 +155,23 @@ def test_scoring_resumes_without_repeating_or_losing(tmp_path):
     rows = [json.loads(line) for line in samples.read_text().splitlines()]
     assert sorted((r["id"], r["sample"]) for r in rows) == [(str(i), j) for i in range(6) for j in range(2)]
     assert summary["gsm8k"]["problems"] == 6 and summary["gsm8k"]["pass@1"]["value"] == 1.0
+
+
+def test_two_data_parallel_ranks_split_the_problems_and_agree_with_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    comps = _he_completions(tmp_path / "canonical.jsonl", "canonical")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "r1cli.cli",
+           "eval", "--completions", str(comps), "--benchmarks", "humaneval", "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    shards = [[json.loads(line)["id"] for line in (tmp_path / "two" / f"samples.rank{r}.jsonl").read_text().splitlines()
+               if line] for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 82 and not set(shards[0]) & set(shards[1])
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["humaneval"]
+    assert two["problems"] == 164 and two["pass@1"]["value"] == 1.0

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from r1cli.sandbox import Limits, isolation, run_many, run_program
-from r1cli.sandbox.run import FIRST_UID, MAX_SLOTS
+from r1cli.sandbox.run import FIRST_UID, UIDS
 
 FAST = Limits(wall_s=5.0, cpu_s=3, memory_mb=256, output_kb=64, processes=16)
 ISOLATED = isolation()["uid"] and isolation()["netns"] and isolation()["mntns"]
@@ -27,7 +27,7 @@ def sandbox_processes() -> list[int]:
                 uid = int(fields["Uid"].split()[0])
             except (OSError, KeyError, ValueError):
                 continue
-            if FIRST_UID <= uid < FIRST_UID + MAX_SLOTS and not fields["State"].strip().startswith("Z"):
+            if FIRST_UID <= uid < FIRST_UID + UIDS and not fields["State"].strip().startswith("Z"):
                 pids.append(int(entry.name))
     return pids
 

@@ -94,10 +94,14 @@ def _done(path: Path, expected) -> dict[tuple[str, str], list[dict]]:
 def run_eval(req: EvalRequest) -> dict:
     if bool(req.model) == bool(req.completions):
         raise R1Error("give --model (to generate) or --completions FILE (to score existing completions)")
+    from r1cli.interfaces import build_parallel
+
+    parallel = build_parallel()
     benches = _load(req)
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples_path = out / "samples.jsonl"
+    # each data-parallel rank scores its share of every benchmark into a file of its own
+    samples_path = out / ("samples.jsonl" if parallel.dp_size == 1 else f"samples.rank{parallel.dp_rank}.jsonl")
     ctx = RewardContext(prefill=req.prefill)
     if req.completions:
         given = defaultdict(list)
@@ -113,7 +117,8 @@ def run_eval(req: EvalRequest) -> dict:
         engine, tokenizer = _engine(req)
     with samples_path.open("a", encoding="utf-8") as log:
         for name, problems in benches.items():
-            todo = [p for p in problems if (name, p.id) not in done]
+            mine = problems[parallel.dp_rank:: parallel.dp_size]
+            todo = [p for p in mine if (name, p.id) not in done]
             if req.completions:
                 todo = [p for p in todo if (name, p.id) in given]
             for s in range(0, len(todo), 16):
@@ -129,7 +134,13 @@ def run_eval(req: EvalRequest) -> dict:
                         log.write(json.dumps(row, ensure_ascii=False) + "\n")
                         done[(name, p.id)].append(row)
                     log.flush()
-    return _summary(benches, done, out)
+    parallel.barrier()
+    if parallel.dp_size > 1:  # every shard is complete: the summary reads them all
+        done = defaultdict(list)
+        for shard in sorted(out.glob("samples.rank*.jsonl")):
+            for r in read_metrics(shard):
+                done[(r["benchmark"], r["id"])].append(r)
+    return _summary(benches, done, out) if parallel.is_main else {}
 
 
 def _engine(req: EvalRequest):

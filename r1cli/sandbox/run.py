@@ -21,6 +21,7 @@ killed and the verdict says why.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import queue
 import resource
@@ -36,8 +37,9 @@ from pathlib import Path
 
 CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
 MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
-FIRST_UID = 61000  # pool slot i runs as uid FIRST_UID + i
-MAX_SLOTS = 64
+FIRST_UID = 61000  # slot i runs as uid FIRST_UID + i
+UIDS = 256  # slots machine-wide
+MAX_SLOTS = 64  # programs at once in one process
 _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: between fork and exec only plain calls are safe
 
 
@@ -105,18 +107,46 @@ def interpreter() -> str:
 
 
 class _Slots:
-    """Pool slots, each a uid of its own: one program per slot at a time."""
+    """Pool slots, each a uid of its own, one program per uid at a time -- across every process on the machine
+    (two r1 processes must never share a uid: each one's final sweep would kill the other's programs). A slot
+    is held by an flock on a file named after its uid, released by the kernel if its holder dies."""
 
     def __init__(self, n: int):
-        self.free: queue.Queue[int] = queue.Queue()
+        self.n = n
+        self.local: queue.Queue[int] = queue.Queue()  # bounds this process's concurrent runs
         for i in range(n):
-            self.free.put(i)
+            self.local.put(i)
+        self.held: dict[int, int] = {}
+        self.turn = 0
+        self.lock = threading.Lock()
+        self.dir = Path(tempfile.gettempdir()) / "r1-sandbox-slots"
 
     def take(self) -> int:
-        return self.free.get()
+        self.local.get()
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        with self.lock:  # rotate: a uid just swept may still have zombies counting against its process limit
+            self.turn += 1
+            start = (os.getpid() * 31 + self.turn) % UIDS
+        while True:
+            for k in range(UIDS):
+                slot = (start + k) % UIDS
+                fd = os.open(self.dir / f"{FIRST_UID + slot}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                with self.lock:
+                    self.held[slot] = fd
+                return slot
+            time.sleep(0.05)  # every uid busy machine-wide
 
     def give(self, slot: int) -> None:
-        self.free.put(slot)
+        with self.lock:
+            fd = self.held.pop(slot)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        self.local.put(0)
 
 
 _SLOTS = _Slots(MAX_SLOTS)
