@@ -67,6 +67,15 @@ def test_math_scoring_of_equivalent_forms_and_near_misses(answer, gold, equal):
     assert extracted == answer and ok is equal
 
 
+def test_yes_no_and_choice_extraction():
+    yes = Problem("t", "0", "", "yesno", answer="Yes")
+    assert score_text(yes, "<think>hmm</think><answer> yes </answer>", CTX) == (True, "yes")
+    assert score_text(yes, "<answer>no</answer>", CTX)[0] is False
+    choice = Problem("t", "0", "", "choice", answer="C")
+    assert score_text(choice, "\\boxed{C}", CTX)[0] and score_text(choice, "the answer is (C)", CTX)[0]
+    assert not score_text(choice, "\\boxed{B} or \\boxed{C}", CTX)[0]  # a hedge is no answer
+
+
 def _he_completions(path, which):
     from r1cli.eval.benchmarks import humaneval_problems
 
