@@ -104,15 +104,16 @@ for _name, _what in NOT_BUILT.items():
 @click.option("--prefill", default="", help="Text the assistant turn starts with, e.g. '<think>'.")
 @click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0), help="Problems per benchmark; 0: all.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--engine", default="hf", show_default=True, help="Rollout engine (a registered name).")
 def eval_cmd(model, completions, benchmarks, data_dir, out, samples, temperature, top_p, max_new_tokens, template,
-             prefill, limit, seed):
+             prefill, limit, seed, engine):
     """Benchmarks: pass@1 (mean over k samples), cons@k, pass@k with 95% bootstrap intervals."""
     from r1cli.eval.run import EvalRequest, run_eval
 
     run_eval(EvalRequest(tuple(b.strip() for b in benchmarks.split(",") if b.strip()), out, model=model,
                          completions=completions, data_dir=data_dir, samples=samples, temperature=temperature,
                          top_p=top_p, max_new_tokens=max_new_tokens, template=template, prefill=prefill, limit=limit,
-                         seed=seed))
+                         seed=seed, engine=engine))
 
 
 @main.command("report")

@@ -38,6 +38,7 @@ class EvalRequest:
     limit: int = 0  # problems per benchmark; 0: all
     seed: int = 0
     code_workers: int = 0  # sandbox pool size; 0: twice the cores
+    engine: str = "hf"  # a registered rollout engine
 
 
 def _load(req: EvalRequest) -> dict[str, list[Problem]]:
@@ -92,6 +93,9 @@ def _done(path: Path, expected) -> dict[tuple[str, str], list[dict]]:
 
 
 def run_eval(req: EvalRequest) -> dict:
+    from r1cli.interfaces import ENGINES
+
+    ENGINES.check(req.engine, "--engine")
     if bool(req.model) == bool(req.completions):
         raise R1Error("give --model (to generate) or --completions FILE (to score existing completions)")
     from r1cli.interfaces import build_parallel
@@ -147,7 +151,7 @@ def _engine(req: EvalRequest):
     from r1cli.interfaces import build_engine
     from r1cli.models.loading import load_tokenizer
 
-    rollout = RolloutConfig(engine="hf", n=req.samples, temperature=req.temperature, top_p=req.top_p,
+    rollout = RolloutConfig(engine=req.engine, n=req.samples, temperature=req.temperature, top_p=req.top_p,
                             max_new_tokens=req.max_new_tokens, stop=[], prompts_per_generate=8)
     return build_engine(ModelConfig(path=req.model), rollout), load_tokenizer(req.model)
 
