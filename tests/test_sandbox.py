@@ -127,3 +127,12 @@ def test_many_in_a_bounded_pool_keep_their_order():
     results = run_many(jobs, Limits(cpu_s=1, wall_s=3), workers=4)
     assert [r.stdout for r in results[:20]] == [f"{i * i}\n" for i in range(20)]
     assert results[20].status == "timeout"
+
+
+def test_root_without_an_unprivileged_uid_refuses_to_run(monkeypatch):
+    import r1cli.sandbox.run as sb
+
+    monkeypatch.setattr(sb, "isolation", lambda: {"uid": False, "netns": False, "mntns": False})
+    monkeypatch.setattr(sb.os, "geteuid", lambda: 0)
+    r = run_program("print('never')", "", FAST)
+    assert r.status == "setup" and "refusing to run untrusted code as root" in r.reason and r.stdout == ""

@@ -13,6 +13,8 @@ Isolation, strongest first (what this machine allows is probed once, see `isolat
   private tmpfs, so nothing it writes there outlives it.
 * not root (the documented weaker fallback): resource limits, the session and the directory
   only; a program that calls setsid can outlive its group, and network access is not blocked.
+* root without a usable unprivileged uid: nothing runs (a "setup" verdict): the process limit
+  does not bind root, so a fork bomb would take the machine.
 
 The wall-clock limit and the output cap are enforced from outside: past either the program is
 killed and the verdict says why.
@@ -56,7 +58,7 @@ class Limits:
 
 @dataclass
 class Result:
-    status: str  # ok | error (non-zero exit) | timeout | memory | output | signal
+    status: str  # ok | error (non-zero exit) | timeout | memory | output | signal | setup (refused to run)
     exit_code: int | None
     stdout: str
     stderr: str
@@ -239,6 +241,10 @@ def _reader(stream, cap: int, box: list, over: threading.Event) -> None:
 def run_program(code: str, stdin: str = "", limits: Limits = Limits()) -> Result:
     """Run `code` with `python3 -I` on `stdin` inside the sandbox; the verdict is always a Result."""
     iso = isolation()
+    if os.geteuid() == 0 and not iso["uid"]:
+        # as root the process limit does not apply: a fork bomb would take the machine
+        return Result("setup", None, "", "", "refusing to run untrusted code as root: no unprivileged uid can "
+                      f"execute {interpreter()} (install the system python3)", 0.0)
     slot = _SLOTS.take()
     uid = FIRST_UID + slot if iso["uid"] else None
     workdir = tempfile.mkdtemp(prefix="r1-sandbox-")
