@@ -69,7 +69,6 @@ def rl_cmd(config_path, print_config, resume, overwrite, overrides):
 
 NOT_BUILT = {
     "coldstart": "cold-start data and SFT (DeepSeek-R1 stage 1)",
-    "sample": "rejection sampling (DeepSeek-R1 stage 3)",
     "distill": "distillation into small dense models",
 }
 
@@ -85,6 +84,22 @@ def _not_built(name: str, what: str):
 
 for _name, _what in NOT_BUILT.items():
     _not_built(_name, _what)
+
+
+@main.command("sample", help="Rejection sampling (DeepSeek-R1 stage 3): rollout.n samples per prompt of data.train; "
+                             "the verified-correct ones that pass the filters go to sample.out as SFT data. Run "
+                             "again, the same command continues where an interrupted run stopped.\n" + OVERRIDES_HELP)
+@click.option("--config", "config_path", type=str, default=None, help="YAML config file.")
+@click.option("--print-config", is_flag=True, help="Print the merged config and exit.")
+@click.option("--overwrite", is_flag=True, help="Start over: drop what an earlier run wrote to sample.out.")
+@click.argument("overrides", nargs=-1, metavar="[OVERRIDES]...")
+def sample_cmd(config_path, print_config, overwrite, overrides):
+    cfg = _load(config_path, overrides, print_config)
+    if cfg is None:
+        return
+    from r1cli.sample.loop import run_sample
+
+    run_sample(cfg, overwrite=overwrite)
 
 
 @main.command("eval")

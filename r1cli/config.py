@@ -164,6 +164,20 @@ class LoggingConfig:
 
 
 @dataclass
+class SampleConfig:
+    """r1 sample (rejection sampling): rollout.n samples per prompt, the verified-correct ones kept."""
+
+    out: str = "runs/sample/samples.jsonl"  # SFT-ready rows (prompt, response); stats beside it
+    keep_per_prompt: int = bounded(4, 1)
+    require_format: bool = True  # strict <think>…</think><answer>…</answer>
+    filter_mixed_language: bool = True  # chain of thought below min_language_share in rewards.language
+    min_language_share: float = bounded(0.95, 0.0, 1.0)
+    filter_code_blocks: bool = True  # ``` fences in the reasoning
+    max_paragraph_chars: int = bounded(2000, 0)  # longest paragraph of the reasoning; 0: off
+    prompts_per_batch: int = bounded(16, 1)  # prompts generated (and appended) together
+
+
+@dataclass
 class CheckpointConfig:
     every: int = bounded(0, 0)  # 0: only at the end
     keep: int = bounded(2, 0)  # newest checkpoints kept; 0: all
@@ -184,6 +198,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 # ---------------------------------------------------------------- type checks
@@ -368,7 +383,8 @@ def check_registered(obj: Any, prefix: str = "") -> None:
 
 
 def _expand_paths(cfg: Config) -> None:
-    for section, name in (("model", "path"), ("data", "train"), ("data", "eval"), ("train", "output_dir")):
+    for section, name in (("model", "path"), ("data", "train"), ("data", "eval"), ("train", "output_dir"),
+                          ("sample", "out")):
         obj = getattr(cfg, section)
         value = getattr(obj, name)
         if value:

@@ -49,3 +49,20 @@ def torchrun(nproc: int, *args: str, timeout: int = 900) -> subprocess.Completed
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            "-m", "r1cli.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cold_start(tiny_model, tmp_path_factory):
+    """A short SFT on worked arithmetic whose final answers are wrong half the time (the tiny R1-Zero start)."""
+    from r1cli.config import load_config
+    from r1cli.sft.loop import run_sft
+
+    d = tmp_path_factory.mktemp("rl")
+    train, held = split_held_out(generate("arithmetic", 4200, seed=0, digits=2, ops="+", answer_noise=0.5), 200)
+    write_jsonl(train, d / "train.jsonl")
+    write_jsonl(held, d / "eval.jsonl")
+    cfg = load_config("configs/tiny/sft.yaml", [
+        f"model.path={tiny_model}", f"data.train={d / 'train.jsonl'}", "data.eval=",
+        f"train.output_dir={d / 'sft'}", "logging.progress=false", "logging.tensorboard=false"])
+    run_sft(cfg)
+    return d

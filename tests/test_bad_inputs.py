@@ -51,7 +51,7 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
         load_config(str(bad))
 
 
-@pytest.mark.parametrize("command", ["coldstart", "sample", "distill"])
+@pytest.mark.parametrize("command", ["coldstart", "distill"])
 def test_commands_not_built_yet_say_so(command):
     one_line_error(run_r1(command, "--model", "x"), f"r1 {command} (")
     assert "not built yet" in run_r1(command).stderr

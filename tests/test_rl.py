@@ -9,24 +9,7 @@ from conftest import torchrun
 from r1cli.config import load_config
 from r1cli.errors import R1Error
 from r1cli.run.metrics import read_metrics
-from r1cli.data.records import write_jsonl
 from r1cli.rl.loop import run_rl
-from r1cli.sft.loop import run_sft
-from r1cli.data.synth import generate, split_held_out
-
-
-@pytest.fixture(scope="module")
-def cold_start(tiny_model, tmp_path_factory):
-    """A short SFT on worked arithmetic whose final answers are wrong half the time."""
-    d = tmp_path_factory.mktemp("rl")
-    train, held = split_held_out(generate("arithmetic", 4200, seed=0, digits=2, ops="+", answer_noise=0.5), 200)
-    write_jsonl(train, d / "train.jsonl")
-    write_jsonl(held, d / "eval.jsonl")
-    cfg = load_config("configs/tiny/sft.yaml", [
-        f"model.path={tiny_model}", f"data.train={d / 'train.jsonl'}", "data.eval=",
-        f"train.output_dir={d / 'sft'}", "logging.progress=false", "logging.tensorboard=false"])
-    run_sft(cfg)
-    return d
 
 
 def rl_config(cold_start, out, *extra):
