@@ -88,3 +88,17 @@ def test_a_killed_run_restarted_writes_exactly_the_uninterrupted_output(cold_sta
     assert cut.read_text() == ref.read_text()
     keys = [(r["source"], r["sample"]) for r in map(json.loads, cut.read_text().splitlines())]
     assert len(keys) == len(set(keys))
+
+
+def test_two_ranks_share_the_prompts(cold_start, tmp_path):
+    out = tmp_path / "s.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "r1cli.cli",
+           "sample", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+           f"data.train={cold_start / 'eval.jsonl'}", "data.max_samples=32", "rollout.n=4", f"sample.out={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sources = [{m["source"] for m in read_metrics(tmp_path / f"s.rank{r}.jsonl.done")} for r in (0, 1)]
+    assert sources[0] == set(range(0, 32, 2)) and sources[1] == set(range(1, 32, 2))
+    stats = json.loads((tmp_path / "s.jsonl.stats.json").read_text())["arithmetic"]
+    assert stats["prompts"] == 32 and stats["samples"] == 128
