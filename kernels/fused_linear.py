@@ -234,10 +234,7 @@ def fused_linear_weighted_loss_impl(hidden, weight, targets, token_weights, per_
 def fused_linear_grpo_objective_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, token_weights,
                                      *, objective: GRPOObjective, with_entropy=False, **kw):
     """The GRPO objective aggregated with `token_weights`, its gradient formed in the forward."""
-    def per_token_loss(logp, ent, a, b):
-        return objective.per_token(logp, ent, old_logp[a:b], None if ref_logp is None else ref_logp[a:b],
-                                   advantages[a:b], mask[a:b])
-
+    per_token_loss = objective.chunked(old_logp, ref_logp, advantages, mask)
     return fused_linear_weighted_loss_impl(hidden, weight, targets, token_weights, per_token_loss,
                                            temperature=objective.temperature,
                                            with_entropy=with_entropy or objective.needs_entropy, **kw)

@@ -352,34 +352,36 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     return cfg
 
 
-def check_ranges(obj: Any, prefix: str = "") -> None:
-    """Every bounded number lies in its range (declared with the field)."""
+def _leaves(obj: Any, prefix: str = ""):
+    """(key, field, value) for every setting of a config tree."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            check_ranges(value, f"{prefix}{f.name}.")
-            continue
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", f, value
+
+
+def check_ranges(cfg: Any) -> None:
+    """Every bounded number lies in its range (declared with the field)."""
+    for key, f, value in _leaves(cfg):
         low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
         if low is not None and (value <= low if above else value < low):
-            raise R1Error(f"config key '{prefix}{f.name}': {value!r} is out of range (must be {'>' if above else '>='} "
-                          f"{low})")
+            raise R1Error(f"config key '{key}': {value!r} is out of range (must be {'>' if above else '>='} {low})")
         if high is not None and value > high:
-            raise R1Error(f"config key '{prefix}{f.name}': {value!r} is out of range (must be <= {high})")
+            raise R1Error(f"config key '{key}': {value!r} is out of range (must be <= {high})")
 
 
-def check_registered(obj: Any, prefix: str = "") -> None:
+def check_registered(cfg: Any) -> None:
     """Every registry-backed key names a registered entry (dict keys for dict fields)."""
     import importlib
 
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            check_registered(value, f"{prefix}{f.name}.")
-        elif "registry" in f.metadata:
+    for key, f, value in _leaves(cfg):
+        if "registry" in f.metadata:
             module, attr = f.metadata["registry"].split(":")
             registry = getattr(importlib.import_module(module), attr)
             for name in value if isinstance(value, dict) else [value]:
-                registry.check(name, f"{prefix}{f.name}")
+                registry.check(name, key)
 
 
 def _expand_paths(cfg: Config) -> None:

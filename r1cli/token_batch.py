@@ -38,9 +38,6 @@ class TokenBatch:
         """Scored tokens per row (targets are not changed after construction)."""
         return [sum(t != IGNORE for t in row) for row in self.targets]
 
-    def scored_counts(self) -> list[int]:
-        return list(self.counts)
-
     def scored_mask(self) -> torch.Tensor:
         """[B, C] 1.0 where row b has a j-th scored token."""
         counts = self.counts

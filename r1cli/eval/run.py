@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from r1cli.config import DataConfig, ModelConfig, RolloutConfig
-from r1cli.data.records import read_records
+from r1cli.data.records import read_records, write_jsonl
 from r1cli.data.templates import render_prompt
 from r1cli.errors import R1Error
 from r1cli.eval.benchmarks import Problem, load_benchmark, normalise, program_jobs, score_code, score_text
 from r1cli.eval.metrics import summarise
 from r1cli.rewards import RewardContext
+from r1cli.run.checkpoint import write_text_atomic
 from r1cli.run.metrics import console, read_metrics
 
 
@@ -85,10 +86,7 @@ def _done(path: Path, expected) -> dict[tuple[str, str], list[dict]]:
     if partial:
         for k in partial:
             del got[k]
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for v in got.values() for r in v),
-                       encoding="utf-8")
-        tmp.replace(path)
+        write_jsonl([r for v in got.values() for r in v], path)
     return got
 
 
@@ -190,8 +188,6 @@ def _summary(benches: dict[str, list[Problem]], done: dict, out: Path) -> dict:
         fmt = lambda m: f"{m['value']:.3f} [{m['ci_low']:.3f}, {m['ci_high']:.3f}]"  # noqa: E731
         table.add_row(name, str(len(per)), str(k), fmt(metrics["pass@1"]),
                       fmt(metrics[f"cons@{k}"]) if k > 1 else "-", fmt(metrics[f"pass@{k}"]) if k > 1 else "-")
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(out / "summary.json")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=1))
     console.print(table)
     return summary

@@ -87,6 +87,14 @@ class GRPOObjective:
                           None if entropy is None else entropy.detach())
         return loss * m, rec
 
+    def chunked(self, old_logp, ref_logp, advantages, mask):
+        """per_token for tokens a..b of flat [N] inputs, as a fused one-pass kernel calls it chunk by chunk."""
+        def per_token(logp, entropy, a, b):
+            return self.per_token(logp, entropy, old_logp[a:b], None if ref_logp is None else ref_logp[a:b],
+                                  advantages[a:b], mask[a:b])
+
+        return per_token
+
     def aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, num_seqs: float | None = None,
                   num_tokens: float | None = None) -> torch.Tensor:
         """[B, T] per-token loss -> scalar; num_seqs / num_tokens: the global batch's, when it is split."""
@@ -156,12 +164,7 @@ class GRPOLoss:
             return None
         present, t = self._flat(batch, device)
         w = self.objective.token_weights(batch.fields["mask"], self.num_seqs, self.num_tokens)
-        ref = t["ref"]
-
-        def per_token(logp, ent, a, b):
-            return self.objective.per_token(logp, ent, t["old"][a:b], None if ref is None else ref[a:b],
-                                            t["adv"][a:b], t["mask"][a:b])
-
+        per_token = self.objective.chunked(t["old"], t["ref"], t["adv"], t["mask"])
         return w[present].to(device), per_token, lambda value, rec: self._sums(value, rec, t["mask"])
 
     def finish(self, sums: dict[str, float]) -> dict[str, float]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -36,10 +35,9 @@ class MetricsLog:
         """On resume: forget lines logged after the checkpoint we continue from (and a torn last line)."""
         if not (self.enabled and self.path.is_file()):
             return
-        keep = [json.dumps(m) for m in read_metrics(self.path) if m["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        os.replace(tmp, self.path)
+        from r1cli.data.records import write_jsonl
+
+        write_jsonl([m for m in read_metrics(self.path) if m["step"] <= step], self.path)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 from r1cli.config import Config
 from r1cli.data.prompts import encode_prompts
-from r1cli.data.records import read_records
+from r1cli.data.records import read_records, write_jsonl
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
+from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, score
+from r1cli.run.checkpoint import write_text_atomic
 from r1cli.run.metrics import console, read_metrics
 from r1cli.sample.filters import dedupe_key, rejection
 
@@ -34,9 +36,7 @@ def _resume(out: Path, index: Path) -> set[int]:
         rows = read_metrics(out)
         keep = [r for r in rows if r["source"] in done]
         if len(keep) < len(rows):
-            tmp = out.with_name(out.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep), encoding="utf-8")
-            tmp.replace(out)
+            write_jsonl(keep, out)
     return done
 
 
@@ -52,8 +52,6 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
         out.unlink(missing_ok=True)
         index.unlink(missing_ok=True)
     done = _resume(out, index)
-    from r1cli.models.loading import load_tokenizer
-
     engine, tokenizer = build_engine(cfg.model, cfg.rollout), load_tokenizer(cfg.model.path)
     prompts = encode_prompts(tokenizer, rows, d)
     ctx = RewardContext.from_config(d, cfg.rewards)
@@ -114,7 +112,6 @@ def _stats(out: Path, parallel) -> dict:
         table.add_column(col)
     for task, c in per_task.items():
         table.add_row(task, *(str(c[k]) for k in ["prompts", "samples", "kept", *reasons]))
-    path = out.with_name(out.name + ".stats.json")
-    path.write_text(json.dumps(stats, indent=1))
+    write_text_atomic(out.with_name(out.name + ".stats.json"), json.dumps(stats, indent=1))
     console.print(table)
     return stats

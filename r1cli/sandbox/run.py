@@ -25,7 +25,6 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import os
-import queue
 import resource
 import shutil
 import signal
@@ -114,17 +113,14 @@ class _Slots:
     is held by an flock on a file named after its uid, released by the kernel if its holder dies."""
 
     def __init__(self, n: int):
-        self.n = n
-        self.local: queue.Queue[int] = queue.Queue()  # bounds this process's concurrent runs
-        for i in range(n):
-            self.local.put(i)
+        self.local = threading.BoundedSemaphore(n)  # bounds this process's concurrent runs
         self.held: dict[int, int] = {}
         self.turn = 0
         self.lock = threading.Lock()
         self.dir = Path(tempfile.gettempdir()) / "r1-sandbox-slots"
 
     def take(self) -> int:
-        self.local.get()
+        self.local.acquire()
         self.dir.mkdir(mode=0o700, exist_ok=True)
         with self.lock:  # rotate: a uid just swept may still have zombies counting against its process limit
             self.turn += 1
@@ -148,7 +144,7 @@ class _Slots:
             fd = self.held.pop(slot)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-        self.local.put(0)
+        self.local.release()
 
 
 _SLOTS = _Slots(MAX_SLOTS)

@@ -34,7 +34,7 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             t0 = time.perf_counter()
             mine = rank_share(schedule.rows_for_step(step), p.dp_rank, p.dp_size)
             batch = to_token_batch([rows[i] for i in mine])
-            tokens = p.all_reduce_sum(sum(batch.scored_counts()))
+            tokens = p.all_reduce_sum(sum(batch.counts))
             out = trainer.train_step(batch, NLLLoss(tokens))
             last = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
                     "tokens_per_s": tokens / (time.perf_counter() - t0), "epoch": schedule.epoch_of(step + 1),

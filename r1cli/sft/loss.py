@@ -24,7 +24,7 @@ class NLLLoss:
 
         from r1cli.rl.objective import TokenRecord
 
-        n = sum(batch.scored_counts())
+        n = sum(batch.counts)
         zero = torch.zeros(n, device=device)
 
         def per_token(logp, ent, a, b):
