@@ -67,23 +67,18 @@ def rl_cmd(config_path, print_config, resume, overwrite, overrides):
     run_rl(cfg, resume=resume, overwrite=overwrite)
 
 
-NOT_BUILT = {
-    "coldstart": "cold-start data and SFT (DeepSeek-R1 stage 1)",
-    "distill": "distillation into small dense models",
-}
+@_training_command("coldstart", "Cold start (DeepSeek-R1 stage 1): long chains of thought from a generator model prompted "
+                                "with coldstart.exemplars (or the rows' own worked solutions), rewritten in the readable "
+                                "format, filtered and verified into coldstart.out; then SFT on them as `r1 sft` does. "
+                                "Run again, the data continues where an interrupted run stopped.")
+@click.option("--data-only", is_flag=True, help="Write the cold-start data and stop before SFT.")
+def coldstart_cmd(config_path, print_config, resume, overwrite, data_only, overrides):
+    cfg = _load(config_path, overrides, print_config)
+    if cfg is None:
+        return
+    from r1cli.coldstart.loop import run_coldstart
 
-
-def _not_built(name: str, what: str):
-    @main.command(name, help=f"{what[0].upper()}{what[1:]}: not built yet.",
-                  context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-    def cmd():
-        raise R1Error(f"r1 {name} ({what}) is not built yet; r1 sft, r1 rl and r1 report are")
-
-    return cmd
-
-
-for _name, _what in NOT_BUILT.items():
-    _not_built(_name, _what)
+    run_coldstart(cfg, resume=resume, overwrite=overwrite, data_only=data_only)
 
 
 @main.command("sample", help="Rejection sampling (DeepSeek-R1 stage 3): rollout.n samples per prompt of data.train; "

@@ -164,17 +164,60 @@ class LoggingConfig:
 
 
 @dataclass
+class FilterConfig:
+    """Why a chain of thought that reached the right answer is still not trained on (r1 sample, r1 coldstart;
+    DeepSeek-R1: mixed languages, long paragraphs and code blocks are filtered out). Each check is a switch."""
+
+    require_format: bool = True  # strict <think>…</think><answer>…</answer>
+    mixed_language: bool = True  # drop chains of thought below min_language_share in rewards.language
+    min_language_share: float = bounded(0.95, 0.0, 1.0)
+    code_blocks: bool = True  # drop ``` fences in the reasoning
+    max_paragraph_chars: int = bounded(2000, 0)  # longest paragraph of the reasoning; 0: off
+    max_response_tokens: int = bounded(0, 0)  # longer responses are dropped as over-long; 0: off
+
+
+@dataclass
 class SampleConfig:
     """r1 sample (rejection sampling): rollout.n samples per prompt, the verified-correct ones kept."""
 
     out: str = "runs/sample/samples.jsonl"  # SFT-ready rows (prompt, response); stats beside it
     keep_per_prompt: int = bounded(4, 1)
-    require_format: bool = True  # strict <think>…</think><answer>…</answer>
-    filter_mixed_language: bool = True  # chain of thought below min_language_share in rewards.language
-    min_language_share: float = bounded(0.95, 0.0, 1.0)
-    filter_code_blocks: bool = True  # ``` fences in the reasoning
-    max_paragraph_chars: int = bounded(2000, 0)  # longest paragraph of the reasoning; 0: off
     prompts_per_batch: int = bounded(16, 1)  # prompts generated (and appended) together
+    # a local model folder that judges prompts without a checkable answer (data.answer_field empty or
+    # absent): it reads the question and the response and says whether the final answer is right.
+    # "": such prompts are an error
+    judge: str = ""
+    judge_max_new_tokens: int = bounded(16, 1)
+
+
+@dataclass
+class ColdstartConfig:
+    """r1 coldstart (DeepSeek-R1 stage 1): long chains of thought in the readable format, then SFT on them."""
+
+    out: str = "runs/coldstart/data.jsonl"  # SFT-ready rows; stats and the finished-prompt index beside it
+    # a local model folder that writes the chains of thought by few-shot prompting with coldstart.exemplars;
+    # "": the rows' own data.response_field (e.g. synthetic worked solutions) is post-processed and filtered
+    generator: str = ""
+    exemplars: str = ""  # JSONL of {prompt, response} long-CoT examples shown before each problem
+    shots: int = bounded(2, 0)  # exemplars per prompt
+    reflect: bool = False  # a second pass in which the generator re-checks its own answer before closing
+    reflect_prompt: str = "\n\nWait, let me verify this answer step by step."
+    keep_per_prompt: int = bounded(1, 1)
+    prompts_per_batch: int = bounded(16, 1)
+    require_verified: bool = False  # drop rows without a ground-truth answer (they cannot be verified)
+
+
+@dataclass
+class DistillConfig:
+    """r1 distill: SFT of a small dense student on teacher data, optionally with the teacher's logits."""
+
+    student: str = ""  # the preset (configs/students/NAME.yaml) or local folder the run was resolved from
+    architecture: str = ""  # what the preset expects at model.path (printed by --dry-run)
+    teacher: str = ""  # a local folder with the student's tokenizer: logit distillation; "": plain SFT
+    kl_weight: float = bounded(0.5, 0.0, 1.0)  # loss = (1 - w) NLL + w KL
+    kl_direction: Literal["forward", "reverse"] = "forward"  # KL(teacher || student) or KL(student || teacher)
+    temperature: float = bounded(1.0, 0.0, above=True)
+    chunk_tokens: int = bounded(1024, 1)  # tokens per [chunk x V] logits block; [N x V] is never whole
 
 
 @dataclass
@@ -198,7 +241,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    coldstart: ColdstartConfig = field(default_factory=ColdstartConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 # ---------------------------------------------------------------- type checks
@@ -271,6 +317,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 
 MOVED = {f"train.eval_{k}": f"eval.{k}" for k in ("every", "samples", "n", "temperature", "max_new_tokens")}
+MOVED |= {"sample.require_format": "filters.require_format", "sample.filter_mixed_language": "filters.mixed_language",
+          "sample.min_language_share": "filters.min_language_share", "sample.filter_code_blocks": "filters.code_blocks",
+          "sample.max_paragraph_chars": "filters.max_paragraph_chars"}
 
 
 def _unknown_key(key: str, valid: list[str]) -> R1Error:
@@ -386,7 +435,8 @@ def check_registered(cfg: Any) -> None:
 
 def _expand_paths(cfg: Config) -> None:
     for section, name in (("model", "path"), ("data", "train"), ("data", "eval"), ("train", "output_dir"),
-                          ("sample", "out")):
+                          ("sample", "out"), ("sample", "judge"), ("coldstart", "out"), ("coldstart", "generator"),
+                          ("coldstart", "exemplars"), ("distill", "teacher")):
         obj = getattr(cfg, section)
         value = getattr(obj, name)
         if value:

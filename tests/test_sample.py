@@ -10,20 +10,23 @@ import time
 import pytest
 
 from conftest import ROOT
-from r1cli.config import SampleConfig, load_config
+from r1cli.config import FilterConfig, load_config
+from r1cli.errors import R1Error
 from r1cli.rewards import RewardContext
 from r1cli.run.metrics import read_metrics
 from r1cli.sample.filters import rejection
 from r1cli.sample.loop import run_sample
 
 CTX = RewardContext()
-CFG = SampleConfig(max_paragraph_chars=60)
+CFG = FilterConfig(max_paragraph_chars=60, max_response_tokens=50)
 GOOD = "<think>first add the units, then the tens</think><answer>42</answer>"
 
 
 @pytest.mark.parametrize("text, reason", [
     (GOOD, None),
     ("first add the units <answer>42</answer>", "bad format"),
+    ("<think>first add the units, then the tens</think>", "no final answer"),
+    ("<think>units, tens</think><answer> </answer>", "no final answer"),
     ("<think>a</think><answer>4</answer><answer>42</answer>", "bad format"),
     ("<think>先 add 个位 then 十位 进位 了</think><answer>42</answer>", "mixed language"),
     ("<think>run this:\n```python\nprint(40 + 2)\n```</think><answer>42</answer>", "code block"),
@@ -36,8 +39,10 @@ def test_filters_on_hand_made_samples(text, reason):
 
 def test_each_filter_is_a_switch():
     code = "<think>```python\nx\n```</think><answer>42</answer>"
-    assert rejection(code, {}, CTX, SampleConfig(filter_code_blocks=False)) is None
-    assert rejection("no tags", {}, CTX, SampleConfig(require_format=False)) is None
+    assert rejection(code, {}, CTX, FilterConfig(code_blocks=False)) is None
+    assert rejection("no think tags <answer>42</answer>", {}, CTX, FilterConfig(require_format=False)) is None
+    assert rejection(GOOD, {}, CTX, CFG, n_tokens=51) == "over-long"
+    assert rejection(GOOD, {}, CTX, FilterConfig(), n_tokens=10**6) is None  # max_response_tokens=0: off
 
 
 def sample_config(cold_start, out, *extra):
@@ -102,3 +107,48 @@ def test_two_ranks_share_the_prompts(cold_start, tmp_path):
     assert sources[0] == set(range(0, 32, 2)) and sources[1] == set(range(1, 32, 2))
     stats = json.loads((tmp_path / "s.jsonl.stats.json").read_text())["arithmetic"]
     assert stats["prompts"] == 32 and stats["samples"] == 128
+    merged = read_metrics(out)  # one SFT-ready file for the next stage, in prompt order
+    assert len(merged) == stats["kept"] and [r["source"] for r in merged] == sorted(r["source"] for r in merged)
+
+
+def test_judge_reads_yes_and_no():
+    from r1cli.sample.judge import verdict
+
+    assert verdict(" Yes.") and verdict("yes, it is") and verdict("**YES**")
+    assert not verdict("No") and not verdict("") and not verdict("yesterday") and not verdict("The answer is yes")
+
+
+def test_prompts_without_answers_go_to_the_judge(cold_start, tmp_path, monkeypatch):
+    """Rows without an answer are an error without sample.judge; with one, its verdict decides what is kept
+    and the record says it was judged. The judge here knows the sums (it recomputes them from the question),
+    so what it keeps must be exactly the samples whose final answer is the true sum."""
+    from r1cli.sample import judge as judge_mod
+    from r1cli.sample.filters import final_answer_of
+
+    rows = read_metrics(cold_start / "eval.jsonl")[:16]
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "answer" or i % 2}) + "\n"
+                            for i, r in enumerate(rows)))
+    with pytest.raises(R1Error, match=r"q.jsonl:1: no 'answer'.*sample.judge"):
+        run_sample(sample_config(cold_start, tmp_path / "x.jsonl", f"data.train={data}"))
+
+    seen = []
+
+    class SumJudge:
+        def __call__(self, question, responses):
+            seen.append(question)
+            a, b = question.rstrip("=?").split("+")
+            return [final_answer_of(r) == str(int(a) + int(b)) for r in responses]
+
+    monkeypatch.setattr(judge_mod.AnswerJudge, "from_config", classmethod(lambda cls, cfg: SumJudge()))
+    out = tmp_path / "j.jsonl"
+    stats = run_sample(sample_config(cold_start, out, f"data.train={data}", "sample.judge=/some/judge",
+                                     "sample.keep_per_prompt=4"))["arithmetic"]
+    assert sorted(seen) == sorted(r["prompt"] for r in rows[::2])
+    kept = read_metrics(out)
+    assert {r["verified"] for r in kept if r["source"] % 2 == 0} <= {"judge"}
+    assert {r["verified"] for r in kept if r["source"] % 2} <= {"rule"}
+    for r in kept:
+        assert final_answer_of(r["response"]) == rows[r["source"]]["answer"]
+    assert stats["judged wrong"] > 0 and stats["wrong answer"] > 0
+    assert any(r["verified"] == "judge" for r in kept)

@@ -1,14 +1,16 @@
-"""Why a verified-correct sample may still not be worth training on (DeepSeek-R1, stage 3: "we filter
-out chain-of-thought with mixed languages, long paragraphs, and code blocks"), as small pure checks."""
+"""Why a chain of thought that reached the right answer may still not be worth training on (DeepSeek-R1:
+"we filter out chain-of-thought with mixed languages, long paragraphs, and code blocks"; the cold-start data
+also drops samples without a final answer and over-long ones), as small pure checks."""
 
 from __future__ import annotations
 
 import re
 
-from r1cli.config import SampleConfig
+from r1cli.config import FilterConfig
 from r1cli.rewards import REWARDS, RewardContext
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 
 
 def reasoning_of(text: str) -> str:
@@ -17,15 +19,25 @@ def reasoning_of(text: str) -> str:
     return m.group(1) if m else text.split("<answer>")[0]
 
 
-def rejection(text: str, row: dict, ctx: RewardContext, cfg: SampleConfig) -> str | None:
-    """The first reason to drop a (correct) sample, or None to keep it; `text` includes any prefill."""
+def final_answer_of(text: str) -> str:
+    """The text of the last <answer>…</answer>, stripped ('' when there is none)."""
+    found = _ANSWER.findall(text)
+    return found[-1].strip() if found else ""
+
+
+def rejection(text: str, row: dict, ctx: RewardContext, cfg: FilterConfig, n_tokens: int = 0) -> str | None:
+    """The first reason to drop a sample, or None to keep it; `text` includes any prefill."""
+    if not final_answer_of(text):
+        return "no final answer"
+    if cfg.max_response_tokens and n_tokens > cfg.max_response_tokens:
+        return "over-long"
     if cfg.require_format and REWARDS.get("format")(text, row, ctx) < 1.0:
         return "bad format"
     cot = reasoning_of(text)
     share = REWARDS.get("language")(f"<think>{cot}</think>", row, RewardContext(language=ctx.language))
-    if cfg.filter_mixed_language and share < cfg.min_language_share:
+    if cfg.mixed_language and share < cfg.min_language_share:
         return "mixed language"
-    if cfg.filter_code_blocks and "```" in cot:
+    if cfg.code_blocks and "```" in cot:
         return "code block"
     if cfg.max_paragraph_chars and max((len(p) for p in re.split(r"\n\s*\n", cot)), default=0) > \
             cfg.max_paragraph_chars:

@@ -1,0 +1,133 @@
+"""`r1 coldstart`: long chains of thought in the readable format, filtered and verified, then SFT on them.
+
+    candidates   a generator model prompted with coldstart.shots exemplars (optionally a second, reflecting
+                 pass), or with no generator the rows' own worked solutions (data.response_field)
+    readable     <think>reasoning</think><answer>final answer</answer>
+    filters      no final answer, over-long, bad format, mixed language, code block, long paragraph
+    verified     the task's rule checker where the row has a ground truth (data.answer_field)
+    SFT          the same loop as `r1 sft`, on coldstart.out (skipped with --data-only)
+
+The data goes through r1cli.sample.store: a killed run restarted continues exactly, stats per task.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from dataclasses import replace
+
+from r1cli.config import Config
+from r1cli.coldstart.readable import draft_before_answer, few_shot_prompt, readable
+from r1cli.data.records import read_records
+from r1cli.errors import R1Error
+from r1cli.interfaces import SamplingParams, build_engine, build_parallel
+from r1cli.models.loading import load_tokenizer
+from r1cli.rewards import RewardContext, score
+from r1cli.run.harness import check_run_dir
+from r1cli.sample.filters import dedupe_key, rejection
+from r1cli.sample.store import ResumableOutput
+
+
+class Generator:
+    """Few-shot long-CoT generation: `candidates(rows, batch)` -> per prompt, the completions as text (prefill
+    included) with their token counts."""
+
+    def __init__(self, cfg: Config):
+        c, d = cfg.coldstart, cfg.data
+        if not c.exemplars and c.shots:
+            raise R1Error("coldstart.generator needs coldstart.exemplars (a JSONL of long-CoT examples), "
+                          "or coldstart.shots=0 for zero-shot prompting")
+        self.exemplars = read_records(c.exemplars, 0, d.max_line_mb << 20) if c.shots else []
+        if self.exemplars:
+            self.exemplars.require(d.prompt_field, "data.prompt_field")
+            self.exemplars.require(d.response_field, "data.response_field")
+        self.cfg = cfg
+        self.engine = build_engine(replace(cfg.model, path=c.generator), cfg.rollout)
+        self.tokenizer = load_tokenizer(c.generator)
+
+    def _shots(self, i: int) -> list[dict]:
+        """coldstart.shots exemplars, rotating with the prompt so that no single one dominates."""
+        n = len(self.exemplars)
+        return [self.exemplars[(i + k) % n] for k in range(min(self.cfg.coldstart.shots, n))]
+
+    def candidates(self, rows, batch: list[int], seed: int) -> list[list[tuple[str, int]]]:
+        d, c = self.cfg.data, self.cfg.coldstart
+        fields = (d.prompt_field, d.response_field)
+        texts = [few_shot_prompt(self.tokenizer, self._shots(i), str(rows[i][d.prompt_field]), d, fields)
+                 for i in batch]
+        encode = lambda t: self.tokenizer(t, add_special_tokens=False)["input_ids"]  # noqa: E731
+        params = SamplingParams.from_rollout(self.cfg.rollout, seed=seed)
+        groups = self.engine.generate([encode(t) for t in texts], params)
+        out = [[(d.prefill + g.text, len(g.completion_ids)) for g in group] for group in groups]
+        if not c.reflect:
+            return out
+        # the second pass: each draft's reasoning, a request to verify it, and the generator goes on from there
+        drafts = [(p, draft_before_answer(text) + c.reflect_prompt) for p, group in zip(texts, out) for text, _ in group]
+        again = self.engine.generate([encode(p + draft[len(d.prefill):]) for p, draft in drafts],
+                                     replace(params, n=1, seed=seed + 7919))
+        flat = [(draft + g[0].text, len(encode(draft)) + len(g[0].completion_ids)) for (_, draft), g in
+                zip(drafts, again)]
+        return [flat[k * params.n: (k + 1) * params.n] for k in range(len(batch))]
+
+
+def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
+    """Write coldstart.out (resumable; stats beside it) and return the per-task stats."""
+    d, c = cfg.data, cfg.coldstart
+    rows = read_records(d.train, d.max_samples, d.max_line_mb << 20)
+    if not c.generator:
+        rows.require(d.response_field, "data.response_field (the worked solutions used without coldstart.generator)")
+    parallel = build_parallel()
+    store = ResumableOutput(c.out, parallel, overwrite)
+    generator = Generator(cfg) if c.generator else None
+    tokenizer = generator.tokenizer if generator else load_tokenizer(cfg.model.path)
+    ctx = RewardContext(language=cfg.rewards.language, answer_field=d.answer_field, task_field=d.task_field)
+    with store:
+        for batch in store.pending(len(rows), c.prompts_per_batch):
+            if generator:
+                groups = generator.candidates(rows, batch, seed=cfg.train.seed * 1_000_003 + batch[0])
+            else:
+                groups = [[(t := str(rows[i][d.response_field]), len(tokenizer(t, add_special_tokens=False)
+                                                                        ["input_ids"]))] for i in batch]
+            for i, group in zip(batch, groups):
+                row = rows[i]
+                texts = [readable(t) for t, _ in group]
+                checkable = row.get(d.answer_field) not in (None, "")
+                correct = score(texts, [row] * len(texts), {"accuracy": 1.0}, ctx).total if checkable else \
+                    [None] * len(texts)
+                reasons, seen, kept = Counter(), set(), []
+                for j, (text, (_, n_tokens), ok) in enumerate(zip(texts, group, correct)):
+                    why = rejection(text, row, ctx, cfg.filters, n_tokens)
+                    if why is None and checkable and ok < 1.0:
+                        why = "wrong answer"
+                    if why is None and not checkable and c.require_verified:
+                        why = "unverifiable"
+                    if why is None and dedupe_key(text) in seen:
+                        why = "duplicate"
+                    if why is None and len(kept) >= c.keep_per_prompt:
+                        why = "over keep_per_prompt"
+                    if why is not None:
+                        reasons[why] += 1
+                        continue
+                    seen.add(dedupe_key(text))
+                    kept.append({d.prompt_field: row[d.prompt_field], d.response_field: text,
+                                 d.answer_field: row.get(d.answer_field), d.task_field: row.get(d.task_field),
+                                 "verified": "rule" if checkable else "none", "sample": j})
+                store.add(i, row.get(d.task_field) or "math", kept, len(texts), reasons)
+            store.batch_done()
+    return store.finish("r1 coldstart")
+
+
+def run_coldstart(cfg: Config, resume: bool = False, overwrite: bool = False, data_only: bool = False) -> dict:
+    """The data (continued where a killed run stopped; --overwrite starts it over), then SFT on it."""
+    if not data_only:
+        check_run_dir(cfg.train.output_dir, resume, overwrite)
+    stats = build_coldstart_data(cfg, overwrite=overwrite)
+    if data_only:
+        return {"data": stats}
+    out = Path(cfg.coldstart.out)
+    if not out.is_file() or out.stat().st_size == 0:  # every rank sees the merged file
+        raise R1Error(f"r1 coldstart: no sample survived the filters (see {cfg.coldstart.out}.stats.json)")
+    from r1cli.sft.loop import run_sft
+
+    return {"data": stats, **run_sft(replace(cfg, data=replace(cfg.data, train=cfg.coldstart.out)), resume=resume,
+                                     overwrite=overwrite)}
