@@ -166,6 +166,8 @@ class TorchTrainer:
             ids, pos, idx, tgt = mb.tensors(self.tokenizer.pad_token_id, self.device)
 
             def loss_fn(hidden, weight, mb=mb, tgt=tgt):
+                if hasattr(loss, "from_hidden"):  # a loss over whole distributions (logit distillation)
+                    return loss.from_hidden(hidden, weight, mb, tgt)
                 terms = loss.weighted_terms(mb, hidden.device) if one_pass else None
                 if terms is not None:  # the aggregation as weights known before the forward
                     w, per_token, to_sums = terms

@@ -13,10 +13,11 @@ import torch
 from r1cli.errors import missing_extra
 from r1cli.rl.objective import GRPOObjective, TokenRecord
 
+from .distill import fused_linear_distill
 from .reference import fused_linear_grpo_loss_ref, fused_linear_logprobs_ref, grpo_loss_ref, logprobs_ref
 
 __all__ = ["TokenRecord", "grpo_loss", "fused_linear_grpo_loss", "fused_linear_grpo_objective",
-           "fused_linear_weighted_loss", "logprobs", "fused_linear_logprobs", "pick_impl"]
+           "fused_linear_weighted_loss", "logprobs", "fused_linear_logprobs", "fused_linear_distill", "pick_impl"]
 
 
 def pick_impl(impl: str, device: torch.device) -> str:

@@ -76,3 +76,19 @@ def tile_grad_ref(z, targets, v_start, lse, entropy, g_logp, g_ent, temperature,
         out.copy_(d)
         return out
     return d
+
+
+def fused_linear_distill_ref(hidden, weight, teacher_hidden, teacher_weight, targets, weights, *, alpha=0.5,
+                             direction="forward", temperature=1.0):
+    """The distillation loss written plainly with whole [N, V] logits and autograd (kernels/distill.py)."""
+    z = hidden.float() @ weight.float().T
+    u = (teacher_hidden.float() @ teacher_weight.float().T)[:, : weight.shape[0]].detach()
+    T = temperature
+    log_q, log_p = torch.log_softmax(z / T, -1), torch.log_softmax(u / T, -1)
+    if direction == "forward":
+        kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    else:
+        kl = torch.nn.functional.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+    nll = torch.nn.functional.cross_entropy(z, targets, reduction="none")
+    loss = (weights.float() * (alpha * T * T * kl + (1 - alpha) * nll)).sum()
+    return loss, kl.detach().sum(), nll.detach().sum()

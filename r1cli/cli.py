@@ -81,6 +81,39 @@ def coldstart_cmd(config_path, print_config, resume, overwrite, data_only, overr
     run_coldstart(cfg, resume=resume, overwrite=overwrite, data_only=data_only)
 
 
+@_training_command("distill", "Distillation (DeepSeek-R1's dense students): SFT of a student on teacher data, with "
+                              "the teacher's logits as well when --teacher is given (forward or reverse KL, "
+                              "distill.*). --student names a preset in configs/students/ or a local model folder.")
+@click.option("--student", required=True, help="Preset (qwen-1.5b, qwen-7b, qwen-14b, qwen-32b, llama-8b, "
+                                               "llama-70b) or a local Hugging Face folder.")
+@click.option("--data", "data", default="", help="Teacher samples: a JSONL/Parquet file or a folder of them "
+                                                 "(data.train).")
+@click.option("--teacher", default="", help="Local teacher folder with the student's tokenizer: adds logit "
+                                            "distillation (distill.teacher).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan and exit without loading weights.")
+def distill_cmd(config_path, print_config, resume, overwrite, student, data, teacher, dry_run, overrides):
+    from r1cli.distill.presets import student_sources
+
+    files, extra = student_sources(student)
+    extra += [f"data.train={data}"] if data else []
+    extra += [f"distill.teacher={teacher}"] if teacher else []
+    cfg = _load(files + ([config_path] if config_path else []), extra + list(overrides), print_config)
+    if cfg is None:
+        return
+    if dry_run:
+        import os
+
+        from r1cli.distill.presets import plan
+
+        click.echo(plan(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
+        return
+    if not cfg.data.train:
+        raise R1Error("r1 distill needs teacher data: --data FILE_OR_FOLDER (or data.train=...)")
+    from r1cli.distill.loop import run_distill
+
+    run_distill(cfg, resume=resume, overwrite=overwrite)
+
+
 @main.command("sample", help="Rejection sampling (DeepSeek-R1 stage 3): rollout.n samples per prompt of data.train; "
                              "the verified-correct ones that pass the filters go to sample.out as SFT data. Run "
                              "again, the same command continues where an interrupted run stopped.\n" + OVERRIDES_HELP)

@@ -19,6 +19,8 @@ import yaml
 
 from r1cli.errors import R1Error
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # presets: students/, tiny/, the pipelines
+
 
 def named(default: str, registry: str):
     """A field whose valid values are the names in a registry ("module:ATTR"): one definition of the names."""
@@ -372,19 +374,13 @@ def _set_path(obj: Any, path: str, raw: Any) -> None:
     raise R1Error(f"config key '{path}' does not name a setting")
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | list[str] | None = None, overrides: list[str] | tuple[str, ...] = (),
+                layers: list[dict] = ()) -> Config:
+    """Defaults, then each YAML file in order (a later one wins), then `layers` (mappings), then overrides."""
     cfg = Config()
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise R1Error(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
-            what = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise R1Error(f"{where}: not valid YAML ({what})") from None
+    for p in [path] if isinstance(path, (str, Path)) else list(path or []):
+        _apply(cfg, read_yaml(p))
+    for data in layers:
         _apply(cfg, data)
     for text in overrides:
         if "=" not in text:
@@ -399,6 +395,23 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     check_ranges(cfg)
     check_registered(cfg)
     return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file; a syntax error names file:line:column."""
+    p = Path(path)
+    if not p.is_file():
+        raise R1Error(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise R1Error(f"{where}: not valid YAML ({what})") from None
+    if not isinstance(data, dict):
+        raise R1Error(f"{path}: a config file is a mapping of sections, got {type(data).__name__}")
+    return data
 
 
 def _leaves(obj: Any, prefix: str = ""):
@@ -439,7 +452,8 @@ def _expand_paths(cfg: Config) -> None:
                           ("coldstart", "exemplars"), ("distill", "teacher")):
         obj = getattr(cfg, section)
         value = getattr(obj, name)
-        if value:
+        if value:  # ${R1_MODELS} (the presets' model folder) defaults to ./models
+            value = value.replace("${R1_MODELS}", os.environ.get("R1_MODELS", "models"))
             setattr(obj, name, os.path.expandvars(os.path.expanduser(value)))
 
 

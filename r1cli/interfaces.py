@@ -84,7 +84,9 @@ class TokenLoss(Protocol):
 
     `__call__` gets the log-probs of one micro-batch's scored tokens (flat, row by row) and returns that
     micro-batch's share of the global loss (already normalised by the global batch) and metric sums;
-    `finish` turns the sums, reduced over the data-parallel group, into metrics."""
+    `finish` turns the sums, reduced over the data-parallel group, into metrics. A loss that needs whole
+    distributions (logit distillation) has `from_hidden(hidden, lm_head_weight, batch, targets)` instead, and
+    the trainer hands it the scored tokens' final hidden states."""
 
     temperature: float
     wants_entropy: bool

@@ -26,7 +26,8 @@ class Records(list):
         return super().__getitem__(i)
 
     def where(self, i: int) -> str:
-        return f"{self.path}:{self.lines[i]}"
+        line = self.lines[i]  # a line number, or "file:line" for rows read from a folder
+        return f"{self.path}/{line}" if isinstance(line, str) else f"{self.path}:{line}"
 
     def value(self, i: int, name: str, key: str = ""):
         """Row i's field `name`, or an error that names the file, line and the fields the row does have."""
@@ -42,12 +43,32 @@ class Records(list):
             self.value(i, name, key)
 
 
+DATA_SUFFIXES = (".jsonl", ".parquet", ".pq")
+
+
+def _read_folder(folder: Path, max_samples: int, max_line_bytes: int) -> Records:
+    """Every JSONL / Parquet file of a folder, in name order, as one set of rows."""
+    files = sorted(f for f in folder.iterdir() if f.suffix in DATA_SUFFIXES and f.is_file())
+    if not files:
+        raise R1Error(f"data folder {folder} has no .jsonl or .parquet files")
+    rows, lines = [], []
+    for f in files:
+        part = read_records(str(f), max_samples - len(rows) if max_samples else 0, max_line_bytes)
+        rows += part
+        lines += [f"{f.name}:{n}" for n in part.lines]
+        if max_samples and len(rows) >= max_samples:
+            break
+    return Records(rows, str(folder), lines)
+
+
 def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE_BYTES) -> Records:
-    """All rows of a local JSONL or Parquet file; a malformed line names file and line. JSONL lines are read
+    """All rows of a local JSONL or Parquet file (or of every such file in a folder); a malformed line names file and line. JSONL lines are read
     one at a time, at most max_line_bytes each: one enormous line is an error, not an exhausted memory."""
     if not path:
         raise R1Error("no data file given (set data.train)")
     p = Path(path)
+    if p.is_dir():
+        return _read_folder(p, max_samples, max_line_bytes)
     if not p.is_file():
         raise R1Error(f"data file not found: {path}")
     rows, lines = [], []

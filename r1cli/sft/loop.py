@@ -20,10 +20,12 @@ def build_rows(cfg: Config, tokenizer, path: str):
     return pack_examples(examples, cfg.data.max_seq_len) if cfg.data.pack else examples
 
 
-def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
+def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, loss_for=None) -> dict:
+    """`loss_for(trainer)` gives the loss of a step from its global token count (default: the NLL)."""
     check_run_dir(cfg.train.output_dir, resume, overwrite)
     read_records(cfg.data.train, 1, cfg.data.max_line_mb << 20)  # a missing file fails before a model loads
     trainer = build_trainer(cfg)
+    make_loss = loss_for(trainer) if loss_for else NLLLoss
     p, t = trainer.parallel, cfg.train
     rows = build_rows(cfg, trainer.tokenizer, cfg.data.train)
     schedule = RowSchedule(len(rows), t.micro_batch_size * t.grad_accum * p.dp_size, t.seed, cfg.data.shuffle)
@@ -35,10 +37,8 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             mine = rank_share(schedule.rows_for_step(step), p.dp_rank, p.dp_size)
             batch = to_token_batch([rows[i] for i in mine])
             tokens = p.all_reduce_sum(sum(batch.counts))
-            out = trainer.train_step(batch, NLLLoss(tokens))
-            last = {"loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
-                    "tokens_per_s": tokens / (time.perf_counter() - t0), "epoch": schedule.epoch_of(step + 1),
-                    "skipped": out["skipped"]}
+            out = trainer.train_step(batch, make_loss(tokens))
+            last = {**out, "tokens_per_s": tokens / (time.perf_counter() - t0), "epoch": schedule.epoch_of(step + 1)}
             if harness.step_done(step + 1, last):
                 return harness.stopped(last)
         return harness.finish(last)

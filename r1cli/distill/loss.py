@@ -1,0 +1,59 @@
+"""Logit distillation through the trainer door: the student's hidden states and lm_head weight against a frozen
+teacher's, for the same tokens (r1cli.kernels.fused_linear_distill)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from r1cli.config import Config
+from r1cli.errors import R1Error
+
+
+def load_teacher(cfg: Config, trainer):
+    """The teacher on the trainer's device, frozen; its tokenizer must be the student's."""
+    from r1cli.models.loading import load_model, load_tokenizer
+
+    vocab = load_tokenizer(cfg.distill.teacher).get_vocab()
+    if vocab != trainer.tokenizer.get_vocab():
+        raise R1Error(f"distill.teacher {cfg.distill.teacher} has another tokenizer than the student "
+                      f"{cfg.model.path}: logit distillation compares distributions over the same tokens; "
+                      "drop distill.teacher to train on the teacher's samples alone")
+    model = replace(cfg.model, path=cfg.distill.teacher, gradient_checkpointing=False)
+    return load_model(model, trainer.device).eval().requires_grad_(False)
+
+
+class DistillLoss:
+    """(1 - w) NLL + w T^2 KL per token, averaged over the global batch's tokens (r1cli.interfaces.TokenLoss
+    with `from_hidden`: the trainer hands over hidden states instead of log-probs)."""
+
+    temperature = 1.0
+    wants_entropy = False
+
+    def __init__(self, teacher, num_tokens: float, cfg: Config, pad_id: int):
+        self.teacher, self.cfg, self.pad_id = teacher, cfg.distill, pad_id
+        self.num_tokens = max(1.0, num_tokens)
+
+    def from_hidden(self, hidden, weight, batch, targets):
+        import torch
+
+        from r1cli import kernels
+
+        ids, pos, idx, _ = batch.tensors(self.pad_id, hidden.device)
+        with torch.no_grad():
+            body = getattr(self.teacher, self.teacher.base_model_prefix)
+            th = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+            th = th.reshape(-1, th.shape[-1]).index_select(0, idx)
+        d = self.cfg
+        weights = torch.full((hidden.shape[0],), 1.0 / self.num_tokens, device=hidden.device)
+        loss, kl, nll = kernels.fused_linear_distill(hidden, weight, th, self.teacher.lm_head.weight, targets, weights,
+                                                     alpha=d.kl_weight, direction=d.kl_direction,
+                                                     temperature=d.temperature, chunk=d.chunk_tokens)
+        return loss, {"kl": float(kl), "nll": float(nll)}
+
+    def __call__(self, logp, entropy, batch):
+        raise RuntimeError("DistillLoss needs the hidden states: the trainer calls from_hidden")
+
+    def finish(self, sums: dict[str, float]) -> dict[str, float]:
+        d, n = self.cfg, self.num_tokens
+        kl, nll = sums["kl"] / n, sums["nll"] / n
+        return {"loss": d.kl_weight * d.temperature ** 2 * kl + (1 - d.kl_weight) * nll, "kl": kl, "nll": nll}
