@@ -114,6 +114,20 @@ def distill_cmd(config_path, print_config, resume, overwrite, student, data, tea
     run_distill(cfg, resume=resume, overwrite=overwrite)
 
 
+@main.command("pipeline", help="DeepSeek-R1's stages in order (cold start, reasoning RL, rejection sampling + SFT, RL "
+                               "for all scenarios), each stage's output feeding the next. Without --config it runs "
+                               "configs/tiny/r1.yaml: the tiny model on a CPU in minutes. Run again, finished stages "
+                               "are skipped and an interrupted one continues.\n\nOVERRIDES: `section.key=value` for "
+                               "every stage, `STAGE:section.key=value` for one, `pipeline.key=value` for the "
+                               "pipeline itself (output_dir, seed, prepare, report).")
+@click.option("--config", "config_path", type=str, default=None, help="Pipeline YAML (default: configs/tiny/r1.yaml).")
+@click.argument("overrides", nargs=-1, metavar="[OVERRIDES]...")
+def pipeline_cmd(config_path, overrides):
+    from r1cli.pipeline import run_pipeline
+
+    run_pipeline(config_path, list(overrides))
+
+
 @main.command("sample", help="Rejection sampling (DeepSeek-R1 stage 3): rollout.n samples per prompt of data.train; "
                              "the verified-correct ones that pass the filters go to sample.out as SFT data. Run "
                              "again, the same command continues where an interrupted run stopped.\n" + OVERRIDES_HELP)

@@ -206,6 +206,9 @@ class ColdstartConfig:
     reflect_prompt: str = "\n\nWait, let me verify this answer step by step."
     keep_per_prompt: int = bounded(1, 1)
     prompts_per_batch: int = bounded(16, 1)
+    # check final answers with the task's rule checker where the row has a ground truth (data.answer_field);
+    # false keeps them unchecked, as a hand-written or noisy cold start would be (verified: none)
+    verify: bool = True
     require_verified: bool = False  # drop rows without a ground-truth answer (they cannot be verified)
 
 
@@ -382,6 +385,17 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | tupl
         _apply(cfg, read_yaml(p))
     for data in layers:
         _apply(cfg, data)
+    apply_overrides(cfg, overrides)
+    return checked(cfg)
+
+
+def apply_layer(cfg: Config, data: dict) -> None:
+    """Set the keys of a nested mapping ({section: {key: value}}), each checked like a file's."""
+    _apply(cfg, data)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None:
+    """`section.key=value` strings, values read as YAML."""
     for text in overrides:
         if "=" not in text:
             raise R1Error(f"override '{text}' must look like section.key=value")
@@ -391,6 +405,10 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | tupl
         except yaml.YAMLError:
             value = raw
         _set_path(cfg, key.strip(), value)
+
+
+def checked(cfg: Config) -> Config:
+    """Paths expanded, ranges and registry names checked: the last step of building a config."""
     _expand_paths(cfg)
     check_ranges(cfg)
     check_registered(cfg)

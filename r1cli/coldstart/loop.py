@@ -91,7 +91,7 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
             for i, group in zip(batch, groups):
                 row = rows[i]
                 texts = [readable(t) for t, _ in group]
-                checkable = row.get(d.answer_field) not in (None, "")
+                checkable = c.verify and row.get(d.answer_field) not in (None, "")
                 correct = score(texts, [row] * len(texts), {"accuracy": 1.0}, ctx).total if checkable else \
                     [None] * len(texts)
                 reasons, seen, kept = Counter(), set(), []

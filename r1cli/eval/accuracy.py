@@ -45,3 +45,16 @@ def held_out_evaluator(cfg: Config, trainer, engine=None):
         return held_out_accuracy(box[0], trainer.tokenizer, rows, cfg.data, params, ctx, trainer.parallel)
 
     return evaluate
+
+
+def model_accuracy(cfg: Config) -> dict:
+    """Held-out accuracy of the model at cfg.model.path as it is (no trainer), as a training run measures it."""
+    from r1cli.interfaces import build_parallel
+    from r1cli.models.loading import load_tokenizer
+
+    rows = read_records(cfg.data.eval, cfg.eval.samples, cfg.data.max_line_mb << 20)
+    rows.require(cfg.data.answer_field, "data.answer_field")
+    params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
+    engine = build_engine(cfg.model, cfg.rollout)
+    return held_out_accuracy(engine, load_tokenizer(cfg.model.path), rows, cfg.data, params,
+                             RewardContext.from_config(cfg.data, cfg.rewards), build_parallel())

@@ -1,0 +1,278 @@
+"""`r1 pipeline`: DeepSeek-R1's stages in order, each stage's output feeding the next.
+
+A pipeline file has three parts:
+
+    pipeline:  output_dir, seed, prepare (tiny: build the tiny model and synthetic data when missing), report
+    base:      config keys every stage starts from (model, data, rollout, eval, ...)
+    stages:    a list of {name, command, config, model_from, data_from}
+
+Command-line overrides: `section.key=value` for every stage (a model.path or data.train there is the base's:
+the wiring below still applies), `NAME:section.key=value` for one stage (wins over everything).
+
+`command` is coldstart, rl, sample, sft or distill. A stage starts from the model of `model_from` (a stage
+name, or "base" for base.model.path; default: the latest earlier stage that made a model) and reads the data
+of `data_from` (default for sft and distill: the previous stage's rejection samples or cold-start data; other
+stages read base's data). Its outputs
+go under pipeline.output_dir/NAME. Keys a stage's own config sets are never rewired.
+
+A finished stage leaves NAME/stage.json; a re-run skips it. An interrupted stage continues: training resumes
+from its newest checkpoint, sampling from its finished-prompt index.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from r1cli.config import CONFIG_DIR, Config, apply_layer, apply_overrides, checked, load_config, read_yaml
+from r1cli.errors import R1Error
+from r1cli.run import checkpoint as ckpt
+from r1cli.run.checkpoint import write_text_atomic
+from r1cli.run.metrics import console, read_metrics
+
+DEFAULT = CONFIG_DIR / "tiny" / "r1.yaml"
+MAKES_MODEL = {"coldstart", "rl", "sft", "distill"}
+MAKES_DATA = {"coldstart": ("coldstart", "out"), "sample": ("sample", "out")}
+
+
+@dataclass
+class Stage:
+    name: str
+    command: str
+    config: dict = field(default_factory=dict)
+    model_from: str = ""
+    data_from: str = ""
+
+
+@dataclass
+class Pipeline:
+    output_dir: str
+    stages: list[Stage]
+    base: dict = field(default_factory=dict)
+    seed: int = 0
+    prepare: str = "none"  # tiny: build the tiny model and synthetic arithmetic when they are missing
+    report: bool = True
+
+
+def read_pipeline(path: str | Path) -> Pipeline:
+    raw = read_yaml(path)
+    unknown = set(raw) - {"pipeline", "base", "stages"}
+    if unknown:
+        raise R1Error(f"{path}: unknown section(s) {', '.join(sorted(unknown))}; a pipeline has pipeline, base, stages")
+    head = raw.get("pipeline") or {}
+    bad = set(head) - {"output_dir", "seed", "prepare", "report"}
+    if bad:
+        raise R1Error(f"{path}: unknown pipeline key(s) {', '.join(sorted(bad))} (output_dir, seed, prepare, report)")
+    stages, seen = [], []
+    for k, s in enumerate(raw.get("stages") or []):
+        if not isinstance(s, dict) or set(s) - {"name", "command", "config", "model_from", "data_from"}:
+            raise R1Error(f"{path}: stage {k + 1} must be a mapping of name, command, config, model_from, data_from")
+        st = Stage(**s)
+        if st.command not in RUNNERS:
+            raise R1Error(f"{path}: stage '{st.name}' has command '{st.command}'; known: {', '.join(RUNNERS)}")
+        if not st.name or st.name in seen or st.name == "base":
+            raise R1Error(f"{path}: stage {k + 1} needs a unique name other than 'base', got '{st.name}'")
+        for ref in (st.model_from, st.data_from):
+            if ref and ref != "base" and ref not in seen:
+                raise R1Error(f"{path}: stage '{st.name}' reads from '{ref}', which is not an earlier stage")
+        seen.append(st.name)
+        stages.append(st)
+    if not stages:
+        raise R1Error(f"{path}: no stages")
+    if head.get("prepare", "none") not in ("none", "tiny"):
+        raise R1Error(f"{path}: pipeline.prepare is none or tiny, not {head['prepare']!r}")
+    return Pipeline(stages=stages, base=raw.get("base") or {}, **head)
+
+
+def _has(config: dict, section: str, key: str) -> bool:
+    return isinstance(config.get(section), dict) and key in config[section]
+
+
+def stage_configs(p: Pipeline, overrides: list[str]) -> list[Config]:
+    """Each stage's merged config: base, its own keys, the wiring to earlier stages, then the overrides
+    (`section.key=value` for every stage, `NAME:section.key=value` for one)."""
+    out, models, datas = [], {"base": None}, {}
+    root = Path(p.output_dir)
+    for i, st in enumerate(p.stages):
+        d = root / st.name
+        wiring = {"train": {"output_dir": str(d)}}
+        if st.command == "sample":
+            wiring["sample"] = {"out": str(d / "samples.jsonl")}
+        if st.command == "coldstart":
+            wiring["coldstart"] = {"out": str(d / "data.jsonl")}
+        source = st.model_from or next((s.name for s in reversed(p.stages[:i]) if s.command in MAKES_MODEL), "base")
+        if source != "base" and not _has(st.config, "model", "path"):
+            wiring["model"] = {"path": models[source]}
+        feed = st.data_from or (p.stages[i - 1].name if i and st.command in ("sft", "distill")
+                                and p.stages[i - 1].command in MAKES_DATA else "")
+        if feed and not _has(st.config, "data", "train"):
+            if feed not in datas:
+                raise R1Error(f"stage '{st.name}' reads data from '{feed}', which makes none")
+            wiring["data"] = {"train": datas[feed]}
+        mine = [o.split(":", 1)[1] for o in overrides if o.split("=", 1)[0].startswith(f"{st.name}:")]
+        common = [o for o in overrides if ":" not in o.split("=", 1)[0]]
+        cfg = Config()  # base, the stage's keys, overrides for all, the wiring, overrides for this stage
+        for layer in ({"train": {"seed": p.seed}}, p.base, st.config):
+            apply_layer(cfg, layer)
+        apply_overrides(cfg, common)
+        apply_layer(cfg, wiring)
+        apply_overrides(cfg, mine)
+        cfg = checked(cfg)
+        out.append(cfg)
+        if st.command in MAKES_MODEL:
+            models[st.name] = str(Path(cfg.train.output_dir) / "hf")
+        if st.command in MAKES_DATA:
+            section, key = MAKES_DATA[st.command]
+            datas[st.name] = getattr(getattr(cfg, section), key)
+    names = {st.name for st in p.stages}
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if ":" in key and key.split(":", 1)[0] not in names:
+            raise R1Error(f"override '{o}' names no stage (stages: {', '.join(names)})")
+    return out
+
+
+def _resume_flags(cfg: Config) -> dict:
+    """Continue an interrupted training stage from its newest checkpoint; one that died before any
+    checkpoint starts over (there is nothing to lose)."""
+    run_dir = Path(cfg.train.output_dir)
+    if ckpt.completed(run_dir):
+        return {"resume": True}
+    return {"overwrite": any((run_dir / n).exists() for n in ("config.yaml", "metrics.jsonl"))}
+
+
+def _run_coldstart(cfg, **kw):
+    from r1cli.coldstart.loop import run_coldstart
+
+    return run_coldstart(cfg, **kw)
+
+
+def _run_rl(cfg, **kw):
+    from r1cli.rl.loop import run_rl
+
+    return run_rl(cfg, **kw)
+
+
+def _run_sft(cfg, **kw):
+    from r1cli.sft.loop import run_sft
+
+    return run_sft(cfg, **kw)
+
+
+def _run_distill(cfg, **kw):
+    from r1cli.distill.loop import run_distill
+
+    return run_distill(cfg, **kw)
+
+
+def _run_sample(cfg, **kw):
+    from r1cli.sample.loop import run_sample
+
+    return run_sample(cfg)  # continues from its own index
+
+
+RUNNERS = {"coldstart": _run_coldstart, "rl": _run_rl, "sample": _run_sample, "sft": _run_sft,
+           "distill": _run_distill}
+
+
+def prepare_tiny(cfg: Config, seed: int) -> None:
+    """The tiny model and synthetic arithmetic (noisy worked solutions) at base's paths, when missing."""
+    from r1cli.data.records import write_jsonl
+    from r1cli.data.synth import generate, split_held_out
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    if not Path(cfg.model.path).exists():
+        console.print(f"building the tiny model in {cfg.model.path}")
+        build_tiny_model(cfg.model.path, TinySpec(seed=seed))
+    if not Path(cfg.data.train).exists() or (cfg.data.eval and not Path(cfg.data.eval).exists()):
+        console.print(f"writing synthetic arithmetic to {cfg.data.train} and {cfg.data.eval}")
+        train, held = split_held_out(generate("arithmetic", 4200, seed=seed, digits=2, ops="+", answer_noise=0.5),
+                                     200)
+        write_jsonl(train, cfg.data.train)
+        if cfg.data.eval:
+            write_jsonl(held, cfg.data.eval)
+
+
+def _accuracy(run_dir: Path) -> float | None:
+    try:
+        found = [m["eval/accuracy"] for m in read_metrics(run_dir / "metrics.jsonl") if "eval/accuracy" in m]
+    except OSError:
+        return None
+    return found[-1] if found else None
+
+
+def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
+    p = read_pipeline(path or DEFAULT)
+    head = [o for o in overrides if o.startswith("pipeline.")]
+    for o in head:
+        key, value = o.split("=", 1)
+        name = key.removeprefix("pipeline.")
+        if name not in ("output_dir", "seed", "prepare", "report"):
+            raise R1Error(f"unknown pipeline key '{key}' (pipeline.output_dir, seed, prepare, report)")
+        import yaml
+
+        setattr(p, name, yaml.safe_load(value))
+    rest = [o for o in overrides if o not in head]
+    configs = stage_configs(p, rest)
+    base = load_config(None, [o for o in rest if ":" not in o.split("=", 1)[0]],
+                       layers=[p.base, {"train": {"seed": p.seed}}])
+    if p.prepare == "tiny":
+        prepare_tiny(base, p.seed)
+    root = Path(p.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    results = []
+    base_acc = root / "base.json"
+    if base.data.eval and not base_acc.is_file():  # the starting point, for the table at the end
+        from r1cli.eval.accuracy import model_accuracy
+
+        write_text_atomic(base_acc, json.dumps(model_accuracy(base)))
+    for st, cfg in zip(p.stages, configs):
+        marker = Path(cfg.train.output_dir) / "stage.json"
+        if marker.is_file():
+            console.print(f"[bold]{st.name}[/] ({st.command}): done earlier, skipped")
+            results.append(json.loads(marker.read_text()))
+            continue
+        console.print(f"[bold]{st.name}[/] ({st.command}) -> {cfg.train.output_dir}")
+        t0 = time.perf_counter()
+        flags = {} if st.command == "sample" else _resume_flags(cfg)
+        result = RUNNERS[st.command](cfg, **flags) or {}
+        if "stopped_at" in result:  # checkpoint.stop_after: the stage is not finished; a re-run continues it
+            console.print(f"{st.name} stopped after step {result['stopped_at']}; run the pipeline again to continue")
+            return results
+        run_dir = Path(cfg.train.output_dir)
+        out = {"stage": st.name, "command": st.command, "model": cfg.model.path, "seconds": round(time.perf_counter()
+                                                                                                   - t0, 1)}
+        if st.command in MAKES_MODEL:
+            out["made_model"] = str(run_dir / "hf")
+            out["eval/accuracy"] = _accuracy(run_dir)
+        if st.command in MAKES_DATA:
+            section, key = MAKES_DATA[st.command]
+            out["made_data"] = getattr(getattr(cfg, section), key)
+        write_text_atomic(marker, json.dumps(out, indent=1))
+        results.append(out)
+    _summary(p, results, base_acc)
+    return results
+
+
+def _summary(p: Pipeline, results: list[dict], base_acc: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"r1 pipeline ({p.output_dir})")
+    for col in ("stage", "command", "from", "made", "held-out accuracy", "s"):
+        table.add_column(col)
+    if base_acc.is_file():
+        table.add_row("base", "", "", "", f"{json.loads(base_acc.read_text())['eval/accuracy']:.3f}", "")
+    for r in results:
+        acc = r.get("eval/accuracy")
+        table.add_row(r["stage"], r["command"], r["model"], r.get("made_model") or r.get("made_data", ""),
+                      "" if acc is None else f"{acc:.3f}", str(r["seconds"]))
+    console.print(table)
+    if p.report:
+        from r1cli.run.report import write_report
+
+        for r in results:
+            if r.get("made_model"):
+                write_report(str(Path(r["made_model"]).parent))
+        console.print(f"reports: {p.output_dir}/*/report.html")
