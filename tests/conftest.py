@@ -63,6 +63,6 @@ def cold_start(tiny_model, tmp_path_factory):
     write_jsonl(held, d / "eval.jsonl")
     cfg = load_config("configs/tiny/sft.yaml", [
         f"model.path={tiny_model}", f"data.train={d / 'train.jsonl'}", "data.eval=",
-        f"train.output_dir={d / 'sft'}", "logging.progress=false", "logging.tensorboard=false"])
+        f"train.output_dir={d / 'sft'}", "train.steps=500", "logging.progress=false", "logging.tensorboard=false"])
     run_sft(cfg)
     return d

@@ -15,7 +15,7 @@ def sft_config(tiny_model, arith_data, out, *extra):
     train, held = arith_data
     return load_config("configs/tiny/sft.yaml", [
         f"model.path={tiny_model}", f"data.train={train}", f"data.eval={held}", f"train.output_dir={out}",
-        "logging.progress=false", "logging.tensorboard=false", *extra])
+        "train.steps=500", "logging.progress=false", "logging.tensorboard=false", *extra])
 
 
 def test_sft_learns_arithmetic(tiny_model, arith_data, tmp_path):
