@@ -1,7 +1,6 @@
 """r1 distill: presets and the dry-run plan, unknown names, teacher data from a folder, and logit distillation
 that pulls a student towards its teacher."""
 
-import json
 
 import pytest
 

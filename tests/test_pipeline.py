@@ -2,7 +2,6 @@
 skips everything, an interrupted stage that resumes, and clear errors in the pipeline file."""
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -12,7 +12,6 @@ The data goes through r1cli.sample.store: a killed run restarted continues exact
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 from dataclasses import replace
 
@@ -24,7 +23,7 @@ from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, score
 from r1cli.run.harness import check_run_dir
-from r1cli.sample.filters import dedupe_key, rejection
+from r1cli.sample.filters import pick, rejection
 from r1cli.sample.store import ResumableOutput
 
 
@@ -94,24 +93,14 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
                 checkable = c.verify and row.get(d.answer_field) not in (None, "")
                 correct = score(texts, [row] * len(texts), {"accuracy": 1.0}, ctx).total if checkable else \
                     [None] * len(texts)
-                reasons, seen, kept = Counter(), set(), []
-                for j, (text, (_, n_tokens), ok) in enumerate(zip(texts, group, correct)):
-                    why = rejection(text, row, ctx, cfg.filters, n_tokens)
-                    if why is None and checkable and ok < 1.0:
-                        why = "wrong answer"
-                    if why is None and not checkable and c.require_verified:
-                        why = "unverifiable"
-                    if why is None and dedupe_key(text) in seen:
-                        why = "duplicate"
-                    if why is None and len(kept) >= c.keep_per_prompt:
-                        why = "over keep_per_prompt"
-                    if why is not None:
-                        reasons[why] += 1
-                        continue
-                    seen.add(dedupe_key(text))
-                    kept.append({d.prompt_field: row[d.prompt_field], d.response_field: text,
-                                 d.answer_field: row.get(d.answer_field), d.task_field: row.get(d.task_field),
-                                 "verified": "rule" if checkable else "none", "sample": j})
+                why = [rejection(text, row, ctx, cfg.filters, n_tokens) for text, (_, n_tokens) in zip(texts, group)]
+                why = [w or ("wrong answer" if checkable and ok < 1.0 else None) or
+                       ("unverifiable" if not checkable and c.require_verified else None)
+                       for w, ok in zip(why, correct)]
+                chosen, reasons = pick(texts, why, c.keep_per_prompt)
+                kept = [{d.prompt_field: row[d.prompt_field], d.response_field: texts[j],
+                         d.answer_field: row.get(d.answer_field), d.task_field: row.get(d.task_field),
+                         "verified": "rule" if checkable else "none", "sample": j} for j in chosen]
                 store.add(i, row.get(d.task_field) or "math", kept, len(texts), reasons)
             store.batch_done()
     return store.finish("r1 coldstart")

@@ -5,6 +5,7 @@ also drops samples without a final answer and over-long ones), as small pure che
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 from r1cli.config import FilterConfig
 from r1cli.rewards import REWARDS, RewardContext
@@ -47,3 +48,20 @@ def rejection(text: str, row: dict, ctx: RewardContext, cfg: FilterConfig, n_tok
 
 def dedupe_key(text: str) -> str:
     return " ".join(text.split())
+
+
+def pick(texts: list[str], reasons: list[str | None], cap: int) -> tuple[list[int], Counter]:
+    """The candidates to keep (indices, in order) and why the others went: each one's own reason, else a
+    duplicate of a kept one, else past the cap. Kept + counted add up to len(texts)."""
+    why_not, seen, kept = Counter(), set(), []
+    for j, (text, why) in enumerate(zip(texts, reasons)):
+        if why is None and dedupe_key(text) in seen:
+            why = "duplicate"
+        if why is None and len(kept) >= cap:
+            why = "over keep_per_prompt"
+        if why is not None:
+            why_not[why] += 1
+            continue
+        seen.add(dedupe_key(text))
+        kept.append(j)
+    return kept, why_not

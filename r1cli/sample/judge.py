@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from r1cli.config import Config, ModelConfig
+from r1cli.config import Config
 from r1cli.data.records import Records
 from r1cli.data.templates import render_prompt
 from r1cli.interfaces import SamplingParams, build_engine

@@ -8,8 +8,6 @@ the model named by sample.judge (the record says verified: judge), or are an err
 
 from __future__ import annotations
 
-from collections import Counter
-
 from r1cli.config import Config
 from r1cli.data.prompts import encode_prompts
 from r1cli.data.records import read_records
@@ -17,7 +15,7 @@ from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, score
-from r1cli.sample.filters import dedupe_key, rejection
+from r1cli.sample.filters import pick, rejection
 from r1cli.sample.judge import AnswerJudge, needs_judge
 from r1cli.sample.store import ResumableOutput
 
@@ -49,20 +47,12 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
                 else:
                     how, correct = "rule", [v >= 1.0 for v in score(texts, [row] * len(texts), {"accuracy": 1.0},
                                                                     ctx).total]
-                reasons, seen, kept = Counter(), set(), []
-                for j, (c, text, ok) in enumerate(zip(group, texts, correct)):
-                    why = ("wrong answer" if how == "rule" else "judged wrong") if not ok else \
-                        rejection(text, row, ctx, cfg.filters, len(c.completion_ids))
-                    if why is None and dedupe_key(text) in seen:
-                        why = "duplicate"
-                    if why is None and len(kept) >= s.keep_per_prompt:
-                        why = "over keep_per_prompt"
-                    if why is not None:
-                        reasons[why] += 1
-                        continue
-                    seen.add(dedupe_key(text))
-                    kept.append({"prompt": row[d.prompt_field], "response": text, "answer": row.get(d.answer_field),
-                                 "task": row.get(d.task_field), "verified": how, "sample": j})
+                wrong = "wrong answer" if how == "rule" else "judged wrong"
+                why = [rejection(text, row, ctx, cfg.filters, len(c.completion_ids)) if ok else wrong
+                       for c, text, ok in zip(group, texts, correct)]
+                chosen, reasons = pick(texts, why, s.keep_per_prompt)
+                kept = [{"prompt": row[d.prompt_field], "response": texts[j], "answer": row.get(d.answer_field),
+                         "task": row.get(d.task_field), "verified": how, "sample": j} for j in chosen]
                 store.add(i, row.get(d.task_field) or "math", kept, len(texts), reasons)
             store.batch_done()
     return store.finish("r1 sample")
