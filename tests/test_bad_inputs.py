@@ -51,12 +51,6 @@ def test_yaml_syntax_error_names_line_and_column(tmp_path):
         load_config(str(bad))
 
 
-@pytest.mark.parametrize("command", ["coldstart", "distill"])
-def test_commands_not_built_yet_say_so(command):
-    one_line_error(run_r1(command, "--model", "x"), f"r1 {command} (")
-    assert "not built yet" in run_r1(command).stderr
-
-
 def test_synth_count_out_of_range(tmp_path):
     proc = run_r1("data", "synth", "countdown", "--out", str(tmp_path / "x.jsonl"), "--count", "0")
     assert proc.returncode == 2 and "'--count': 0 is not in the range 2<=x<=8" in proc.stderr
