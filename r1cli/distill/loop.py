@@ -14,6 +14,6 @@ def run_distill(cfg: Config, resume: bool = False, overwrite: bool = False) -> d
 
     def loss_for(trainer):
         teacher = load_teacher(cfg, trainer)
-        return lambda tokens: DistillLoss(teacher, tokens, cfg, trainer.tokenizer.pad_token_id)
+        return lambda tokens: DistillLoss(teacher, tokens, cfg.distill, trainer.tokenizer.pad_token_id)
 
     return run_sft(cfg, resume=resume, overwrite=overwrite, loss_for=loss_for)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from r1cli.config import Config
+from r1cli.config import Config, DistillConfig
 from r1cli.errors import R1Error
 
 
@@ -29,8 +29,8 @@ class DistillLoss:
     temperature = 1.0
     wants_entropy = False
 
-    def __init__(self, teacher, num_tokens: float, cfg: Config, pad_id: int):
-        self.teacher, self.cfg, self.pad_id = teacher, cfg.distill, pad_id
+    def __init__(self, teacher, num_tokens: float, cfg: DistillConfig, pad_id: int):
+        self.teacher, self.cfg, self.pad_id = teacher, cfg, pad_id
         self.num_tokens = max(1.0, num_tokens)
 
     def from_hidden(self, hidden, weight, batch, targets):
