@@ -108,7 +108,23 @@ class RolloutConfig:
     top_k: int = bounded(0, 0)  # 0: off
     max_new_tokens: int = bounded(512, 1)
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    prompts_per_generate: int = bounded(8, 1)  # prompts batched into one generate call
+    prompts_per_generate: int = bounded(8, 1)  # prompts batched into one generate call (hf)
+    # every wait on the engine (generate, weight sync, sleep/wake) ends with a message after this long; 0: never
+    timeout_s: float = bounded(1800.0, 0.0)
+    start_timeout_s: float = bounded(1800.0, 0.0)  # building the engine (vLLM loads, profiles, compiles)
+    # truncated importance sampling: the loss of token t is weighted by min(p_trainer / p_engine, tis_cap),
+    # correcting for the engine sampling from a slightly different distribution; 0: off
+    tis_cap: float = bounded(0.0, 0.0)
+    # vllm
+    # the process's share of GPU memory that weights + KV cache may fill (CPU build: of the NUMA node's RAM,
+    # counting everything the process holds, the trainer included)
+    gpu_memory_utilization: float = bounded(0.5, 0.0, 1.0, above=True)
+    kv_cache_gb: float = bounded(0.0, 0.0)  # an explicit KV-cache size instead; 0: from gpu_memory_utilization
+    tensor_parallel: int = bounded(1, 1)  # engine TP (may differ from the trainer's)
+    weight_bucket_mb: int = bounded(512, 1)  # weights move to the engine this many MB at a time
+    sleep_level: int = bounded(1, 0, 2)  # GPU: 1 frees KV cache and offloads weights while training; 0: off
+    max_model_len: int = bounded(0, 0)  # 0: the model's context length
+    enforce_eager: bool = False  # GPU: no CUDA graphs (always eager on CPU)
 
 
 @dataclass

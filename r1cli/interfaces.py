@@ -37,11 +37,12 @@ class SamplingParams:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int = 0  # prompt i of a generate call samples with seed + i
+    logprobs: bool = False  # ask the engine for its log-prob of each sampled token (if it can give them)
 
     @classmethod
     def from_rollout(cls, r: "RolloutConfig", seed: int) -> "SamplingParams":
         return cls(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_tokens=r.max_new_tokens,
-                   stop=tuple(r.stop), seed=seed)
+                   stop=tuple(r.stop), seed=seed, logprobs=True)
 
     @classmethod
     def from_eval(cls, e: "EvalConfig", stop: list[str], seed: int) -> "SamplingParams":
@@ -134,6 +135,7 @@ TRAINERS = Registry("trainer backend", "parallel.backend")
 TRAINERS.register("torch", "r1cli.backends.torch_trainer:TorchTrainer")
 ENGINES = Registry("rollout engine", "rollout.engine")
 ENGINES.register("hf", "r1cli.backends.hf_rollout:create_engine")
+ENGINES.register("vllm", "r1cli.backends.vllm_rollout:create_engine")
 
 
 # The process layout for commands without a trainer (r1 eval, r1 sample): (device, tp, pp) -> ParallelContext
@@ -153,11 +155,64 @@ def build_trainer(cfg: "Config", need_reference: bool = False) -> TrainerBackend
     return cls(cfg.model, cfg.train, cfg.optim, cfg.parallel, need_reference=need_reference)
 
 
+def pick_engine(name: str) -> str:
+    """`auto`: vLLM on a GPU (where it is the fast one) if it is installed, transformers otherwise (on CPU vLLM is
+    no faster: DESIGN.md)."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    import torch
+
+    return "vllm" if torch.cuda.is_available() and importlib.util.find_spec("vllm") else "hf"
+
+
+ENGINES.register("auto", lambda model, rollout, trainer=None: ENGINES.get(pick_engine("auto"))(model, rollout, trainer))
+
+
+class TimedEngine:
+    """An engine whose every wait (generate, weight sync, sleep, wake) ends with a message naming it after
+    rollout.timeout_s, instead of hanging the run."""
+
+    def __init__(self, engine: RolloutEngine, name: str, seconds: float):
+        self.engine, self.name, self.seconds = engine, name, seconds
+
+    def __getattr__(self, attr):  # anything else is the engine's own
+        return getattr(self.engine, attr)
+
+    def _limit(self, what: str):
+        from r1cli.run.deadline import deadline
+
+        return deadline(self.seconds, f"the {self.name} engine {what}", "rollout.timeout_s")
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        with self._limit(f"to generate {params.n} completions for each of {len(prompts)} prompts"):
+            return self.engine.generate(prompts, params)
+
+    def load_weights(self, weights: Iterable[tuple[str, "torch.Tensor"]]) -> None:
+        with self._limit("to load new weights from the trainer"):
+            self.engine.load_weights(weights)
+
+    def sleep(self) -> None:
+        with self._limit("to sleep (free its memory)"):
+            self.engine.sleep()
+
+    def wake(self) -> None:
+        with self._limit("to wake up"):
+            self.engine.wake()
+
+
 def build_engine(model: "ModelConfig", rollout: "RolloutConfig", trainer: TrainerBackend | None = None,
                  ) -> RolloutEngine:
-    """An engine from configs alone (r1 sample, r1 eval), or colocated with a trainer whose weights it follows."""
-    return ENGINES.get(rollout.engine)(model, rollout, trainer)
+    """An engine from configs alone (r1 sample, r1 eval), or colocated with a trainer whose weights it follows;
+    building it and every later wait on it are under a time limit."""
+    from r1cli.run.deadline import deadline
+
+    name = pick_engine(rollout.engine)
+    with deadline(rollout.start_timeout_s, f"the {name} engine to start", "rollout.start_timeout_s"):
+        engine = ENGINES.get(name)(model, rollout, trainer)
+    return TimedEngine(engine, name, rollout.timeout_s)
 
 
 __all__ = ["SamplingParams", "Completion", "ParallelContext", "TokenLoss", "TrainerBackend", "RolloutEngine",
-           "TRAINERS", "ENGINES", "LAYOUTS", "build_trainer", "build_engine", "build_parallel"]
+           "TimedEngine", "TRAINERS", "ENGINES", "LAYOUTS", "build_trainer", "build_engine", "build_parallel", "pick_engine"]

@@ -54,10 +54,14 @@ def torchrun(nproc: int, *args: str, timeout: int = 900) -> subprocess.Completed
 @pytest.fixture(scope="session")
 def cold_start(tiny_model, tmp_path_factory):
     """A short SFT on worked arithmetic whose final answers are wrong half the time (the tiny R1-Zero start)."""
+    return make_cold_start(tiny_model, tmp_path_factory.mktemp("rl"))
+
+
+def make_cold_start(tiny_model: Path, d: Path) -> Path:
+    """d/train.jsonl, d/eval.jsonl and the SFT'd model in d/sft/hf."""
     from r1cli.config import load_config
     from r1cli.sft.loop import run_sft
 
-    d = tmp_path_factory.mktemp("rl")
     train, held = split_held_out(generate("arithmetic", 4200, seed=0, digits=2, ops="+", answer_noise=0.5), 200)
     write_jsonl(train, d / "train.jsonl")
     write_jsonl(held, d / "eval.jsonl")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -119,6 +120,9 @@ class FakeEngine:
     With `menu` set, a completion's text is menu[first token % len(menu)]: a policy choosing among given texts."""
 
     menu: list[str] | None = None
+    report_logprobs = False  # like vLLM: return its own log-prob of each sampled token
+    skew = 0.0  # the engine's copy differs from the trainer's by skew * (token id % 3) (other kernels, bf16)
+    stall_after: int | None = None  # generate calls that return before one that never does
 
     def __init__(self, record_dir: Path | None = None, rank: int = 0):
         self.theta = initial_logits()
@@ -128,6 +132,9 @@ class FakeEngine:
         INSTANCES["engine"] = self
 
     def generate(self, prompts, params: SamplingParams):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.stall_after is not None and self.calls > self.stall_after:
+            time.sleep(3600)
         if self.record is not None:
             self.record.parent.mkdir(parents=True, exist_ok=True)
             with self.record.open("a") as f:
@@ -142,14 +149,18 @@ class FakeEngine:
                 cut = ids.index(EOS) + 1 if EOS in ids else len(ids)
                 ids = ids[:cut]
                 text = self.menu[ids[0] % len(self.menu)] if self.menu else self.tok.decode(ids)
-                group.append(Completion(list(prompt), ids, text, "stop" if EOS in ids else "length"))
+                lps = None
+                if params.logprobs and self.report_logprobs:
+                    logp = torch.log_softmax(self.theta / max(params.temperature, 1e-6), -1)
+                    lps = [float(logp[t]) for t in ids]
+                group.append(Completion(list(prompt), ids, text, "stop" if EOS in ids else "length", lps))
             out.append(group)
         return out
 
     def load_weights(self, weights):
         for name, t in weights:
             assert name == "theta", name
-            self.theta = t.detach().clone()
+            self.theta = t.detach().clone() + self.skew * (torch.arange(len(t)) % 3).float()
         self.loads += 1
 
     def sleep(self):

@@ -20,11 +20,12 @@ from r1cli.data.schedule import RowSchedule
 from r1cli.errors import R1Error
 from r1cli.eval.accuracy import held_out_evaluator
 from r1cli.data.prompts import encode_prompts, fit_prompts
-from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+from r1cli.interfaces import SamplingParams, build_engine, build_trainer, pick_engine
 from r1cli.models.loading import context_length
 from r1cli.rewards import REWARDS, RewardContext, score
 from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
+from r1cli.rl.mismatch import engine_logprobs, mismatch_sums, tis_weights
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
@@ -42,6 +43,9 @@ def validate(cfg: Config) -> None:
     if cfg.train.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("train.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence needs "
                       "train.fused_linear=recompute")
+    if r.tis_cap and pick_engine(r.engine) == "hf":
+        raise R1Error("rollout.tis_cap corrects for an engine that samples from other kernels than the trainer's "
+                      "(vllm); the hf engine samples with the trainer's own model and reports no log-probs")
 
 
 def validate_layout(cfg: Config, dp_size: int) -> None:
@@ -99,6 +103,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             groups = engine.generate([prompts[idx[q]] for q in positions],
                                      SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(t.seed, step, first)))
             t_rollout = time.perf_counter() - t0
+            engine.sleep()  # the trainer's turn (vLLM on GPU frees its KV cache; the next generate wakes it)
             samples = [c for grp in groups for c in grp]
             sample_rows = [r for r in my_rows for _ in range(n)]
 
@@ -121,6 +126,10 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator)
                           * completion_mask).sum(-1)
                 rewards = rewards - g.beta * kl_seq
+            # the engine's own log-probs of its samples: how far off-policy the rollout was
+            engine_logp = engine_logprobs([c.logprobs for c in samples], completion_mask.shape[1])
+            mismatch = None if engine_logp is None else mismatch_sums(batch.fields["old_logp"], engine_logp,
+                                                                       completion_mask)
 
             # 4. group-relative advantages; groups without signal and truncated samples leave the loss
             advantages = group_advantages(rewards, n, g.advantage, g.adv_eps)
@@ -130,7 +139,11 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 weight = weight * (~flat_groups).repeat_interleave(n).float()
             if g.overlong_filter:
                 weight = weight * (~truncated).float()
-            batch.fields.update(advantages=advantages, loss_weight=weight, mask=completion_mask * weight.unsqueeze(-1))
+            token_adv, tis = advantages, None
+            if cfg.rollout.tis_cap and engine_logp is not None:  # truncated importance sampling, per token
+                tis = tis_weights(batch.fields["old_logp"], engine_logp, completion_mask, cfg.rollout.tis_cap)
+                token_adv = advantages.unsqueeze(-1) * tis
+            batch.fields.update(advantages=token_adv, loss_weight=weight, mask=completion_mask * weight.unsqueeze(-1))
 
             # 5. mu passes of mini-batch optimizer steps
             train_out = optimize(trainer, batch, objective, cfg, step)
@@ -147,6 +160,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                               f"{harness.run_dir}")
             last = _step_metrics(p, scores, rewards, lengths, truncated, advantages, flat_groups, train_out,
                                  t_rollout, t_train, cfg)
+            last.update(_mismatch_metrics(p, mismatch, tis, completion_mask, cfg.rollout.tis_cap))
             if p.is_main:
                 if step == harness.start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
                     _print_samples(samples, sample_rows, scores, cfg, step + 1)
@@ -217,6 +231,25 @@ def _step_metrics(parallel, scores, rewards, lengths, truncated, advantages, fla
     for k in ("loss", "kl", "clip_frac", "entropy", "grad_norm", "lr", "skipped"):
         if k in train_out:
             out[k] = float(train_out[k])
+    return out
+
+
+def _mismatch_metrics(parallel, mismatch: dict | None, tis: torch.Tensor | None, mask: torch.Tensor,
+                      cap: float) -> dict:
+    """rollout/mismatch_kl (mean per token) and rollout/mismatch_kl_max over every rank's tokens; with TIS the
+    mean weight and the share of tokens whose weight the cap truncated."""
+    if mismatch is None:
+        return {}
+    local = dict(mismatch)
+    if tis is not None:
+        local.update(tis_sum=float((tis * mask).sum()), tis_capped=float(((tis >= cap) * mask).sum()))
+    parts = parallel.all_gather(local)
+    count = max(1.0, sum(x["count"] for x in parts))
+    out = {"rollout/mismatch_kl": sum(x["sum"] for x in parts) / count,
+           "rollout/mismatch_kl_max": max(x["max"] for x in parts)}
+    if tis is not None:
+        out["rollout/tis_weight"] = sum(x["tis_sum"] for x in parts) / count
+        out["rollout/tis_capped"] = sum(x["tis_capped"] for x in parts) / count
     return out
 
 

