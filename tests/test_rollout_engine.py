@@ -17,7 +17,7 @@ from r1cli.interfaces import pick_engine
 from r1cli.rl.loop import run_rl
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.rl.mismatch import tis_weights
-from r1cli.run.deadline import Timeout
+from r1cli.run.deadline import Timeout, deadline
 from r1cli.run.metrics import read_metrics
 from r1cli.token_batch import TokenBatch
 from test_protocols import fake_config, prompts, registered  # noqa: F401  (fixtures)
@@ -122,3 +122,13 @@ def test_asking_for_vllm_without_it_names_the_install(tiny_model, arith_data, tm
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "rollout.engine=vllm needs vLLM" in lines[0] and "pip install 'r1[vllm]'" in lines[0]
+
+
+def test_a_deadline_inside_another_keeps_the_outer_one_running():
+    t0 = time.monotonic()
+    with pytest.raises(Timeout, match="the outer wait"):
+        with deadline(1.0, "the outer wait", "a.b"):
+            with deadline(30.0, "the inner wait", "c.d"):
+                pass
+            time.sleep(10)
+    assert time.monotonic() - t0 < 5

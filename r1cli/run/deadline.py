@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 
 from r1cli.errors import R1Error
@@ -48,7 +49,8 @@ def deadline(seconds: float, what: str, knob: str, grace_s: float = 30.0):
             raise Timeout(msg)
 
         previous = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+        outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds)  # an enclosing deadline's time left, if any
+        started = time.monotonic()
     watchdog.start()
     try:
         yield
@@ -57,3 +59,5 @@ def deadline(seconds: float, what: str, knob: str, grace_s: float = 30.0):
         if in_main:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
+            if outer:  # nested: the enclosing limit keeps running
+                signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - started)))
