@@ -70,14 +70,43 @@ def _reload(worker, weights) -> int:
     return 0
 
 
+def tp_group(tp: int):
+    """This rank's engine tensor-parallel group (consecutive ranks, vLLM's layout); every rank builds all of them."""
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = None
+    for first in range(0, world, tp):
+        group = dist.new_group(list(range(first, first + tp)), backend="gloo")
+        if first <= rank < first + tp:
+            mine = group
+    return mine
+
+
 class VLLMEngine:
-    def __init__(self, llm, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, llm, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, device: torch.device, group=None):
         self.llm, self.tok, self.cfg = llm, tokenizer, cfg
         self.dtype, self.device = dtype, device
+        self.group = group  # engine TP group: its ranks generate together, each for its own trainer prompts
         self.asleep = False
         self.can_sleep = device.type == "cuda" and cfg.sleep_level > 0
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """params.n completions per prompt, prompt i seeded from params.seed + i. The ranks of an engine TP group
+        hold different trainer prompts but must run one batch: they pool their prompts (each with its own seed),
+        generate them all, and each keeps its own."""
+        seeds = [params.seed + i for i in range(len(prompts))]
+        if self.group is None:
+            return self._generate(prompts, seeds, params)
+        import torch.distributed as dist
+
+        parts: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(parts, (prompts, seeds), group=self.group)
+        everyone = self._generate([p for ps, _ in parts for p in ps], [s for _, ss in parts for s in ss], params)
+        first = sum(len(ps) for ps, _ in parts[:dist.get_rank(self.group)])
+        return everyone[first: first + len(prompts)]
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int], params: SamplingParams) -> list[list[Completion]]:
         from vllm import SamplingParams as VSamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -88,9 +117,9 @@ class VLLMEngine:
         requests = [VSamplingParams(
             n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
             top_k=0 if greedy or params.top_k == 0 else params.top_k, max_tokens=params.max_tokens,
-            stop=list(params.stop) or None, include_stop_str_in_output=True, seed=(params.seed + i) * params.n,
+            stop=list(params.stop) or None, include_stop_str_in_output=True, seed=seed * params.n,
             logprobs=0 if params.logprobs else None, skip_special_tokens=True,
-        ) for i in range(len(prompts))]
+        ) for seed in seeds]
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
                                  use_tqdm=False)
         result = []
@@ -171,7 +200,7 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> V
     llm = vllm.LLM(**kw)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
-    engine = VLLMEngine(llm, tok, rollout, getattr(torch, kw["dtype"]), device)
+    engine = VLLMEngine(llm, tok, rollout, getattr(torch, kw["dtype"]), device, tp_group(tp) if tp > 1 else None)
     if trainer is not None:  # a resumed or fine-tuned trainer's weights, not the folder's
         engine.load_weights(trainer.named_weights())
     return engine

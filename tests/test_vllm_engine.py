@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_cold_start, run_r1
+from conftest import ROOT, make_cold_start, run_r1, torchrun
 from r1cli.run.metrics import read_metrics
 
 pytestmark = pytest.mark.vllm
@@ -129,3 +129,45 @@ def test_tiny_rl_with_vllm_learns(cold_start, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     before, after = [m["eval/accuracy"] for m in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in m]
     assert after - before >= 0.25, (before, after)
+
+
+def test_r1_sample_keeps_verified_vllm_samples(cold_start, tmp_path):
+    out = tmp_path / "kept.jsonl"
+    proc = run_r1("sample", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                  f"data.train={cold_start / 'eval.jsonl'}", "data.max_samples=40", "rollout.engine=vllm",
+                  "rollout.kv_cache_gb=0.25", "rollout.n=4", f"sample.out={out}", "logging.progress=false",
+                  timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert 0 < len(rows) <= 40 * 4 and all(r["verified"] == "rule" for r in rows)
+
+
+def test_a_head_size_the_cpu_build_lacks_is_one_line(cold_start, tmp_path):
+    from r1cli.models.tiny import build_tiny_model
+
+    model = build_tiny_model(tmp_path / "head16")  # the default tiny model: 4 heads of 16
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={model}", "rollout.engine=vllm",
+                  f"data.train={cold_start / 'eval.jsonl'}",
+                  f"train.output_dir={tmp_path / 'run'}", "data.eval=", timeout=600)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "INFO" not in ln
+             and "WARNING" not in ln and "Warning" not in ln and "warn" not in ln]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert any("head size 16; vLLM's CPU attention supports 32, 64" in ln for ln in lines), proc.stderr[-3000:]
+
+
+def test_two_ranks_with_engine_data_or_tensor_parallelism_equal_one_rank(cold_start, tmp_path):
+    """Under torchrun every rank holds an engine (vLLM's external launcher). Engine DP (tensor_parallel=1): each
+    rank generates its own prompts; engine TP=2: the two ranks pool their prompts into one sharded engine and
+    each keeps its own. Prompts carry their own seeds, so both runs sample what one process samples."""
+    args = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+            f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3", "rollout.engine=vllm",
+            "rollout.kv_cache_gb=0.25", "logging.progress=false", "logging.tensorboard=false",
+            "checkpoint.export_hf=false"]
+    proc = run_r1(*args, f"train.output_dir={tmp_path / 'one'}", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, tp in (("dp", 1), ("tp", 2)):
+        proc = torchrun(2, *args, f"rollout.tensor_parallel={tp}", f"train.output_dir={tmp_path / name}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    keys = ("reward/total", "response_len/mean", "loss")
+    curve = lambda d: [[m[k] for k in keys] for m in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in m]  # noqa
+    assert len(curve("one")) == 3 and curve("dp") == curve("one") == curve("tp")
