@@ -184,6 +184,34 @@ def report_cmd(run_dir, out):
     click.echo(str(page))
 
 
+@main.group("convert")
+def convert_group():
+    """Weights between a Hugging Face folder and megatron-core's TP x PP layout."""
+
+
+@convert_group.command("hf-to-megatron")
+@click.argument("src", type=str)
+@click.argument("dst", type=str)
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Tensor-parallel size.")
+@click.option("--pp", default=1, show_default=True, type=click.IntRange(min=1), help="Pipeline-parallel size.")
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+def hf_to_megatron_cmd(src, dst, tp, pp, overwrite):
+    from r1cli.backends.megatron.convert import hf_to_megatron
+
+    out = hf_to_megatron(src, dst, tp, pp, overwrite)
+    click.echo(f"wrote {tp} x {pp} (TP x PP) megatron shards to {out}")
+
+
+@convert_group.command("megatron-to-hf")
+@click.argument("src", type=str)
+@click.argument("dst", type=str)
+@click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
+def megatron_to_hf_cmd(src, dst, overwrite):
+    from r1cli.backends.megatron.convert import megatron_to_hf
+
+    click.echo(f"wrote a Hugging Face folder to {megatron_to_hf(src, dst, overwrite)}")
+
+
 @main.group("data")
 def data_group():
     """Prepare data and models: synthetic tasks, tiny test models, SmolLM2 from GGUF."""

@@ -1,0 +1,1 @@
+"""The megatron-core trainer backend (issue 10, in progress): model families and HF <-> Megatron weight conversion."""

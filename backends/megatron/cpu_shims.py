@@ -1,0 +1,78 @@
+"""What megatron-core assumes about CUDA, mapped to the CPU, for gloo runs on machines without a GPU (CI, laptops).
+
+Loaded only by the megatron backend when there is no GPU. Measured with megatron-core 0.16.1:
+  - tensors made with device="cuda" / torch.cuda.current_device() (rotary frequencies, pipeline p2p buffers,
+    the global memory buffer): a TorchFunctionMode maps every CUDA device argument to the CPU, and
+    torch.cuda.current_device() answers "cpu";
+  - torch.cuda.synchronize() and stream waits: no-ops;
+  - its RNG tracker forks the CUDA RNG state: `model_parallel_cuda_manual_seed` is replaced by a tracker
+    that forks the CPU RNG state (tensor-parallel dropout then draws on the CPU generator).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def _is_cuda(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+class CudaToCpu(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def install() -> None:
+    """Once per process, before megatron builds anything."""
+    global _installed
+    if _installed:
+        return
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_stream = lambda *a, **k: contextlib.nullcontext()
+    CudaToCpu().__enter__()  # for the life of the process
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def cpu_seed(seed: int, *args, **kwargs) -> None:
+        tracker = mrandom.get_cuda_rng_tracker()
+        tracker.reset()
+        torch.manual_seed(seed)
+        tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718)
+
+    class CpuForkTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            gen = torch.Generator().manual_seed(seed)
+            self.states_[name] = gen.get_state()
+            self.seeds_.add(seed)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            saved = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(saved)
+
+    mrandom._CUDA_RNG_STATE_TRACKER = CpuForkTracker()
+    mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    mrandom.model_parallel_cuda_manual_seed = cpu_seed
+    _installed = True

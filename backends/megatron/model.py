@@ -1,0 +1,82 @@
+"""megatron-core's GPTModel from a Hugging Face config, with a family's layer options.
+
+The local layer spec (plain torch layers) serves CPU runs and bf16 GPU runs; the Transformer Engine spec
+(FP8) comes with the trainer. Call after `parallel_state.initialize_model_parallel`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from r1cli.backends.megatron.convert import TensorFolder, rank_dir
+from r1cli.backends.megatron.families import Shape, padded_vocab
+
+
+def import_megatron():
+    try:
+        import megatron.core  # noqa: F401
+    except ImportError:
+        from r1cli.errors import missing_extra
+
+        raise missing_extra("megatron-core", "megatron") from None
+    if not torch.cuda.is_available():
+        from r1cli.backends.megatron import cpu_shims
+
+        cpu_shims.install()
+
+
+def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    s = Shape.from_hf(cfg)
+    rope_scaling = cfg.get("rope_scaling") or {}
+    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+        from r1cli.errors import R1Error
+
+        raise R1Error(f"rope_scaling {rope_scaling} is not supported by the megatron backend yet")
+    on_gpu = torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads, num_query_groups=s.kv_heads,
+        ffn_hidden_size=s.ffn, kv_channels=s.head_dim, normalization="RMSNorm",
+        layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=s.family.qkv_bias,
+        qk_layernorm=s.family.qk_norm, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        use_cpu_initialization=not on_gpu, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
+        bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
+        persist_layer_norm=False, gradient_accumulation_fusion=False, bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16)
+
+
+def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32):
+    """This rank's GPTModel (its pipeline stage, its tensor shards)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    s = Shape.from_hf(cfg)
+    return GPTModel(
+        config=transformer_config(cfg, tp, pp, dtype),
+        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=s.family.qk_norm),
+        vocab_size=padded_vocab(s.vocab, tp), max_sequence_length=cfg["max_position_embeddings"],
+        pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=s.tied, position_embedding_type="rope",
+        rotary_base=int(cfg.get("rope_theta", 10000)))
+
+
+def load_converted(model, folder: Path) -> None:
+    """Load this rank's shard of a `r1 convert hf-to-megatron` folder (strict: every weight, nothing else)."""
+    from megatron.core import parallel_state as ps
+
+    files = TensorFolder(Path(folder) / rank_dir(ps.get_tensor_model_parallel_rank(),
+                                                 ps.get_pipeline_model_parallel_rank()))
+    missing, unexpected = model.load_state_dict({n: files.get(n) for n in files.where}, strict=False)
+    missing = [m for m in missing if not m.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"{folder}: missing {missing}, unexpected {unexpected}")
+
+
+def hf_config(folder: Path) -> dict:
+    return json.loads((Path(folder) / "config.json").read_text())
