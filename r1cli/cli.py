@@ -196,9 +196,9 @@ def convert_group():
 @click.option("--pp", default=1, show_default=True, type=click.IntRange(min=1), help="Pipeline-parallel size.")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 def hf_to_megatron_cmd(src, dst, tp, pp, overwrite):
-    from r1cli.backends.megatron.convert import hf_to_megatron
+    from r1cli.interfaces import CONVERTERS
 
-    out = hf_to_megatron(src, dst, tp, pp, overwrite)
+    out = CONVERTERS.get("hf-to-megatron")(src, dst, tp, pp, overwrite)
     click.echo(f"wrote {tp} x {pp} (TP x PP) megatron shards to {out}")
 
 
@@ -207,9 +207,9 @@ def hf_to_megatron_cmd(src, dst, tp, pp, overwrite):
 @click.argument("dst", type=str)
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
 def megatron_to_hf_cmd(src, dst, overwrite):
-    from r1cli.backends.megatron.convert import megatron_to_hf
+    from r1cli.interfaces import CONVERTERS
 
-    click.echo(f"wrote a Hugging Face folder to {megatron_to_hf(src, dst, overwrite)}")
+    click.echo(f"wrote a Hugging Face folder to {CONVERTERS.get('megatron-to-hf')(src, dst, overwrite)}")
 
 
 @main.group("data")

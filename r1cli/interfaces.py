@@ -138,6 +138,12 @@ ENGINES.register("hf", "r1cli.backends.hf_rollout:create_engine")
 ENGINES.register("vllm", "r1cli.backends.vllm_rollout:create_engine")
 
 
+# Weight layouts between a Hugging Face folder and a backend's own (r1 convert NAME SRC DST ...)
+CONVERTERS = Registry("weight converter", "r1 convert")
+CONVERTERS.register("hf-to-megatron", "r1cli.backends.megatron.convert:hf_to_megatron")
+CONVERTERS.register("megatron-to-hf", "r1cli.backends.megatron.convert:megatron_to_hf")
+
+
 # The process layout for commands without a trainer (r1 eval, r1 sample): (device, tp, pp) -> ParallelContext
 LAYOUTS = Registry("process layout")
 LAYOUTS.register("torch", "r1cli.backends.parallel:init_parallel")
@@ -215,4 +221,4 @@ def build_engine(model: "ModelConfig", rollout: "RolloutConfig", trainer: Traine
 
 
 __all__ = ["SamplingParams", "Completion", "ParallelContext", "TokenLoss", "TrainerBackend", "RolloutEngine",
-           "TimedEngine", "TRAINERS", "ENGINES", "LAYOUTS", "build_trainer", "build_engine", "build_parallel", "pick_engine"]
+           "TimedEngine", "TRAINERS", "ENGINES", "LAYOUTS", "CONVERTERS", "build_trainer", "build_engine", "build_parallel", "pick_engine"]

@@ -98,3 +98,16 @@ def test_megatron_core_logits_from_converted_weights_equal_transformers(model, t
     out = json.loads(line[0][len("RESULT "):])
     assert out["max_diff"] < 1e-5 * max(1.0, out["scale"]), out
     assert out["padded"] % (128 * tp) == 0
+
+
+def test_the_convert_commands_round_trip_and_refuse_to_overwrite(model, tmp_path):
+    proc = run_r1("convert", "hf-to-megatron", str(model), str(tmp_path / "meg"), "--tp", "2")
+    assert proc.returncode == 0 and "wrote 2 x 1 (TP x PP) megatron shards" in proc.stdout, proc.stderr
+    proc = run_r1("convert", "megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "back"))
+    assert proc.returncode == 0, proc.stderr
+    a, b = _all(model), _all(tmp_path / "back")
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    proc = run_r1("convert", "megatron-to-hf", str(tmp_path / "meg"), str(tmp_path / "back"))
+    assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
+    proc = run_r1("convert", "megatron-to-hf", str(model), str(tmp_path / "x"))
+    assert proc.returncode == 2 and "megatron.json" in proc.stderr
