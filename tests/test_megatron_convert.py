@@ -84,14 +84,14 @@ def test_impossible_layouts_are_one_line(model, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_megatron_core_logits_from_converted_weights_equal_transformers(model, tp, tmp_path):
-    """megatron-core's GPTModel (local spec, gloo, CPU shims) on the converted shards gives transformers' logits
-    for the same weights: the name map, the QKV interleaving, the gate/up fusion and the vocabulary padding all
-    agree with megatron's own layers."""
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2)])
+def test_megatron_core_logits_from_converted_weights_equal_transformers(model, tp, pp, tmp_path):
+    """megatron-core's GPTModel (local spec, gloo, CPU shims) on the converted shards, run through megatron's
+    pipeline schedule, gives transformers' logits for the same weights: the name map, the QKV interleaving, the
+    gate/up fusion, the vocabulary padding and the stage assignment all agree with megatron's own layers."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp}", "--standalone",
-           str(ROOT / "tests" / "megatron_logits.py"), str(model), str(tmp_path / "meg")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp}", "--standalone",
+           str(ROOT / "tests" / "megatron_logits.py"), str(model), str(tmp_path / "meg"), str(tp), str(pp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]

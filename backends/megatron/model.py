@@ -47,7 +47,7 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         use_cpu_initialization=not on_gpu, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
         persist_layer_norm=False, gradient_accumulation_fusion=False, bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16)
+        fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None)
 
 
 def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32):
