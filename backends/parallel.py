@@ -9,6 +9,7 @@ gloo on CPU, NCCL on GPU; one process without torchrun needs no process group.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,14 @@ class DistributedContext:
             dist.barrier()
 
 
+def _close_process_group() -> None:
+    """Destroy the process group while the interpreter is whole: a gloo group left to interpreter
+    teardown can abort the process (SIGABRT, "terminate called without an active exception") after
+    the run has finished."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> DistributedContext:
     """Join torchrun's process group (when launched by torchrun) and build the dp / tp / pp groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -91,6 +100,7 @@ def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_paral
         return DistributedContext()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_close_process_group)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local)
