@@ -87,6 +87,26 @@ def _close_process_group() -> None:
         dist.destroy_process_group()
 
 
+def start_process_group(device: torch.device) -> None:
+    """torchrun's process group (gloo on CPU, NCCL on GPU), closed again at exit; a single process gets a group
+    of one (megatron-core needs one)."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    atexit.register(_close_process_group)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> DistributedContext:
     """Join torchrun's process group (when launched by torchrun) and build the dp / tp / pp groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -98,9 +118,7 @@ def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_paral
                       f"pipeline_parallel={pipeline_parallel} replicas")
     if world == 1:
         return DistributedContext()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_close_process_group)
+    start_process_group(device)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local)

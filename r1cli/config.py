@@ -97,6 +97,10 @@ class ParallelConfig:
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     tensor_parallel: int = bounded(1, 1)
     pipeline_parallel: int = bounded(1, 1)
+    # megatron: activations split over the TP ranks along the sequence between the TP regions (needs TP > 1)
+    sequence_parallel: bool = False
+    # megatron: Adam state and fp32 master weights sharded over the data-parallel ranks (ZeRO-1)
+    distributed_optimizer: bool = True
 
 
 @dataclass

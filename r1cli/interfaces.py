@@ -133,6 +133,7 @@ class RolloutEngine(Protocol):
 # an engine factory takes (ModelConfig, RolloutConfig, trainer or None).
 TRAINERS = Registry("trainer backend", "parallel.backend")
 TRAINERS.register("torch", "r1cli.backends.torch_trainer:TorchTrainer")
+TRAINERS.register("megatron", "r1cli.backends.megatron.trainer:MegatronTrainer")
 ENGINES = Registry("rollout engine", "rollout.engine")
 ENGINES.register("hf", "r1cli.backends.hf_rollout:create_engine")
 ENGINES.register("vllm", "r1cli.backends.vllm_rollout:create_engine")

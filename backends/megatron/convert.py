@@ -177,14 +177,20 @@ def hf_to_megatron(src: str | Path, dst: str | Path, tp: int, pp: int, overwrite
 
 def _hf_tensors(src: Path, s: Shape, tp: int, pp: int) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) in HF order, each gathered from the rank files that hold its pieces."""
-    f, m = s.family, MEGATRON
     ranks = {(t, p): TensorFolder(src / rank_dir(t, p)) for t in range(tp) for p in range(pp)}
-    vocab_cat = lambda p, name: torch.cat([ranks[t, p].get(name) for t in range(tp)])[:s.vocab]  # noqa: E731
+    return hf_tensors_from(lambda t, p, name: ranks[t, p].get(name), s, tp, pp)
+
+
+def hf_tensors_from(get, s: Shape, tp: int, pp: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) in HF order from `get(t, p, megatron_name)`: the piece (TP rank t, stage p) holds.
+    Pieces are asked for name by name, t = 0..TP-1 in a row, so a live model can gather each one on demand."""
+    f, m = s.family, MEGATRON
+    vocab_cat = lambda p, name: torch.cat([get(t, p, name) for t in range(tp)])[:s.vocab]  # noqa: E731
     yield f.embed, vocab_cat(0, m["embed"])
     for layer in range(s.layers):
         p, local = stage_of(layer, s.layers, pp)
         src_, dst = f"decoder.layers.{local}.", f"model.layers.{layer}."
-        per_rank = lambda name: [ranks[t, p].get(src_ + name) for t in range(tp)]  # noqa: E731
+        per_rank = lambda name: [get(t, p, src_ + name) for t in range(tp)]  # noqa: E731
         q, k, v = _qkv_unshard(per_rank(m["qkv"] + ".weight"), s)
         yield dst + f.q + ".weight", q
         yield dst + f.k + ".weight", k
@@ -195,18 +201,46 @@ def _hf_tensors(src: Path, s: Shape, tp: int, pp: int) -> Iterator[tuple[str, to
             yield dst + f.k + ".bias", kb
             yield dst + f.v + ".bias", vb
         if f.qk_norm:
-            yield dst + f.q_norm, ranks[0, p].get(src_ + m["q_norm"])
-            yield dst + f.k_norm, ranks[0, p].get(src_ + m["k_norm"])
+            yield dst + f.q_norm, get(0, p, src_ + m["q_norm"])
+            yield dst + f.k_norm, get(0, p, src_ + m["k_norm"])
         yield dst + f.o, torch.cat(per_rank(m["proj"]), dim=1)
         halves = [w.chunk(2) for w in per_rank(m["fc1"])]
         yield dst + f.gate, torch.cat([g for g, _ in halves])
         yield dst + f.up, torch.cat([u for _, u in halves])
         yield dst + f.down, torch.cat(per_rank(m["fc2"]), dim=1)
-        yield dst + f.attn_norm, ranks[0, p].get(src_ + m["attn_norm"])
-        yield dst + f.mlp_norm, ranks[0, p].get(src_ + m["mlp_norm"])
-    yield f.final_norm, ranks[0, pp - 1].get(m["final_norm"])
+        yield dst + f.attn_norm, get(0, p, src_ + m["attn_norm"])
+        yield dst + f.mlp_norm, get(0, p, src_ + m["mlp_norm"])
+    yield f.final_norm, get(0, pp - 1, m["final_norm"])
     if not s.tied:
         yield f.lm_head, vocab_cat(pp - 1, m["output"])
+
+
+def write_hf_shards(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path, shard_gb: float = 5.0) -> None:
+    """(HF name, tensor) pairs into model.safetensors, or model-0000K.safetensors + index past `shard_gb`; holds
+    one shard in memory at a time."""
+    shard: dict[str, torch.Tensor] = {}
+    size, total, files, index = 0, 0, [], {}
+
+    def flush():
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, folder / name, metadata={"format": "pt"})
+        files.append(name)
+        index.update({k: name for k in shard})
+
+    for name, tensor in tensors:
+        shard[name] = tensor.contiguous()
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+        if size >= shard_gb * (1 << 30):
+            flush()
+            shard, size = {}, 0
+    if shard or not files:
+        flush()
+    if len(files) == 1:
+        (folder / files[0]).rename(folder / "model.safetensors")
+    else:
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
 
 
 def megatron_to_hf(src: str | Path, dst: str | Path, overwrite: bool = False, shard_gb: float = 5.0) -> Path:
@@ -218,28 +252,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path, overwrite: bool = False, sh
     s = Shape.from_hf(layout["hf_config"])
     tp, pp = layout["tensor_parallel"], layout["pipeline_parallel"]
     tmp = _fresh(dst, overwrite)
-    shard: dict[str, torch.Tensor] = {}
-    size, total, files, index = 0, 0, [], {}
-
-    def flush():
-        name = f"model-{len(files) + 1:05d}.safetensors"
-        save_file(shard, tmp / name, metadata={"format": "pt"})
-        files.append(name)
-        index.update({k: name for k in shard})
-
-    for name, tensor in _hf_tensors(src, s, tp, pp):
-        shard[name] = tensor.contiguous()
-        size += tensor.numel() * tensor.element_size()
-        total += tensor.numel() * tensor.element_size()
-        if size >= shard_gb * (1 << 30):
-            flush()
-            shard, size = {}, 0
-    if shard or not files:
-        flush()
-    if len(files) == 1:
-        (tmp / files[0]).rename(tmp / "model.safetensors")
-    else:
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=1))
+    write_hf_shards(_hf_tensors(src, s, tp, pp), tmp, shard_gb)
     for f in (src / "hf").iterdir():
         shutil.copy2(f, tmp / f.name)
     _publish(tmp, dst)

@@ -5,6 +5,8 @@ Loaded only by the megatron backend when there is no GPU. Measured with megatron
     the global memory buffer): a TorchFunctionMode maps every CUDA device argument to the CPU, and
     torch.cuda.current_device() answers "cpu";
   - torch.cuda.synchronize() and stream waits: no-ops;
+  - its optimizers and gradient clipping sort parameters by `tensor.type()` name and accept only
+    "torch.cuda.*Tensor": `Tensor.type()` (no argument) answers the CUDA name of a CPU tensor's type;
   - its RNG tracker forks the CUDA RNG state: `model_parallel_cuda_manual_seed` is replaced by a tracker
     that forks the CPU RNG state (tensor-parallel dropout then draws on the CPU generator).
 """
@@ -34,6 +36,9 @@ class CudaToCpu(TorchFunctionMode):
             kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

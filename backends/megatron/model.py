@@ -28,7 +28,8 @@ def import_megatron():
         cpu_shims.install()
 
 
-def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32):
+def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, *,
+                       sequence_parallel: bool = False, recompute: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     s = Shape.from_hf(cfg)
@@ -45,25 +46,62 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=s.family.qkv_bias,
         qk_layernorm=s.family.qk_norm, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         use_cpu_initialization=not on_gpu, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
-        bias_dropout_fusion=on_gpu, apply_rope_fusion=False, masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
+        masked_softmax_fusion=False,  # the fused causal kernel would ignore the explicit mask of packed rows
         persist_layer_norm=False, gradient_accumulation_fusion=False, bf16=dtype == torch.bfloat16,
-        fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None)
+        fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None, sequence_parallel=sequence_parallel,
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}))
 
 
-def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32):
-    """This rank's GPTModel (its pipeline stage, its tensor shards)."""
+def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, **options):
+    """This rank's GPTModel (its pipeline stage, its tensor shards); options: sequence_parallel, recompute."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     s = Shape.from_hf(cfg)
     return GPTModel(
-        config=transformer_config(cfg, tp, pp, dtype),
+        config=transformer_config(cfg, tp, pp, dtype, **options),
         transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=s.family.qk_norm),
         vocab_size=padded_vocab(s.vocab, tp), max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=s.tied, position_embedding_type="rope",
         rotary_base=int(cfg.get("rope_theta", 10000)))
+
+
+def follow_position_ids(model) -> None:
+    """Rotary embeddings at `model.position_ids` ([B, S], set before each forward) instead of 0..S-1.
+
+    megatron-core's RoPE always counts positions 0..S-1; packed SFT rows restart their positions at every sample
+    (as the torch backend feeds transformers), so the angles are looked up per row: [S, B, 1, D] broadcasts over
+    the heads exactly like megatron's own [S, 1, 1, D]."""
+    rope = model.rotary_pos_emb
+    model.position_ids = None
+
+    def forward(max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
+        pos = model.position_ids
+        if pos is None:
+            return rope.get_emb(max_seq_len, offset)
+        table = rope.get_emb(max(int(pos.max()) + 1, max_seq_len))[:, 0, 0, :]  # [positions, D]
+        return table[pos.t()].unsqueeze(2)  # [S, B, 1, D]
+
+    rope.forward = forward
+
+
+def output_hidden_states(model) -> None:
+    """Make the last stage's output layer hand back its input (the final hidden states, whole sequence) so the
+    loss can run the vocabulary-parallel kernels on them and this rank's shard of the weight."""
+    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+    layer = model.output_layer
+    sequence_parallel = model.config.sequence_parallel
+
+    def forward(hidden, weight=None, runtime_gather_output=None):
+        if sequence_parallel:  # the kernels all-reduce d(hidden) over TP themselves: the backward only splits
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        return hidden, None
+
+    layer.forward = forward
 
 
 def load_converted(model, folder: Path) -> None:

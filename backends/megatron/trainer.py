@@ -1,0 +1,379 @@
+"""The megatron-core trainer backend: tensor, pipeline and data parallel GPTModel, megatron's schedules,
+distributed optimizer and distributed checkpoints, behind the same door as the torch backend.
+
+    parallel.backend: megatron      parallel.tensor_parallel / pipeline_parallel (DP = world / (TP x PP))
+    parallel.sequence_parallel      parallel.distributed_optimizer      model.gradient_checkpointing (full recompute)
+
+The model is built from the HF config of model.path (or a `r1 convert hf-to-megatron` folder) and each rank
+reads only its own shard. Losses run on the last pipeline stage from the final hidden states and this TP rank's
+vocabulary shard of the output weight (r1cli.kernels.vocab_parallel): the [tokens x vocabulary] logits are never
+gathered on one rank. Every micro-batch is padded to one [micro_batch_size, L] shape, as the pipeline's
+point-to-point buffers need.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
+from r1cli.errors import R1Error
+from r1cli.lr_schedule import lr_factor
+from r1cli.models.loading import load_tokenizer, resolve_device
+from r1cli.token_batch import IGNORE, TokenBatch
+
+from ..parallel import DistributedContext, start_process_group
+from .convert import HF_SIDE_FILES, LAYOUT_FILE, TensorFolder, hf_tensors_from, rank_state, read_hf_config, \
+    write_hf_shards
+from .families import Shape, check_layout, padded_vocab
+from .model import build_gpt_model, follow_position_ids, import_megatron, load_converted, output_hidden_states
+
+
+def sample_mask(pos: torch.Tensor) -> torch.Tensor:
+    """[B, 1, S, S] True where attention is masked, for packed rows: a token sees the earlier tokens of its own
+    sample (a sample starts where the positions do not count on by one), as transformers masks packed rows."""
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    sample = starts.long().cumsum(1)
+    same = sample[:, :, None] == sample[:, None, :]
+    causal = torch.ones(pos.shape[1], pos.shape[1], dtype=torch.bool, device=pos.device).tril()
+    return ~(same & causal)[:, None]
+
+
+def _source(path: str) -> tuple[dict, Path, dict | None]:
+    """(HF config, folder with the tokenizer, megatron layout or None) of model.path."""
+    folder = Path(path)
+    if (folder / LAYOUT_FILE).is_file():
+        layout = json.loads((folder / LAYOUT_FILE).read_text())
+        return layout["hf_config"], folder / "hf", layout
+    return read_hf_config(folder), folder, None
+
+
+class MegatronTrainer:
+    model_parallel = True
+
+    def __init__(self, model: ModelConfig, train: TrainConfig, optim: OptimConfig, parallel: ParallelConfig,
+                 need_reference: bool = False):
+        self.model_cfg, self.train_cfg, self.optim_cfg, self.parallel_cfg = model, train, optim, parallel
+        tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+        self.hf_cfg, self.hf_folder, layout = _source(model.path)
+        self.shape = Shape.from_hf(self.hf_cfg)
+        check_layout(self.shape, tp, pp, int(os.environ.get("WORLD_SIZE", "1")))
+        if parallel.sequence_parallel and tp == 1:
+            raise R1Error("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if layout is not None and (layout["tensor_parallel"], layout["pipeline_parallel"]) != (tp, pp):
+            raise R1Error(f"{model.path} was converted for tensor_parallel={layout['tensor_parallel']} x "
+                          f"pipeline_parallel={layout['pipeline_parallel']}, not {tp} x {pp}: convert the HF folder "
+                          "again or point model.path at the HF folder (each rank then reads its own shard)")
+        device = resolve_device(train.device)
+        import_megatron()
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel import random as mrandom
+
+        self.ps = ps
+        self.parallel = self._layout(device, tp, pp)
+        self.device = torch.device("cuda", self.parallel.local_rank) if device.type == "cuda" else device
+        if device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(train.seed)
+        mrandom.model_parallel_cuda_manual_seed(train.seed)
+        self.tokenizer = load_tokenizer(str(self.hf_folder))
+        self.dtype = torch.bfloat16 if device.type == "cuda" and model.dtype in ("auto", "bfloat16") else \
+            {"float16": torch.float16}.get(model.dtype, torch.float32)
+        self.vocab_shard = padded_vocab(self.shape.vocab, tp) // tp
+        self.vocab_start = self.parallel.tp_rank * self.vocab_shard
+        self.model = self._build(layout)
+        self.wrapped, self.optimizer = self._wrap(self.model)
+        self.reference = self._build(layout).eval().requires_grad_(False) if need_reference else None
+        self.impl = "triton" if device.type == "cuda" and train.kernels != "torch" else "torch"
+        self._shapes = self._piece_shapes()
+        self.steps_done = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _layout(self, device, tp: int, pp: int) -> DistributedContext:
+        start_process_group(device)
+        ps = self.ps
+        if ps.model_parallel_is_initialized():  # a second trainer in this process (tests, r1 pipeline)
+            ps.destroy_model_parallel()
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), tp, pp,
+                                 dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group(),
+                                 pp_group=ps.get_pipeline_model_parallel_group())
+        assert (ctx.tp_rank, ctx.dp_rank, ctx.pp_rank) == (ps.get_tensor_model_parallel_rank(),
+                                                            ps.get_data_parallel_rank(),
+                                                            ps.get_pipeline_model_parallel_rank())
+        return ctx
+
+    def _build(self, layout):
+        p, m = self.parallel, self.model_cfg
+        model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
+                                sequence_parallel=self.parallel_cfg.sequence_parallel,
+                                recompute=m.gradient_checkpointing)
+        if layout is not None:
+            load_converted(model, Path(m.path))
+        else:  # straight from the HF folder: this rank's shard only
+            state = rank_state(TensorFolder(self.hf_folder), self.shape, p.tp_size, p.pp_size, p.tp_rank, p.pp_rank)
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise RuntimeError(f"megatron state from {m.path}: missing {missing}, unexpected {unexpected}")
+        if self.device.type == "cuda":
+            model = model.to(self.device)
+        follow_position_ids(model)
+        if self.ps.is_pipeline_last_stage():
+            output_hidden_states(model)
+        return model
+
+    def _wrap(self, model):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
+            finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o, dist_opt = self.optim_cfg, self.parallel_cfg.distributed_optimizer
+        ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, overlap_grad_reduce=False), model)
+        model.config.finalize_model_grads_func = finalize_model_grads
+        optimizer = get_megatron_optimizer(OptimizerConfig(
+            optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.beta1, adam_beta2=o.beta2,
+            adam_eps=o.eps, clip_grad=o.grad_clip, bf16=self.dtype == torch.bfloat16,
+            fp16=self.dtype == torch.float16, params_dtype=self.dtype, use_distributed_optimizer=dist_opt), [ddp])
+        return ddp, optimizer
+
+    def _piece_shapes(self) -> list[dict[str, tuple]]:
+        """For each pipeline stage, its local tensors' (shape, dtype): what a broadcast from that stage sends."""
+        mine = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        if self.parallel.pp_size == 1:
+            return [mine]
+        out = [None] * self.parallel.pp_size
+        dist.all_gather_object(out, mine, group=self.parallel.pp_group)
+        return out
+
+    @property
+    def generation_model(self):
+        return None  # sharded: a colocated engine keeps its own copy, refreshed through named_weights()
+
+    # ------------------------------------------------------------------ micro-batches through the schedule
+    def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
+        mbs = max(1, min(self.train_cfg.micro_batch_size, len(batch)))
+        width = max(len(r) for r in batch.input_ids)
+        if self.parallel_cfg.sequence_parallel:
+            width = -(-width // self.parallel.tp_size) * self.parallel.tp_size
+        out = []
+        for s in range(0, len(batch), mbs):
+            rows = list(range(s, min(len(batch), s + mbs)))
+            mb = batch.select(rows)
+            ids, pos, idx, tgt = mb.tensors(self.tokenizer.pad_token_id, "cpu")
+            w = ids.shape[1]
+            full_ids = torch.full((mbs, width), self.tokenizer.pad_token_id, dtype=torch.long)
+            full_pos = torch.arange(width).expand(mbs, -1).clone()
+            full_ids[: len(rows), :w], full_pos[: len(rows), :w] = ids, pos
+            idx = (idx // w) * width + idx % w
+            d = self.device
+            mask = None if batch.position_ids is None else sample_mask(full_pos).to(d)
+            out.append((rows, mb, full_ids.to(d), full_pos.to(d), mask, idx.to(d), tgt.to(d)))
+        return out, width, mbs
+
+    def _schedule(self, module, batch: TokenBatch, head, forward_only: bool) -> tuple[list, list]:
+        """Run `head(hidden, weight, mb, idx, tgt) -> (loss, dict)` on every micro-batch through megatron's
+        schedule (1F1B under PP); returns the micro-batches and, on the last stage, the heads' dicts."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        chunks, width, mbs = self._micro_batches(batch)
+        model = module.module if hasattr(module, "module") else module
+
+        def step(data, m):
+            rows, mb, ids, pos, mask, idx, tgt = next(data)
+            model.position_ids = pos
+            hidden = m(ids, pos, mask)
+            return hidden, functools.partial(self._head, head=head, mb=mb, idx=idx, tgt=tgt, model=model)
+
+        out = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(chunks), model=[module],
+                                          num_microbatches=len(chunks), seq_length=width, micro_batch_size=mbs,
+                                          forward_only=forward_only)
+        return chunks, out
+
+    def _head(self, hidden, *, head, mb, idx, tgt, model):
+        weight = model.shared_embedding_or_output_weight() if self.shape.tied else model.output_layer.weight
+        valid = max(0, min(self.vocab_shard, self.shape.vocab - self.vocab_start))
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
+        return head(h, weight[:valid], mb, tgt)
+
+    def _vocab_logprobs(self, h, w, tgt, temperature, with_entropy):
+        from r1cli.kernels.vocab_parallel import vocab_parallel_fused_linear_logprobs
+
+        return vocab_parallel_fused_linear_logprobs(h, w, tgt, self.vocab_start, self.parallel.tp_group,
+                                                    temperature=temperature, with_entropy=with_entropy, impl=self.impl)
+
+    def _last_stage_rank(self) -> int:
+        return dist.get_process_group_ranks(self.parallel.pp_group)[-1]
+
+    # ------------------------------------------------------------------ the two doors
+    @torch.no_grad()
+    def logprobs(self, batch: TokenBatch, which: str = "policy", temperature: float = 1.0) -> torch.Tensor:
+        if which == "policy":
+            module = self.wrapped
+        elif self.reference is not None:
+            module = self.reference
+        else:
+            raise RuntimeError("no reference model is loaded (grpo.beta == 0)")
+        module.eval()
+
+        def head(h, w, mb, tgt):
+            logp, _ = self._vocab_logprobs(h, w, tgt, temperature, False)
+            return logp.sum() * 0, {"logp": logp.float().cpu()}
+
+        chunks, parts = self._schedule(module, batch, head, forward_only=True)
+        mask = batch.scored_mask()
+        out = torch.zeros_like(mask)
+        if self.ps.is_pipeline_last_stage():
+            for (rows, *_), part in zip(chunks, parts):
+                sub = mask[rows]
+                grid = torch.zeros_like(sub)
+                grid[sub.bool()] = part["logp"]
+                out[rows, : grid.shape[1]] = grid
+        if self.parallel.pp_size > 1:
+            dist.broadcast(out, src=self._last_stage_rank(), group=self.parallel.pp_group)
+        return out
+
+    def train_step(self, batch: TokenBatch, loss) -> dict:
+        if hasattr(loss, "from_hidden"):
+            raise R1Error("logit distillation (a loss over whole distributions) is not supported by "
+                          "parallel.backend=megatron yet; use parallel.backend=torch")
+        self.wrapped.train()
+        self.wrapped.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = self.optim_cfg.lr * lr_factor(self.steps_done, self.optim_cfg, self.train_cfg.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        n_micro = -(-len(batch) // max(1, min(self.train_cfg.micro_batch_size, len(batch))))
+        scale = n_micro * self.parallel.dp_size  # the schedule averages over micro-batches, DDP over ranks
+
+        def head(h, w, mb, tgt):
+            logp, ent = self._vocab_logprobs(h, w, tgt, loss.temperature, loss.wants_entropy)
+            value, part = loss(logp, ent, mb)
+            return value * scale, part
+
+        _, parts = self._schedule(self.wrapped, batch, head, forward_only=False)
+        grad_norm = float(self._grad_norm())
+        skipped = not torch.isfinite(torch.tensor(grad_norm))
+        if not skipped:
+            ok, _, _ = self.optimizer.step()
+            skipped = not ok
+            self.steps_done += 0 if skipped else 1
+        out = {"grad_norm": grad_norm, "lr": lr, "skipped": float(skipped)}
+        metrics = None
+        if self.ps.is_pipeline_last_stage():
+            sums: dict[str, float] = {}
+            for part in parts:
+                for k, v in part.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            metrics = loss.finish({k: self.parallel.all_reduce_sum(v) for k, v in sorted(sums.items())})
+        if self.parallel.pp_size > 1:
+            box = [metrics]
+            dist.broadcast_object_list(box, src=self._last_stage_rank(), group=self.parallel.pp_group)
+            metrics = box[0]
+        out.update(metrics)
+        return out
+
+    def _grad_norm(self) -> float:
+        self.optimizer.prepare_grads()
+        return self.optimizer.get_grad_norm()
+
+    def update_reference(self) -> None:
+        if self.reference is not None:
+            self.reference.load_state_dict(self.model.state_dict())
+
+    # ------------------------------------------------------------------ weights and state
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor), gathered over the TP ranks and sent from its pipeline stage one tensor at a
+        time (a collective: every rank iterates, in the same order)."""
+        p = self.parallel
+        local = self.model.state_dict()
+        cache: dict = {}
+
+        def get(t: int, stage: int, name: str) -> torch.Tensor:
+            if cache.get("key") != (stage, name):
+                shape, dtype = self._shapes[stage][name]
+                piece = local[name].detach() if stage == p.pp_rank else torch.empty(shape, dtype=dtype,
+                                                                                     device=self.device)
+                if p.pp_size > 1:
+                    src = dist.get_process_group_ranks(p.pp_group)[stage]
+                    piece = piece.contiguous()
+                    dist.broadcast(piece, src=src, group=p.pp_group)
+                pieces = [piece]
+                if p.tp_size > 1:
+                    pieces = [torch.empty_like(piece) for _ in range(p.tp_size)]
+                    dist.all_gather(pieces, piece.contiguous(), group=p.tp_group)
+                cache.update(key=(stage, name), pieces=pieces)
+            return cache["pieces"][t]
+
+        yield from hf_tensors_from(get, self.shape, p.tp_size, p.pp_size)
+
+    def _sharded_state(self, loading: bool) -> dict:
+        state = {"model": self.model.sharded_state_dict(prefix="model.")}
+        state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], is_loading=loading)
+        if self.reference is not None:
+            state["reference"] = self.reference.sharded_state_dict(prefix="reference.")
+        return state
+
+    def save(self, directory: Path, extra: dict) -> None:
+        """megatron's distributed checkpoint (every rank writes its shards; loadable at another TP x PP), plus the
+        step counter, extra and each rank's RNG state."""
+        from megatron.core import dist_checkpointing
+
+        directory = Path(directory)
+        dist_checkpointing.save(self._sharded_state(loading=False), str(directory))
+        if self.parallel.is_main:
+            torch.save({"extra": extra, "steps_done": self.steps_done,
+                        "layout": [self.parallel.tp_size, self.parallel.pp_size]}, directory / "trainer.pt")
+        torch.save({"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                   directory / f"rng_rank{self.parallel.rank}.pt")
+        self.parallel.barrier()
+
+    def load(self, directory: Path) -> dict:
+        from megatron.core import dist_checkpointing
+
+        directory = Path(directory)
+        state = dist_checkpointing.load(self._sharded_state(loading=True), str(directory))
+        self.model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()}, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.reference is not None and "reference" in state:
+            self.reference.load_state_dict({k.removeprefix("reference."): v for k, v in state["reference"].items()},
+                                           strict=False)
+        blob = torch.load(directory / "trainer.pt", weights_only=False)
+        self.steps_done = blob["steps_done"]
+        rng_file = directory / f"rng_rank{self.parallel.rank}.pt"
+        if rng_file.is_file() and list(blob["layout"]) == [self.parallel.tp_size, self.parallel.pp_size]:
+            rng = torch.load(rng_file, weights_only=False)
+            torch.set_rng_state(rng["cpu"])
+            if rng["cuda"] is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        return blob["extra"]
+
+    def export_hf(self, directory: Path) -> None:
+        """A plain Hugging Face folder (config, safetensors, tokenizer): rank 0 writes it shard by shard."""
+        directory = Path(directory)
+        weights = self.named_weights()
+        if self.parallel.is_main:
+            tmp = directory.with_name(directory.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write_hf_shards(((n, t.cpu()) for n, t in weights), tmp)
+            for name in HF_SIDE_FILES:
+                if (self.hf_folder / name).is_file():
+                    shutil.copy2(self.hf_folder / name, tmp / name)
+            if directory.exists():
+                shutil.rmtree(directory)
+            tmp.rename(directory)
+        else:
+            for _ in weights:
+                pass
+        self.parallel.barrier()
