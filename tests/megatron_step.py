@@ -2,6 +2,7 @@
 log-probs before each step and the updated weights (as HF tensors) for tests/test_megatron_trainer.py.
 
     [torchrun --nproc_per_node N] tests/megatron_step.py HF_FOLDER OUT BACKEND TP PP [key=value ...]
+        [--save DIR]  checkpoint after the SFT step      [--load DIR]  load that checkpoint instead of the SFT step
 
 Eight fixed rows of random tokens are the global batch; data-parallel rank d takes rows d, d + DP, ...
 """
@@ -38,6 +39,13 @@ def rows(vocab: int):
 
 
 def main(src: Path, out: Path, backend: str, tp: int, pp: int, extra: list[str]) -> None:
+    save = load = None
+    if "--save" in extra:
+        save = Path(extra.pop(extra.index("--save") + 1))
+        extra.remove("--save")
+    if "--load" in extra:
+        load = Path(extra.pop(extra.index("--load") + 1))
+        extra.remove("--load")
     cfg = load_config(None, [f"model.path={src}", f"parallel.backend={backend}", f"parallel.tensor_parallel={tp}",
                              f"parallel.pipeline_parallel={pp}", "train.device=cpu", "train.micro_batch_size=2",
                              "train.steps=10", "optim.lr=0.01", "optim.warmup_steps=0", "optim.schedule=constant",
@@ -52,8 +60,17 @@ def main(src: Path, out: Path, backend: str, tp: int, pp: int, extra: list[str])
     # SFT: packed rows, mean NLL over the global batch's targets
     sft = TokenBatch([ids[i] for i in mine], [tgt[i] for i in mine], [pos[i] for i in mine])
     total = sum(sum(t != IGNORE for t in row) for row in tgt)
-    record["sft_logp"] = trainer.logprobs(sft).tolist()  # rank 0's rows: the whole batch when DP = 1
-    record["sft"] = trainer.train_step(sft, NLLLoss(total))
+    if load:
+        trainer.load(load)
+    else:
+        record["sft_logp"] = trainer.logprobs(sft).tolist()  # rank 0's rows: the whole batch when DP = 1
+        record["sft"] = trainer.train_step(sft, NLLLoss(total))
+    if save:
+        if p.is_main:
+            save.mkdir(parents=True)
+        p.barrier()
+        trainer.save(save, {"step": 1})
+    record["after_sft_logp"] = trainer.logprobs(sft).tolist()
 
     # GRPO: completions after a 3-token prompt, advantages +-1, a reference and old log-probs
     prompts = [r[:3] for r in ids]

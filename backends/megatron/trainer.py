@@ -56,6 +56,24 @@ def _source(path: str) -> tuple[dict, Path, dict | None]:
     return read_hf_config(folder), folder, None
 
 
+def _keep_torch_adam_step(optimizer) -> None:
+    """megatron-core 0.16's distributed optimizer, over torch's Adam (no TE or apex installed), restores a fully
+    reshardable checkpoint by copying every state tensor of a parameter, `step` included, from a source that
+    leaves `step` out (it is restored through the param groups): the copy's source gets the step it already has."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+
+        def set_states(model_param, tensors, _opt=opt, _orig=opt._set_main_param_and_optimizer_states):
+            group, order = _opt.model_param_group_index_map[model_param]
+            step = _opt.optimizer.state[_opt.optimizer.param_groups[group]["params"][order]].get("step")
+            if step is not None and "step" not in tensors:
+                tensors = {**tensors, "step": step.clone()}
+            _orig(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+
+
 class MegatronTrainer:
     model_parallel = True
 
@@ -144,6 +162,7 @@ class MegatronTrainer:
             optimizer="adam", lr=o.lr, weight_decay=o.weight_decay, adam_beta1=o.beta1, adam_beta2=o.beta2,
             adam_eps=o.eps, clip_grad=o.grad_clip, bf16=self.dtype == torch.bfloat16,
             fp16=self.dtype == torch.float16, params_dtype=self.dtype, use_distributed_optimizer=dist_opt), [ddp])
+        _keep_torch_adam_step(optimizer)
         return ddp, optimizer
 
     def _piece_shapes(self) -> list[dict[str, tuple]]:
@@ -317,11 +336,27 @@ class MegatronTrainer:
         yield from hf_tensors_from(get, self.shape, p.tp_size, p.pp_size)
 
     def _sharded_state(self, loading: bool) -> dict:
+        if loading:
+            self._fill_empty_adam_state()
         state = {"model": self.model.sharded_state_dict(prefix="model.")}
-        state["optimizer"] = self.optimizer.sharded_state_dict(state["model"], is_loading=loading)
+        # fully_reshardable: the Adam state in the model's own parameter shapes, so a checkpoint loads at any
+        # TP x PP x DP (the layout-bound formats reshard over DP only)
+        state["optimizer"] = self.optimizer.sharded_state_dict(
+            state["model"], is_loading=loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
         if self.reference is not None:
             state["reference"] = self.reference.sharded_state_dict(prefix="reference.")
         return state
+
+    def _fill_empty_adam_state(self) -> None:
+        """A fresh torch Adam has no state to load into (megatron's distributed optimizer reads the step from it
+        when it builds the load template): zeros, step 0, as Adam's first step would make them."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            inner = opt.optimizer
+            for group in inner.param_groups:
+                for q in group["params"]:
+                    if not inner.state[q]:
+                        inner.state[q].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(q),
+                                              exp_avg_sq=torch.zeros_like(q))
 
     def save(self, directory: Path, extra: dict) -> None:
         """megatron's distributed checkpoint (every rank writes its shards; loadable at another TP x PP), plus the
@@ -345,6 +380,10 @@ class MegatronTrainer:
         state = dist_checkpointing.load(self._sharded_state(loading=True), str(directory))
         self.model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()}, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for st in opt.optimizer.state.values():  # megatron hands every parameter one shared `step` tensor,
+                if "step" in st:  # which torch's Adam then counts up once per parameter
+                    st["step"] = st["step"].clone()
         if self.reference is not None and "reference" in state:
             self.reference.load_state_dict({k.removeprefix("reference."): v for k, v in state["reference"].items()},
                                            strict=False)
