@@ -37,6 +37,32 @@ def arith_data(tmp_path_factory) -> tuple[Path, Path]:
     return d / "train.jsonl", d / "eval.jsonl"
 
 
+# tiny models of each megatron family: 4 query heads in 2 key/value groups of 2, 2 layers, so that every TP=2 x PP=2
+# split is exercised
+FAMILY_SPECS = {"llama-untied": dict(family="llama", tie_word_embeddings=False),
+                "qwen2-bias-tied": dict(family="qwen2"),
+                "qwen3-qknorm-untied": dict(family="qwen3", tie_word_embeddings=False)}
+
+
+def build_family_model(folder: Path, name: str) -> Path:
+    """A tiny HF folder of FAMILY_SPECS[name] with random non-zero biases and norms, so that a mixed-up copy of
+    one of them cannot pass a comparison."""
+    from safetensors.torch import save_file
+
+    from r1cli.backends.megatron.convert import TensorFolder
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    path = build_tiny_model(folder, TinySpec(**FAMILY_SPECS[name]))
+    files = TensorFolder(path)
+    tensors = {n: files.get(n) for n in files.where}
+    g = torch.Generator().manual_seed(1)
+    for n, t in tensors.items():
+        if n.endswith(".bias") or "norm" in n:
+            tensors[n] = torch.randn(t.shape, generator=g)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
 def run_r1(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `r1` entry point in a fresh interpreter."""
     full_env = {**os.environ, **(env or {})}

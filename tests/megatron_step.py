@@ -86,7 +86,9 @@ def main(src: Path, out: Path, backend: str, tp: int, pp: int, extra: list[str])
     seqs, tokens = p.all_reduce_sum(float(len(mine))), p.all_reduce_sum(float(mask.sum()))
     record["grpo_old_logp"] = batch.fields["old_logp"].tolist()
     record["grpo"] = trainer.train_step(batch, GRPOLoss(objective, seqs, tokens))
-    weights = {n: t.detach().float().cpu().contiguous() for n, t in trainer.named_weights()}
+    tied = json.loads((src / "config.json").read_text()).get("tie_word_embeddings", False)
+    weights = {n: t.detach().float().cpu().clone() for n, t in trainer.named_weights()
+               if not (tied and n == "lm_head.weight")}  # the torch backend also names the tied copy
     if p.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_file(weights, out / "weights.safetensors")

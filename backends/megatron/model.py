@@ -28,16 +28,24 @@ def import_megatron():
         cpu_shims.install()
 
 
+def rope_theta(cfg: dict) -> float:
+    """RoPE's base from an HF config: `rope_theta` (transformers 4 files) or `rope_parameters` (transformers 5);
+    a scaled RoPE (linear, dynamic, yarn, llama3) is refused, since megatron's plain RoPE would silently differ."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or params
+    if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+        from r1cli.errors import R1Error
+
+        raise R1Error(f"RoPE scaling {scaling} is not supported by the megatron backend yet")
+    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
 def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, *,
                        sequence_parallel: bool = False, recompute: bool = False):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     s = Shape.from_hf(cfg)
-    rope_scaling = cfg.get("rope_scaling") or {}
-    if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
-        from r1cli.errors import R1Error
-
-        raise R1Error(f"rope_scaling {rope_scaling} is not supported by the megatron backend yet")
+    rope_theta(cfg)  # an unsupported RoPE scaling is one line before anything is built
     on_gpu = torch.cuda.is_available()
     return TransformerConfig(
         num_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads, num_query_groups=s.kv_heads,
@@ -53,20 +61,44 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}))
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm as a megatron-core layer-spec module. megatron's own torch fallback refuses sequence
+    parallelism; this one marks its weight `sequence_parallel` so that finalize_model_grads sums the weight's
+    gradient over the TP ranks, each of which normalised its slice of the sequence."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def layer_spec(cfg: dict, layers: int):
+    """The block spec: megatron's local GPT layer (plain torch layers) with our RMSNorm everywhere."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    layer = get_gpt_layer_local_spec(qk_layernorm=Shape.from_hf(cfg).family.qk_norm)
+    sub = layer.submodules
+    sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
+    if Shape.from_hf(cfg).family.qk_norm:
+        sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm))
+
+
 def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, **options):
     """This rank's GPTModel (its pipeline stage, its tensor shards); options: sequence_parallel, recompute."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     s = Shape.from_hf(cfg)
     return GPTModel(
         config=transformer_config(cfg, tp, pp, dtype, **options),
-        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=s.family.qk_norm),
+        transformer_layer_spec=layer_spec(cfg, s.layers // pp),
         vocab_size=padded_vocab(s.vocab, tp), max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=s.tied, position_embedding_type="rope",
-        rotary_base=int(cfg.get("rope_theta", 10000)))
+        rotary_base=rope_theta(cfg))
 
 
 def follow_position_ids(model) -> None:

@@ -1,0 +1,115 @@
+"""parallel.backend=megatron: one SFT step and one GRPO step at TP=2 (with sequence parallelism) and PP=2 equal the
+torch backend's; a checkpoint saved at TP=2 resumes at TP=1; bad layouts are one line; the tiny R1-Zero run learns
+at TP=2 (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, build_family_model, run_r1, torchrun
+from r1cli.run.metrics import read_metrics
+
+
+def step_run(model, out, backend, tp, pp, *extra):
+    """tests/megatron_step.py under torchrun (TP x PP processes): its record and the updated weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    n = tp * pp * (2 if "dp2" in extra else 1)
+    extra = [e for e in extra if e != "dp2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n}", "--standalone",
+           str(ROOT / "tests" / "megatron_step.py"), str(model), str(out), backend, str(tp), str(pp), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads((out / "record.json").read_text()), load_file(out / "weights.safetensors")
+
+
+def assert_same_steps(a, b, logp=True):
+    (ra, wa), (rb, wb) = a, b
+    if logp:
+        for key in ("sft_logp", "grpo_old_logp"):
+            torch.testing.assert_close(torch.tensor(rb[key]), torch.tensor(ra[key]), rtol=0, atol=2e-5)
+    for step in ("sft", "grpo"):
+        if step not in rb:
+            continue
+        for key, value in ra[step].items():
+            assert rb[step][key] == pytest.approx(value, rel=2e-5, abs=1e-7), (step, key)
+    assert wa.keys() == wb.keys()
+    for name in wa:  # two Adam steps at lr 0.01: a lost gradient piece moves a weight by ~0.01, noise by < 1e-4
+        torch.testing.assert_close(wb[name], wa[name], rtol=0, atol=1e-3, msg=name)
+
+
+@pytest.fixture(scope="module", params=["qwen2-bias-tied"])
+def family(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp(request.param)
+    model = build_family_model(d / "hf", request.param)
+    return model, step_run(model, d / "torch", "torch", 1, 1)
+
+
+LAYOUTS = {"tp1": (1, 1), "tp2-sp": (2, 1, "parallel.sequence_parallel=true"), "pp2": (1, 2)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_one_sft_and_one_grpo_step_equal_the_torch_backend(family, layout, tmp_path):
+    """Tied embeddings and QKV biases: at PP=2 the output layer's copy of the embedding lives on the other stage
+    and their gradients must be summed; at TP=2 the vocabulary, the heads and (SP) the sequence are split."""
+    model, torch_run = family
+    tp, pp, *extra = LAYOUTS[layout]
+    run = step_run(model, tmp_path / layout, "megatron", tp, pp, *extra)
+    assert run[0]["grpo"]["clip_frac"] > 0.1  # the clipped branch of the objective is exercised
+    assert_same_steps(torch_run, run)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama-untied", "qwen3-qknorm-untied"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2", "dp2"])
+def test_every_family_and_layout_steps_like_the_torch_backend(name, layout, tmp_path):
+    model = build_family_model(tmp_path / "hf", name)
+    tp, pp, extra = {"tp2": (2, 1, []), "pp2": (1, 2, []), "tp2-pp2": (2, 2, []), "dp2": (1, 1, ["dp2"])}[layout]
+    reference = step_run(model, tmp_path / "torch", "torch", 1, 1)
+    run = step_run(model, tmp_path / "meg", "megatron", tp, pp, *extra)
+    assert_same_steps(reference, run, logp=layout != "dp2")  # rank 0 logs only its own rows under DP=2
+
+
+def test_a_checkpoint_saved_at_tp2_resumes_at_tp1(family, tmp_path):
+    """megatron's distributed checkpoint, weights and Adam state, resharded on load: the GRPO step after loading
+    at TP=1 equals the one the TP=2 run took after saving."""
+    model, _ = family
+    saved = step_run(model, tmp_path / "save", "megatron", 2, 1, "--save", str(tmp_path / "ckpt"))
+    loaded = step_run(model, tmp_path / "load", "megatron", 1, 1, "--load", str(tmp_path / "ckpt"))
+    torch.testing.assert_close(torch.tensor(loaded[0]["after_sft_logp"]), torch.tensor(saved[0]["after_sft_logp"]),
+                               rtol=0, atol=2e-5)
+    assert_same_steps(saved, loaded, logp=False)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["parallel.tensor_parallel=3"], "4 attention heads are not divisible by tensor_parallel=3"),
+    (["parallel.pipeline_parallel=2"], "1 processes are not divisible by tensor_parallel x pipeline_parallel = 2"),
+    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tensor_parallel > 1"),
+])
+def test_a_bad_layout_is_one_line(tiny_model, arith_data, tmp_path, extra, message):
+    proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}",
+                  f"data.train={arith_data[0]}", f"train.output_dir={tmp_path / 'run'}", "parallel.backend=megatron",
+                  *extra)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip() and "Warning" not in ln]
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and lines[-1].startswith("error:")
+
+
+@pytest.mark.slow
+def test_tiny_r1_zero_learns_at_tp2(cold_start, tmp_path):
+    """The tiny R1-Zero run (configs/tiny/zero.yaml) with parallel.backend=megatron under torchrun at TP=2 clears
+    the torch backend's learning bar, and resumes from its checkpoint."""
+    out = tmp_path / "run"
+    proc = torchrun(2, "rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                    f"data.train={cold_start / 'train.jsonl'}", f"data.eval={cold_start / 'eval.jsonl'}",
+                    "parallel.backend=megatron", "parallel.tensor_parallel=2", f"train.output_dir={out}",
+                    "logging.progress=false", "logging.tensorboard=false", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    before, after = [m["eval/accuracy"] for m in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in m]
+    assert after - before >= 0.25, (before, after)
+    assert (out / "hf" / "model.safetensors").is_file()
+
