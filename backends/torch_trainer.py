@@ -55,6 +55,8 @@ class TorchTrainer:
             raise R1Error(f"parallel.backend={parallel.backend} is data parallel only: parallel.tensor_parallel="
                           f"{parallel.tensor_parallel} and parallel.pipeline_parallel={parallel.pipeline_parallel} "
                           "need a model-parallel backend (megatron)")
+        if model.precision == "fp8":
+            raise R1Error("model.precision=fp8 needs parallel.backend=megatron (Transformer Engine layers)")
         self.model_cfg, self.train_cfg, self.optim_cfg, self.parallel_cfg = model, train, optim, parallel
         device = resolve_device(train.device)
         self.parallel = init_parallel(device, parallel.tensor_parallel, parallel.pipeline_parallel)

@@ -39,6 +39,10 @@ class ModelConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # fp8 (parallel.backend=megatron, Transformer Engine, Hopper-class GPU): the linear layers compute in FP8
+    # (E4M3 forward, E5M2 gradients) over bf16 weights with fp32 master copies
+    precision: Literal["auto", "fp8"] = "auto"
+    fp8_recipe: Literal["delayed", "current"] = "delayed"  # scaling from an amax history, or from this tensor
 
 
 @dataclass

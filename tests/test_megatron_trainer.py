@@ -99,6 +99,44 @@ def test_a_bad_layout_is_one_line(tiny_model, arith_data, tmp_path, extra, messa
     assert "Traceback" not in proc.stderr and lines[-1].startswith("error:")
 
 
+@pytest.mark.parametrize("backend,fake_te,message", [
+    ("megatron", False, "transformer-engine is not installed; install it with: pip install 'r1[te]'"),
+    ("megatron", True, "model.precision=fp8 needs a GPU with FP8 tensor cores (Hopper class, compute capability 8.9 "
+                       "or newer); no CUDA device is visible"),
+    ("torch", False, "model.precision=fp8 needs parallel.backend=megatron"),
+])
+def test_fp8_without_transformer_engine_or_a_hopper_gpu_is_one_line(tiny_model, arith_data, tmp_path, backend,
+                                                                     fake_te, message):
+    env = {}
+    if fake_te:  # an importable transformer_engine, so that the GPU check is the one that speaks
+        (tmp_path / "te" / "transformer_engine").mkdir(parents=True)
+        (tmp_path / "te" / "transformer_engine" / "__init__.py").write_text("")
+        env["PYTHONPATH"] = str(tmp_path / "te")
+    proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}",
+                  f"data.train={arith_data[0]}", f"train.output_dir={tmp_path / 'run'}", f"parallel.backend={backend}",
+                  "model.precision=fp8", env=env)
+    assert proc.returncode == 2 and f"error: {message}" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_te_names_are_megatron_core_own_map_of_the_local_spec():
+    """The Transformer Engine spec fuses the per-layer norms into the next linear layer; megatron-core's local
+    spec carries the map to those names for its checkpoints, and families.te_name must agree with it."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from r1cli.backends.megatron.families import MEGATRON, te_name
+
+    keys_map = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+    names = [f"decoder.layers.3.{n}" for k, n in MEGATRON.items() if k not in ("embed", "final_norm", "output")]
+    names += [MEGATRON["embed"], MEGATRON["final_norm"], MEGATRON["output"]]
+    for name in names:
+        expected = name
+        for local, te in keys_map.items():
+            expected = expected.replace("." + local, "." + te)
+        assert te_name(name) == expected, name
+    assert te_name("decoder.layers.0.input_layernorm.weight") == "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"
+
+
 @pytest.mark.slow
 def test_tiny_r1_zero_learns_at_tp2(cold_start, tmp_path):
     """The tiny R1-Zero run (configs/tiny/zero.yaml) with parallel.backend=megatron under torchrun at TP=2 clears
@@ -113,3 +151,23 @@ def test_tiny_r1_zero_learns_at_tp2(cold_start, tmp_path):
     assert after - before >= 0.25, (before, after)
     assert (out / "hf" / "model.safetensors").is_file()
 
+
+
+@pytest.mark.slow
+def test_a_tp2_run_stopped_between_checkpoints_resumes_exactly(cold_start, tmp_path):
+    """Stopped after step 3 of 6 (checkpoint.stop_after), `--resume` continues from the distributed checkpoint and
+    logs the uninterrupted run's numbers at every step: weights, Adam state, reference and RNG all come back."""
+    base = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+            f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=6", "grpo.prompts_per_step=4",
+            "rollout.n=4", "grpo.beta=0.05", "checkpoint.export_hf=false", "logging.progress=false",
+            "logging.tensorboard=false", "logging.sample_every=0", "parallel.backend=megatron",
+            "parallel.tensor_parallel=2"]
+    runs = [(tmp_path / "full", []), (tmp_path / "cut", ["checkpoint.stop_after=3"]), (tmp_path / "cut", ["--resume"])]
+    for out, extra in runs:
+        proc = torchrun(2, *base, f"train.output_dir={out}", *extra)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    for key in ("loss", "reward/total", "kl", "grad_norm"):
+        full = [(m["step"], m[key]) for m in read_metrics(tmp_path / "full" / "metrics.jsonl") if key in m]
+        cut = [(m["step"], m[key]) for m in read_metrics(tmp_path / "cut" / "metrics.jsonl") if key in m]
+        assert [s for s, _ in cut] == [s for s, _ in full] == list(range(1, 7))
+        assert [v for _, v in cut] == pytest.approx([v for _, v in full], rel=1e-6, abs=1e-9), key

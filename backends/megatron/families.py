@@ -2,7 +2,7 @@
 weights are named on both sides. A new family is one registered `Family`, not a branch in the converter.
 
 Megatron names follow megatron-core's local GPT layer spec (the TE spec fuses each norm into the next
-linear layer: `linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`; `te_names` maps them).
+linear layer: `linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`; `te_name` maps them).
 """
 
 from __future__ import annotations
@@ -97,3 +97,16 @@ def check_layout(shape: Shape, tp: int, pp: int, world: int | None = None) -> No
         problems.append(f"{world} processes are not divisible by tensor_parallel x pipeline_parallel = {tp * pp}")
     if problems:
         raise R1Error("impossible parallel layout: " + "; ".join(problems))
+
+
+# the Transformer Engine spec fuses the two per-layer norms into the linear layer after them
+_TE_FUSED = {MEGATRON["attn_norm"]: "self_attention.linear_qkv.layer_norm_weight",
+             MEGATRON["mlp_norm"]: "mlp.linear_fc1.layer_norm_weight"}
+
+
+def te_name(name: str) -> str:
+    """A local-spec megatron name as the Transformer Engine spec's model calls it."""
+    for local, te in _TE_FUSED.items():
+        if name.endswith("." + local):
+            return name[: -len(local)] + te
+    return name

@@ -15,6 +15,24 @@ from r1cli.backends.megatron.convert import TensorFolder, rank_dir
 from r1cli.backends.megatron.families import Shape, padded_vocab
 
 
+def check_fp8() -> None:
+    """model.precision=fp8 needs Transformer Engine and a GPU with FP8 tensor cores (compute capability 8.9+:
+    Ada, Hopper, Blackwell): one line before anything is built."""
+    from r1cli.errors import R1Error, missing_extra
+
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise missing_extra("transformer-engine", "te") from None
+    if not torch.cuda.is_available():
+        raise R1Error("model.precision=fp8 needs a GPU with FP8 tensor cores (Hopper class, compute capability "
+                      "8.9 or newer); no CUDA device is visible")
+    cc = torch.cuda.get_device_capability()
+    if cc < (8, 9):
+        raise R1Error(f"model.precision=fp8 needs a GPU with FP8 tensor cores (Hopper class, compute capability "
+                      f"8.9 or newer); {torch.cuda.get_device_name()} is {cc[0]}.{cc[1]}")
+
+
 def import_megatron():
     try:
         import megatron.core  # noqa: F401
@@ -41,7 +59,7 @@ def rope_theta(cfg: dict) -> float:
 
 
 def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, *,
-                       sequence_parallel: bool = False, recompute: bool = False):
+                       sequence_parallel: bool = False, recompute: bool = False, fp8: str | None = None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     s = Shape.from_hf(cfg)
@@ -58,7 +76,8 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         masked_softmax_fusion=False,  # the fused causal kernel would ignore the explicit mask of packed rows
         persist_layer_norm=False, gradient_accumulation_fusion=False, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None, sequence_parallel=sequence_parallel,
-        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}))
+        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}),
+        **(dict(fp8="hybrid", fp8_recipe={"delayed": "delayed", "current": "tensorwise"}[fp8]) if fp8 else {}))
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -71,11 +90,20 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(cfg: dict, layers: int):
-    """The block spec: megatron's local GPT layer (plain torch layers) with our RMSNorm everywhere."""
+def layer_spec(cfg: dict, layers: int, te: bool = False):
+    """The block spec: megatron's local GPT layer (plain torch layers) with our RMSNorm everywhere, or (te) its
+    Transformer Engine layer, whose linear layers run FP8 and carry the norms before them (families.te_name)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    if te:
+        from megatron.core.extensions.transformer_engine import TENorm
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=Shape.from_hf(cfg).family.qk_norm)
+        return ModuleSpec(module=TransformerBlock,
+                          submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=TENorm))
 
     layer = get_gpt_layer_local_spec(qk_layernorm=Shape.from_hf(cfg).family.qk_norm)
     sub = layer.submodules
@@ -87,14 +115,15 @@ def layer_spec(cfg: dict, layers: int):
 
 
 def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, **options):
-    """This rank's GPTModel (its pipeline stage, its tensor shards); options: sequence_parallel, recompute."""
+    """This rank's GPTModel (its pipeline stage, its tensor shards); options: sequence_parallel, recompute, fp8
+    (None, "delayed" or "current": the Transformer Engine spec with that FP8 scaling recipe)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     s = Shape.from_hf(cfg)
     return GPTModel(
         config=transformer_config(cfg, tp, pp, dtype, **options),
-        transformer_layer_spec=layer_spec(cfg, s.layers // pp),
+        transformer_layer_spec=layer_spec(cfg, s.layers // pp, te=options.get("fp8") is not None),
         vocab_size=padded_vocab(s.vocab, tp), max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=s.tied, position_embedding_type="rope",
@@ -136,13 +165,13 @@ def output_hidden_states(model) -> None:
     layer.forward = forward
 
 
-def load_converted(model, folder: Path) -> None:
+def load_converted(model, folder: Path, rename=lambda name: name) -> None:
     """Load this rank's shard of a `r1 convert hf-to-megatron` folder (strict: every weight, nothing else)."""
     from megatron.core import parallel_state as ps
 
     files = TensorFolder(Path(folder) / rank_dir(ps.get_tensor_model_parallel_rank(),
                                                  ps.get_pipeline_model_parallel_rank()))
-    missing, unexpected = model.load_state_dict({n: files.get(n) for n in files.where}, strict=False)
+    missing, unexpected = model.load_state_dict({rename(n): files.get(n) for n in files.where}, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"{folder}: missing {missing}, unexpected {unexpected}")

@@ -32,8 +32,9 @@ from r1cli.token_batch import IGNORE, TokenBatch
 from ..parallel import DistributedContext, start_process_group
 from .convert import HF_SIDE_FILES, LAYOUT_FILE, TensorFolder, hf_tensors_from, rank_state, read_hf_config, \
     write_hf_shards
-from .families import Shape, check_layout, padded_vocab
-from .model import build_gpt_model, follow_position_ids, import_megatron, load_converted, output_hidden_states
+from .families import Shape, check_layout, padded_vocab, te_name
+from .model import build_gpt_model, check_fp8, follow_position_ids, import_megatron, load_converted, \
+    output_hidden_states
 
 
 def sample_mask(pos: torch.Tensor) -> torch.Tensor:
@@ -90,6 +91,9 @@ class MegatronTrainer:
             raise R1Error(f"{model.path} was converted for tensor_parallel={layout['tensor_parallel']} x "
                           f"pipeline_parallel={layout['pipeline_parallel']}, not {tp} x {pp}: convert the HF folder "
                           "again or point model.path at the HF folder (each rank then reads its own shard)")
+        self.fp8 = model.fp8_recipe if model.precision == "fp8" else None
+        if self.fp8:
+            check_fp8()
         device = resolve_device(train.device)
         import_megatron()
         from megatron.core import parallel_state as ps
@@ -133,12 +137,12 @@ class MegatronTrainer:
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
                                 sequence_parallel=self.parallel_cfg.sequence_parallel,
-                                recompute=m.gradient_checkpointing)
+                                recompute=m.gradient_checkpointing, fp8=self.fp8)
         if layout is not None:
-            load_converted(model, Path(m.path))
+            load_converted(model, Path(m.path), rename=self._name)
         else:  # straight from the HF folder: this rank's shard only
             state = rank_state(TensorFolder(self.hf_folder), self.shape, p.tp_size, p.pp_size, p.tp_rank, p.pp_rank)
-            missing, unexpected = model.load_state_dict(state, strict=False)
+            missing, unexpected = model.load_state_dict({self._name(k): v for k, v in state.items()}, strict=False)
             missing = [k for k in missing if not k.endswith("_extra_state")]
             if missing or unexpected:
                 raise RuntimeError(f"megatron state from {m.path}: missing {missing}, unexpected {unexpected}")
@@ -148,6 +152,10 @@ class MegatronTrainer:
         if self.ps.is_pipeline_last_stage():
             output_hidden_states(model)
         return model
+
+    def _name(self, name: str) -> str:
+        """A local-spec megatron name (the converter's) as this model calls it."""
+        return te_name(name) if self.fp8 else name
 
     def _wrap(self, model):
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
@@ -319,9 +327,10 @@ class MegatronTrainer:
 
         def get(t: int, stage: int, name: str) -> torch.Tensor:
             if cache.get("key") != (stage, name):
-                shape, dtype = self._shapes[stage][name]
-                piece = local[name].detach() if stage == p.pp_rank else torch.empty(shape, dtype=dtype,
-                                                                                     device=self.device)
+                cache["key"], own = (stage, name), self._name(name)
+                shape, dtype = self._shapes[stage][own]
+                piece = local[own].detach() if stage == p.pp_rank else torch.empty(shape, dtype=dtype,
+                                                                                   device=self.device)
                 if p.pp_size > 1:
                     src = dist.get_process_group_ranks(p.pp_group)[stage]
                     piece = piece.contiguous()
@@ -330,7 +339,7 @@ class MegatronTrainer:
                 if p.tp_size > 1:
                     pieces = [torch.empty_like(piece) for _ in range(p.tp_size)]
                     dist.all_gather(pieces, piece.contiguous(), group=p.tp_group)
-                cache.update(key=(stage, name), pieces=pieces)
+                cache["pieces"] = pieces
             return cache["pieces"][t]
 
         yield from hf_tensors_from(get, self.shape, p.tp_size, p.pp_size)
