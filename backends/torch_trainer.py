@@ -21,6 +21,7 @@ from r1cli import kernels
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.lr_schedule import lr_factor
+from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.models.loading import autocast, compute_dtype, load_model, load_tokenizer, resolve_device
 from r1cli.token_batch import TokenBatch
 
@@ -227,9 +228,7 @@ class TorchTrainer:
             if self.reference is not None:
                 save_file({k: v.detach().clone().contiguous() for k, v in self.reference.state_dict().items()},
                           str(directory / "reference.safetensors"))
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   directory / f"rng_rank{self.parallel.rank}.pt")
+        save_rng(directory, self.parallel.rank)
         self.parallel.barrier()
 
     def load(self, directory: Path) -> dict:
@@ -248,12 +247,7 @@ class TorchTrainer:
         self.scheduler.load_state_dict(blob["scheduler"])
         if self.reference is not None and (directory / "reference.safetensors").is_file():
             self.reference.load_state_dict(load_file(str(directory / "reference.safetensors")))
-        rng_file = directory / f"rng_rank{self.parallel.rank}.pt"
-        if rng_file.is_file():
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(directory, self.parallel.rank)
         return blob["extra"]
 
     def export_hf(self, directory: Path) -> None:

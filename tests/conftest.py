@@ -70,6 +70,14 @@ def run_r1(*args: str, env: dict | None = None, timeout: int = 600) -> subproces
                           capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
 
 
+def assert_learns(run_dir: Path, gain: float = 0.25) -> None:
+    """The tiny R1-Zero bar: held-out accuracy at the last evaluation beats the first by `gain`."""
+    from r1cli.run.metrics import read_metrics
+
+    before, after = [m["eval/accuracy"] for m in read_metrics(run_dir / "metrics.jsonl") if "eval/accuracy" in m]
+    assert after - before >= gain, (before, after)
+
+
 def torchrun(nproc: int, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",

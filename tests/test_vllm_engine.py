@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_cold_start, run_r1, torchrun
+from conftest import ROOT, assert_learns, make_cold_start, run_r1, torchrun
 from r1cli.run.metrics import read_metrics
 
 pytestmark = pytest.mark.vllm
@@ -127,8 +127,7 @@ def test_tiny_rl_with_vllm_learns(cold_start, tmp_path):
                   "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", f"train.output_dir={out}",
                   "logging.progress=false", "logging.tensorboard=false", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    before, after = [m["eval/accuracy"] for m in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in m]
-    assert after - before >= 0.25, (before, after)
+    assert_learns(out)
 
 
 def test_r1_sample_keeps_verified_vllm_samples(cold_start, tmp_path):

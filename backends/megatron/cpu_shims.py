@@ -8,7 +8,11 @@ Loaded only by the megatron backend when there is no GPU. Measured with megatron
   - its optimizers and gradient clipping sort parameters by `tensor.type()` name and accept only
     "torch.cuda.*Tensor": `Tensor.type()` (no argument) answers the CUDA name of a CPU tensor's type;
   - its RNG tracker forks the CUDA RNG state: `model_parallel_cuda_manual_seed` is replaced by a tracker
-    that forks the CPU RNG state (tensor-parallel dropout then draws on the CPU generator).
+    that forks the CPU RNG state (tensor-parallel dropout then draws on the CPU generator);
+  - activation recompute saves and restores the CUDA generator around each checkpointed layer: there is
+    none, so that state is empty (the CPU generator and the tracker's states are saved beside it); and it
+    re-runs the layer inside the backward pass, where the function mode above is not in force, so the
+    default causal mask (made with device="cuda") is made on the CPU.
 """
 
 from __future__ import annotations
@@ -77,6 +81,15 @@ def install() -> None:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(saved)
 
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as mutils
+
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    mutils.get_default_causal_mask = fused_softmax.get_default_causal_mask = causal_mask
+    mrandom._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *args, **kwargs: None
     mrandom._CUDA_RNG_STATE_TRACKER = CpuForkTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mrandom.model_parallel_cuda_manual_seed = cpu_seed

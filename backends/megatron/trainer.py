@@ -26,8 +26,9 @@ import torch.distributed as dist
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.lr_schedule import lr_factor
+from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.models.loading import load_tokenizer, resolve_device
-from r1cli.token_batch import IGNORE, TokenBatch
+from r1cli.token_batch import TokenBatch
 
 from ..parallel import DistributedContext, start_process_group
 from .convert import HF_SIDE_FILES, LAYOUT_FILE, TensorFolder, hf_tensors_from, rank_state, read_hf_config, \
@@ -377,9 +378,7 @@ class MegatronTrainer:
         if self.parallel.is_main:
             torch.save({"extra": extra, "steps_done": self.steps_done,
                         "layout": [self.parallel.tp_size, self.parallel.pp_size]}, directory / "trainer.pt")
-        torch.save({"cpu": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-                   directory / f"rng_rank{self.parallel.rank}.pt")
+        save_rng(directory, self.parallel.rank)
         self.parallel.barrier()
 
     def load(self, directory: Path) -> dict:
@@ -398,12 +397,8 @@ class MegatronTrainer:
                                            strict=False)
         blob = torch.load(directory / "trainer.pt", weights_only=False)
         self.steps_done = blob["steps_done"]
-        rng_file = directory / f"rng_rank{self.parallel.rank}.pt"
-        if rng_file.is_file() and list(blob["layout"]) == [self.parallel.tp_size, self.parallel.pp_size]:
-            rng = torch.load(rng_file, weights_only=False)
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] is not None and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+        if list(blob["layout"]) == [self.parallel.tp_size, self.parallel.pp_size]:  # same ranks, same streams
+            restore_rng(directory, self.parallel.rank)
         return blob["extra"]
 
     def export_hf(self, directory: Path) -> None:

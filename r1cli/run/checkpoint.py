@@ -171,3 +171,26 @@ def save(trainer, run_dir: str | Path, step: int, keep: int, run_id: str) -> Pat
         final = commit(run_dir, step, keep, run_id)
     p.barrier()
     return final
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    """This rank's CPU and CUDA generator states, so a resumed run draws what the uninterrupted one drew."""
+    import torch
+
+    torch.save({"cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               Path(directory) / f"rng_rank{rank}.pt")
+
+
+def restore_rng(directory: Path, rank: int) -> bool:
+    """Restore what save_rng wrote for this rank; False when the checkpoint has none for it."""
+    import torch
+
+    path = Path(directory) / f"rng_rank{rank}.pt"
+    if not path.is_file():
+        return False
+    rng = torch.load(path, weights_only=False)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return True
