@@ -3,6 +3,7 @@ log-probs before each step and the updated weights (as HF tensors) for tests/tes
 
     [torchrun --nproc_per_node N] tests/megatron_step.py HF_FOLDER OUT BACKEND TP PP [key=value ...]
         [--save DIR]  checkpoint after the SFT step      [--load DIR]  load that checkpoint instead of the SFT step
+        [--export DIR]  the trainer's Hugging Face export after the GRPO step
 
 Eight fixed rows of random tokens are the global batch; data-parallel rank d takes rows d, d + DP, ...
 """
@@ -39,13 +40,12 @@ def rows(vocab: int):
 
 
 def main(src: Path, out: Path, backend: str, tp: int, pp: int, extra: list[str]) -> None:
-    save = load = None
-    if "--save" in extra:
-        save = Path(extra.pop(extra.index("--save") + 1))
-        extra.remove("--save")
-    if "--load" in extra:
-        load = Path(extra.pop(extra.index("--load") + 1))
-        extra.remove("--load")
+    paths = {}
+    for flag in ("--save", "--load", "--export"):
+        if flag in extra:
+            paths[flag] = Path(extra.pop(extra.index(flag) + 1))
+            extra.remove(flag)
+    save, load, export = paths.get("--save"), paths.get("--load"), paths.get("--export")
     cfg = load_config(None, [f"model.path={src}", f"parallel.backend={backend}", f"parallel.tensor_parallel={tp}",
                              f"parallel.pipeline_parallel={pp}", "train.device=cpu", "train.micro_batch_size=2",
                              "train.steps=10", "optim.lr=0.01", "optim.warmup_steps=0", "optim.schedule=constant",
@@ -89,6 +89,8 @@ def main(src: Path, out: Path, backend: str, tp: int, pp: int, extra: list[str])
     tied = json.loads((src / "config.json").read_text()).get("tie_word_embeddings", False)
     weights = {n: t.detach().float().cpu().clone() for n, t in trainer.named_weights()
                if not (tied and n == "lm_head.weight")}  # the torch backend also names the tied copy
+    if export:
+        trainer.export_hf(export)
     if p.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_file(weights, out / "weights.safetensors")

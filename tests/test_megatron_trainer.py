@@ -81,7 +81,17 @@ def test_a_checkpoint_saved_at_tp2_resumes_at_tp1(family, tmp_path):
     """megatron's distributed checkpoint, weights and Adam state, resharded on load: the GRPO step after loading
     at TP=1 equals the one the TP=2 run took after saving."""
     model, _ = family
-    saved = step_run(model, tmp_path / "save", "megatron", 2, 1, "--save", str(tmp_path / "ckpt"))
+    saved = step_run(model, tmp_path / "save", "megatron", 2, 1, "--save", str(tmp_path / "ckpt"),
+                     "--export", str(tmp_path / "hf"))
+    # the TP=2 run's Hugging Face export holds the weights it trained, and transformers loads it
+    from transformers import AutoModelForCausalLM
+
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    assert exported.keys() == saved[1].keys() and all(torch.equal(exported[n], saved[1][n]) for n in exported)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    torch.testing.assert_close(hf.get_input_embeddings().weight, saved[1]["model.embed_tokens.weight"])
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
     loaded = step_run(model, tmp_path / "load", "megatron", 1, 1, "--load", str(tmp_path / "ckpt"))
     torch.testing.assert_close(torch.tensor(loaded[0]["after_sft_logp"]), torch.tensor(saved[0]["after_sft_logp"]),
                                rtol=0, atol=2e-5)
