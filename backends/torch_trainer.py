@@ -21,8 +21,8 @@ from r1cli import kernels
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.lr_schedule import lr_factor
-from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.models.loading import autocast, compute_dtype, load_model, load_tokenizer, resolve_device
+from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
 from .parallel import init_parallel

@@ -138,13 +138,22 @@ def read_hf_config(folder: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _publish(tmp: Path, dst: Path) -> None:
+def copy_hf_side_files(src: Path, dst: Path) -> None:
+    """The config, generation config and tokenizer files of an HF folder (everything but the weights)."""
+    for name in HF_SIDE_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def publish(tmp: Path, dst: Path) -> None:
+    """Swap a finished staging folder in for dst (the old dst stays until the new one is whole)."""
     if dst.exists():
         shutil.rmtree(dst)
     tmp.rename(dst)
 
 
-def _fresh(dst: Path, overwrite: bool) -> Path:
+def staging_for(dst: Path, overwrite: bool) -> Path:
+    """An empty `dst.tmp` to write into; refuses an existing dst unless overwrite."""
     if dst.exists() and not overwrite:
         raise R1Error(f"{dst} exists; pass --overwrite to replace it")
     tmp = dst.with_name(dst.name + ".tmp")
@@ -159,19 +168,17 @@ def hf_to_megatron(src: str | Path, dst: str | Path, tp: int, pp: int, overwrite
     s = Shape.from_hf(cfg)
     check_layout(s, tp, pp)
     hf = TensorFolder(src)
-    tmp = _fresh(dst, overwrite)
+    tmp = staging_for(dst, overwrite)
     for p in range(pp):
         for t in range(tp):
             (tmp / rank_dir(t, p)).mkdir()
             save_file(rank_state(hf, s, tp, pp, t, p), tmp / rank_dir(t, p) / "model.safetensors")
     (tmp / "hf").mkdir()
-    for name in HF_SIDE_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, tmp / "hf" / name)
+    copy_hf_side_files(src, tmp / "hf")
     layout = {"tensor_parallel": tp, "pipeline_parallel": pp, "model_type": s.model_type,
               "padded_vocab_size": padded_vocab(s.vocab, tp), "hf_config": cfg}
     (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))
-    _publish(tmp, dst)
+    publish(tmp, dst)
     return dst
 
 
@@ -251,9 +258,9 @@ def megatron_to_hf(src: str | Path, dst: str | Path, overwrite: bool = False, sh
     layout = json.loads(layout_path.read_text())
     s = Shape.from_hf(layout["hf_config"])
     tp, pp = layout["tensor_parallel"], layout["pipeline_parallel"]
-    tmp = _fresh(dst, overwrite)
+    tmp = staging_for(dst, overwrite)
     write_hf_shards(_hf_tensors(src, s, tp, pp), tmp, shard_gb)
     for f in (src / "hf").iterdir():
         shutil.copy2(f, tmp / f.name)
-    _publish(tmp, dst)
+    publish(tmp, dst)
     return dst

@@ -97,18 +97,19 @@ def layer_spec(cfg: dict, layers: int, te: bool = False):
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
+    qk_norm = Shape.from_hf(cfg).family.qk_norm
     if te:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=Shape.from_hf(cfg).family.qk_norm)
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
         return ModuleSpec(module=TransformerBlock,
                           submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=TENorm))
 
-    layer = get_gpt_layer_local_spec(qk_layernorm=Shape.from_hf(cfg).family.qk_norm)
+    layer = get_gpt_layer_local_spec(qk_layernorm=qk_norm)
     sub = layer.submodules
     sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
-    if Shape.from_hf(cfg).family.qk_norm:
+    if qk_norm:
         sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm))

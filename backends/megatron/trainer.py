@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -26,13 +26,13 @@ import torch.distributed as dist
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.lr_schedule import lr_factor
-from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.models.loading import load_tokenizer, resolve_device
+from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
 from ..parallel import DistributedContext, start_process_group
-from .convert import HF_SIDE_FILES, LAYOUT_FILE, TensorFolder, hf_tensors_from, rank_state, read_hf_config, \
-    write_hf_shards
+from .convert import LAYOUT_FILE, TensorFolder, copy_hf_side_files, hf_tensors_from, publish, rank_state, \
+    read_hf_config, staging_for, write_hf_shards
 from .families import Shape, check_layout, padded_vocab, te_name
 from .model import build_gpt_model, check_fp8, follow_position_ids, import_megatron, load_converted, \
     output_hidden_states
@@ -58,11 +58,17 @@ def _source(path: str) -> tuple[dict, Path, dict | None]:
     return read_hf_config(folder), folder, None
 
 
+def _megatron_optimizers(optimizer) -> list:
+    """The per-buffer optimizers of megatron's ChainedOptimizer (or the one optimizer); `.optimizer` of each is the
+    torch Adam underneath."""
+    return getattr(optimizer, "chained_optimizers", [optimizer])
+
+
 def _keep_torch_adam_step(optimizer) -> None:
     """megatron-core 0.16's distributed optimizer, over torch's Adam (no TE or apex installed), restores a fully
     reshardable checkpoint by copying every state tensor of a parameter, `step` included, from a source that
     leaves `step` out (it is restored through the param groups): the copy's source gets the step it already has."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    for opt in _megatron_optimizers(optimizer):
         if not hasattr(opt, "_set_main_param_and_optimizer_states"):
             continue
 
@@ -188,8 +194,11 @@ class MegatronTrainer:
         return None  # sharded: a colocated engine keeps its own copy, refreshed through named_weights()
 
     # ------------------------------------------------------------------ micro-batches through the schedule
+    def _micro_batch_size(self, batch: TokenBatch) -> int:
+        return max(1, min(self.train_cfg.micro_batch_size, len(batch)))
+
     def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
-        mbs = max(1, min(self.train_cfg.micro_batch_size, len(batch)))
+        mbs = self._micro_batch_size(batch)
         width = max(len(r) for r in batch.input_ids)
         if self.parallel_cfg.sequence_parallel:
             width = -(-width // self.parallel.tp_size) * self.parallel.tp_size
@@ -280,7 +289,7 @@ class MegatronTrainer:
         lr = self.optim_cfg.lr * lr_factor(self.steps_done, self.optim_cfg, self.train_cfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        n_micro = -(-len(batch) // max(1, min(self.train_cfg.micro_batch_size, len(batch))))
+        n_micro = -(-len(batch) // self._micro_batch_size(batch))
         scale = n_micro * self.parallel.dp_size  # the schedule averages over micro-batches, DDP over ranks
 
         def head(h, w, mb, tgt):
@@ -290,7 +299,7 @@ class MegatronTrainer:
 
         _, parts = self._schedule(self.wrapped, batch, head, forward_only=False)
         grad_norm = float(self._grad_norm())
-        skipped = not torch.isfinite(torch.tensor(grad_norm))
+        skipped = not math.isfinite(grad_norm)
         if not skipped:
             ok, _, _ = self.optimizer.step()
             skipped = not ok
@@ -360,7 +369,7 @@ class MegatronTrainer:
     def _fill_empty_adam_state(self) -> None:
         """A fresh torch Adam has no state to load into (megatron's distributed optimizer reads the step from it
         when it builds the load template): zeros, step 0, as Adam's first step would make them."""
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in _megatron_optimizers(self.optimizer):
             inner = opt.optimizer
             for group in inner.param_groups:
                 for q in group["params"]:
@@ -388,7 +397,7 @@ class MegatronTrainer:
         state = dist_checkpointing.load(self._sharded_state(loading=True), str(directory))
         self.model.load_state_dict({k.removeprefix("model."): v for k, v in state["model"].items()}, strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in _megatron_optimizers(self.optimizer):
             for st in opt.optimizer.state.values():  # megatron hands every parameter one shared `step` tensor,
                 if "step" in st:  # which torch's Adam then counts up once per parameter
                     st["step"] = st["step"].clone()
@@ -405,17 +414,11 @@ class MegatronTrainer:
         """A plain Hugging Face folder (config, safetensors, tokenizer): rank 0 writes it shard by shard."""
         directory = Path(directory)
         weights = self.named_weights()
-        if self.parallel.is_main:
-            tmp = directory.with_name(directory.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+        if self.parallel.is_main:  # written beside, then swapped in: an interrupted export leaves the old one
+            tmp = staging_for(directory, overwrite=True)
             write_hf_shards(((n, t.cpu()) for n, t in weights), tmp)
-            for name in HF_SIDE_FILES:
-                if (self.hf_folder / name).is_file():
-                    shutil.copy2(self.hf_folder / name, tmp / name)
-            if directory.exists():
-                shutil.rmtree(directory)
-            tmp.rename(directory)
+            copy_hf_side_files(self.hf_folder, tmp)
+            publish(tmp, directory)
         else:
             for _ in weights:
                 pass
