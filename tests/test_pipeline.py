@@ -4,8 +4,8 @@ skips everything, an interrupted stage that resumes, and clear errors in the pip
 import json
 
 import pytest
-
 from conftest import run_r1
+
 from r1cli.errors import R1Error
 from r1cli.pipeline import DEFAULT, read_pipeline, stage_configs
 from r1cli.run.metrics import read_metrics
@@ -53,8 +53,8 @@ def _pipeline(tmp_path, *extra):
 
 
 def test_the_tiny_pipeline_end_to_end(tmp_path):
-    """From nothing: the model and data are built, every stage runs on the one before's output, the last model
-    beats the base, an interrupted stage resumes, and a re-run skips everything."""
+    """From nothing: the model and data are built, every stage runs on the one before's output and reports its
+    held-out accuracy, an interrupted stage resumes, and a re-run skips everything."""
     proc = _pipeline(tmp_path, "reasoning-rl:checkpoint.stop_after=3")  # interrupted inside stage 2
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "r1"
@@ -74,8 +74,22 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
     kept = read_metrics(done["rejection-sampling"]["made_data"])
     assert kept and all(r["verified"] == "rule" for r in kept)
     base = json.loads((root / "base.json").read_text())["eval/accuracy"]
-    assert done["all-scenarios-rl"]["eval/accuracy"] > base
+    # stages this short are a wiring check, not a learning one (test_the_tiny_pipeline_learns is)
+    assert 0 <= base <= 1 and all(0 <= done[s]["eval/accuracy"] <= 1 for s in ("reasoning-rl", "all-scenarios-rl"))
     assert all((root / s / "report.html").is_file() for s in ("coldstart", "reasoning-rl", "sft"))
     again = _pipeline(tmp_path)
     said = again.stdout + again.stderr
     assert again.returncode == 0 and said.count("done earlier, skipped") == 5 and "building" not in said
+
+
+@pytest.mark.slow
+def test_the_tiny_pipeline_learns(tmp_path):
+    """The shipped tiny pipeline (configs/tiny/r1.yaml, its own step counts) takes the base model from no correct
+    answers to most of them: a margin that holds across CPU kinds (measured 0.000 -> 0.885 on AMD EPYC)."""
+    proc = run_r1("pipeline", f"pipeline.output_dir={tmp_path / 'r1'}", f"model.path={tmp_path / 'tiny-model'}",
+                  f"data.train={tmp_path / 'arith.jsonl'}", f"data.eval={tmp_path / 'arith_eval.jsonl'}",
+                  "logging.progress=false", "logging.tensorboard=false", env={"OMP_NUM_THREADS": "1"}, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = json.loads((tmp_path / "r1" / "base.json").read_text())["eval/accuracy"]
+    final = json.loads((tmp_path / "r1" / "all-scenarios-rl" / "stage.json").read_text())["eval/accuracy"]
+    assert final >= base + 0.5, (base, final)
