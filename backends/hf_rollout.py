@@ -13,7 +13,7 @@ from typing import Iterable
 import torch
 
 from r1cli.config import ModelConfig, RolloutConfig
-from r1cli.interfaces import Completion, SamplingParams
+from r1cli.interfaces import Completion, SamplingParams, engine_factory
 from r1cli.models.loading import autocast, load_model, load_tokenizer, resolve_device
 
 
@@ -72,7 +72,7 @@ class HFGenerateEngine:
         was_training = self.model.training
         self.model.eval()
         out: list[list[Completion]] = []
-        step = max(1, self.cfg.prompts_per_generate)
+        step = self.cfg.prompts_per_generate or 8
         n = params.n
         for s in range(0, len(prompts), step):
             chunk = prompts[s: s + step]
@@ -101,10 +101,11 @@ class HFGenerateEngine:
         return out
 
 
+@engine_factory(reports_logprobs=False)
 def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> HFGenerateEngine:
     """Share a colocated trainer's module when it is whole in this process; with sharded parameters (or no
     trainer) hold an own copy, so that each rank can generate on its own (ranks stop at different lengths)."""
-    shared = getattr(trainer, "generation_model", None)
+    shared = None if trainer is None else trainer.generation_model
     if shared is not None:
         return HFGenerateEngine(shared, trainer.tokenizer, rollout, trainer.device, model.dtype, shared=True)
     if trainer is not None:

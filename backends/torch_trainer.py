@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from r1cli import kernels
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
+from r1cli.interfaces import LossInput, choose_loss_input
 from r1cli.lr_schedule import lr_factor
 from r1cli.models.loading import autocast, compute_dtype, load_model, load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
@@ -49,6 +50,7 @@ class HiddenLoss(nn.Module):
 class TorchTrainer:
     # whether this backend splits one model over ranks; the torch backend replicates it (DDP / FSDP)
     model_parallel = False
+    loss_inputs = frozenset(LossInput)  # log-probs, one-pass weighted terms, hidden states
 
     def __init__(self, model: ModelConfig, train: TrainConfig, optim: OptimConfig, parallel: ParallelConfig,
                  need_reference: bool = False):
@@ -84,7 +86,7 @@ class TorchTrainer:
     def _parallelize(self, module: nn.Module) -> nn.Module:
         if self.parallel.dp_size == 1:
             return module
-        if self.parallel_cfg.data_parallel == "fsdp":
+        if self.parallel_cfg.torch.data_parallel == "fsdp":
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -106,7 +108,7 @@ class TorchTrainer:
     def generation_model(self) -> nn.Module | None:
         """The live policy for a colocated rollout engine, or None when its parameters are sharded
         (FSDP) and an engine must hold its own copy, refreshed through named_weights()."""
-        if self.parallel.dp_size > 1 and self.parallel_cfg.data_parallel == "fsdp":
+        if self.parallel.dp_size > 1 and self.parallel_cfg.torch.data_parallel == "fsdp":
             return None
         return self.model
 
@@ -161,7 +163,7 @@ class TorchTrainer:
         """One optimizer step over this rank's rows in micro-batches; `loss` gives each micro-batch's share of
         the global loss, so every split (micro-batches, ranks) takes the same step."""
         self.wrapped.train()
-        one_pass = self.train_cfg.fused_linear == "one_pass" and hasattr(loss, "weighted_terms")
+        takes = choose_loss_input(loss, self.loss_inputs, self.parallel_cfg.torch.fused_linear == "one_pass", "torch")
         chunks = self._micro_batches(batch)
         sums: dict[str, float] = {}
         for ci, rows in enumerate(chunks):
@@ -169,11 +171,10 @@ class TorchTrainer:
             ids, pos, idx, tgt = mb.tensors(self.tokenizer.pad_token_id, self.device)
 
             def loss_fn(hidden, weight, mb=mb, tgt=tgt):
-                if hasattr(loss, "from_hidden"):  # a loss over whole distributions (logit distillation)
+                if takes is LossInput.HIDDEN:  # a loss over whole distributions (logit distillation)
                     return loss.from_hidden(hidden, weight, mb, tgt)
-                terms = loss.weighted_terms(mb, hidden.device) if one_pass else None
-                if terms is not None:  # the aggregation as weights known before the forward
-                    w, per_token, to_sums = terms
+                if takes is LossInput.WEIGHTED_TERMS:  # the aggregation as weights known before the forward
+                    w, per_token, to_sums = loss.weighted_terms(mb, hidden.device)
                     value, _, rec = kernels.fused_linear_weighted_loss(
                         hidden, weight, tgt, w, per_token, temperature=loss.temperature,
                         with_entropy=loss.wants_entropy, impl=self.impl)

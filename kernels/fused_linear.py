@@ -8,8 +8,8 @@ vectors are kept. Backward recomputes each logits tile, turns it into d(logits) 
 place, and accumulates d(hidden) = dz @ W_tile (fp32, [N, H]) and d(weight) = dz^T @ h
 (fp32 for one vocabulary tile at a time, then stored in the weight's dtype).
 
-The GRPO loss is then plain elementwise maths on the [N] log-probs (GRPOObjective.per_token,
-r1cli/rl/objective.py), so this path and the reference share one definition of the objective.
+The GRPO loss is then plain elementwise maths on the [N] log-probs (the objective's per_token:
+GRPOObjective.per_token in r1cli/rl/objective.py), so this path and the reference share one definition of it.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from r1cli.rl.objective import GRPOObjective, TokenRecord
-
+from .records import ElementwiseObjective, TokenRecord
 from .reference import tile_grad_ref, tile_stats_ref
 
 LOGITS_BUDGET_BYTES = 1 << 30  # one logits tile of at most 1 GiB
@@ -132,7 +131,7 @@ def triton_fused_linear_logprobs(hidden, weight, targets, *, temperature=1.0, wi
 
 
 def fused_linear_grpo_loss_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, *,
-                                objective: GRPOObjective, with_entropy=False, use_triton=True, **kw):
+                                objective: ElementwiseObjective, with_entropy=False, use_triton=True, **kw):
     logp, ent = fused_linear_logprobs_impl(hidden, weight, targets, temperature=objective.temperature,
                                            with_entropy=with_entropy or objective.needs_entropy,
                                            use_triton=use_triton, **kw)
@@ -232,7 +231,7 @@ def fused_linear_weighted_loss_impl(hidden, weight, targets, token_weights, per_
 
 
 def fused_linear_grpo_objective_impl(hidden, weight, targets, old_logp, ref_logp, advantages, mask, token_weights,
-                                     *, objective: GRPOObjective, with_entropy=False, **kw):
+                                     *, objective: ElementwiseObjective, with_entropy=False, **kw):
     """The GRPO objective aggregated with `token_weights`, its gradient formed in the forward."""
     per_token_loss = objective.chunked(old_logp, ref_logp, advantages, mask)
     return fused_linear_weighted_loss_impl(hidden, weight, targets, token_weights, per_token_loss,

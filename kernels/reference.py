@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from r1cli.rl.objective import GRPOObjective, TokenRecord
+from .records import ElementwiseObjective, TokenRecord
 
 __all__ = ["TokenRecord", "logprobs_ref", "fused_linear_logprobs_ref", "grpo_loss_ref", "fused_linear_grpo_loss_ref",
            "tile_stats_ref", "tile_grad_ref"]
@@ -32,7 +32,7 @@ def fused_linear_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, target
 
 def grpo_loss_ref(logits: torch.Tensor, targets: torch.Tensor, old_logp: torch.Tensor,
                   ref_logp: torch.Tensor | None, advantages: torch.Tensor, mask: torch.Tensor, *,
-                  objective: GRPOObjective, with_entropy: bool = False):
+                  objective: ElementwiseObjective, with_entropy: bool = False):
     """Per-token GRPO loss [N] (zero where mask is 0) and a TokenRecord."""
     logp, entropy = logprobs_ref(logits, targets, temperature=objective.temperature,
                                  with_entropy=with_entropy or objective.needs_entropy)

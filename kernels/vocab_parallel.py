@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from r1cli.rl.objective import GRPOObjective
-
 from .fused_linear import _ops, combine_stats, fused_linear_grpo_objective_impl, fused_linear_logprobs_impl
+from .records import ElementwiseObjective
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -51,7 +50,7 @@ def vocab_parallel_logprobs(logits_shard, targets, vocab_start: int, group, *, t
 
 
 def vocab_parallel_grpo_loss(logits_shard, targets, old_logp, ref_logp, advantages, mask, vocab_start: int, group,
-                             *, objective: GRPOObjective, with_entropy=False, impl="auto"):
+                             *, objective: ElementwiseObjective, with_entropy=False, impl="auto"):
     logp, ent = vocab_parallel_logprobs(logits_shard, targets, vocab_start, group, temperature=objective.temperature,
                                         with_entropy=with_entropy or objective.needs_entropy, impl=impl)
     return objective.per_token(logp, ent, old_logp, ref_logp, advantages, mask)
@@ -65,8 +64,8 @@ def vocab_parallel_fused_linear_logprobs(hidden, weight_shard, targets, vocab_st
 
 
 def vocab_parallel_fused_linear_grpo_loss(hidden, weight_shard, targets, old_logp, ref_logp, advantages, mask,
-                                          vocab_start: int, group, *, objective: GRPOObjective, with_entropy=False,
-                                          impl="auto", **chunks):
+                                          vocab_start: int, group, *, objective: ElementwiseObjective,
+                                          with_entropy=False, impl="auto", **chunks):
     logp, ent = vocab_parallel_fused_linear_logprobs(hidden, weight_shard, targets, vocab_start, group,
                                                      temperature=objective.temperature,
                                                      with_entropy=with_entropy or objective.needs_entropy,

@@ -8,7 +8,6 @@ import click
 
 from r1cli.errors import R1Error, RunInterrupted
 
-
 OVERRIDES_HELP = """
 Settings come from --config and then from OVERRIDES, each `section.key=value`
 (e.g. `optim.lr=1e-5 grpo.beta=0 rewards.weights.format=0.5`); later ones win.
@@ -67,10 +66,10 @@ def rl_cmd(config_path, print_config, resume, overwrite, overrides):
     run_rl(cfg, resume=resume, overwrite=overwrite)
 
 
-@_training_command("coldstart", "Cold start (DeepSeek-R1 stage 1): long chains of thought from a generator model prompted "
-                                "with coldstart.exemplars (or the rows' own worked solutions), rewritten in the readable "
-                                "format, filtered and verified into coldstart.out; then SFT on them as `r1 sft` does. "
-                                "Run again, the data continues where an interrupted run stopped.")
+@_training_command("coldstart", "Cold start (DeepSeek-R1 stage 1): long chains of thought from a generator model "
+                                "prompted with coldstart.exemplars (or the rows' own worked solutions), rewritten in "
+                                "the readable format, filtered and verified into coldstart.out; then SFT on them as "
+                                "`r1 sft` does. Run again, the data continues where an interrupted run stopped.")
 @click.option("--data-only", is_flag=True, help="Write the cold-start data and stop before SFT.")
 def coldstart_cmd(config_path, print_config, resume, overwrite, data_only, overrides):
     cfg = _load(config_path, overrides, print_config)
@@ -144,33 +143,71 @@ def sample_cmd(config_path, print_config, overwrite, overrides):
     run_sample(cfg, overwrite=overwrite)
 
 
-@main.command("eval")
-@click.option("--model", default="", help="Local Hugging Face folder to generate with.")
-@click.option("--completions", default="", help="JSONL of existing completions {benchmark, id, completion} to score.")
-@click.option("--benchmarks", required=True,
+@main.command("eval", help="Benchmarks: pass@1 (mean over k samples), cons@k, pass@k with 95% bootstrap "
+                           "intervals. Settings are the benchmark section (benchmark.*) with model.path, "
+                           "data.template / data.prefill and rollout.engine with its sub-section (e.g. "
+                           "rollout.vllm.kv_cache_gb); the flags are shortcuts for those keys, and OVERRIDES win "
+                           "over both.\n" + OVERRIDES_HELP)
+@click.option("--config", "config_path", type=str, default=None, help="YAML config file.")
+@click.option("--print-config", is_flag=True, help="Print the merged config and exit.")
+@click.option("--model", default=None, help="Local Hugging Face folder to generate with (model.path).")
+@click.option("--completions", default=None,
+              help="JSONL of existing completions {benchmark, id, completion} to score (benchmark.completions).")
+@click.option("--benchmarks", default=None,
               help="Comma-separated names, each optionally NAME=PATH (aime24, math500, math, gsm8k, cmath, gpqa, arc, "
-                   "mmlu, livecodebench, leetcode, jsonl, humaneval).")
-@click.option("--data-dir", default="", help="Folder with each benchmark's default file.")
-@click.option("--out", default="runs/eval", show_default=True, help="Folder for samples.jsonl and summary.json.")
-@click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1), help="Samples per problem (k).")
-@click.option("--temperature", default=0.6, show_default=True, type=click.FloatRange(min=0))
-@click.option("--top-p", default=0.95, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--max-new-tokens", default=2048, show_default=True, type=click.IntRange(min=1))
-@click.option("--template", default="chat", show_default=True,
-              type=click.Choice(["chat", "r1_zero", "r1_zero_chat", "plain"]))
-@click.option("--prefill", default="", help="Text the assistant turn starts with, e.g. '<think>'.")
-@click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0), help="Problems per benchmark; 0: all.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--engine", default="hf", show_default=True, help="Rollout engine (a registered name).")
-def eval_cmd(model, completions, benchmarks, data_dir, out, samples, temperature, top_p, max_new_tokens, template,
-             prefill, limit, seed, engine):
-    """Benchmarks: pass@1 (mean over k samples), cons@k, pass@k with 95% bootstrap intervals."""
+                   "mmlu, livecodebench, leetcode, jsonl, humaneval) (benchmark.benchmarks).")
+@click.option("--data-dir", default=None, help="Folder with each benchmark's default file (benchmark.data_dir).")
+@click.option("--out", default=None, help="Folder for samples.jsonl and summary.json (benchmark.out; runs/eval).")
+@click.option("--samples", default=None, type=click.IntRange(min=1), help="Samples per problem, k (benchmark.samples).")
+@click.option("--temperature", default=None, type=click.FloatRange(min=0), help="benchmark.temperature (0.6).")
+@click.option("--top-p", default=None, type=click.FloatRange(0, 1, min_open=True), help="benchmark.top_p (0.95).")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1), help="benchmark.max_new_tokens (2048).")
+@click.option("--template", default=None, type=click.Choice(["chat", "r1_zero", "r1_zero_chat", "plain"]),
+              help="data.template (chat).")
+@click.option("--prefill", default=None, help="Text the assistant turn starts with, e.g. '<think>' (data.prefill).")
+@click.option("--limit", default=None, type=click.IntRange(min=0), help="Problems per benchmark; 0: all "
+                                                                        "(benchmark.limit).")
+@click.option("--seed", default=None, type=int, help="benchmark.seed (0).")
+@click.option("--engine", default=None, help="Rollout engine, a registered name (rollout.engine).")
+@click.argument("overrides", nargs=-1, metavar="[OVERRIDES]...")
+def eval_cmd(config_path, print_config, model, completions, benchmarks, data_dir, out, samples, temperature, top_p,
+             max_new_tokens, template, prefill, limit, seed, engine, overrides):
+    from r1cli.config import load_config
+
+    flags = {"model": {"path": model}, "data": {"template": template, "prefill": prefill},
+             "rollout": {"engine": engine},
+             "benchmark": {"benchmarks": None if benchmarks is None else [b.strip() for b in benchmarks.split(",")
+                                                                         if b.strip()],
+                           "completions": completions, "data_dir": data_dir, "out": out, "samples": samples,
+                           "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
+                           "limit": limit, "seed": seed}}
+    given = {section: {k: v for k, v in keys.items() if v is not None} for section, keys in flags.items()}
+    cfg = load_config(config_path, overrides, layers=[given])
+    if print_config:
+        from r1cli.config import dump_config
+
+        click.echo(dump_config(cfg), nl=False)
+        return
     from r1cli.eval.run import EvalRequest, run_eval
 
-    run_eval(EvalRequest(tuple(b.strip() for b in benchmarks.split(",") if b.strip()), out, model=model,
-                         completions=completions, data_dir=data_dir, samples=samples, temperature=temperature,
-                         top_p=top_p, max_new_tokens=max_new_tokens, template=template, prefill=prefill, limit=limit,
-                         seed=seed, engine=engine))
+    run_eval(EvalRequest.from_config(cfg))
+
+
+@main.command("configs")
+@click.argument("name", required=False)
+def configs_cmd(name):
+    """List the shipped configs (each usable as --config configs/NAME from any folder), or print one to copy."""
+    from r1cli.config import read_yaml, resolve_config, shipped_configs
+
+    if name:
+        path = resolve_config(name if name.endswith(".yaml") else f"{name}.yaml")
+        read_yaml(path)  # a missing or broken file is one line
+        click.echo(path.read_text(), nl=False)
+        return
+    for n in shipped_configs():
+        first = resolve_config(n).read_text().splitlines()[:1]
+        about = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        click.echo(f"{n:34s} {about}".rstrip())
 
 
 @main.command("report")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +20,35 @@ import yaml
 
 from r1cli.errors import R1Error
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"  # presets: students/, tiny/, the pipelines
+
+def _shipped_configs() -> Path:
+    """The folder of the shipped YAML: `configs/` of a checkout, or `r1cli/configs` inside an installed wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("r1cli.configs")
+    if spec is None or not spec.submodule_search_locations:
+        raise R1Error("the shipped configs (package r1cli.configs) are missing from this install; reinstall r1")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+CONFIG_DIR = _shipped_configs()  # presets: students/, tiny/, the pipelines
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A config file named on the command line: a path that exists from the working folder wins; otherwise
+    `configs/X.yaml` (or `X.yaml`) is looked up among the shipped configs, so they resolve after `pip install .`."""
+    p = Path(path)
+    if p.exists():
+        return p
+    rel = p.relative_to("configs") if p.parts[:1] == ("configs",) else p
+    if not p.is_absolute() and (CONFIG_DIR / rel).is_file():
+        return CONFIG_DIR / rel
+    return p
+
+
+def shipped_configs() -> list[str]:
+    """Every shipped config as `configs/...` (the name --config takes from any folder)."""
+    return sorted(f"configs/{f.relative_to(CONFIG_DIR).as_posix()}" for f in CONFIG_DIR.rglob("*.yaml"))
 
 
 def named(default: str, registry: str):
@@ -35,14 +64,20 @@ def bounded(default, low=None, high=None, *, above: bool = False):
 @dataclass
 class ModelConfig:
     path: str = ""  # a local Hugging Face folder (config.json, *.safetensors, tokenizer)
-    # parameter dtype for training; auto: fp32 master weights (and optimizer state) with bf16 autocast on GPU
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # parameter dtype for training; auto: fp32 master weights (and optimizer state) with bf16 compute on GPU, fp32
+    # on CPU; bf16-mixed: that mixed precision on any device (the GPU path, run on a CPU)
+    dtype: Literal["auto", "bf16-mixed", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     # fp8 (parallel.backend=megatron, Transformer Engine, Hopper-class GPU): the linear layers compute in FP8
     # (E4M3 forward, E5M2 gradients) over bf16 weights with fp32 master copies
     precision: Literal["auto", "fp8"] = "auto"
     fp8_recipe: Literal["delayed", "current"] = "delayed"  # scaling from an amax history, or from this tensor
+
+
+def owned(factory, key: str, values: tuple[str, ...]):
+    """A sub-section read only when config key `key` is one of `values`; set otherwise, it is refused."""
+    return field(default_factory=factory, metadata={"owner": (key, values)})
 
 
 @dataclass
@@ -54,7 +89,8 @@ class DataConfig:
     answer_field: str = "answer"
     messages_field: str = "messages"
     task_field: str = "task"  # which checker verifies a row (math, arithmetic, countdown)
-    template: Literal["chat", "r1_zero", "r1_zero_chat", "plain"] = "chat"  # r1_zero_chat: the paper's template as the user turn of the chat template
+    # r1_zero_chat: the paper's template as the user turn of the chat template
+    template: Literal["chat", "r1_zero", "r1_zero_chat", "plain"] = "chat"
     system_prompt: str = ""
     prefill: str = ""  # text the assistant turn starts with, e.g. "<think>"
     max_seq_len: int = bounded(1024, 1)
@@ -77,9 +113,6 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     kernels: Literal["auto", "triton", "torch"] = "auto"  # auto: Triton on CUDA, reference elsewhere
-    # GRPO loss from hidden states: "recompute" keeps the least memory (logits recomputed in the backward),
-    # "one_pass" forms the gradient in the forward (a quarter fewer matmul flops, an fp32 [V x H] accumulator)
-    fused_linear: Literal["recompute", "one_pass"] = "recompute"
 
 
 @dataclass
@@ -96,34 +129,38 @@ class OptimConfig:
 
 
 @dataclass
-class ParallelConfig:
-    backend: str = named("torch", "r1cli.interfaces:TRAINERS")  # trainer backend
+class TorchBackendConfig:
+    """parallel.backend=torch only (transformers models, DDP / FSDP2)."""
+
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
-    tensor_parallel: int = bounded(1, 1)
-    pipeline_parallel: int = bounded(1, 1)
-    # megatron: activations split over the TP ranks along the sequence between the TP regions (needs TP > 1)
+    # GRPO loss from hidden states: "recompute" keeps the least memory (logits recomputed in the backward),
+    # "one_pass" forms the gradient in the forward (a quarter fewer matmul flops, an fp32 [V x H] accumulator)
+    fused_linear: Literal["recompute", "one_pass"] = "recompute"
+
+
+@dataclass
+class MegatronBackendConfig:
+    """parallel.backend=megatron only (megatron-core GPTModel, its DDP and optimizer)."""
+
+    # activations split over the TP ranks along the sequence between the TP regions (needs TP > 1)
     sequence_parallel: bool = False
-    # megatron: Adam state and fp32 master weights sharded over the data-parallel ranks (ZeRO-1)
+    # Adam state and fp32 master weights sharded over the data-parallel ranks (ZeRO-1)
     distributed_optimizer: bool = True
 
 
 @dataclass
-class RolloutConfig:
-    engine: str = named("hf", "r1cli.interfaces:ENGINES")  # rollout engine
-    n: int = bounded(8, 1)  # G: samples per prompt
-    temperature: float = bounded(1.0, 0.0)
-    top_p: float = bounded(1.0, 0.0, 1.0, above=True)
-    top_k: int = bounded(0, 0)  # 0: off
-    max_new_tokens: int = bounded(512, 1)
-    stop: list[str] = field(default_factory=lambda: ["</answer>"])
-    prompts_per_generate: int = bounded(8, 1)  # prompts batched into one generate call (hf)
-    # every wait on the engine (generate, weight sync, sleep/wake) ends with a message after this long; 0: never
-    timeout_s: float = bounded(1800.0, 0.0)
-    start_timeout_s: float = bounded(1800.0, 0.0)  # building the engine (vLLM loads, profiles, compiles)
-    # truncated importance sampling: the loss of token t is weighted by min(p_trainer / p_engine, tis_cap),
-    # correcting for the engine sampling from a slightly different distribution; 0: off
-    tis_cap: float = bounded(0.0, 0.0)
-    # vllm
+class ParallelConfig:
+    backend: str = named("torch", "r1cli.interfaces:TRAINERS")  # trainer backend
+    tensor_parallel: int = bounded(1, 1)  # model-parallel backends (megatron)
+    pipeline_parallel: int = bounded(1, 1)
+    torch: TorchBackendConfig = owned(TorchBackendConfig, "parallel.backend", ("torch",))
+    megatron: MegatronBackendConfig = owned(MegatronBackendConfig, "parallel.backend", ("megatron",))
+
+
+@dataclass
+class VLLMEngineConfig:
+    """rollout.engine=vllm only."""
+
     # the process's share of GPU memory that weights + KV cache may fill (CPU build: of the NUMA node's RAM,
     # counting everything the process holds, the trainer included)
     gpu_memory_utilization: float = bounded(0.5, 0.0, 1.0, above=True)
@@ -133,6 +170,26 @@ class RolloutConfig:
     sleep_level: int = bounded(1, 0, 2)  # GPU: 1 frees KV cache and offloads weights while training; 0: off
     max_model_len: int = bounded(0, 0)  # 0: the model's context length
     enforce_eager: bool = False  # GPU: no CUDA graphs (always eager on CPU)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = named("auto", "r1cli.interfaces:ENGINES")  # auto: vllm on a GPU where installed, else hf
+    n: int = bounded(8, 1)  # G: samples per prompt
+    temperature: float = bounded(1.0, 0.0)
+    top_p: float = bounded(1.0, 0.0, 1.0, above=True)
+    top_k: int = bounded(0, 0)  # 0: off
+    max_new_tokens: int = bounded(512, 1)
+    stop: list[str] = field(default_factory=lambda: ["</answer>"])
+    # prompts handed to the engine in one call (memory); 0: the engine's choice (hf: 8, vllm: all of them)
+    prompts_per_generate: int = bounded(0, 0)
+    # every wait on the engine (generate, weight sync, sleep/wake) ends with a message after this long; 0: never
+    timeout_s: float = bounded(1800.0, 0.0)
+    start_timeout_s: float = bounded(1800.0, 0.0)  # building the engine (vLLM loads, profiles, compiles)
+    # truncated importance sampling: the loss of token t is weighted by min(p_trainer / p_engine, tis_cap),
+    # correcting for the engine sampling from a slightly different distribution; 0: off
+    tis_cap: float = bounded(0.0, 0.0)
+    vllm: VLLMEngineConfig = owned(VLLMEngineConfig, "rollout.engine", ("vllm", "auto"))
 
 
 @dataclass
@@ -178,6 +235,24 @@ class EvalConfig:
     temperature: float = bounded(0.0, 0.0)  # 0: greedy
     top_p: float = bounded(1.0, 0.0, 1.0, above=True)
     max_new_tokens: int = bounded(256, 1)
+
+
+@dataclass
+class BenchmarkConfig:
+    """r1 eval: benchmarks scored by pass@1 (mean over `samples` per problem), cons@k and pass@k; the model is
+    model.path, the prompt data.template / data.prefill, the engine rollout.engine and its sub-section."""
+
+    benchmarks: list[str] = field(default_factory=list)  # NAME or NAME=PATH (aime24, math500, gsm8k, humaneval...)
+    data_dir: str = ""  # folder with each benchmark's default file
+    out: str = "runs/eval"  # samples.jsonl and summary.json
+    completions: str = ""  # JSONL of existing {benchmark, id, completion} to score instead of generating
+    samples: int = bounded(1, 1)  # k per problem
+    temperature: float = bounded(0.6, 0.0)  # DeepSeek-R1's evaluation settings
+    top_p: float = bounded(0.95, 0.0, 1.0, above=True)
+    max_new_tokens: int = bounded(2048, 1)
+    limit: int = bounded(0, 0)  # problems per benchmark; 0: all
+    seed: int = 0
+    code_workers: int = bounded(0, 0)  # sandbox pool size for code benchmarks; 0: twice the cores
 
 
 @dataclass
@@ -268,6 +343,7 @@ class Config:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
@@ -351,6 +427,46 @@ MOVED |= {"sample.require_format": "filters.require_format", "sample.filter_mixe
           "sample.max_paragraph_chars": "filters.max_paragraph_chars"}
 
 
+# keys that moved into the sub-section of the part that reads them: the old name still works, with a note
+RENAMED = {"parallel.data_parallel": "parallel.torch.data_parallel",
+           "train.fused_linear": "parallel.torch.fused_linear",
+           "parallel.sequence_parallel": "parallel.megatron.sequence_parallel",
+           "parallel.distributed_optimizer": "parallel.megatron.distributed_optimizer"}
+RENAMED |= {f"rollout.{k}": f"rollout.vllm.{k}" for k in ("gpu_memory_utilization", "kv_cache_gb", "tensor_parallel",
+                                                          "weight_bucket_mb", "sleep_level", "max_model_len",
+                                                          "enforce_eager")}
+_noted: set[str] = set()
+
+
+def _renamed(key: str) -> str:
+    if key not in RENAMED:
+        return key
+    if key not in _noted:  # once per process
+        _noted.add(key)
+        sys.stderr.write(f"note: config key '{key}' moved to '{RENAMED[key]}'\n")
+    return RENAMED[key]
+
+
+def _with_new_names(values: Any) -> Any:
+    """A root mapping ({section: {key: value}}) with moved keys under their new names."""
+    if not isinstance(values, dict):
+        return values
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in values.items()}
+    for section, body in values.items():
+        if not isinstance(body, dict):
+            continue
+        for k in body:
+            new = _renamed(f"{section}.{k}")
+            if new != f"{section}.{k}":
+                value = out[section].pop(k)
+                *path, leaf = new.split(".")
+                node = out
+                for p in path:
+                    node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else node
+                node[leaf] = value
+    return out
+
+
 def _unknown_key(key: str, valid: list[str]) -> R1Error:
     if key in MOVED:
         return R1Error(f"config key '{key}' moved to '{MOVED[key]}'")
@@ -379,7 +495,7 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
 
 def _set_path(obj: Any, path: str, raw: Any) -> None:
     """Apply one override; dict-valued fields (rewards.weights.x=1) merge by key."""
-    parts = path.split(".")
+    parts = _renamed(path).split(".")
     node, prefix = obj, ""
     for i, p in enumerate(parts):
         if not dataclasses.is_dataclass(node):
@@ -406,16 +522,16 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | tupl
     """Defaults, then each YAML file in order (a later one wins), then `layers` (mappings), then overrides."""
     cfg = Config()
     for p in [path] if isinstance(path, (str, Path)) else list(path or []):
-        _apply(cfg, read_yaml(p))
+        _apply(cfg, _with_new_names(read_yaml(p)))
     for data in layers:
-        _apply(cfg, data)
+        _apply(cfg, _with_new_names(data))
     apply_overrides(cfg, overrides)
     return checked(cfg)
 
 
 def apply_layer(cfg: Config, data: dict) -> None:
     """Set the keys of a nested mapping ({section: {key: value}}), each checked like a file's."""
-    _apply(cfg, data)
+    _apply(cfg, _with_new_names(data))
 
 
 def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None:
@@ -436,14 +552,15 @@ def checked(cfg: Config) -> Config:
     _expand_paths(cfg)
     check_ranges(cfg)
     check_registered(cfg)
+    check_owned(cfg)
     return cfg
 
 
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping from a file; a syntax error names file:line:column."""
-    p = Path(path)
+    p = resolve_config(path)
     if not p.is_file():
-        raise R1Error(f"config file not found: {path}")
+        raise R1Error(f"config file not found: {path} (shipped configs: `r1 configs`)")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
@@ -476,6 +593,38 @@ def check_ranges(cfg: Any) -> None:
             raise R1Error(f"config key '{key}': {value!r} is out of range (must be <= {high})")
 
 
+def _setting(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def check_owned(cfg: Any) -> None:
+    """A sub-section read by one backend or engine (owned(...)) is refused when set for another: silently
+    ignoring it is the bug users spend days on."""
+    _check_owned(cfg, cfg, "")
+
+
+def _check_owned(obj: Any, root: Any, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        key = f"{prefix}{f.name}"
+        if "owner" in f.metadata:
+            owner, readers = f.metadata["owner"]
+            chosen = _setting(root, owner)
+            if chosen not in readers:
+                default = f.default_factory()
+                changed = [g.name for g in dataclasses.fields(value)
+                           if getattr(value, g.name) != getattr(default, g.name)]
+                if changed:
+                    reader = "|".join(r for r in readers if r != "auto")
+                    raise R1Error(f"config key '{key}.{changed[0]}' is read only with {owner}={reader}; this run "
+                                  f"has {owner}={chosen} (drop the key, or set {owner}={reader})")
+        _check_owned(value, root, key + ".")
+
+
 def check_registered(cfg: Any) -> None:
     """Every registry-backed key names a registered entry (dict keys for dict fields)."""
     import importlib
@@ -490,7 +639,8 @@ def check_registered(cfg: Any) -> None:
 
 def _expand_paths(cfg: Config) -> None:
     for section, name in (("model", "path"), ("data", "train"), ("data", "eval"), ("train", "output_dir"),
-                          ("sample", "out"), ("sample", "judge"), ("coldstart", "out"), ("coldstart", "generator"),
+                          ("sample", "out"), ("sample", "judge"), ("benchmark", "out"), ("benchmark", "data_dir"),
+                          ("benchmark", "completions"), ("coldstart", "out"), ("coldstart", "generator"),
                           ("coldstart", "exemplars"), ("distill", "teacher")):
         obj = getattr(cfg, section)
         value = getattr(obj, name)

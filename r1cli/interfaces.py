@@ -16,6 +16,7 @@ never import torch.distributed, megatron or vllm; a backend is one registered mo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Protocol
 
@@ -64,15 +65,24 @@ class Completion:
 
 
 class ParallelContext(Protocol):
-    rank: int  # global
-    world_size: int
-    dp_rank: int
-    dp_size: int
-    tp_rank: int
-    tp_size: int
-    pp_rank: int
-    pp_size: int
+    """Ranks and sizes (read-only), and the reductions the loops use."""
 
+    @property
+    def rank(self) -> int: ...  # global
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def dp_rank(self) -> int: ...
+    @property
+    def dp_size(self) -> int: ...
+    @property
+    def tp_rank(self) -> int: ...
+    @property
+    def tp_size(self) -> int: ...
+    @property
+    def pp_rank(self) -> int: ...
+    @property
+    def pp_size(self) -> int: ...
     @property
     def is_main(self) -> bool: ...  # global rank 0: writes shared files, prints
     def all_reduce_sum(self, value: float) -> float: ...  # over the data-parallel group
@@ -80,25 +90,66 @@ class ParallelContext(Protocol):
     def barrier(self) -> None: ...  # every rank
 
 
-class TokenLoss(Protocol):
-    """A loss the trainer applies to per-token log-probs: SFT's NLL and GRPO's objective go through one door.
+class LossInput(str, Enum):
+    """What a loss consumes; a loss lists the inputs it can take and the trainer hands it one of them."""
 
-    `__call__` gets the log-probs of one micro-batch's scored tokens (flat, row by row) and returns that
-    micro-batch's share of the global loss (already normalised by the global batch) and metric sums;
-    `finish` turns the sums, reduced over the data-parallel group, into metrics. A loss that needs whole
-    distributions (logit distillation) has `from_hidden(hidden, lm_head_weight, batch, targets)` instead, and
-    the trainer hands it the scored tokens' final hidden states."""
+    LOGPROBS = "logprobs"  # __call__(logp, entropy, batch): the scored tokens' log-probs (and entropies)
+    # weighted_terms(batch, device) -> (token weights [N], per_token(logp, ent, a, b), to_sums): the aggregation
+    # known before the forward, so a one-pass fused kernel forms the gradient in the forward
+    WEIGHTED_TERMS = "weighted_terms"
+    HIDDEN = "hidden"  # from_hidden(hidden, lm_head_weight, batch, targets): whole distributions (logit distillation)
+
+
+class TokenLoss(Protocol):
+    """A loss the trainer applies per micro-batch: SFT's NLL, GRPO's objective and distillation go through one door.
+
+    `inputs` declares what the loss takes (LossInput, any order); `choose_loss_input` picks the one a trainer
+    uses. The loss returns that micro-batch's share of the global loss (already normalised by the global batch)
+    and metric sums; `finish` turns the sums, reduced over the data-parallel group, into metrics."""
 
     temperature: float
     wants_entropy: bool
+
+    @property
+    def inputs(self) -> "tuple[LossInput, ...]": ...
 
     def __call__(self, logp: "torch.Tensor", entropy: "torch.Tensor | None", batch: "TokenBatch"): ...
     def finish(self, sums: dict[str, float]) -> dict[str, float]: ...
 
 
+def choose_loss_input(loss: TokenLoss, supported: "frozenset[LossInput]", one_pass: bool, backend: str) -> LossInput:
+    """The input a trainer hands `loss`: whole distributions when that is all the loss takes, the one-pass weighted
+    terms when asked for (parallel.torch.fused_linear=one_pass) and the loss can take them, log-probs otherwise."""
+    takes = set(loss.inputs)
+    if LossInput.HIDDEN in takes and LossInput.LOGPROBS not in takes:
+        if LossInput.HIDDEN not in supported:
+            from r1cli.errors import R1Error
+
+            raise R1Error(f"{type(loss).__name__} needs whole output distributions (hidden states), which "
+                          f"parallel.backend={backend} does not hand to a loss; use parallel.backend=torch")
+        return LossInput.HIDDEN
+    if one_pass and LossInput.WEIGHTED_TERMS in takes and LossInput.WEIGHTED_TERMS in supported:
+        return LossInput.WEIGHTED_TERMS
+    return LossInput.LOGPROBS
+
+
 class TrainerBackend(Protocol):
-    parallel: ParallelContext
     tokenizer: Any
+
+    @property
+    def parallel(self) -> ParallelContext: ...
+    @property
+    def device(self) -> "torch.device": ...  # where this rank computes (a frozen teacher goes there too)
+    @property
+    def model_parallel(self) -> bool: ...  # one model split over ranks (TP / PP); replicas see the same rows
+    @property
+    def loss_inputs(self) -> "frozenset[LossInput]": ...  # what it can hand a loss (choose_loss_input)
+
+    @property
+    def generation_model(self) -> Any:
+        """The live policy module a colocated transformers engine may generate with, or None when this rank
+        holds no whole copy (sharded or model-parallel): the engine then keeps its own, refreshed through
+        named_weights()."""
 
     def logprobs(self, batch: "TokenBatch", which: str = "policy", temperature: float = 1.0) -> "torch.Tensor":
         """[B, C] log-probs of each row's scored tokens under the policy or the reference (0 past a row's end)."""
@@ -115,6 +166,21 @@ class TrainerBackend(Protocol):
     def save(self, directory: Path, extra: dict) -> None: ...
     def load(self, directory: Path) -> dict: ...
     def export_hf(self, directory: Path) -> None: ...
+
+
+def engine_factory(*, reports_logprobs: bool):
+    """Marks a registered engine factory with what its engines can do, readable before one is built:
+    reports_logprobs - the engine returns its own per-token log-probs (what TIS and the mismatch metric need)."""
+
+    def deco(fn):
+        fn.reports_logprobs = reports_logprobs
+        return fn
+
+    return deco
+
+
+def engine_reports_logprobs(name: str) -> bool:
+    return bool(getattr(ENGINES.get(pick_engine(name), "rollout.engine"), "reports_logprobs", False))
 
 
 class RolloutEngine(Protocol):
@@ -221,5 +287,7 @@ def build_engine(model: "ModelConfig", rollout: "RolloutConfig", trainer: Traine
     return TimedEngine(engine, name, rollout.timeout_s)
 
 
-__all__ = ["SamplingParams", "Completion", "ParallelContext", "TokenLoss", "TrainerBackend", "RolloutEngine",
-           "TimedEngine", "TRAINERS", "ENGINES", "LAYOUTS", "CONVERTERS", "build_trainer", "build_engine", "build_parallel", "pick_engine"]
+__all__ = ["SamplingParams", "Completion", "ParallelContext", "LossInput", "TokenLoss", "choose_loss_input",
+           "TrainerBackend", "RolloutEngine", "TimedEngine", "TRAINERS", "ENGINES", "LAYOUTS", "CONVERTERS",
+           "build_trainer", "build_engine", "build_parallel", "pick_engine", "engine_factory",
+           "engine_reports_logprobs"]

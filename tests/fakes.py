@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from r1cli.backends.parallel import init_parallel
-from r1cli.interfaces import ENGINES, TRAINERS, Completion, SamplingParams
+from r1cli.interfaces import ENGINES, TRAINERS, Completion, LossInput, SamplingParams, engine_factory
 from r1cli.rewards import REWARDS
 
 PAD, EOS, VOCAB = 128, 129, 130
@@ -46,8 +46,13 @@ def initial_logits() -> torch.Tensor:
 class FakeTrainer:
     """TrainerBackend: SGD on a unigram logit vector; gradients summed over the data-parallel group."""
 
+    model_parallel = False
+    loss_inputs = frozenset({LossInput.LOGPROBS})
+    generation_model = None  # the engine below keeps its own copy, refreshed through named_weights()
+
     def __init__(self, model, train, optim, parallel, need_reference: bool = False):
-        self.parallel = init_parallel(torch.device("cpu"), parallel.tensor_parallel, parallel.pipeline_parallel)
+        self.device = torch.device("cpu")
+        self.parallel = init_parallel(self.device, parallel.tensor_parallel, parallel.pipeline_parallel)
         self.tokenizer = FakeTokenizer()
         self.theta = initial_logits()
         self.reference = self.theta.clone() if need_reference else None
@@ -170,6 +175,7 @@ class FakeEngine:
         pass
 
 
+@engine_factory(reports_logprobs=True)
 def create_engine(model, rollout, trainer=None):
     """With FAKE_PROMPTS_DIR set, each rank appends the prompts it is asked for to a file there."""
     rank = trainer.parallel.rank if trainer is not None else 0

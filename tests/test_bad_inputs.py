@@ -1,8 +1,8 @@
 """Everyday mistakes give one line naming the key or file and what is wrong, with a non-zero exit."""
 
 import pytest
-
 from conftest import run_r1
+
 from r1cli.config import load_config
 from r1cli.errors import R1Error
 

@@ -4,8 +4,8 @@ model with a reflecting second pass, and clear errors."""
 import json
 
 import pytest
-
 from conftest import run_r1
+
 from r1cli.coldstart.loop import Generator, build_coldstart_data
 from r1cli.coldstart.readable import few_shot_prompt, readable
 from r1cli.config import DataConfig, load_config
@@ -15,10 +15,14 @@ from r1cli.run.metrics import read_metrics
 
 
 @pytest.mark.parametrize("raw, want", [
-    ("<think> add units \n\n\n\nthen tens  </think>\n<answer> 42 </answer>", "<think>add units\n\nthen tens</think><answer>42</answer>"),
-    ("units first, 2+0=2, then 4\n<answer>42</answer>", "<think>units first, 2+0=2, then 4</think><answer>42</answer>"),
-    ("<think>so we get x = \\boxed{\\frac{1}{2}}", "<think>so we get x = \\boxed{\\frac{1}{2}}</think><answer>\\boxed{\\frac{1}{2}}</answer>"),
-    ("<think>4 tens and 2 units.\nFinal answer: 42.\n</think>", "<think>4 tens and 2 units.\nFinal answer: 42.</think><answer>42</answer>"),
+    ("<think> add units \n\n\n\nthen tens  </think>\n<answer> 42 </answer>",
+     "<think>add units\n\nthen tens</think><answer>42</answer>"),
+    ("units first, 2+0=2, then 4\n<answer>42</answer>",
+     "<think>units first, 2+0=2, then 4</think><answer>42</answer>"),
+    ("<think>so we get x = \\boxed{\\frac{1}{2}}",
+     "<think>so we get x = \\boxed{\\frac{1}{2}}</think><answer>\\boxed{\\frac{1}{2}}</answer>"),
+    ("<think>4 tens and 2 units.\nFinal answer: 42.\n</think>",
+     "<think>4 tens and 2 units.\nFinal answer: 42.</think><answer>42</answer>"),
     ("<think>I am not sure</think>", "<think>I am not sure</think><answer></answer>"),
     ("<think>a<think>b</think><answer>1</answer><answer>2</answer>", "<think>ab</think><answer>2</answer>"),
 ])

@@ -1,13 +1,13 @@
 import pytest
 
 from r1cli.config import DataConfig
-from r1cli.errors import R1Error
 from r1cli.data.records import read_records, write_jsonl
-from r1cli.rewards import RewardContext
-from r1cli.rewards.answers import arithmetic_reward, countdown_reward
 from r1cli.data.sft_examples import IGNORE, tokenize_conversation
 from r1cli.data.synth import generate, split_held_out
 from r1cli.data.templates import R1_ZERO_TEMPLATE, render_prompt
+from r1cli.errors import R1Error
+from r1cli.rewards import RewardContext
+from r1cli.rewards.answers import arithmetic_reward, countdown_reward
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):

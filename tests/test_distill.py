@@ -3,8 +3,8 @@ that pulls a student towards its teacher."""
 
 
 import pytest
-
 from conftest import run_r1
+
 from r1cli.config import load_config
 from r1cli.data.records import read_records
 from r1cli.distill.presets import STUDENTS, known_students
@@ -20,7 +20,7 @@ def test_the_papers_students_are_presets():
     for name in PRESETS:
         cfg = load_config(str(STUDENTS / f"{name}.yaml"))  # every key valid, every range kept
         assert cfg.distill.student == name and cfg.model.path.startswith("models/")
-        assert cfg.parallel.data_parallel == "fsdp" and cfg.model.gradient_checkpointing
+        assert cfg.parallel.torch.data_parallel == "fsdp" and cfg.model.gradient_checkpointing
         lrs[name] = cfg.optim.lr
     assert lrs["qwen-1.5b"] > lrs["qwen-7b"] > lrs["qwen-14b"] > lrs["qwen-32b"] and lrs["llama-8b"] > lrs["llama-70b"]
 

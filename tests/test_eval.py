@@ -5,8 +5,8 @@ import json
 import math
 
 import pytest
-
 from conftest import run_r1
+
 from r1cli.errors import R1Error
 from r1cli.eval.benchmarks import Problem, score_text
 from r1cli.eval.metrics import bootstrap_ci, majority_correct, pass_at_k, summarise

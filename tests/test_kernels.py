@@ -156,8 +156,11 @@ def test_fused_linear_logprobs_no_grad_path():
 def _vocab_parallel_worker(rank, world, port, impl, out_dir):
     import torch.distributed as dist
 
-    from r1cli.kernels.vocab_parallel import (vocab_parallel_fused_linear_grpo_loss,
-                                              vocab_parallel_fused_linear_grpo_objective, vocab_parallel_grpo_loss)
+    from r1cli.kernels.vocab_parallel import (
+        vocab_parallel_fused_linear_grpo_loss,
+        vocab_parallel_fused_linear_grpo_objective,
+        vocab_parallel_grpo_loss,
+    )
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)

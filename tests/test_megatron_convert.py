@@ -7,11 +7,12 @@ import sys
 
 import pytest
 import torch
+from conftest import FAMILY_SPECS, ROOT, build_family_model, run_r1
 from safetensors import safe_open
 
-from conftest import FAMILY_SPECS, ROOT, build_family_model, run_r1
 from r1cli.backends.megatron.convert import TensorFolder, hf_to_megatron, megatron_to_hf, rank_dir
 from r1cli.backends.megatron.families import padded_vocab
+
 
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
@@ -93,7 +94,8 @@ def test_megatron_core_logits_from_converted_weights_equal_transformers(family_m
     gate/up fusion, the vocabulary padding and the stage assignment all agree with megatron's own layers."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp}", "--standalone",
-           str(ROOT / "tests" / "megatron_logits.py"), str(family_models(name)), str(tmp_path / "meg"), str(tp), str(pp)]
+           str(ROOT / "tests" / "megatron_logits.py"), str(family_models(name)), str(tmp_path / "meg"), str(tp),
+           str(pp)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, assert_learns, build_family_model, run_r1, torchrun
 from safetensors.torch import load_file
 
-from conftest import ROOT, assert_learns, build_family_model, run_r1, torchrun
 from r1cli.run.metrics import read_metrics
 
 
@@ -50,7 +50,7 @@ def family(request, tmp_path_factory):
 
 
 LAYOUTS = {"tp1": (1, 1), "pp2": (1, 2),
-           "tp2-sp-recompute": (2, 1, "parallel.sequence_parallel=true", "model.gradient_checkpointing=true")}
+           "tp2-sp-recompute": (2, 1, "parallel.megatron.sequence_parallel=true", "model.gradient_checkpointing=true")}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -101,7 +101,8 @@ def test_a_checkpoint_saved_at_tp2_resumes_at_tp1(family, tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["parallel.tensor_parallel=3"], "4 attention heads are not divisible by tensor_parallel=3"),
     (["parallel.pipeline_parallel=2"], "1 processes are not divisible by tensor_parallel x pipeline_parallel = 2"),
-    (["parallel.sequence_parallel=true"], "parallel.sequence_parallel needs parallel.tensor_parallel > 1"),
+    (["parallel.megatron.sequence_parallel=true"],
+     "parallel.megatron.sequence_parallel needs parallel.tensor_parallel > 1"),
 ])
 def test_a_bad_layout_is_one_line(tiny_model, arith_data, tmp_path, extra, message):
     proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}",
@@ -147,7 +148,8 @@ def test_te_names_are_megatron_core_own_map_of_the_local_spec():
         for local, te in keys_map.items():
             expected = expected.replace("." + local, "." + te)
         assert te_name(name) == expected, name
-    assert te_name("decoder.layers.0.input_layernorm.weight") == "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"
+    assert (te_name("decoder.layers.0.input_layernorm.weight")
+            == "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight")
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT, run_r1
+
 from r1cli.run import checkpoint as ckpt
 from r1cli.run.metrics import read_metrics
 

@@ -5,15 +5,15 @@ switches for their effect on what reaches the trainer."""
 import json
 import math
 
+import fakes
 import pytest
 import torch
-
-import fakes
 from conftest import ROOT
+
 from r1cli.config import load_config
 from r1cli.data.records import write_jsonl
-from r1cli.run.metrics import read_metrics
 from r1cli.rl.loop import run_rl
+from r1cli.run.metrics import read_metrics
 from r1cli.sft.loop import run_sft
 
 

@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import torchrun
+
 from r1cli.config import load_config
 from r1cli.errors import R1Error
-from r1cli.run.metrics import read_metrics
 from r1cli.rl.loop import run_rl
+from r1cli.run.metrics import read_metrics
 
 
 def rl_config(cold_start, out, *extra):
@@ -66,7 +66,7 @@ def test_two_ranks_match_one(cold_start, tmp_path, dp):
             f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3", "grpo.prompts_per_step=4",
             "rollout.n=4", "rollout.prompts_per_generate=1", "logging.progress=false", "logging.tensorboard=false",
             "logging.sample_every=0", "checkpoint.export_hf=false", "train.micro_batch_size=4",
-            f"parallel.data_parallel={dp}"]
+            f"parallel.torch.data_parallel={dp}"]
     one = torchrun(1, *base, f"train.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun(2, *base, f"train.output_dir={tmp_path / 'two'}")
@@ -137,7 +137,7 @@ def test_triton_kernels_train_like_the_reference(cold_start, tmp_path, fused_lin
              f"grpo.loss_agg={loss_agg}"]
     run_rl(rl_config(cold_start, tmp_path / "torch", *small, "train.kernels=torch"))
     run_rl(rl_config(cold_start, tmp_path / "triton", *small, "train.kernels=triton",
-                     f"train.fused_linear={fused_linear}"))
+                     f"parallel.torch.fused_linear={fused_linear}"))
     for key in ("reward/total", "loss", "grad_norm", "kl", "entropy"):
         a, b = _curve(tmp_path / "torch", key), _curve(tmp_path / "triton", key)
         assert len(a) == len(b) == 2

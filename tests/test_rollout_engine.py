@@ -6,21 +6,21 @@ import subprocess
 import sys
 import time
 
+import fakes
 import pytest
 import torch
-
-import fakes
 from conftest import ROOT, run_r1
+from test_protocols import fake_config, prompts, registered  # noqa: F401  (fixtures)
+
 from r1cli.config import load_config
 from r1cli.errors import R1Error
 from r1cli.interfaces import pick_engine
 from r1cli.rl.loop import run_rl
-from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.rl.mismatch import tis_weights
+from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.run.deadline import Timeout, deadline
 from r1cli.run.metrics import read_metrics
 from r1cli.token_batch import TokenBatch
-from test_protocols import fake_config, prompts, registered  # noqa: F401  (fixtures)
 
 
 def test_a_stalled_engine_ends_the_run_with_a_message_naming_the_wait(prompts, tmp_path, monkeypatch):  # noqa: F811

@@ -8,8 +8,8 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
+
 from r1cli.config import FilterConfig, load_config
 from r1cli.errors import R1Error
 from r1cli.rewards import RewardContext

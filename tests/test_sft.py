@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_r1, torchrun
+
 from r1cli.config import load_config
 from r1cli.run.metrics import read_metrics
 from r1cli.sft.loop import run_sft
@@ -55,10 +55,10 @@ def test_packed_loss_equals_unpacked(tiny_model):
     """Packing samples into one row (positions restart) gives each sample the loss it has alone."""
     from r1cli.backends.torch_trainer import HiddenLoss
     from r1cli.config import DataConfig, ModelConfig
-    from r1cli.kernels import fused_linear_logprobs
-    from r1cli.models.loading import load_model, load_tokenizer
     from r1cli.data.sft_examples import pack_examples, to_token_batch, tokenize_rows
     from r1cli.data.synth import generate
+    from r1cli.kernels import fused_linear_logprobs
+    from r1cli.models.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))
     model = load_model(ModelConfig(path=str(tiny_model)), torch.device("cpu")).eval()
@@ -94,7 +94,7 @@ def test_two_process_data_parallel_matches_one_process(tiny_model, arith_data, t
     one = run_r1(*args, f"train.output_dir={tmp_path / 'one'}", "train.micro_batch_size=4", "train.grad_accum=2")
     assert one.returncode == 0, one.stderr
     two = torchrun(2, *args, f"train.output_dir={tmp_path / 'two'}", "train.micro_batch_size=4",
-                   "train.grad_accum=1", f"parallel.data_parallel={dp}")
+                   "train.grad_accum=1", f"parallel.torch.data_parallel={dp}")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
     assert len(a) == len(b) == 6

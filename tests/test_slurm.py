@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
+
 from r1cli.run.metrics import read_metrics
 
 pytestmark = pytest.mark.slow

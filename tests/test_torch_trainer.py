@@ -1,8 +1,8 @@
 """The torch backend's contract beyond the loops: fp32 master weights, data-parallel only."""
 
 import torch
-
 from conftest import run_r1
+
 from r1cli.config import load_config
 from r1cli.interfaces import build_trainer
 from r1cli.models.loading import compute_dtype, param_dtype

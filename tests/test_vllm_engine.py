@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT, assert_learns, make_cold_start, run_r1, torchrun
+
 from r1cli.run.metrics import read_metrics
 
 pytestmark = pytest.mark.vllm
@@ -41,7 +41,7 @@ from r1cli.sft.loss import NLLLoss
 from r1cli.token_batch import TokenBatch
 
 cfg = load_config("configs/tiny/zero.yaml", [f"model.path={sys.argv[1]}", "optim.lr=0.05",
-                  "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "rollout.weight_bucket_mb=1"])
+                  "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", "rollout.vllm.weight_bucket_mb=1"])
 trainer = build_trainer(cfg)
 vllm = build_engine(cfg.model, cfg.rollout, trainer)
 hf = build_engine(cfg.model, replace(cfg.rollout, engine="hf"), trainer)  # samples with the trainer's module
@@ -69,8 +69,8 @@ print("RESULT " + json.dumps(out))
 
 
 def test_vllm_greedy_equals_transformers_before_and_after_a_weight_update(cold_start):
-    proc = subprocess.run([sys.executable, "-c", SYNC, str(cold_start / "sft" / "hf")], capture_output=True, text=True, cwd=ROOT,
-                          timeout=900)
+    proc = subprocess.run([sys.executable, "-c", SYNC, str(cold_start / "sft" / "hf")], capture_output=True, text=True,
+                          cwd=ROOT, timeout=900)
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and line, proc.stderr[-4000:]
     out = json.loads(line[0][len("RESULT "):])
@@ -86,7 +86,7 @@ def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_s
     out = tmp_path / "run"
     proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
                   f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3",
-                  "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "rollout.tis_cap=2",
+                  "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", "rollout.tis_cap=2",
                   f"train.output_dir={out}", "logging.progress=false", "logging.tensorboard=false", timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "step" in m]
@@ -111,7 +111,7 @@ def test_a_stalled_vllm_engine_ends_the_run_with_the_timeout_message(cold_start,
     proc = subprocess.run(
         [sys.executable, "-c", STALL, "rl", "--config", "configs/tiny/zero.yaml",
          f"model.path={cold_start / 'sft' / 'hf'}", f"data.train={cold_start / 'train.jsonl'}", "data.eval=",
-         "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", "rollout.timeout_s=5",
+         "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", "rollout.timeout_s=5",
          f"train.output_dir={tmp_path / 'run'}", "logging.progress=false"],
         capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert proc.returncode != 0
@@ -124,7 +124,7 @@ def test_tiny_rl_with_vllm_learns(cold_start, tmp_path):
     out = tmp_path / "run"
     proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
                   f"data.train={cold_start / 'train.jsonl'}", f"data.eval={cold_start / 'eval.jsonl'}",
-                  "rollout.engine=vllm", "rollout.kv_cache_gb=0.25", f"train.output_dir={out}",
+                  "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", f"train.output_dir={out}",
                   "logging.progress=false", "logging.tensorboard=false", timeout=3600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_learns(out)
@@ -134,7 +134,7 @@ def test_r1_sample_keeps_verified_vllm_samples(cold_start, tmp_path):
     out = tmp_path / "kept.jsonl"
     proc = run_r1("sample", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
                   f"data.train={cold_start / 'eval.jsonl'}", "data.max_samples=40", "rollout.engine=vllm",
-                  "rollout.kv_cache_gb=0.25", "rollout.n=4", f"sample.out={out}", "logging.progress=false",
+                  "rollout.vllm.kv_cache_gb=0.25", "rollout.n=4", f"sample.out={out}", "logging.progress=false",
                   timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
@@ -160,12 +160,12 @@ def test_two_ranks_with_engine_data_or_tensor_parallelism_equal_one_rank(cold_st
     each keeps its own. Prompts carry their own seeds, so both runs sample what one process samples."""
     args = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
             f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3", "rollout.engine=vllm",
-            "rollout.kv_cache_gb=0.25", "logging.progress=false", "logging.tensorboard=false",
+            "rollout.vllm.kv_cache_gb=0.25", "logging.progress=false", "logging.tensorboard=false",
             "checkpoint.export_hf=false"]
     proc = run_r1(*args, f"train.output_dir={tmp_path / 'one'}", timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, tp in (("dp", 1), ("tp", 2)):
-        proc = torchrun(2, *args, f"rollout.tensor_parallel={tp}", f"train.output_dir={tmp_path / name}")
+        proc = torchrun(2, *args, f"rollout.vllm.tensor_parallel={tp}", f"train.output_dir={tmp_path / name}")
         assert proc.returncode == 0, proc.stderr[-3000:]
     keys = ("reward/total", "response_len/mean", "loss")
     curve = lambda d: [[m[k] for k in keys] for m in read_metrics(tmp_path / d / "metrics.jsonl") if "loss" in m]  # noqa

@@ -27,8 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from r1cli.errors import R1Error
 from r1cli.backends.megatron.families import MEGATRON, Shape, check_layout, padded_vocab
+from r1cli.errors import R1Error
 
 LAYOUT_FILE = "megatron.json"
 HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",

@@ -2,7 +2,8 @@
 distributed optimizer and distributed checkpoints, behind the same door as the torch backend.
 
     parallel.backend: megatron      parallel.tensor_parallel / pipeline_parallel (DP = world / (TP x PP))
-    parallel.sequence_parallel      parallel.distributed_optimizer      model.gradient_checkpointing (full recompute)
+    parallel.megatron.sequence_parallel  parallel.megatron.distributed_optimizer
+    model.gradient_checkpointing (full recompute)
 
 The model is built from the HF config of model.path (or a `r1 convert hf-to-megatron` folder) and each rank
 reads only its own shard. Losses run on the last pipeline stage from the final hidden states and this TP rank's
@@ -25,17 +26,34 @@ import torch.distributed as dist
 
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
+from r1cli.interfaces import LossInput, choose_loss_input
+from r1cli.kernels import pick_impl
 from r1cli.lr_schedule import lr_factor
 from r1cli.models.loading import load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
 from ..parallel import DistributedContext, start_process_group
-from .convert import LAYOUT_FILE, TensorFolder, copy_hf_side_files, hf_tensors_from, publish, rank_state, \
-    read_hf_config, staging_for, write_hf_shards
+from .convert import (
+    LAYOUT_FILE,
+    TensorFolder,
+    copy_hf_side_files,
+    hf_tensors_from,
+    publish,
+    rank_state,
+    read_hf_config,
+    staging_for,
+    write_hf_shards,
+)
 from .families import Shape, check_layout, padded_vocab, te_name
-from .model import build_gpt_model, check_fp8, follow_position_ids, import_megatron, load_converted, \
-    output_hidden_states
+from .model import (
+    build_gpt_model,
+    check_fp8,
+    follow_position_ids,
+    import_megatron,
+    load_converted,
+    output_hidden_states,
+)
 
 
 def sample_mask(pos: torch.Tensor) -> torch.Tensor:
@@ -84,6 +102,7 @@ def _keep_torch_adam_step(optimizer) -> None:
 
 class MegatronTrainer:
     model_parallel = True
+    loss_inputs = frozenset({LossInput.LOGPROBS})  # the loss runs on vocabulary shards: no whole distributions
 
     def __init__(self, model: ModelConfig, train: TrainConfig, optim: OptimConfig, parallel: ParallelConfig,
                  need_reference: bool = False):
@@ -92,8 +111,8 @@ class MegatronTrainer:
         self.hf_cfg, self.hf_folder, layout = _source(model.path)
         self.shape = Shape.from_hf(self.hf_cfg)
         check_layout(self.shape, tp, pp, int(os.environ.get("WORLD_SIZE", "1")))
-        if parallel.sequence_parallel and tp == 1:
-            raise R1Error("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+        if parallel.megatron.sequence_parallel and tp == 1:
+            raise R1Error("parallel.megatron.sequence_parallel needs parallel.tensor_parallel > 1")
         if layout is not None and (layout["tensor_parallel"], layout["pipeline_parallel"]) != (tp, pp):
             raise R1Error(f"{model.path} was converted for tensor_parallel={layout['tensor_parallel']} x "
                           f"pipeline_parallel={layout['pipeline_parallel']}, not {tp} x {pp}: convert the HF folder "
@@ -114,14 +133,16 @@ class MegatronTrainer:
         torch.manual_seed(train.seed)
         mrandom.model_parallel_cuda_manual_seed(train.seed)
         self.tokenizer = load_tokenizer(str(self.hf_folder))
-        self.dtype = torch.bfloat16 if device.type == "cuda" and model.dtype in ("auto", "bfloat16") else \
-            {"float16": torch.float16}.get(model.dtype, torch.float32)
+        # bf16 parameters under megatron's mixed-precision optimizer (fp32 main weights and Adam state): on CUDA
+        # under auto, on any device under bf16-mixed
+        bf16 = model.dtype == "bf16-mixed" or (device.type == "cuda" and model.dtype in ("auto", "bfloat16"))
+        self.dtype = torch.bfloat16 if bf16 else {"float16": torch.float16}.get(model.dtype, torch.float32)
         self.vocab_shard = padded_vocab(self.shape.vocab, tp) // tp
         self.vocab_start = self.parallel.tp_rank * self.vocab_shard
         self.model = self._build(layout)
         self.wrapped, self.optimizer = self._wrap(self.model)
         self.reference = self._build(layout).eval().requires_grad_(False) if need_reference else None
-        self.impl = "triton" if device.type == "cuda" and train.kernels != "torch" else "torch"
+        self.impl = pick_impl(train.kernels, self.device)
         self._shapes = self._piece_shapes()
         self.steps_done = 0
 
@@ -143,7 +164,7 @@ class MegatronTrainer:
     def _build(self, layout):
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
-                                sequence_parallel=self.parallel_cfg.sequence_parallel,
+                                sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
                                 recompute=m.gradient_checkpointing, fp8=self.fp8)
         if layout is not None:
             load_converted(model, Path(m.path), rename=self._name)
@@ -165,11 +186,14 @@ class MegatronTrainer:
         return te_name(name) if self.fp8 else name
 
     def _wrap(self, model):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, \
-            finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        o, dist_opt = self.optim_cfg, self.parallel_cfg.distributed_optimizer
+        o, dist_opt = self.optim_cfg, self.parallel_cfg.megatron.distributed_optimizer
         ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, overlap_grad_reduce=False), model)
         model.config.finalize_model_grads_func = finalize_model_grads
@@ -182,7 +206,8 @@ class MegatronTrainer:
 
     def _piece_shapes(self) -> list[dict[str, tuple]]:
         """For each pipeline stage, its local tensors' (shape, dtype): what a broadcast from that stage sends."""
-        mine = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        mine = {k: (tuple(v.shape), v.dtype) for k, v in self.model.state_dict().items()
+                if not k.endswith("_extra_state")}
         if self.parallel.pp_size == 1:
             return [mine]
         out = [None] * self.parallel.pp_size
@@ -200,7 +225,7 @@ class MegatronTrainer:
     def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
         mbs = self._micro_batch_size(batch)
         width = max(len(r) for r in batch.input_ids)
-        if self.parallel_cfg.sequence_parallel:
+        if self.parallel_cfg.megatron.sequence_parallel:
             width = -(-width // self.parallel.tp_size) * self.parallel.tp_size
         out = []
         for s in range(0, len(batch), mbs):
@@ -280,9 +305,7 @@ class MegatronTrainer:
         return out
 
     def train_step(self, batch: TokenBatch, loss) -> dict:
-        if hasattr(loss, "from_hidden"):
-            raise R1Error("logit distillation (a loss over whole distributions) is not supported by "
-                          "parallel.backend=megatron yet; use parallel.backend=torch")
+        choose_loss_input(loss, self.loss_inputs, False, "megatron")  # log-probs, or a one-line refusal
         self.wrapped.train()
         self.wrapped.zero_grad_buffer()
         self.optimizer.zero_grad()

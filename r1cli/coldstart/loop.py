@@ -12,11 +12,11 @@ The data goes through r1cli.sample.store: a killed run restarted continues exact
 
 from __future__ import annotations
 
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
-from r1cli.config import Config
 from r1cli.coldstart.readable import draft_before_answer, few_shot_prompt, readable
+from r1cli.config import Config
 from r1cli.data.records import read_records
 from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
@@ -25,6 +25,7 @@ from r1cli.rewards import RewardContext, score
 from r1cli.run.harness import check_run_dir
 from r1cli.sample.filters import pick, rejection
 from r1cli.sample.store import ResumableOutput
+from r1cli.seeds import batch_seed, second_pass_seed
 
 
 class Generator:
@@ -61,9 +62,10 @@ class Generator:
         if not c.reflect:
             return out
         # the second pass: each draft's reasoning, a request to verify it, and the generator goes on from there
-        drafts = [(p, draft_before_answer(text) + c.reflect_prompt) for p, group in zip(texts, out) for text, _ in group]
+        drafts = [(p, draft_before_answer(text) + c.reflect_prompt)
+                  for p, group in zip(texts, out) for text, _ in group]
         again = self.engine.generate([encode(p + draft[len(d.prefill):]) for p, draft in drafts],
-                                     replace(params, n=1, seed=seed + 7919))
+                                     replace(params, n=1, seed=second_pass_seed(seed)))
         flat = [(draft + g[0].text, len(encode(draft)) + len(g[0].completion_ids)) for (_, draft), g in
                 zip(drafts, again)]
         return [flat[k * params.n: (k + 1) * params.n] for k in range(len(batch))]
@@ -83,7 +85,7 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
     with store:
         for batch in store.pending(len(rows), c.prompts_per_batch):
             if generator:
-                groups = generator.candidates(rows, batch, seed=cfg.train.seed * 1_000_003 + batch[0])
+                groups = generator.candidates(rows, batch, seed=batch_seed(cfg.train.seed, batch[0]))
             else:
                 groups = [[(t := str(rows[i][d.response_field]), len(tokenizer(t, add_special_tokens=False)
                                                                         ["input_ids"]))] for i in batch]

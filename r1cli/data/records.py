@@ -9,7 +9,6 @@ from typing import Iterable
 
 from r1cli.errors import R1Error
 
-
 MAX_LINE_BYTES = 64 << 20  # data.max_line_mb's default: one JSONL line is read whole into memory
 
 
@@ -62,8 +61,9 @@ def _read_folder(folder: Path, max_samples: int, max_line_bytes: int) -> Records
 
 
 def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE_BYTES) -> Records:
-    """All rows of a local JSONL or Parquet file (or of every such file in a folder); a malformed line names file and line. JSONL lines are read
-    one at a time, at most max_line_bytes each: one enormous line is an error, not an exhausted memory."""
+    """All rows of a local JSONL or Parquet file (or of every such file in a folder); a malformed line names file
+    and line. JSONL lines are read one at a time, at most max_line_bytes each: one enormous line is an error, not
+    an exhausted memory."""
     if not path:
         raise R1Error("no data file given (set data.train)")
     p = Path(path)

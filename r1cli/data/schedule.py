@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from r1cli.seeds import epoch_seed
+
 
 class RowSchedule:
     """Which rows each step reads: an endless stream of seeded per-epoch shuffles.
@@ -20,7 +22,7 @@ class RowSchedule:
         if epoch not in self._perms:
             order = list(range(self.n))
             if self.shuffle:
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                random.Random(epoch_seed(self.seed, epoch)).shuffle(order)
             self._perms = {epoch: order}  # one epoch at a time is enough
         return self._perms[epoch]
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from r1cli.config import DataConfig
-from r1cli.errors import R1Error
 from r1cli.data.templates import render_turns, row_messages
+from r1cli.errors import R1Error
 from r1cli.token_batch import IGNORE, TokenBatch
-
 
 
 @dataclass

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from r1cli.config import Config, DistillConfig
 from r1cli.errors import R1Error
+from r1cli.interfaces import LossInput
 
 
 def load_teacher(cfg: Config, trainer):
@@ -28,6 +29,7 @@ class DistillLoss:
 
     temperature = 1.0
     wants_entropy = False
+    inputs = (LossInput.HIDDEN,)
 
     def __init__(self, teacher, num_tokens: float, cfg: DistillConfig, pad_id: int):
         self.teacher, self.cfg, self.pad_id = teacher, cfg, pad_id
@@ -51,7 +53,7 @@ class DistillLoss:
         return loss, {"kl": float(kl), "nll": float(nll)}
 
     def __call__(self, logp, entropy, batch):
-        raise RuntimeError("DistillLoss needs the hidden states: the trainer calls from_hidden")
+        raise RuntimeError("DistillLoss takes hidden states (inputs = HIDDEN): the trainer calls from_hidden")
 
     def finish(self, sums: dict[str, float]) -> dict[str, float]:
         d, n = self.cfg, self.num_tokens

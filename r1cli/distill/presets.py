@@ -69,8 +69,9 @@ def plan(cfg: Config, world_size: int) -> str:
         ("data", f"{cfg.data.train or '(none: give --data)'}; template {cfg.data.template}, sequences of "
                  f"{cfg.data.max_seq_len} tokens{', packed' if cfg.data.pack else ''}"),
         ("teacher", teacher),
-        ("backend", f"{p.backend}, {p.data_parallel} data parallel; TP {p.tensor_parallel} x PP "
-                    f"{p.pipeline_parallel} x DP {dp} on {world_size} rank{'s' if world_size > 1 else ''} (WORLD_SIZE)"),
+        ("backend", f"{p.backend}, {p.torch.data_parallel if p.backend == 'torch' else 'megatron'} data parallel; "
+                    f"TP {p.tensor_parallel} x PP {p.pipeline_parallel} x DP {dp} on "
+                    f"{world_size} rank{'s' if world_size > 1 else ''} (WORLD_SIZE)"),
         ("batch", f"micro {t.micro_batch_size} x accumulation {t.grad_accum} x DP {dp} = "
                   f"{t.micro_batch_size * t.grad_accum * dp} rows per step"),
         ("optimizer", f"AdamW lr {o.lr:g}, {o.schedule} schedule to {o.min_lr_ratio:g}x, warmup {o.warmup_steps}, "

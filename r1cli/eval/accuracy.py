@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from r1cli.config import Config, DataConfig
-from r1cli.data.records import read_records
 from r1cli.data.prompts import encode_prompts
+from r1cli.data.records import read_records
 from r1cli.interfaces import RolloutEngine, SamplingParams, build_engine
 from r1cli.rewards import RewardContext, score
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from r1cli.config import DataConfig, ModelConfig, RolloutConfig
+from r1cli.config import Config, DataConfig, ModelConfig, RolloutConfig
 from r1cli.data.records import read_records, write_jsonl
 from r1cli.data.templates import render_prompt
 from r1cli.errors import R1Error
@@ -21,6 +21,7 @@ from r1cli.eval.metrics import summarise
 from r1cli.rewards import RewardContext
 from r1cli.run.checkpoint import write_text_atomic
 from r1cli.run.metrics import console, read_metrics
+from r1cli.seeds import batch_seed
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,16 @@ class EvalRequest:
     seed: int = 0
     code_workers: int = 0  # sandbox pool size; 0: twice the cores
     engine: str = "hf"  # a registered rollout engine
+    rollout: RolloutConfig | None = None  # the engine settings (rollout.vllm, prompts_per_generate, timeouts)
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "EvalRequest":
+        b = cfg.benchmark
+        return cls(tuple(b.benchmarks), b.out, model=cfg.model.path, completions=b.completions,
+                   data_dir=b.data_dir, samples=b.samples, temperature=b.temperature, top_p=b.top_p,
+                   max_new_tokens=b.max_new_tokens, template=cfg.data.template, prefill=cfg.data.prefill,
+                   limit=b.limit, seed=b.seed, code_workers=b.code_workers, engine=cfg.rollout.engine,
+                   rollout=cfg.rollout)
 
 
 def _load(req: EvalRequest) -> dict[str, list[Problem]]:
@@ -94,6 +105,8 @@ def run_eval(req: EvalRequest) -> dict:
     from r1cli.interfaces import ENGINES
 
     ENGINES.check(req.engine, "--engine")
+    if not req.benchmarks:
+        raise R1Error("name the benchmarks: --benchmarks aime24,math500 (or benchmark.benchmarks=[...])")
     if bool(req.model) == bool(req.completions):
         raise R1Error("give --model (to generate) or --completions FILE (to score existing completions)")
     from r1cli.interfaces import build_parallel
@@ -149,8 +162,8 @@ def _engine(req: EvalRequest):
     from r1cli.interfaces import build_engine
     from r1cli.models.loading import load_tokenizer
 
-    rollout = RolloutConfig(engine=req.engine, n=req.samples, temperature=req.temperature, top_p=req.top_p,
-                            max_new_tokens=req.max_new_tokens, stop=[], prompts_per_generate=8)
+    rollout = replace(req.rollout or RolloutConfig(), engine=req.engine, n=req.samples, temperature=req.temperature,
+                      top_p=req.top_p, max_new_tokens=req.max_new_tokens, stop=[])
     return build_engine(ModelConfig(path=req.model), rollout), load_tokenizer(req.model)
 
 
@@ -162,7 +175,7 @@ def _generate(engine, tokenizer, problems: list[Problem], req: EvalRequest, firs
     prompts = [render_prompt(tokenizer, p.prompt, plain if p.kind == "humaneval" else data) for p in problems]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]
     params = SamplingParams(n=req.samples, temperature=req.temperature, top_p=req.top_p,
-                            max_tokens=req.max_new_tokens, seed=req.seed * 1_000_003 + first)
+                            max_tokens=req.max_new_tokens, seed=batch_seed(req.seed, first))
     return [[c.text for c in group] for group in engine.generate(ids, params)]
 
 

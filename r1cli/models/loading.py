@@ -33,13 +33,14 @@ def resolve_device(name: str) -> torch.device:
 def param_dtype(name: str) -> torch.dtype:
     """The dtype parameters (and so AdamW's state) are kept in. `auto` is fp32 everywhere: in bf16 an AdamW update
     below 2^-8 of a weight rounds away (at lr 3e-6 most of them would); compute goes bf16 through autocast."""
-    return {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+    return {"auto": torch.float32, "bf16-mixed": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
             "float16": torch.float16}[name]
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for none: `auto` computes in bf16 on CUDA over fp32 master weights."""
-    return torch.bfloat16 if name == "auto" and device.type == "cuda" else None
+    """The autocast dtype, or None for none: bf16 over fp32 master weights under `bf16-mixed` on any device, and
+    under `auto` on CUDA (so the GPU path's mixed precision also runs, and is tested, on a CPU)."""
+    return torch.bfloat16 if name == "bf16-mixed" or (name == "auto" and device.type == "cuda") else None
 
 
 def autocast(name: str, device: torch.device):

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import yaml
 
-from r1cli.errors import R1Error
 from r1cli.data.synth import generate
 from r1cli.data.templates import R1_ZERO_TEMPLATE
+from r1cli.errors import R1Error
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Reasoning tags are whole tokens (as in Qwen's and DeepSeek's vocabularies) so a tiny

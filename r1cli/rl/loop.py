@@ -11,24 +11,33 @@ from __future__ import annotations
 
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
-from r1cli.config import Config
+from r1cli.config import Config, GRPOConfig
+from r1cli.data.prompts import encode_prompts, fit_prompts
 from r1cli.data.records import read_records
 from r1cli.data.schedule import RowSchedule
 from r1cli.errors import R1Error
 from r1cli.eval.accuracy import held_out_evaluator
-from r1cli.data.prompts import encode_prompts, fit_prompts
-from r1cli.interfaces import SamplingParams, build_engine, build_trainer, pick_engine
+from r1cli.interfaces import (
+    Completion,
+    SamplingParams,
+    build_engine,
+    build_trainer,
+    engine_reports_logprobs,
+    pick_engine,
+)
 from r1cli.models.loading import context_length
-from r1cli.rewards import REWARDS, RewardContext, score
+from r1cli.rewards import REWARDS, RewardContext, Scores, score
 from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
 from r1cli.rl.mismatch import engine_logprobs, mismatch_sums, tis_weights
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
+from r1cli.seeds import minibatch_seed, sample_seed
 from r1cli.token_batch import TokenBatch
 
 
@@ -40,12 +49,12 @@ def validate(cfg: Config) -> None:
     if getattr(ADVANTAGES.get(g.advantage), "divides_by_std", False) and g.adv_eps <= 0:
         raise R1Error(f"grpo.adv_eps=0 with grpo.advantage={g.advantage}: a group whose rewards are all equal "
                       "divides 0 by 0 (NaN advantages); use a small positive grpo.adv_eps such as 1e-6")
-    if cfg.train.fused_linear == "one_pass" and g.ratio_level != "token":
-        raise R1Error("train.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence needs "
-                      "train.fused_linear=recompute")
-    if r.tis_cap and pick_engine(r.engine) == "hf":
-        raise R1Error("rollout.tis_cap corrects for an engine that samples from other kernels than the trainer's "
-                      "(vllm); the hf engine samples with the trainer's own model and reports no log-probs")
+    if cfg.parallel.torch.fused_linear == "one_pass" and g.ratio_level != "token":
+        raise R1Error("parallel.torch.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence "
+                      "needs parallel.torch.fused_linear=recompute")
+    if r.tis_cap and not engine_reports_logprobs(r.engine):
+        raise R1Error(f"rollout.tis_cap corrects for an engine that samples from other kernels than the trainer's "
+                      f"(vllm); the {pick_engine(r.engine)} engine reports no log-probs of its own")
 
 
 def validate_layout(cfg: Config, dp_size: int) -> None:
@@ -59,18 +68,13 @@ def validate_layout(cfg: Config, dp_size: int) -> None:
                       f"and be a multiple of the {dp_size} data-parallel ranks")
 
 
-def sample_seed(seed: int, step: int, position: int) -> int:
-    """A seed per (step, prompt position in the global batch): sharding does not change the samples."""
-    return (seed * 1_000_003 + step) * 100_003 + position
-
-
 def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     validate(cfg)  # before reading data or loading a model
     check_run_dir(cfg.train.output_dir, resume, overwrite)
     rows = read_records(cfg.data.train, cfg.data.max_samples, cfg.data.max_line_mb << 20)
     if any(getattr(REWARDS.get(name), "needs_answer", False) for name in cfg.rewards.weights):
         rows.require(cfg.data.answer_field, "data.answer_field")  # else every sample would silently score 0
-    g, t, n = cfg.grpo, cfg.train, cfg.rollout.n
+    g, t = cfg.grpo, cfg.train
     objective = GRPOObjective.from_config(g, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
     trainer = build_trainer(cfg, need_reference=g.beta > 0)
     p = trainer.parallel
@@ -92,61 +96,16 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             engine.load_weights(trainer.named_weights())
         bad_streak = 0
         last: dict = {}
-        per_rank = g.prompts_per_step // p.dp_size
         for step in range(harness.start, t.steps):
-            # 1. this data-parallel rank's prompts (the same on every TP/PP rank of its replica), G samples each
-            idx = schedule.rows_for_step(step)
-            first = p.dp_rank * per_rank
-            positions = range(first, first + per_rank)
-            my_rows = [rows[idx[q]] for q in positions]
-            t0 = time.perf_counter()
-            groups = engine.generate([prompts[idx[q]] for q in positions],
-                                     SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(t.seed, step, first)))
-            t_rollout = time.perf_counter() - t0
+            rollout = generate(engine, rows, prompts, schedule, step, cfg, p)  # 1. G samples per prompt
             engine.sleep()  # the trainer's turn (vLLM on GPU frees its KV cache; the next generate wakes it)
-            samples = [c for grp in groups for c in grp]
-            sample_rows = [r for r in my_rows for _ in range(n)]
-
-            # 2. rewards (a failing checker is that sample's 0)
-            scores = score([c.text for c in samples], sample_rows, cfg.rewards.weights, ctx)
-            rewards = torch.tensor(scores.total, dtype=torch.float32)
-            lengths = torch.tensor([len(c.completion_ids) for c in samples])
-            truncated = torch.tensor([c.truncated for c in samples], dtype=torch.bool)
-            rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer,
-                                                 g.overlong_penalty)
-            batch = TokenBatch.from_completions([c.prompt_ids for c in samples], [c.completion_ids for c in samples])
-
-            # 3. log-probs under the sampling policy and the reference
+            scored = score_samples(rollout, cfg, ctx)  # 2. rewards (a failing checker is that sample's 0)
+            batch = TokenBatch.from_completions([c.prompt_ids for c in rollout.samples],
+                                                [c.completion_ids for c in rollout.samples])
             t1 = time.perf_counter()
-            completion_mask = batch.scored_mask()
-            batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
-            if g.beta > 0:
-                batch.fields["ref_logp"] = trainer.logprobs(batch, "reference", objective.temperature)
-            if g.beta > 0 and g.kl_in_reward:
-                kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator)
-                          * completion_mask).sum(-1)
-                rewards = rewards - g.beta * kl_seq
-            # the engine's own log-probs of its samples: how far off-policy the rollout was
-            engine_logp = engine_logprobs([c.logprobs for c in samples], completion_mask.shape[1])
-            mismatch = None if engine_logp is None else mismatch_sums(batch.fields["old_logp"], engine_logp,
-                                                                       completion_mask)
-
-            # 4. group-relative advantages; groups without signal and truncated samples leave the loss
-            advantages = group_advantages(rewards, n, g.advantage, g.adv_eps)
-            flat_groups = equal_reward_groups(rewards, n)
-            weight = torch.ones(len(samples))
-            if g.drop_equal_groups:
-                weight = weight * (~flat_groups).repeat_interleave(n).float()
-            if g.overlong_filter:
-                weight = weight * (~truncated).float()
-            token_adv, tis = advantages, None
-            if cfg.rollout.tis_cap and engine_logp is not None:  # truncated importance sampling, per token
-                tis = tis_weights(batch.fields["old_logp"], engine_logp, completion_mask, cfg.rollout.tis_cap)
-                token_adv = advantages.unsqueeze(-1) * tis
-            batch.fields.update(advantages=token_adv, loss_weight=weight, mask=completion_mask * weight.unsqueeze(-1))
-
-            # 5. mu passes of mini-batch optimizer steps
-            train_out = optimize(trainer, batch, objective, cfg, step)
+            behaviour = add_logprobs(trainer, batch, rollout, scored, objective, g)  # 3. old / reference log-probs
+            shaped = add_advantages(batch, scored, behaviour, cfg)  # 4. advantages and loss weights
+            train_out = optimize(trainer, batch, objective, cfg, step)  # 5. mu passes of mini-batch steps
             t_train = time.perf_counter() - t1
             engine.load_weights(trainer.named_weights())
             if g.ref_update_every and (step + 1) % g.ref_update_every == 0:
@@ -158,17 +117,114 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 raise R1Error(f"stopping at step {step + 1}: {bad_streak} steps in a row had a non-finite loss or "
                               "gradient (lower optim.lr, check data); the last good checkpoint is in "
                               f"{harness.run_dir}")
-            last = _step_metrics(p, scores, rewards, lengths, truncated, advantages, flat_groups, train_out,
-                                 t_rollout, t_train, cfg)
-            last.update(_mismatch_metrics(p, mismatch, tis, completion_mask, cfg.rollout.tis_cap))
+            last = _step_metrics(p, scored, shaped, train_out, rollout.seconds, t_train, cfg)
+            last.update(_mismatch_metrics(p, behaviour.mismatch, shaped.tis, batch.scored_mask(),
+                                          cfg.rollout.tis_cap))
             if p.is_main:
                 if step == harness.start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
-                    _print_samples(samples, sample_rows, scores, cfg, step + 1)
+                    _print_samples(rollout.samples, rollout.rows, scored.scores, cfg, step + 1)
                 if last["reward/max"] <= 0:
-                    _warn_zero_rewards(scores, samples, step + 1)
+                    _warn_zero_rewards(scored.scores, rollout.samples, step + 1)
             if harness.step_done(step + 1, last):
                 return harness.stopped(last)
         return harness.finish(last)
+
+
+# ---------------------------------------------------------------- the stages of one step, in order
+
+
+@dataclass
+class Rollout:
+    """1. This data-parallel rank's prompts of the step (the same on every TP/PP rank of its replica), G samples
+    each, sample k of prompt q at k + q * G."""
+
+    rows: list[dict]  # the data row of each sample
+    samples: list[Completion]
+    seconds: float  # generating them
+
+
+@dataclass
+class Scored:
+    """2. Rule rewards of each sample."""
+
+    scores: Scores  # per reward component, with failures
+    rewards: torch.Tensor  # [S] weighted total, with the overlong penalty (and the KL penalty with kl_in_reward)
+    lengths: torch.Tensor  # [S] completion tokens
+    truncated: torch.Tensor  # [S] bool: hit max_new_tokens
+
+
+@dataclass
+class Behaviour:
+    """3. What the engine's own log-probs say about how far off-policy the samples were (None without them)."""
+
+    engine_logp: torch.Tensor | None  # [S, C]
+    mismatch: dict | None  # sums for rollout/mismatch_kl
+
+
+@dataclass
+class Shaped:
+    """4. Group-relative advantages and which samples take part in the loss."""
+
+    advantages: torch.Tensor  # [S] one per sample
+    flat_groups: torch.Tensor  # [S / G] bool: every reward of the group equal (no signal)
+    tis: torch.Tensor | None  # [S, C] truncated importance weights (rollout.tis_cap)
+
+
+def generate(engine, rows, prompts, schedule: RowSchedule, step: int, cfg: Config, p) -> Rollout:
+    per_rank = cfg.grpo.prompts_per_step // p.dp_size
+    idx = schedule.rows_for_step(step)
+    positions = range(p.dp_rank * per_rank, (p.dp_rank + 1) * per_rank)
+    t0 = time.perf_counter()
+    params = SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(cfg.train.seed, step, positions[0]))
+    groups = engine.generate([prompts[idx[q]] for q in positions], params)
+    seconds = time.perf_counter() - t0
+    return Rollout([rows[idx[q]] for q in positions for _ in range(cfg.rollout.n)],
+                   [c for grp in groups for c in grp], seconds)
+
+
+def score_samples(rollout: Rollout, cfg: Config, ctx: RewardContext) -> Scored:
+    g = cfg.grpo
+    scores = score([c.text for c in rollout.samples], rollout.rows, cfg.rewards.weights, ctx)
+    lengths = torch.tensor([len(c.completion_ids) for c in rollout.samples])
+    rewards = torch.tensor(scores.total, dtype=torch.float32)
+    rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer, g.overlong_penalty)
+    return Scored(scores, rewards, lengths, torch.tensor([c.truncated for c in rollout.samples], dtype=torch.bool))
+
+
+def add_logprobs(trainer, batch: TokenBatch, rollout: Rollout, scored: Scored, objective: GRPOObjective,
+                 g: GRPOConfig) -> Behaviour:
+    """batch.fields old_logp (and ref_logp with a KL term) [S, C]; with grpo.kl_in_reward the sequence KL leaves
+    the rewards instead."""
+    mask = batch.scored_mask()
+    batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
+    if g.beta > 0:
+        batch.fields["ref_logp"] = trainer.logprobs(batch, "reference", objective.temperature)
+    if g.beta > 0 and g.kl_in_reward:
+        kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator) * mask).sum(-1)
+        scored.rewards = scored.rewards - g.beta * kl_seq
+    engine_logp = engine_logprobs([c.logprobs for c in rollout.samples], mask.shape[1])
+    mismatch = None if engine_logp is None else mismatch_sums(batch.fields["old_logp"], engine_logp, mask)
+    return Behaviour(engine_logp, mismatch)
+
+
+def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg: Config) -> Shaped:
+    """batch.fields advantages ([S], or [S, C] with TIS), loss_weight [S] and mask [S, C]: what GRPOLoss reads.
+    Groups without signal (grpo.drop_equal_groups) and truncated samples (grpo.overlong_filter) weigh 0."""
+    g, n = cfg.grpo, cfg.rollout.n
+    mask = batch.scored_mask()
+    advantages = group_advantages(scored.rewards, n, g.advantage, g.adv_eps)
+    flat_groups = equal_reward_groups(scored.rewards, n)
+    weight = torch.ones(len(batch))
+    if g.drop_equal_groups:
+        weight = weight * (~flat_groups).repeat_interleave(n).float()
+    if g.overlong_filter:
+        weight = weight * (~scored.truncated).float()
+    token_adv, tis = advantages, None
+    if cfg.rollout.tis_cap and behaviour.engine_logp is not None:  # truncated importance sampling, per token
+        tis = tis_weights(batch.fields["old_logp"], behaviour.engine_logp, mask, cfg.rollout.tis_cap)
+        token_adv = advantages.unsqueeze(-1) * tis
+    batch.fields.update(advantages=token_adv, loss_weight=weight, mask=mask * weight.unsqueeze(-1))
+    return Shaped(advantages, flat_groups, tis)
 
 
 def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, step: int) -> dict:
@@ -176,7 +232,7 @@ def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, 
     g, p = cfg.grpo, trainer.parallel
     n_local = len(batch)
     mini_local = (g.mini_batch_size // p.dp_size) if g.mini_batch_size else n_local
-    rng = random.Random(cfg.train.seed * 7919 + step)
+    rng = random.Random(minibatch_seed(cfg.train.seed, step))
     weight, mask = batch.fields["loss_weight"], batch.fields["mask"]
     acc: dict[str, float] = {}
     steps = 0
@@ -198,16 +254,16 @@ def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, 
     return out
 
 
-def _step_metrics(parallel, scores, rewards, lengths, truncated, advantages, flat_groups, train_out,
-                  t_rollout, t_train, cfg) -> dict:
+def _step_metrics(parallel, scored: Scored, shaped: Shaped, train_out: dict, t_rollout: float, t_train: float,
+                  cfg: Config) -> dict:
     local = {
-        "rewards": rewards.tolist(),
-        "components": scores.components,
-        "failures": scores.failures,
-        "lengths": lengths.tolist(),
-        "truncated": truncated.tolist(),
-        "adv": advantages.tolist(),
-        "flat": flat_groups.tolist(),
+        "rewards": scored.rewards.tolist(),
+        "components": scored.scores.components,
+        "failures": scored.scores.failures,
+        "lengths": scored.lengths.tolist(),
+        "truncated": scored.truncated.tolist(),
+        "adv": shaped.advantages.tolist(),
+        "flat": shaped.flat_groups.tolist(),
     }
     parts = parallel.all_gather(local)
     cat = lambda k: [x for p in parts for x in p[k]]  # noqa: E731

@@ -13,18 +13,17 @@ from dataclasses import dataclass
 import torch
 
 from r1cli.config import GRPOConfig
-from r1cli.rl.losses import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS, aggregate, aggregation_weights, \
-    clipped_surrogate, kl_penalty
-
-
-@dataclass
-class TokenRecord:
-    """Per-token by-products of a loss call, for metrics (all detached)."""
-
-    logp: torch.Tensor
-    kl: torch.Tensor
-    clipped: torch.Tensor
-    entropy: torch.Tensor | None
+from r1cli.interfaces import LossInput
+from r1cli.kernels.records import TokenRecord
+from r1cli.rl.losses import (
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    RATIO_LEVELS,
+    aggregate,
+    aggregation_weights,
+    clipped_surrogate,
+    kl_penalty,
+)
 
 
 @dataclass(frozen=True)
@@ -123,14 +122,22 @@ class GRPOLoss:
     """
 
     wants_entropy = True  # measured for the logs even without an entropy bonus
+    # the batch fields it reads (r1cli.rl.loop.add_logprobs / add_advantages write them); ref_logp only with a KL term
+    reads = ("old_logp", "advantages", "mask")
 
     def __init__(self, objective: GRPOObjective, num_seqs: float, num_tokens: float):
         self.objective, self.num_seqs, self.num_tokens = objective, num_seqs, num_tokens
         self.temperature = objective.temperature
+        # sequence-level ratios need whole rows: no per-token weights known before the forward
+        self.inputs = (LossInput.LOGPROBS, LossInput.WEIGHTED_TERMS) if objective.elementwise else (LossInput.LOGPROBS,)
 
     def _flat(self, batch, device):
         """The rows' fields as flat vectors over their scored tokens, on `device`."""
         f = batch.fields
+        missing = [k for k in self.reads if k not in f]
+        if missing:
+            raise KeyError(f"GRPOLoss reads batch fields {', '.join(self.reads)}; this batch lacks "
+                           f"{', '.join(missing)}")
         present = batch.scored_mask().bool()
         flat = lambda x: x[present].to(device)  # noqa: E731  grid [b, C] -> tokens [N]
         return present, dict(old=flat(f["old_logp"]), ref=None if "ref_logp" not in f else flat(f["ref_logp"]),
@@ -163,10 +170,8 @@ class GRPOLoss:
         return value, self._sums(value, rec, t["mask"])
 
     def weighted_terms(self, batch, device):
-        """(token weights [N], per-token loss of tokens a..b, sums) for a one-pass fused kernel, or None
-        when the objective is not elementwise."""
-        if not self.objective.elementwise:
-            return None
+        """(token weights [N], per-token loss of tokens a..b, sums) for a one-pass fused kernel (elementwise
+        objectives only: see `inputs`)."""
         present, t = self._flat(batch, device)
         w = self.objective.token_weights(batch.fields["mask"], self.num_seqs, self.num_tokens)
         per_token = self.objective.chunked(t["old"], t["ref"], t["adv"], t["mask"])

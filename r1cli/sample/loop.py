@@ -18,6 +18,7 @@ from r1cli.rewards import RewardContext, score
 from r1cli.sample.filters import pick, rejection
 from r1cli.sample.judge import AnswerJudge, needs_judge
 from r1cli.sample.store import ResumableOutput
+from r1cli.seeds import batch_seed
 
 
 def run_sample(cfg: Config, overwrite: bool = False) -> dict:
@@ -37,7 +38,7 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
     with store:
         for batch in store.pending(len(rows), s.prompts_per_batch):
             # a fixed seed per batch (its first prompt's position): a redone batch samples the same
-            params = SamplingParams.from_rollout(cfg.rollout, seed=cfg.train.seed * 1_000_003 + batch[0])
+            params = SamplingParams.from_rollout(cfg.rollout, seed=batch_seed(cfg.train.seed, batch[0]))
             groups = engine.generate([prompts[i] for i in batch], params)
             for i, group in zip(batch, groups):
                 row = rows[i]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from r1cli.interfaces import LossInput
+
 
 class NLLLoss:
     """Bound to the global batch's target count, so one process with grad_accum=2 and two processes with
@@ -9,6 +11,7 @@ class NLLLoss:
 
     temperature = 1.0
     wants_entropy = False
+    inputs = (LossInput.LOGPROBS, LossInput.WEIGHTED_TERMS)
 
     def __init__(self, num_tokens: float):
         self.num_tokens = max(1.0, num_tokens)
@@ -22,7 +25,7 @@ class NLLLoss:
         """Every token weighs 1 / global tokens: the one-pass kernel applies."""
         import torch
 
-        from r1cli.rl.objective import TokenRecord
+        from r1cli.kernels.records import TokenRecord
 
         n = sum(batch.counts)
         zero = torch.zeros(n, device=device)
