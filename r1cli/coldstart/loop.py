@@ -23,7 +23,7 @@ from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, score
 from r1cli.run.harness import check_run_dir
-from r1cli.sample.filters import pick, rejection
+from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput
 from r1cli.seeds import batch_seed, second_pass_seed
 
@@ -93,16 +93,11 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
                 row = rows[i]
                 texts = [readable(t) for t, _ in group]
                 checkable = c.verify and row.get(d.answer_field) not in (None, "")
-                correct = score(texts, [row] * len(texts), {"accuracy": 1.0}, ctx).total if checkable else \
-                    [None] * len(texts)
-                why = [rejection(text, row, ctx, cfg.filters, n_tokens) for text, (_, n_tokens) in zip(texts, group)]
-                why = [w or ("wrong answer" if checkable and ok < 1.0 else None) or
-                       ("unverifiable" if not checkable and c.require_verified else None)
-                       for w, ok in zip(why, correct)]
-                chosen, reasons = pick(texts, why, c.keep_per_prompt)
-                kept = [{d.prompt_field: row[d.prompt_field], d.response_field: texts[j],
-                         d.answer_field: row.get(d.answer_field), d.task_field: row.get(d.task_field),
-                         "verified": "rule" if checkable else "none", "sample": j} for j in chosen]
+                verdicts = [v >= 1.0 for v in score(texts, [row] * len(texts), {"accuracy": 1.0}, ctx).total] \
+                    if checkable else [None] * len(texts)
+                kept, reasons = keep_candidates(row, texts, [n for _, n in group], verdicts,
+                                                "rule" if checkable else "none", d, cfg.filters, ctx,
+                                                c.keep_per_prompt, require_verified=c.require_verified)
                 store.add(i, row.get(d.task_field) or "math", kept, len(texts), reasons)
             store.batch_done()
     return store.finish("r1 coldstart")
@@ -120,5 +115,5 @@ def run_coldstart(cfg: Config, resume: bool = False, overwrite: bool = False, da
         raise R1Error(f"r1 coldstart: no sample survived the filters (see {cfg.coldstart.out}.stats.json)")
     from r1cli.sft.loop import run_sft
 
-    return {"data": stats, **run_sft(replace(cfg, data=replace(cfg.data, train=cfg.coldstart.out)), resume=resume,
-                                     overwrite=overwrite)}
+    data = replace(cfg.data, train=cfg.coldstart.out, prompt_field="prompt", response_field="response")  # ROW_KEYS
+    return {"data": stats, **run_sft(replace(cfg, data=data), resume=resume, overwrite=overwrite)}

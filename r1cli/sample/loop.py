@@ -15,8 +15,8 @@ from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, score
-from r1cli.sample.filters import pick, rejection
 from r1cli.sample.judge import AnswerJudge, needs_judge
+from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput
 from r1cli.seeds import batch_seed
 
@@ -48,12 +48,10 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
                 else:
                     how, correct = "rule", [v >= 1.0 for v in score(texts, [row] * len(texts), {"accuracy": 1.0},
                                                                     ctx).total]
-                wrong = "wrong answer" if how == "rule" else "judged wrong"
-                why = [rejection(text, row, ctx, cfg.filters, len(c.completion_ids)) if ok else wrong
-                       for c, text, ok in zip(group, texts, correct)]
-                chosen, reasons = pick(texts, why, s.keep_per_prompt)
-                kept = [{"prompt": row[d.prompt_field], "response": texts[j], "answer": row.get(d.answer_field),
-                         "task": row.get(d.task_field), "verified": how, "sample": j} for j in chosen]
+                kept, reasons = keep_candidates(row, texts, [len(c.completion_ids) for c in group],
+                                                [bool(ok) for ok in correct], how, d, cfg.filters, ctx,
+                                                s.keep_per_prompt,
+                                                wrong="wrong answer" if how == "rule" else "judged wrong")
                 store.add(i, row.get(d.task_field) or "math", kept, len(texts), reasons)
             store.batch_done()
     return store.finish("r1 sample")
