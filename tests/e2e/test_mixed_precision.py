@@ -6,8 +6,9 @@ from conftest import run_r1
 
 from r1cli.run.metrics import read_metrics
 
-# measured on the tiny model, 20 SFT steps at lr 3e-3: per-step loss within 1.3% (torch) and 0.6% (megatron) of fp32
-TOLERANCE = 0.04
+# measured on the tiny model, 20 SFT steps at lr 3e-3 (Xeon, 2026-12-01): the per-step loss was within 0.01% (torch)
+# and 0.06% (megatron) of fp32's; 1% leaves room for other CPUs' bf16 kernels
+TOLERANCE = 0.01
 
 
 def _losses(tiny_model, train, out, *extra):
