@@ -1,5 +1,5 @@
 """One SFT step, then one GRPO step, through a trainer backend at a given layout; rank 0 writes the losses, the
-log-probs before each step and the updated weights (as HF tensors) for tests/test_megatron_trainer.py.
+log-probs before each step and the updated weights (as HF tensors) for tests/e2e/test_megatron_trainer.py.
 
     [torchrun --nproc_per_node N] tests/megatron_step.py HF_FOLDER OUT BACKEND TP PP [key=value ...]
         [--save DIR]  checkpoint after the SFT step      [--load DIR]  load that checkpoint instead of the SFT step

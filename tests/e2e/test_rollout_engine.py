@@ -1,6 +1,6 @@
 """What every rollout engine gets from the seams, checked without vLLM: time limits on every wait, the
 engine/trainer log-prob mismatch metric, truncated importance sampling, `rollout.engine: auto`, and the
-one-line errors. tests/test_vllm_engine.py runs the real vLLM engine (its own environment, `-m vllm`)."""
+one-line errors. tests/e2e/test_vllm_engine.py runs the real vLLM engine (its own environment, `-m vllm`)."""
 
 import subprocess
 import sys

@@ -1,7 +1,7 @@
 """The SLURM batch scripts under a real one-node slurmctld + slurmd (Debian's slurm-wlm), started here with a
 generated slurm.conf. Opt-in (`-m slow`): it needs root, `apt-get install slurm-wlm` and free ports.
 
-    python -m pytest -m slow tests/test_slurm.py
+    python -m pytest -m slow tests/e2e/test_slurm.py
 """
 
 import os
