@@ -28,6 +28,8 @@ from pathlib import Path
 
 from r1cli.config import CONFIG_DIR, Config, apply_layer, apply_overrides, checked, load_config, read_yaml
 from r1cli.errors import R1Error
+from r1cli.interfaces import build_parallel
+from r1cli.models.loading import resolve_device
 from r1cli.run import checkpoint as ckpt
 from r1cli.run.checkpoint import write_text_atomic
 from r1cli.run.metrics import console, read_metrics
@@ -218,23 +220,32 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
     configs = stage_configs(p, rest)
     base = load_config(None, [o for o in rest if ":" not in o.split("=", 1)[0]],
                        layers=[p.base, {"train": {"seed": p.seed}}])
-    if p.prepare == "tiny":
+    # under torchrun every rank runs every stage; the pipeline's own files are written by rank 0 alone, and the
+    # ranks meet before each decision that reads them
+    par = build_parallel(resolve_device(base.train.device).type)
+    if p.prepare == "tiny" and par.is_main:
         prepare_tiny(base, p.seed)
     root = Path(p.output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    par.barrier()
     results = []
     base_acc = root / "base.json"
     if base.data.eval and not base_acc.is_file():  # the starting point, for the table at the end
         from r1cli.eval.accuracy import model_accuracy
 
-        write_text_atomic(base_acc, json.dumps(model_accuracy(base)))
+        accuracy = model_accuracy(base)  # a collective over the data-parallel ranks
+        if par.is_main:
+            write_text_atomic(base_acc, json.dumps(accuracy))
+        par.barrier()
     for st, cfg in zip(p.stages, configs):
         marker = Path(cfg.train.output_dir) / "stage.json"
         if marker.is_file():
-            console.print(f"[bold]{st.name}[/] ({st.command}): done earlier, skipped")
+            if par.is_main:
+                console.print(f"[bold]{st.name}[/] ({st.command}): done earlier, skipped")
             results.append(json.loads(marker.read_text()))
             continue
-        console.print(f"[bold]{st.name}[/] ({st.command}) -> {cfg.train.output_dir}")
+        if par.is_main:
+            console.print(f"[bold]{st.name}[/] ({st.command}) -> {cfg.train.output_dir}")
         t0 = time.perf_counter()
         flags = {} if st.command == "sample" else _resume_flags(cfg)
         result = RUNNERS[st.command](cfg, **flags) or {}
@@ -250,9 +261,12 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
         if st.command in MAKES_DATA:
             section, key = MAKES_DATA[st.command]
             out["made_data"] = getattr(getattr(cfg, section), key)
-        write_text_atomic(marker, json.dumps(out, indent=1))
+        if par.is_main:
+            write_text_atomic(marker, json.dumps(out, indent=1))
+        par.barrier()
         results.append(out)
-    _summary(p, results, base_acc)
+    if par.is_main:
+        _summary(p, results, base_acc)
     return results
 
 
