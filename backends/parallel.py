@@ -10,8 +10,11 @@ gloo on CPU, NCCL on GPU; one process without torchrun needs no process group.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
-from dataclasses import dataclass
+import sys
+import weakref
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +33,10 @@ class DistributedContext:
     dp_group: Any = None  # None: the default group (or no group in one process)
     tp_group: Any = None
     pp_group: Any = None
+    mp_group: Any = None  # the ranks of this model replica (its TP x PP ranks); None: a replica of one rank
+    # where the groups' collectives read tensors: the rank's GPU under NCCL (which serves CUDA tensors only), the
+    # CPU under gloo
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def dp_size(self) -> int:
@@ -56,13 +63,19 @@ class DistributedContext:
         return self.world_size > 1 and dist.is_initialized()
 
     # ------------------------------------------------------------------ collectives
-    def all_reduce_sum(self, value: float | torch.Tensor, device: torch.device | None = None) -> float:
+    def on_group_device(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` where this context's collectives can read it (every tensor r1 hands a collective goes through
+        here; R1_CHECK_COLLECTIVES=1 asserts it)."""
+        t = t.to(self.device)
+        _PLACED.add(t)
+        return t
+
+    def all_reduce_sum(self, value: float | torch.Tensor) -> float:
         """Sum over the data-parallel group (float64 so that counts stay exact)."""
-        t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(float(value),
-                                                                                       dtype=torch.float64)
-        if device is not None:
-            t = t.to(device)
+        t = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else \
+            torch.tensor(float(value), dtype=torch.float64)
         if self.distributed and self.dp_size > 1:
+            t = self.on_group_device(t.clone())
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return float(t)
 
@@ -74,9 +87,62 @@ class DistributedContext:
         dist.all_gather_object(out, obj, group=self.dp_group)
         return out
 
+    @property
+    def is_replica_leader(self) -> bool:
+        """The replica's first rank (TP rank 0 of the first pipeline stage): the one that generates for it."""
+        return self.tp_rank == 0 and self.pp_rank == 0
+
+    def share_in_replica(self, obj):
+        """The replica leader's `obj` on every rank of its replica: what one rank generated, the others use, so
+        the TP / PP ranks of a replica never hold samples that differ (GPU sampling is not bit-reproducible) and
+        no prompt is generated TP x PP times."""
+        if self.mp_group is None or not self.distributed:
+            return obj
+        box = [obj if self.is_replica_leader else None]
+        dist.broadcast_object_list(box, src=min(dist.get_process_group_ranks(self.mp_group)), group=self.mp_group)
+        return box[0]
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+# Tensors placed for a collective by on_group_device. With R1_CHECK_COLLECTIVES=1 every tensor collective called
+# from r1's own code (not from megatron's or torch's) must hold one of them: on a CPU, where gloo takes any tensor,
+# this is what catches a collective that NCCL would refuse ("No backend type associated with device type cpu").
+_PLACED: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
+CHECKED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce")
+
+
+def _tensors(args, kwargs):
+    for a in [*args, *kwargs.values()]:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (x for x in a if isinstance(x, torch.Tensor))
+
+
+def check_collectives() -> None:
+    """Wrap torch.distributed's tensor collectives so that those r1 calls assert their tensors were placed on the
+    process group's device (idempotent)."""
+    for name in CHECKED:
+        fn = getattr(dist, name)
+        if getattr(fn, "_r1_checked", False):
+            continue
+
+        @functools.wraps(fn)
+        def checked(*args, _fn=fn, _name=name, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if caller.startswith("r1cli.") and not caller.startswith("r1cli.kernels"):
+                bad = [t for t in _tensors(args, kwargs) if t not in _PLACED]
+                if bad:
+                    raise RuntimeError(f"torch.distributed.{_name} from {caller} on a tensor that was not placed on "
+                                       f"the process group's device (DistributedContext.on_group_device): "
+                                       f"{tuple(bad[0].shape)} {bad[0].dtype} on {bad[0].device}")
+            return _fn(*args, **kwargs)
+
+        checked._r1_checked = True
+        setattr(dist, name, checked)
 
 
 def _close_process_group() -> None:
@@ -85,6 +151,11 @@ def _close_process_group() -> None:
     the run has finished."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def group_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device a process group started for `device` serves: this rank's GPU under NCCL, the CPU under gloo."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" else torch.device("cpu")
 
 
 def start_process_group(device: torch.device) -> None:
@@ -97,6 +168,8 @@ def start_process_group(device: torch.device) -> None:
                           MASTER_PORT=str(_free_port()))
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     atexit.register(_close_process_group)
+    if os.environ.get("R1_CHECK_COLLECTIVES") == "1":
+        check_collectives()
 
 
 def _free_port() -> int:
@@ -122,7 +195,8 @@ def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_paral
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local)
-    ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local, tensor_parallel, pipeline_parallel)
+    ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local, tensor_parallel, pipeline_parallel,
+                             device=group_device(device, local))
     if model_parallel == 1:
         return ctx  # data parallel only: the default group is the dp group
     tp, dp, pp = tensor_parallel, ctx.dp_size, pipeline_parallel
@@ -142,4 +216,8 @@ def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_paral
             g = dist.new_group([rank_of(t, d, p) for p in range(pp)])
             if (ctx.dp_rank, ctx.tp_rank) == (d, t):
                 ctx.pp_group = g
+    for d in range(dp):
+        g = dist.new_group([rank_of(t, d, p) for p in range(pp) for t in range(tp)])
+        if ctx.dp_rank == d:
+            ctx.mp_group = g
     return ctx

@@ -63,6 +63,14 @@ def buckets(weights: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, dtyp
         yield group
 
 
+def seeds_requests(policy: str, device: torch.device) -> bool:
+    """Whether each request carries its own seed. A seeded request takes vLLM's per-request-generator sampling
+    path (no FlashInfer sampling; one random launch per sequence per decode step - vLLM's own comment calls it
+    slow), so `auto` seeds only on the CPU, where the runs are bit-reproducible and sharding-invariant anyway; on a
+    GPU one engine-wide seed serves (its batched kernels are not bit-reproducible across batch shapes regardless)."""
+    return policy == "always" or (policy == "auto" and device.type != "cuda")
+
+
 def _reload(worker, weights) -> int:
     """Runs inside vLLM's worker (in this process): vLLM's own in-place reload, which also redoes any weight
     processing (packing, fusing) its kernels need."""
@@ -88,8 +96,10 @@ class VLLMEngine:
         self.llm, self.tok, self.cfg = llm, tokenizer, cfg
         self.dtype, self.device = dtype, device
         self.group = group  # engine TP group: its ranks generate together, each for its own trainer prompts
-        self.asleep = False
         self.can_sleep = device.type == "cuda" and cfg.vllm.sleep_level > 0
+        self.seeded = seeds_requests(cfg.vllm.seed_requests, device)
+        self.asleep: set[str] = set()  # what vLLM has released: "weights", "kv_cache"
+        self.weights_lost = False  # slept at level 2: the weights must be reloaded before the next generate
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """params.n completions per prompt, prompt i seeded from params.seed + i. The ranks of an engine TP group
@@ -97,7 +107,7 @@ class VLLMEngine:
         generate them all, and each keeps its own."""
         seeds = [params.seed + i for i in range(len(prompts))]
         if self.group is None:
-            return self._generate(prompts, seeds, params)
+            return self._generate(prompts, seeds, params) if prompts else []
         import torch.distributed as dist
 
         parts: list = [None] * dist.get_world_size(self.group)
@@ -117,7 +127,8 @@ class VLLMEngine:
         requests = [VSamplingParams(
             n=params.n, temperature=params.temperature, top_p=1.0 if greedy else params.top_p,
             top_k=0 if greedy or params.top_k == 0 else params.top_k, max_tokens=params.max_tokens,
-            stop=list(params.stop) or None, include_stop_str_in_output=True, seed=seed * params.n,
+            stop=list(params.stop) or None, include_stop_str_in_output=True,
+            seed=seed * params.n if self.seeded else None,
             logprobs=0 if params.logprobs else None, skip_special_tokens=True,
         ) for seed in seeds]
         step = self.cfg.prompts_per_generate or len(prompts)  # every request is seeded: chunks change no result
@@ -140,23 +151,40 @@ class VLLMEngine:
         return result
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Replace the weights in place: one reload over the trainer's tensors, pulled a bucket at a time."""
-        self.wake()
+        """Replace the weights in place: one reload over the trainer's tensors, pulled a bucket at a time. Asleep,
+        only the weights wake for it (the KV cache waits for the next generate): the trainer's optimizer state and
+        gradients are still live then."""
+        self._wake({"weights"})
         stream = (pair for bucket in buckets(weights, self.cfg.vllm.weight_bucket_mb << 20, self.dtype, self.device)
                   for pair in bucket)
         self.llm.collective_rpc(_reload, args=(stream,))
         self.llm.reset_prefix_cache()
+        self.weights_lost = False
 
     def sleep(self) -> None:
-        """Free the KV cache and offload the weights (GPU only; vLLM's CPU build has no sleep mode)."""
-        if self.can_sleep and not self.asleep:
+        """Free the KV cache and the weights while the trainer runs (GPU only; vLLM's CPU build has no sleep mode).
+        Level 2 (the default) discards the weights - the trainer's reload after its step replaces them anyway -
+        where level 1 copies them to host memory and back only to be overwritten."""
+        if self.can_sleep and self.asleep != {"weights", "kv_cache"}:
             self.llm.sleep(level=self.cfg.vllm.sleep_level)
-            self.asleep = True
+            self.asleep = {"weights", "kv_cache"}
+            self.weights_lost = self.cfg.vllm.sleep_level >= 2
 
     def wake(self) -> None:
-        if self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+        if self.weights_lost:
+            raise RuntimeError("the vLLM engine slept at rollout.vllm.sleep_level=2, which discards its weights: "
+                               "load_weights must come before it generates again")
+        self._wake({"weights", "kv_cache"})
+
+    def _wake(self, tags: set[str]) -> None:
+        todo = self.asleep & tags
+        if not todo:
+            return
+        # what the trainer's caching allocator holds but no longer uses goes back to the driver first: vLLM maps its
+        # memory again outside torch's allocator, and fails if the cache kept what its sleep had freed
+        torch.cuda.empty_cache()
+        self.llm.wake_up(tags=sorted(todo))
+        self.asleep -= todo
 
 
 def _check_cpu_head_size(path: str) -> None:

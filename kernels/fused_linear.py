@@ -49,6 +49,23 @@ def combine_stats(parts: list[tuple], group=None):
     return zt - lse, lse, lse - zs / s  # logp, lse, entropy
 
 
+def matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the vocabulary GEMMs run in: autocast's where it is on for this device (the trainer's mixed
+    precision), else the hidden states' own. Chosen once in the forward and kept for the backward, which runs
+    outside autocast: the recomputed logits then equal the forward's, so the softmax there matches the forward's
+    log-sum-exp (bf16 logits against an fp32 recomputation gave probabilities summing to 0.98-1.04)."""
+    dev = hidden.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+
+
+def _mm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out = a @ b, written in place when the dtypes allow it (torch.mm's `out` must match its inputs' dtype)."""
+    if out.dtype == a.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(a @ b)
+
+
 def _chunks(n: int, size: int):
     return [(a, min(n, a + size)) for a in range(0, n, size)]
 
@@ -59,15 +76,17 @@ class FusedLinearLogprobs(torch.autograd.Function):
                 vocab_start, use_triton):
         stats_fn, _ = _ops(use_triton)
         n, V = hidden.shape[0], weight.shape[0]
+        cd = matmul_dtype(hidden)
         logp = torch.empty(n, device=hidden.device, dtype=torch.float32)
         lse, ent = torch.empty_like(logp), torch.empty_like(logp)
-        for a, b in _chunks(n, chunk_tokens):
-            h, t = hidden[a:b], targets[a:b]
-            parts = [stats_fn(h @ weight[v0:v1].t(), t, vocab_start + v0, temperature, with_entropy)
-                     for v0, v1 in _chunks(V, chunk_vocab)]
-            logp[a:b], lse[a:b], ent[a:b] = combine_stats(parts, group)
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit, as in the backward
+            for a, b in _chunks(n, chunk_tokens):
+                h, t = hidden[a:b].to(cd), targets[a:b]
+                parts = [stats_fn(h @ weight[v0:v1].to(cd).t(), t, vocab_start + v0, temperature, with_entropy)
+                         for v0, v1 in _chunks(V, chunk_vocab)]
+                logp[a:b], lse[a:b], ent[a:b] = combine_stats(parts, group)
         ctx.save_for_backward(hidden, weight, targets, lse, ent)
-        ctx.cfg = (temperature, with_entropy, chunk_tokens, chunk_vocab, group, vocab_start, use_triton)
+        ctx.cfg = (temperature, with_entropy, chunk_tokens, chunk_vocab, group, vocab_start, use_triton, cd)
         if not with_entropy:
             ent = torch.zeros_like(ent)
         return logp, ent
@@ -75,7 +94,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         hidden, weight, targets, lse, ent = ctx.saved_tensors
-        temperature, with_entropy, chunk_tokens, chunk_vocab, group, vocab_start, use_triton = ctx.cfg
+        temperature, with_entropy, chunk_tokens, chunk_vocab, group, vocab_start, use_triton, cd = ctx.cfg
         _, grad_fn = _ops(use_triton)
         g_logp = torch.zeros_like(lse) if g_logp is None else g_logp.float()
         g_h = g_ent.float() if (with_entropy and g_ent is not None) else None
@@ -87,10 +106,10 @@ class FusedLinearLogprobs(torch.autograd.Function):
         token_chunks = _chunks(hidden.shape[0], chunk_tokens)
         accumulate = d_weight is not None and len(token_chunks) > 1
         for v0, v1 in _chunks(weight.shape[0], chunk_vocab):
-            w = weight[v0:v1]
+            w = weight[v0:v1].to(cd)  # the forward's GEMM dtype, for all three GEMMs
             dw = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if accumulate else None
             for a, b in token_chunks:
-                h, t = hidden[a:b], targets[a:b]
+                h, t = hidden[a:b].to(cd), targets[a:b]
                 z = h @ w.t()
                 dz = grad_fn(z, t, vocab_start + v0, lse[a:b], ent[a:b], g_logp[a:b],
                              None if g_h is None else g_h[a:b], temperature, out=z)  # in place
@@ -98,7 +117,7 @@ class FusedLinearLogprobs(torch.autograd.Function):
                 if accumulate:
                     dw += dz.t() @ h
                 elif d_weight is not None:
-                    torch.mm(dz.t(), h, out=d_weight[v0:v1])
+                    _mm_into(d_weight[v0:v1], dz.t(), h)
                 del z, dz  # else the next tile is allocated while this one is still alive: two tiles at peak
             if accumulate:
                 d_weight[v0:v1] = dw
@@ -162,6 +181,8 @@ class FusedLinearObjective(torch.autograd.Function):
         stats_fn, grad_fn = _ops(use_triton)
         chunks = _chunks(hidden.shape[0], chunk_tokens)
         want_dw = ctx.needs_input_grad[1]
+        cd = matmul_dtype(hidden)  # every GEMM below in autocast's dtype (or the inputs'), explicitly
+        wc = weight.to(cd)
         # under tensor parallelism d(hidden) is summed over ranks: in fp32, as the recompute path does
         d_hidden = torch.empty_like(hidden, dtype=torch.float32 if group is not None else hidden.dtype)
         d_weight = torch.empty_like(weight) if want_dw else None
@@ -169,29 +190,27 @@ class FusedLinearObjective(torch.autograd.Function):
             if want_dw and len(chunks) > 1 else None
         objective = torch.zeros((), device=hidden.device, dtype=torch.float32)
         recs = []
-        for a, b in chunks:
-            h, t = hidden[a:b], targets[a:b]
-            z = h @ weight.t()
-            logp, lse, ent = combine_stats([stats_fn(z, t, vocab_start, temperature, with_entropy)], group)
-            with torch.enable_grad():  # d(objective)/d(logp, entropy) on [chunk] vectors, by the loss's autograd
-                leaves = [logp.requires_grad_()] + ([ent.requires_grad_()] if with_entropy else [])
-                loss, rec = per_token_loss(logp, ent if with_entropy else None, a, b)
-                part = (loss * token_weights[a:b].float()).sum()
-                grads = torch.autograd.grad(part, leaves, allow_unused=True)
-            grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
-            objective += part.detach()
-            recs.append((loss.detach(), rec.logp, rec.kl, rec.clipped, ent.detach()))
-            dz = grad_fn(z, t, vocab_start, lse, ent.detach(), grads[0], grads[1] if with_entropy else None,
-                         temperature, out=z)  # in place
-            if d_hidden.dtype == dz.dtype:
-                torch.mm(dz, weight, out=d_hidden[a:b])
-            else:
-                d_hidden[a:b] = dz @ weight
-            if acc is not None:
-                acc += dz.t() @ h
-            elif want_dw:
-                torch.mm(dz.t(), h, out=d_weight)
-            del z, dz
+        with torch.autocast(hidden.device.type, enabled=False):  # the casts are explicit
+            for a, b in chunks:
+                h, t = hidden[a:b].to(cd), targets[a:b]
+                z = h @ wc.t()
+                logp, lse, ent = combine_stats([stats_fn(z, t, vocab_start, temperature, with_entropy)], group)
+                with torch.enable_grad():  # d(objective)/d(logp, entropy) on [chunk] vectors, by the loss's autograd
+                    leaves = [logp.requires_grad_()] + ([ent.requires_grad_()] if with_entropy else [])
+                    loss, rec = per_token_loss(logp, ent if with_entropy else None, a, b)
+                    part = (loss * token_weights[a:b].float()).sum()
+                    grads = torch.autograd.grad(part, leaves, allow_unused=True)
+                grads = [torch.zeros_like(x) if gr is None else gr for x, gr in zip(leaves, grads)]
+                objective += part.detach()
+                recs.append((loss.detach(), rec.logp, rec.kl, rec.clipped, ent.detach()))
+                dz = grad_fn(z, t, vocab_start, lse, ent.detach(), grads[0], grads[1] if with_entropy else None,
+                             temperature, out=z)  # in place
+                _mm_into(d_hidden[a:b], dz, wc)
+                if acc is not None:
+                    acc += dz.t() @ h
+                elif want_dw:
+                    _mm_into(d_weight, dz.t(), h)
+                del z, dz
         if acc is not None:
             d_weight.copy_(acc)
         if group is not None:  # each rank saw only its vocabulary shard

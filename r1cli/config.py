@@ -167,9 +167,14 @@ class VLLMEngineConfig:
     kv_cache_gb: float = bounded(0.0, 0.0)  # an explicit KV-cache size instead; 0: from gpu_memory_utilization
     tensor_parallel: int = bounded(1, 1)  # engine TP (may differ from the trainer's)
     weight_bucket_mb: int = bounded(512, 1)  # weights move to the engine this many MB at a time
-    sleep_level: int = bounded(1, 0, 2)  # GPU: 1 frees KV cache and offloads weights while training; 0: off
+    # GPU, while the trainer runs: 2 frees the KV cache and discards the weights (reloaded after each step anyway),
+    # 1 offloads the weights to host memory instead; 0: no sleep
+    sleep_level: int = bounded(2, 0, 2)
     max_model_len: int = bounded(0, 0)  # 0: the model's context length
     enforce_eager: bool = False  # GPU: no CUDA graphs (always eager on CPU)
+    # a seed per request (reproducible, sharding-invariant samples) costs vLLM its fast batched sampler on a GPU:
+    # auto seeds on the CPU only
+    seed_requests: Literal["auto", "always", "never"] = "auto"
 
 
 @dataclass
@@ -462,7 +467,9 @@ def _with_new_names(values: Any) -> Any:
                 *path, leaf = new.split(".")
                 node = out
                 for p in path:
-                    node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else node
+                    node = node.setdefault(p, {})
+                    if not isinstance(node, dict):
+                        raise R1Error(f"config section '{p}' must be a mapping, got {node!r}")
                 node[leaf] = value
     return out
 
@@ -522,9 +529,9 @@ def load_config(path: str | list[str] | None = None, overrides: list[str] | tupl
     """Defaults, then each YAML file in order (a later one wins), then `layers` (mappings), then overrides."""
     cfg = Config()
     for p in [path] if isinstance(path, (str, Path)) else list(path or []):
-        _apply(cfg, _with_new_names(read_yaml(p)))
+        apply_layer(cfg, read_yaml(p))
     for data in layers:
-        _apply(cfg, _with_new_names(data))
+        apply_layer(cfg, data)
     apply_overrides(cfg, overrides)
     return checked(cfg)
 

@@ -85,6 +85,9 @@ class ParallelContext(Protocol):
     def pp_size(self) -> int: ...
     @property
     def is_main(self) -> bool: ...  # global rank 0: writes shared files, prints
+    @property
+    def is_replica_leader(self) -> bool: ...  # the rank that generates for its model replica
+    def share_in_replica(self, obj: Any) -> Any: ...  # the replica leader's obj on every rank of the replica
     def all_reduce_sum(self, value: float) -> float: ...  # over the data-parallel group
     def all_gather(self, obj: Any) -> list: ...  # over the data-parallel group, in dp-rank order
     def barrier(self) -> None: ...  # every rank

@@ -14,6 +14,9 @@ import torch
 # variable is read when a kernel is defined, so it must be set before kernels import.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# every collective r1 calls in the tests' processes asserts that its tensor sits on the device the process group
+# serves (backends/parallel.py): on gloo the CPU takes any tensor, NCCL would refuse a CPU one
+os.environ.setdefault("R1_CHECK_COLLECTIVES", "1")
 
 from r1cli.data.records import write_jsonl
 from r1cli.data.synth import generate, split_held_out

@@ -33,7 +33,7 @@ from r1cli.models.loading import load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
-from ..parallel import DistributedContext, start_process_group
+from ..parallel import DistributedContext, group_device, start_process_group
 from .convert import (
     LAYOUT_FILE,
     TensorFolder,
@@ -65,6 +65,29 @@ def sample_mask(pos: torch.Tensor) -> torch.Tensor:
     same = sample[:, :, None] == sample[:, None, :]
     causal = torch.ones(pos.shape[1], pos.shape[1], dtype=torch.bool, device=pos.device).tril()
     return ~(same & causal)[:, None]
+
+
+# Transformer Engine's FP8 GEMMs assert that their token count is divisible by this (8 for some layouts, 16 for
+# others: 16 serves both)
+FP8_TOKEN_MULTIPLE = 16
+
+
+def row_width(longest: int, tp: int, sequence_parallel: bool, fp8: bool) -> int:
+    """The padded width of a micro-batch's rows: a multiple of TP under sequence parallelism (the sequence is split
+    over the TP ranks), and under FP8 one whose per-rank token count is a multiple of FP8_TOKEN_MULTIPLE whatever
+    the micro-batch size."""
+    split = tp if sequence_parallel else 1
+    step = split * FP8_TOKEN_MULTIPLE if fp8 else split
+    return -(-longest // step) * step
+
+
+def check_te_attention(te_spec: bool, packed: bool) -> None:
+    """Transformer Engine's attention runs causal with no mask (its documented rule: the mask must be None for a
+    causal mask type) and takes packed samples only as THD sequences with cumulative lengths (PackedSeqParams),
+    which this trainer does not build yet: packed rows there would attend across samples."""
+    if te_spec and packed:
+        raise R1Error("packed rows (data.pack=true) are not supported with the Transformer Engine layers "
+                      "(model.precision=fp8) yet: their attention would cross sample boundaries; set data.pack=false")
 
 
 def _source(path: str) -> tuple[dict, Path, dict | None]:
@@ -153,9 +176,12 @@ class MegatronTrainer:
         if ps.model_parallel_is_initialized():  # a second trainer in this process (tests, r1 pipeline)
             ps.destroy_model_parallel()
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), tp, pp,
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local, tp, pp,
                                  dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group(),
-                                 pp_group=ps.get_pipeline_model_parallel_group())
+                                 pp_group=ps.get_pipeline_model_parallel_group(),
+                                 mp_group=ps.get_model_parallel_group() if tp * pp > 1 else None,
+                                 device=group_device(device, local))
         assert (ctx.tp_rank, ctx.dp_rank, ctx.pp_rank) == (ps.get_tensor_model_parallel_rank(),
                                                             ps.get_data_parallel_rank(),
                                                             ps.get_pipeline_model_parallel_rank())
@@ -224,9 +250,9 @@ class MegatronTrainer:
 
     def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
         mbs = self._micro_batch_size(batch)
-        width = max(len(r) for r in batch.input_ids)
-        if self.parallel_cfg.megatron.sequence_parallel:
-            width = -(-width // self.parallel.tp_size) * self.parallel.tp_size
+        check_te_attention(self.fp8 is not None, batch.position_ids is not None)
+        width = row_width(max(len(r) for r in batch.input_ids), self.parallel.tp_size,
+                          self.parallel_cfg.megatron.sequence_parallel, self.fp8 is not None)
         out = []
         for s in range(0, len(batch), mbs):
             rows = list(range(s, min(len(batch), s + mbs)))
@@ -300,9 +326,10 @@ class MegatronTrainer:
                 grid = torch.zeros_like(sub)
                 grid[sub.bool()] = part["logp"]
                 out[rows, : grid.shape[1]] = grid
-        if self.parallel.pp_size > 1:
+        if self.parallel.pp_size > 1:  # from the last stage, on the device the group serves
+            out = self.parallel.on_group_device(out)
             dist.broadcast(out, src=self._last_stage_rank(), group=self.parallel.pp_group)
-        return out
+        return out.cpu()
 
     def train_step(self, batch: TokenBatch, loss) -> dict:
         choose_loss_input(loss, self.loss_inputs, False, "megatron")  # log-probs, or a one-line refusal
@@ -362,16 +389,15 @@ class MegatronTrainer:
             if cache.get("key") != (stage, name):
                 cache["key"], own = (stage, name), self._name(name)
                 shape, dtype = self._shapes[stage][own]
-                piece = local[own].detach() if stage == p.pp_rank else torch.empty(shape, dtype=dtype,
-                                                                                   device=self.device)
+                piece = local[own].detach() if stage == p.pp_rank else torch.empty(shape, dtype=dtype)
+                piece = p.on_group_device(piece.contiguous())
                 if p.pp_size > 1:
                     src = dist.get_process_group_ranks(p.pp_group)[stage]
-                    piece = piece.contiguous()
                     dist.broadcast(piece, src=src, group=p.pp_group)
                 pieces = [piece]
                 if p.tp_size > 1:
-                    pieces = [torch.empty_like(piece) for _ in range(p.tp_size)]
-                    dist.all_gather(pieces, piece.contiguous(), group=p.tp_group)
+                    pieces = [p.on_group_device(torch.empty_like(piece)) for _ in range(p.tp_size)]
+                    dist.all_gather(pieces, piece, group=p.tp_group)
                 cache["pieces"] = pieces
             return cache["pieces"][t]
 

@@ -50,7 +50,7 @@ class DistillLoss:
         loss, kl, nll = kernels.fused_linear_distill(hidden, weight, th, self.teacher.lm_head.weight, targets, weights,
                                                      alpha=d.kl_weight, direction=d.kl_direction,
                                                      temperature=d.temperature, chunk=d.chunk_tokens)
-        return loss, {"kl": float(kl), "nll": float(nll)}
+        return loss, {"kl": kl.detach().double(), "nll": nll.detach().double()}
 
     def __call__(self, logp, entropy, batch):
         raise RuntimeError("DistillLoss takes hidden states (inputs = HIDDEN): the trainer calls from_hidden")

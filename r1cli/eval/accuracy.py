@@ -10,9 +10,13 @@ from r1cli.rewards import RewardContext, score
 
 
 def answer_accuracy(engine: RolloutEngine, tokenizer, rows, data: DataConfig, params: SamplingParams,
-                    ctx: RewardContext) -> float:
-    """pass@1 as the mean correctness over params.n samples per prompt (greedy when temperature == 0)."""
-    groups = engine.generate(encode_prompts(tokenizer, rows, data), params)
+                    ctx: RewardContext, parallel=None) -> float:
+    """pass@1 as the mean correctness over params.n samples per prompt (greedy when temperature == 0); under
+    model parallelism the replica's leader generates and shares."""
+    lead = parallel is None or parallel.is_replica_leader
+    groups = engine.generate(encode_prompts(tokenizer, rows, data) if lead else [], params)
+    if parallel is not None:
+        groups = parallel.share_in_replica(groups)
     texts = [c.text for group in groups for c in group]
     correct = score(texts, [row for row in rows for _ in range(params.n)], {"accuracy": 1.0}, ctx).total
     return sum(correct) / max(1, len(correct))
@@ -22,7 +26,7 @@ def held_out_accuracy(engine: RolloutEngine, tokenizer, rows, data: DataConfig, 
                       ctx: RewardContext, parallel) -> dict:
     """Accuracy over held-out rows, each data-parallel rank sampling its share; same figure on every rank."""
     mine = rows[parallel.dp_rank:: parallel.dp_size]
-    acc = answer_accuracy(engine, tokenizer, mine, data, params, ctx)
+    acc = answer_accuracy(engine, tokenizer, mine, data, params, ctx, parallel)
     return {"eval/accuracy": parallel.all_reduce_sum(acc * len(mine)) / len(rows)}
 
 

@@ -176,7 +176,10 @@ def generate(engine, rows, prompts, schedule: RowSchedule, step: int, cfg: Confi
     positions = range(p.dp_rank * per_rank, (p.dp_rank + 1) * per_rank)
     t0 = time.perf_counter()
     params = SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(cfg.train.seed, step, positions[0]))
-    groups = engine.generate([prompts[idx[q]] for q in positions], params)
+    # one rank of each model replica generates (the others pass no prompts, which keeps an engine whose TP group
+    # spans them in step), and the replica shares its samples
+    mine = [prompts[idx[q]] for q in positions] if p.is_replica_leader else []
+    groups = p.share_in_replica(engine.generate(mine, params))
     seconds = time.perf_counter() - t0
     return Rollout([rows[idx[q]] for q in positions for _ in range(cfg.rollout.n)],
                    [c for grp in groups for c in grp], seconds)

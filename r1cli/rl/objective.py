@@ -144,11 +144,14 @@ class GRPOLoss:
                              adv=flat(_per_token(f["advantages"], present).float()),
                              mask=flat(f["mask"]))
 
-    def _sums(self, value, rec, mask) -> dict[str, float]:
+    def _sums(self, value, rec, mask) -> dict[str, torch.Tensor]:
+        """Metric sums as float64 tensors on the compute device: the trainer adds them over micro-batches and reads
+        them once per step (a float() here would stall the GPU five times per micro-batch)."""
         m = mask.float()
-        return {"loss": float(value.detach()), "kl": float((rec.kl.float() * m).sum()),
-                "clipped": float((rec.clipped.float() * m).sum()), "tokens": float(m.sum()),
-                "entropy": 0.0 if rec.entropy is None else float((rec.entropy.float() * m).sum())}
+        zero = torch.zeros((), dtype=torch.float64, device=m.device)
+        return {"loss": value.detach().double(), "kl": (rec.kl.float() * m).sum().double(),
+                "clipped": (rec.clipped.float() * m).sum().double(), "tokens": m.sum().double(),
+                "entropy": zero if rec.entropy is None else (rec.entropy.float() * m).sum().double()}
 
     def __call__(self, logp, entropy, batch):
         obj, dev = self.objective, logp.device

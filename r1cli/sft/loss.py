@@ -19,7 +19,7 @@ class NLLLoss:
 
     def __call__(self, logp, entropy, batch):
         nll = -logp.sum()
-        return nll * self.scale, {"nll": float(nll.detach())}
+        return nll * self.scale, {"nll": nll.detach().double()}  # read once per step, not per micro-batch
 
     def weighted_terms(self, batch, device):
         """Every token weighs 1 / global tokens: the one-pass kernel applies."""
@@ -34,7 +34,7 @@ class NLLLoss:
             return -logp, TokenRecord(logp.detach(), zero[a:b], zero[a:b], None)
 
         return (torch.full((n,), self.scale, device=device), per_token,
-                lambda value, rec: {"nll": -float(rec.logp.float().sum())})
+                lambda value, rec: {"nll": -rec.logp.float().sum().double()})
 
     def finish(self, sums: dict[str, float]) -> dict[str, float]:
         return {"loss": sums["nll"] / self.num_tokens}

@@ -185,3 +185,28 @@ def test_a_tp2_run_stopped_between_checkpoints_resumes_exactly(cold_start, tmp_p
         cut = [(m["step"], m[key]) for m in read_metrics(tmp_path / "cut" / "metrics.jsonl") if key in m]
         assert [s for s, _ in cut] == [s for s, _ in full] == list(range(1, 7))
         assert [v for _, v in cut] == pytest.approx([v for _, v in full], rel=1e-6, abs=1e-9), key
+
+
+@pytest.mark.parametrize("longest,tp,sp,fp8,mbs", [(37, 1, False, True, 1), (37, 2, True, True, 3),
+                                                   (100, 4, True, True, 5), (37, 2, True, False, 1),
+                                                   (37, 2, False, False, 1)])
+def test_rows_are_padded_as_transformer_engine_fp8_asks(longest, tp, sp, fp8, mbs):
+    """TE's FP8 GEMMs assert a token count divisible by 16 on each rank (rows padded only to a multiple of TP
+    failed it); sequence parallelism splits each row over the TP ranks."""
+    from r1cli.backends.megatron.trainer import FP8_TOKEN_MULTIPLE, row_width
+
+    w = row_width(longest, tp, sp, fp8)
+    per_rank_tokens = mbs * w // (tp if sp else 1)
+    assert w >= longest and w < longest + (tp if sp else 1) * (FP8_TOKEN_MULTIPLE if fp8 else 1)
+    assert (w % tp == 0) if sp else True
+    assert per_rank_tokens % FP8_TOKEN_MULTIPLE == 0 if fp8 else w == (-(-longest // tp) * tp if sp else longest)
+
+
+def test_packed_rows_are_refused_under_the_transformer_engine_attention():
+    from r1cli.backends.megatron.trainer import check_te_attention
+    from r1cli.errors import R1Error
+
+    check_te_attention(te_spec=False, packed=True)  # the local spec takes the per-sample mask
+    check_te_attention(te_spec=True, packed=False)
+    with pytest.raises(R1Error, match="packed rows .* Transformer Engine layers .* set data.pack=false"):
+        check_te_attention(te_spec=True, packed=True)

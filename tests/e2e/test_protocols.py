@@ -129,17 +129,19 @@ def _torchrun_fake(nproc, out, *extra):
 
 
 def test_tensor_parallel_ranks_see_the_same_prompts_and_metrics_reduce_over_data_parallel(prompts, tmp_path):
-    """4 gloo processes as TP=2 x DP=2 (the fake replicates its 'model' over the TP group) against DP=2."""
+    """4 gloo processes as TP=2 x DP=2 (the fake replicates its 'model' over the TP group) against DP=2: the same
+    samples, metrics and steps, each prompt generated once per replica."""
     _torchrun_fake(4, tmp_path / "tp", f"data.train={prompts}", "parallel.tensor_parallel=2")
     _torchrun_fake(2, tmp_path / "dp", f"data.train={prompts}")
 
     def seen(run, rank):
         return [json.loads(line) for line in (tmp_path / run / f"prompts_rank{rank}.jsonl").read_text().splitlines()]
 
-    # ranks are laid out tp-fastest: (0, 1) hold data-parallel rank 0, (2, 3) rank 1
-    assert seen("tp", 0) == seen("tp", 1) == seen("dp", 0)
-    assert seen("tp", 2) == seen("tp", 3) == seen("dp", 1)
+    # ranks are laid out tp-fastest: (0, 1) hold data-parallel rank 0, (2, 3) rank 1; each replica's first rank
+    # generates its prompts once and shares the samples with the other (which asks its engine for none)
+    assert seen("tp", 0) == seen("dp", 0) and seen("tp", 2) == seen("dp", 1)
     assert seen("tp", 0) != seen("tp", 2)
+    assert all(p == [] for p in seen("tp", 1) + seen("tp", 3)) and len(seen("tp", 1)) == len(seen("tp", 0))
     strip = lambda m: {k: v for k, v in m.items() if k != "time" and "per_s" not in k}  # noqa: E731
     tp = [strip(m) for m in read_metrics(tmp_path / "tp" / "metrics.jsonl")]
     dp = [strip(m) for m in read_metrics(tmp_path / "dp" / "metrics.jsonl")]

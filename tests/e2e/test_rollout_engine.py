@@ -132,3 +132,62 @@ def test_a_deadline_inside_another_keeps_the_outer_one_running():
                 pass
             time.sleep(10)
     assert time.monotonic() - t0 < 5
+
+
+class RecordingLLM:
+    """Stands in for vllm.LLM: records the memory calls in order (the sleep/wake protocol, no GPU needed)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def sleep(self, level):
+        self.log.append(f"sleep({level})")
+
+    def wake_up(self, tags=None):
+        self.log.append(f"wake_up({','.join(tags)})")
+
+    def collective_rpc(self, fn, args):
+        list(args[0])  # the weights stream is consumed by the reload
+        self.log.append("reload")
+
+    def reset_prefix_cache(self):
+        self.log.append("reset_prefix_cache")
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_vllm_sleeps_and_wakes_in_the_order_that_fits_beside_the_trainer(monkeypatch, level):
+    """After a training step: the trainer's cached memory is released, then only the weights wake for the reload;
+    the KV cache wakes at the next generate. Level 2 discards the weights, so generating before a reload is an
+    error rather than samples from garbage weights."""
+    from r1cli.backends.vllm_rollout import VLLMEngine
+    from r1cli.config import RolloutConfig, VLLMEngineConfig
+
+    log = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: log.append("empty_cache"))
+    engine = VLLMEngine(RecordingLLM(log), None, RolloutConfig(vllm=VLLMEngineConfig(sleep_level=level)),
+                        torch.float32, torch.device("cpu"))
+    engine.can_sleep = True  # as on a GPU (vLLM's CPU build has no sleep mode)
+    engine.sleep()
+    engine.sleep()  # asleep already: nothing more
+    engine.load_weights([("w", torch.ones(2))])
+    engine.wake()  # what generate does first
+    engine.wake()
+    assert log == [f"sleep({level})", "empty_cache", "wake_up(weights)", "reload", "reset_prefix_cache",
+                   "empty_cache", "wake_up(kv_cache)"]
+    engine.sleep()
+    if level == 2:
+        with pytest.raises(RuntimeError, match="discards its weights: load_weights must come before"):
+            engine.wake()
+    else:
+        engine.wake()
+        assert log[-2:] == ["empty_cache", "wake_up(kv_cache,weights)"]
+
+
+def test_vllm_requests_are_seeded_on_the_cpu_only_by_default():
+    """A seed on every request sends vLLM down its slow per-request sampler on a GPU; auto keeps the seeds (and
+    with them the bit-exact, sharding-invariant CPU runs) where they cost nothing."""
+    from r1cli.backends.vllm_rollout import seeds_requests
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not seeds_requests("auto", gpu) and seeds_requests("auto", cpu)
+    assert seeds_requests("always", gpu) and not seeds_requests("never", cpu)

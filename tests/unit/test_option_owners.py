@@ -38,7 +38,7 @@ def test_keys_of_the_chosen_part_are_taken(overrides):
 
 def test_the_refusal_is_one_line_before_any_model_loads(tmp_path):
     proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", "model.path=/does/not/exist",
-                  "rollout.vllm.sleep_level=2", f"train.output_dir={tmp_path}")
+                  "rollout.vllm.sleep_level=0", f"train.output_dir={tmp_path}")
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert proc.returncode == 2 and lines == ["error: config key 'rollout.vllm.sleep_level' is read only with "
                                               "rollout.engine=vllm; this run has rollout.engine=hf (drop the key, or "

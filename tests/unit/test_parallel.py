@@ -1,0 +1,41 @@
+"""backends/parallel.py: every collective r1 calls reads a tensor on the device the process group serves. On gloo
+the CPU takes any tensor, so the check mode (R1_CHECK_COLLECTIVES=1, on in every test process) is what catches a
+collective that NCCL would refuse - the metric reduction that built a CPU float64 scalar did, on every GPU run."""
+
+import subprocess
+import sys
+
+from conftest import ROOT
+
+CODE = """
+import torch, torch.distributed as dist
+from r1cli.backends.parallel import DistributedContext, start_process_group
+start_process_group(torch.device("cpu"))  # a gloo group of one, with the check on
+scope = {"__name__": "r1cli.rl.somewhere", "dist": dist}
+exec("def reduce(t):\\n    dist.all_reduce(t)\\n", scope)
+ctx = DistributedContext(device=torch.device("cpu"))
+scope["reduce"](ctx.on_group_device(torch.ones(1)))  # placed: fine
+try:
+    scope["reduce"](torch.ones(1))
+except RuntimeError as e:
+    print("refused:", e)
+dist.all_reduce(torch.ones(1))  # torch's or megatron's own collectives are not r1's to check
+"""
+
+
+def test_a_collective_on_a_tensor_not_placed_for_the_group_is_refused():
+    proc = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**__import__("os").environ, "R1_CHECK_COLLECTIVES": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert ("refused: torch.distributed.all_reduce from r1cli.rl.somewhere on a tensor that was not placed on the "
+            "process group's device (DistributedContext.on_group_device): (1,) torch.float32 on cpu") in proc.stdout
+
+
+def test_the_group_device_is_the_ranks_gpu_under_nccl():
+    import torch
+
+    from r1cli.backends.parallel import DistributedContext, group_device
+
+    assert group_device(torch.device("cuda"), 3) == torch.device("cuda", 3)
+    assert group_device(torch.device("cpu"), 3) == torch.device("cpu")
+    assert DistributedContext().device == torch.device("cpu")
