@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import sys
 import types
@@ -414,6 +415,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # NaN passes every range check (all comparisons are false)
+            raise R1Error(f"config key '{key}': {value!r} is not a finite number")
         return float(value)
     if tp is str:
         if isinstance(value, bool) or value is None:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from r1cli.config import load_config
@@ -84,3 +86,14 @@ def test_a_registered_extension_becomes_a_valid_config_value():
 def test_moved_eval_keys_say_where_they_went():
     with pytest.raises(R1Error, match=r"config key 'train.eval_n' moved to 'eval.n'"):
         load_config(None, ["train.eval_n=4"])
+
+
+@pytest.mark.parametrize("override", ["optim.lr=nan", "rollout.temperature=nan", "rollout.top_p=.nan",
+                                      "grpo.beta=inf", "filters.min_language_share=nan", "rewards.weights.format=-inf",
+                                      "optim.lr=1e999"])
+def test_a_float_option_that_is_not_finite_is_refused(override):
+    """NaN compares false with every bound, so it used to pass the range checks (grpo.beta=nan ran to 'final loss
+    nan' with exit 0; top_p=nan behaved as 1; min_language_share=nan turned the filter off)."""
+    key = override.split("=")[0]
+    with pytest.raises(R1Error, match=rf"config key '{re.escape(key)}': .* is not a finite number"):
+        load_config(None, [override])
