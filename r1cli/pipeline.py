@@ -22,6 +22,7 @@ from its newest checkpoint, sampling from its finished-prompt index.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from r1cli.run.checkpoint import write_text_atomic
 from r1cli.run.metrics import console, read_metrics
 
 DEFAULT = CONFIG_DIR / "tiny" / "r1.yaml"
+STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 MAKES_MODEL = {"coldstart", "rl", "sft", "distill"}
 MAKES_DATA = {"coldstart": ("coldstart", "out"), "sample": ("sample", "out")}
 
@@ -76,6 +78,9 @@ def read_pipeline(path: str | Path) -> Pipeline:
             raise R1Error(f"{path}: stage '{st.name}' has command '{st.command}'; known: {', '.join(RUNNERS)}")
         if not st.name or st.name in seen or st.name == "base":
             raise R1Error(f"{path}: stage {k + 1} needs a unique name other than 'base', got '{st.name}'")
+        if not STAGE_NAME.fullmatch(st.name):  # a name is a folder under pipeline.output_dir, never a path
+            raise R1Error(f"{path}: stage name '{st.name}' must be letters, digits, '.', '_' or '-' (it names a "
+                          "folder under pipeline.output_dir)")
         for ref in (st.model_from, st.data_from):
             if ref and ref != "base" and ref not in seen:
                 raise R1Error(f"{path}: stage '{st.name}' reads from '{ref}', which is not an earlier stage")
@@ -83,9 +88,14 @@ def read_pipeline(path: str | Path) -> Pipeline:
         stages.append(st)
     if not stages:
         raise R1Error(f"{path}: no stages")
-    if head.get("prepare", "none") not in ("none", "tiny"):
-        raise R1Error(f"{path}: pipeline.prepare is none or tiny, not {head['prepare']!r}")
-    return Pipeline(stages=stages, base=raw.get("base") or {}, **head)
+    p = Pipeline(stages=stages, base=raw.get("base") or {}, **head)
+    check_head(p, str(path))
+    return p
+
+
+def check_head(p: Pipeline, where: str) -> None:
+    if p.prepare not in ("none", "tiny"):
+        raise R1Error(f"{where}: pipeline.prepare is none or tiny, not {p.prepare!r}")
 
 
 def _has(config: dict, section: str, key: str) -> bool:
@@ -216,6 +226,7 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
         import yaml
 
         setattr(p, name, yaml.safe_load(value))
+    check_head(p, "the command line")
     rest = [o for o in overrides if o not in head]
     configs = stage_configs(p, rest)
     base = load_config(None, [o for o in rest if ":" not in o.split("=", 1)[0]],

@@ -152,6 +152,14 @@ def publish(tmp: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+def check_not_source(src: Path, dst: Path) -> None:
+    """A conversion never writes over (or inside, or around) its own source, --overwrite or not."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d or s in d.parents or d in s.parents:
+        raise R1Error(f"{dst} is {'' if s == d else 'inside or around '}the source {src}: --overwrite would "
+                      "replace the model being converted; write the conversion to another folder")
+
+
 def staging_for(dst: Path, overwrite: bool) -> Path:
     """An empty `dst.tmp` to write into; refuses an existing dst unless overwrite."""
     if dst.exists() and not overwrite:
@@ -168,6 +176,7 @@ def hf_to_megatron(src: str | Path, dst: str | Path, tp: int, pp: int, overwrite
     s = Shape.from_hf(cfg)
     check_layout(s, tp, pp)
     hf = TensorFolder(src)
+    check_not_source(src, dst)
     tmp = staging_for(dst, overwrite)
     for p in range(pp):
         for t in range(tp):
@@ -258,6 +267,7 @@ def megatron_to_hf(src: str | Path, dst: str | Path, overwrite: bool = False, sh
     layout = json.loads(layout_path.read_text())
     s = Shape.from_hf(layout["hf_config"])
     tp, pp = layout["tensor_parallel"], layout["pipeline_parallel"]
+    check_not_source(src, dst)
     tmp = staging_for(dst, overwrite)
     write_hf_shards(_hf_tensors(src, s, tp, pp), tmp, shard_gb)
     for f in (src / "hf").iterdir():

@@ -136,3 +136,15 @@ def test_the_convert_commands_round_trip_and_refuse_to_overwrite(family_models, 
     assert proc.returncode == 2 and "exists; pass --overwrite" in proc.stderr
     proc = run_r1("convert", "megatron-to-hf", str(model), str(tmp_path / "x"))
     assert proc.returncode == 2 and "megatron.json" in proc.stderr
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_convert_never_writes_over_its_own_source(tmp_path, where):
+    from r1cli.backends.megatron.convert import check_not_source
+    from r1cli.errors import R1Error
+
+    src = tmp_path / "model"
+    dst = {"same": src, "inside": src / "meg", "around": tmp_path}[where]
+    with pytest.raises(R1Error, match="the source .* --overwrite would replace the model being converted"):
+        check_not_source(src, dst)
+    check_not_source(src, tmp_path / "elsewhere")

@@ -38,6 +38,8 @@ def test_each_stage_reads_what_the_one_before_made(tmp_path):
     ("stages: [{name: a, command: rl, data_from: base}]", "reads data from 'base', which makes none"),
     ("pipline: {}\nstages: [{name: a, command: rl}]", "unknown section(s) pipline"),
     ("stages: [{name: a, command: rl, config: {grpo: {betta: 0}}}]", "unknown config key 'grpo.betta'"),
+    ("stages: [{name: ../../escape, command: rl}]", "stage name '../../escape' must be letters, digits"),
+    ("stages: [{name: a/b, command: rl}]", "stage name 'a/b' must be letters"),
 ])
 def test_bad_pipeline_files(tmp_path, text, message):
     f = tmp_path / "p.yaml"
@@ -93,3 +95,9 @@ def test_the_tiny_pipeline_learns(tmp_path):
     base = json.loads((tmp_path / "r1" / "base.json").read_text())["eval/accuracy"]
     final = json.loads((tmp_path / "r1" / "all-scenarios-rl" / "stage.json").read_text())["eval/accuracy"]
     assert final >= base + 0.5, (base, final)
+
+
+def test_a_bad_pipeline_key_on_the_command_line_is_one_line(tmp_path):
+    proc = run_r1("pipeline", f"pipeline.output_dir={tmp_path}", "pipeline.prepare=huge")
+    assert proc.returncode == 2
+    assert "error: the command line: pipeline.prepare is none or tiny, not 'huge'" in proc.stderr
