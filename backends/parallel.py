@@ -67,7 +67,7 @@ class DistributedContext:
         """`t` where this context's collectives can read it (every tensor r1 hands a collective goes through
         here; R1_CHECK_COLLECTIVES=1 asserts it)."""
         t = t.to(self.device)
-        _PLACED.add(t)
+        _PLACED[id(t)] = t
         return t
 
     def all_reduce_sum(self, value: float | torch.Tensor) -> float:
@@ -110,7 +110,8 @@ class DistributedContext:
 # Tensors placed for a collective by on_group_device. With R1_CHECK_COLLECTIVES=1 every tensor collective called
 # from r1's own code (not from megatron's or torch's) must hold one of them: on a CPU, where gloo takes any tensor,
 # this is what catches a collective that NCCL would refuse ("No backend type associated with device type cpu").
-_PLACED: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
+# (a WeakSet would compare tensors with ==, which is elementwise: keyed by id, checked by identity)
+_PLACED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 CHECKED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce")
 
 
@@ -134,7 +135,7 @@ def check_collectives() -> None:
         def checked(*args, _fn=fn, _name=name, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if caller.startswith("r1cli.") and not caller.startswith("r1cli.kernels"):
-                bad = [t for t in _tensors(args, kwargs) if t not in _PLACED]
+                bad = [t for t in _tensors(args, kwargs) if _PLACED.get(id(t)) is not t]
                 if bad:
                     raise RuntimeError(f"torch.distributed.{_name} from {caller} on a tensor that was not placed on "
                                        f"the process group's device (DistributedContext.on_group_device): "

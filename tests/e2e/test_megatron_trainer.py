@@ -210,3 +210,17 @@ def test_packed_rows_are_refused_under_the_transformer_engine_attention():
     check_te_attention(te_spec=True, packed=False)
     with pytest.raises(R1Error, match="packed rows .* Transformer Engine layers .* set data.pack=false"):
         check_te_attention(te_spec=True, packed=True)
+
+
+def test_a_tp2_rl_step_generates_once_per_replica(cold_start, tmp_path):
+    """`r1 rl` at TP=2 on megatron: the replica's first rank generates, both TP ranks train on those samples (its
+    model-parallel group carries them), and every collective r1 calls reads a tensor placed for the group."""
+    out = tmp_path / "run"
+    proc = torchrun(2, "rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                    f"data.train={cold_start / 'train.jsonl'}", f"data.eval={cold_start / 'eval.jsonl'}",
+                    "eval.samples=8", "train.steps=2", "grpo.prompts_per_step=4", "rollout.n=4",
+                    "parallel.backend=megatron", "parallel.tensor_parallel=2", f"train.output_dir={out}",
+                    "checkpoint.export_hf=false", "logging.progress=false", "logging.tensorboard=false")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in steps] == [1, 2] and all(m["response_len/mean"] > 0 for m in steps)

@@ -14,7 +14,7 @@ start_process_group(torch.device("cpu"))  # a gloo group of one, with the check 
 scope = {"__name__": "r1cli.rl.somewhere", "dist": dist}
 exec("def reduce(t):\\n    dist.all_reduce(t)\\n", scope)
 ctx = DistributedContext(device=torch.device("cpu"))
-scope["reduce"](ctx.on_group_device(torch.ones(1)))  # placed: fine
+scope["reduce"](ctx.on_group_device(torch.ones(3)))  # placed: fine (several elements: no == on tensors)
 try:
     scope["reduce"](torch.ones(1))
 except RuntimeError as e:
