@@ -131,7 +131,13 @@ def choose_loss_input(loss: TokenLoss, supported: "frozenset[LossInput]", one_pa
             raise R1Error(f"{type(loss).__name__} needs whole output distributions (hidden states), which "
                           f"parallel.backend={backend} does not hand to a loss; use parallel.backend=torch")
         return LossInput.HIDDEN
-    if one_pass and LossInput.WEIGHTED_TERMS in takes and LossInput.WEIGHTED_TERMS in supported:
+    if one_pass and LossInput.WEIGHTED_TERMS in supported:
+        if LossInput.WEIGHTED_TERMS not in takes:  # asked for, never silently ignored
+            from r1cli.errors import R1Error
+
+            raise R1Error(f"parallel.{backend}.fused_linear=one_pass needs per-token loss weights known before the "
+                          f"forward, which {type(loss).__name__} does not give (GRPO with grpo.ratio_level=sequence "
+                          "needs whole rows); use fused_linear=recompute")
         return LossInput.WEIGHTED_TERMS
     return LossInput.LOGPROBS
 

@@ -28,8 +28,11 @@ def test_the_trainer_hands_each_loss_what_it_declares():
     assert choose_loss_input(_grpo(), ALL, one_pass=False, backend="torch") is LossInput.LOGPROBS
     assert choose_loss_input(_grpo(), ALL, one_pass=True, backend="torch") is LossInput.WEIGHTED_TERMS
     assert choose_loss_input(NLLLoss(10), ALL, one_pass=True, backend="torch") is LossInput.WEIGHTED_TERMS
-    # sequence-level ratios (GSPO) need whole rows: no per-token weights before the forward, whatever is asked
-    assert choose_loss_input(_grpo("sequence"), ALL, one_pass=True, backend="torch") is LossInput.LOGPROBS
+    # sequence-level ratios (GSPO) need whole rows: no per-token weights before the forward; asked for, that is an
+    # error rather than a silent fallback
+    assert choose_loss_input(_grpo("sequence"), ALL, one_pass=False, backend="torch") is LossInput.LOGPROBS
+    with pytest.raises(R1Error, match="parallel.torch.fused_linear=one_pass needs per-token loss weights"):
+        choose_loss_input(_grpo("sequence"), ALL, one_pass=True, backend="torch")
     assert choose_loss_input(WholeDistributions(), ALL, one_pass=False, backend="torch") is LossInput.HIDDEN
     # a backend that only hands out log-probs (megatron's vocabulary shards)
     only = frozenset({LossInput.LOGPROBS})
