@@ -40,6 +40,28 @@ def _load(config_path, overrides, print_config):
     return cfg
 
 
+def _plan_options(fn):
+    """--dry-run (with --gpus and --gpu-gb): print the per-GPU memory plan and exit, without loading weights."""
+    fn = click.option("--gpu-gb", type=click.FloatRange(min=1), default=80.0, show_default=True,
+                      help="--dry-run: memory of each GPU.")(fn)
+    fn = click.option("--gpus", type=click.IntRange(min=1), default=None,
+                      help="--dry-run: data-parallel GPUs (default: WORLD_SIZE, else 1).")(fn)
+    return click.option("--dry-run", is_flag=True, help="Print the per-GPU memory plan (from the model's "
+                                                       "config.json) and exit; exit 2 when it does not fit.")(fn)
+
+
+def _dry_run(cfg, command: str, gpus: int | None, gpu_gb: float) -> None:
+    import os
+
+    from r1cli.run.memory_plan import plan, render, resolve_shares
+
+    n = gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    text, fits = render(resolve_shares(plan(cfg, command, n), cfg, int(gpu_gb * (1 << 30))), gpu_gb, n, command)
+    click.echo(text)
+    if not fits:
+        raise R1Error(f"this config does not fit {n} GPU{'s' if n > 1 else ''} of {gpu_gb:g} GB (plan above)")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="r1")
 def main():
@@ -47,20 +69,26 @@ def main():
 
 
 @_training_command("sft", "Supervised fine-tuning on conversations (loss on assistant tokens only).")
-def sft_cmd(config_path, print_config, resume, overwrite, overrides):
+@_plan_options
+def sft_cmd(config_path, print_config, resume, overwrite, dry_run, gpus, gpu_gb, overrides):
     cfg = _load(config_path, overrides, print_config)
     if cfg is None:
         return
+    if dry_run:
+        return _dry_run(cfg, "sft", gpus, gpu_gb)
     from r1cli.sft.loop import run_sft
 
     run_sft(cfg, resume=resume, overwrite=overwrite)
 
 
 @_training_command("rl", "GRPO reinforcement learning with rule-based rewards (R1-Zero, R1 stages 2 and 4).")
-def rl_cmd(config_path, print_config, resume, overwrite, overrides):
+@_plan_options
+def rl_cmd(config_path, print_config, resume, overwrite, dry_run, gpus, gpu_gb, overrides):
     cfg = _load(config_path, overrides, print_config)
     if cfg is None:
         return
+    if dry_run:
+        return _dry_run(cfg, "rl", gpus, gpu_gb)
     from r1cli.rl.loop import run_rl
 
     run_rl(cfg, resume=resume, overwrite=overwrite)

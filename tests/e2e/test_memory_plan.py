@@ -1,0 +1,70 @@
+"""The memory plan (r1cli/run/memory_plan.py) counts from config.json on the meta device; its resident rows equal
+the bytes a live trainer holds, and `--dry-run` refuses a config that cannot fit."""
+
+import pytest
+from conftest import run_r1
+
+from r1cli.config import load_config
+from r1cli.errors import R1Error
+from r1cli.run.memory_plan import model_size, plan
+
+
+def _held(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def test_the_plan_equals_what_a_trainer_holds(tiny_model, arith_data):
+    """Parameters, gradients, AdamW state and the reference model of a real torch trainer after one step, against
+    the plan counted without loading anything."""
+    from r1cli.interfaces import build_trainer
+    from r1cli.sft.loss import NLLLoss
+    from r1cli.token_batch import TokenBatch
+
+    cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "grpo.beta=0.04", "rollout.engine=hf"])
+    rows = dict(plan(cfg, "rl", gpus=1))
+    trainer = build_trainer(cfg, need_reference=True)
+    params = [p for p in trainer.loss_module.parameters()]
+    grads = []  # at the optimizer step, where they peak (the trainer frees them right after)
+    trainer.optimizer.register_step_pre_hook(lambda *_: grads.append(_held(p.grad for p in params
+                                                                            if p.grad is not None)))
+    trainer.train_step(TokenBatch.from_completions([[5, 6, 7]], [[8, 9, 10, 11]]), NLLLoss(4))
+    state = [t for s in trainer.optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert rows["parameters"] == _held(params)
+    assert grads == [rows["gradients"]]
+    assert rows["AdamW state"] == _held(state)
+    assert rows["reference model"] == _held(trainer.reference.parameters())
+    assert rows["engine weights"] == 0 and trainer.generation_model is trainer.model  # one process: shared
+
+
+def test_fsdp_divides_the_trained_state_and_not_the_reference(tiny_model):
+    cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "grpo.beta=0.04", "rollout.engine=hf",
+                                                 "parallel.torch.data_parallel=fsdp"])
+    one, eight = dict(plan(cfg, "rl", 1)), dict(plan(cfg, "rl", 8))
+    assert eight["parameters"] == one["parameters"] // 8 and eight["AdamW state"] == one["AdamW state"] // 8
+    assert eight["reference model"] == one["reference model"]  # loaded whole on every rank (issue 25)
+    assert eight["engine weights"] == one["parameters"]  # a sharded policy: the engine keeps its own copy
+
+
+def test_meta_counting_matches_the_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    real = AutoModelForCausalLM.from_pretrained(str(tiny_model), local_files_only=True)
+    assert model_size(str(tiny_model)).params == sum(p.numel() for p in real.parameters())
+
+
+def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tiny_model, tmp_path):
+    ok = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}", "--dry-run", "--gpus", "2")
+    assert ok.returncode == 0, ok.stderr
+    assert "memory per GPU for r1 sft on 2 GPUs of 80 GB" in ok.stdout and "fits" in ok.stdout
+    assert not (tmp_path / "run").exists()
+    tight = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={tiny_model}", "--dry-run",
+                   "--gpu-gb", "1", "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=2")
+    assert tight.returncode == 2 and "DOES NOT FIT" in tight.stdout
+    assert "error: this config does not fit 1 GPU of 1 GB (plan above)" in tight.stderr
+    missing = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={tmp_path}", "--dry-run")
+    assert missing.returncode == 2 and "no config.json; the memory plan needs" in missing.stderr
+
+
+def test_the_megatron_backend_is_not_counted_yet():
+    with pytest.raises(R1Error, match="the memory plan counts parallel.backend=torch; megatron is not counted yet"):
+        plan(load_config(None, ["parallel.backend=megatron"]), "sft", 1)
