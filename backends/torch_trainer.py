@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator
 
@@ -22,7 +23,7 @@ from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.interfaces import LossInput, choose_loss_input
 from r1cli.lr_schedule import lr_factor
-from r1cli.models.loading import autocast, compute_dtype, load_model, load_tokenizer, resolve_device
+from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
@@ -78,26 +79,38 @@ class TorchTrainer:
             betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, optim, train.steps))
-        self.reference = None
-        if need_reference:
-            self.reference = load_model(model, device).eval().requires_grad_(False)
+        self.reference = self.reference_module = None
+        if need_reference:  # frozen: in the compute dtype (bf16 under mixed precision), sharded like the policy
+            frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
+            self.reference = load_model(frozen, device).eval().requires_grad_(False)
+            self.reference_module = HiddenLoss(self.reference)
+            if self._sharded:
+                self._fully_shard(self.reference, self.reference_module, mp_policy=False)
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def _sharded(self) -> bool:
+        return self.parallel.dp_size > 1 and self.parallel_cfg.torch.data_parallel == "fsdp"
+
+    def _fully_shard(self, model: nn.Module, root: nn.Module, mp_policy: bool = True) -> None:
+        """FSDP2 over the data-parallel ranks: each decoder layer, then the root (the rest)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.parallel.dp_size,))
+        kw = {}
+        low = compute_dtype(self.model_cfg.dtype, self.device)
+        if mp_policy and low is not None:  # fp32 master weights, bf16 compute, fp32 gradient reduction
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
+        for layer in getattr(model, model.base_model_prefix).layers:
+            fully_shard(layer, mesh=mesh, **kw)
+        fully_shard(root, mesh=mesh, **kw)
+
     def _parallelize(self, module: nn.Module) -> nn.Module:
         if self.parallel.dp_size == 1:
             return module
-        if self.parallel_cfg.torch.data_parallel == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-            mesh = init_device_mesh(self.device.type, (self.parallel.dp_size,))
-            kw = {}
-            low = compute_dtype(self.model_cfg.dtype, self.device)
-            if low is not None:  # fp32 master weights, bf16 compute, fp32 gradient reduction (model.dtype=auto)
-                kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32)
-            for layer in getattr(self.model, self.model.base_model_prefix).layers:
-                fully_shard(layer, mesh=mesh, **kw)
-            fully_shard(module, mesh=mesh, **kw)
+        if self._sharded:
+            self._fully_shard(self.model, module)
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -108,7 +121,7 @@ class TorchTrainer:
     def generation_model(self) -> nn.Module | None:
         """The live policy for a colocated rollout engine, or None when its parameters are sharded
         (FSDP) and an engine must hold its own copy, refreshed through named_weights()."""
-        if self.parallel.dp_size > 1 and self.parallel_cfg.torch.data_parallel == "fsdp":
+        if self._sharded:
             return None
         return self.model
 
@@ -141,8 +154,8 @@ class TorchTrainer:
         """[B, C] log-probs of each row's scored tokens under the policy or the reference (0 past the end)."""
         if which == "policy":
             module = self.loss_module  # through FSDP's root when sharded (every rank runs the same chunks)
-        elif self.reference is not None:
-            module = HiddenLoss(self.reference)
+        elif self.reference_module is not None:
+            module = self.reference_module
         else:
             raise RuntimeError("no reference model is loaded (grpo.beta == 0)")
         module.eval()
@@ -193,8 +206,21 @@ class TorchTrainer:
         return out
 
     def update_reference(self) -> None:
-        if self.reference is not None:
-            self.reference.load_state_dict(dict(self.named_weights()))
+        """The reference becomes the policy, one tensor at a time (never a whole state dict at once), each rank
+        keeping its own shard, cast to the reference's dtype."""
+        if self.reference is None:
+            return
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        targets = self.reference.state_dict(keep_vars=True)
+        with torch.no_grad():
+            for name, full in self.named_weights():
+                t = targets[name]
+                if isinstance(t, DTensor):  # every rank holds the full tensor: each cuts its own shard, no traffic
+                    full = distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None)
+                    t.to_local().copy_(full.to_local())
+                else:
+                    t.copy_(full)
 
     # ------------------------------------------------------------------ weights and state
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -215,7 +241,11 @@ class TorchTrainer:
 
     def save(self, directory: Path, extra: dict) -> None:
         """Every rank calls this (the state gathers are collective); rank 0 writes shared files."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
 
         directory = Path(directory)
         model_sd = self.full_state_dict()
@@ -226,8 +256,14 @@ class TorchTrainer:
                       str(directory / "model.safetensors"))
             torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "extra": extra},
                        directory / "trainer.pt")
-            if self.reference is not None:
-                save_file({k: v.detach().clone().contiguous() for k, v in self.reference.state_dict().items()},
+        if self.reference is not None:
+            ref = self.reference.state_dict()
+            if self._sharded:  # gathered on every rank (a collective), written by rank 0
+                opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+                ref = {k.removeprefix("model."): v for k, v in
+                       get_model_state_dict(self.reference_module, options=opts).items()}
+            if self.parallel.is_main:
+                save_file({k: v.detach().clone().contiguous() for k, v in ref.items()},
                           str(directory / "reference.safetensors"))
         save_rng(directory, self.parallel.rank)
         self.parallel.barrier()
@@ -247,7 +283,11 @@ class TorchTrainer:
         set_optimizer_state_dict(self.loss_module, self.optimizer, blob["optimizer"], options=opts)
         self.scheduler.load_state_dict(blob["scheduler"])
         if self.reference is not None and (directory / "reference.safetensors").is_file():
-            self.reference.load_state_dict(load_file(str(directory / "reference.safetensors")))
+            ref = load_file(str(directory / "reference.safetensors"))
+            if self._sharded:
+                set_model_state_dict(self.reference_module, {"model." + k: v for k, v in ref.items()}, options=opts)
+            else:
+                self.reference.load_state_dict(ref)
         restore_rng(directory, self.parallel.rank)
         return blob["extra"]
 

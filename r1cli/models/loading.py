@@ -43,6 +43,12 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if name == "bf16-mixed" or (name == "auto" and device.type == "cuda") else None
 
 
+def frozen_dtype(name: str, device: torch.device) -> str:
+    """The dtype a frozen copy (the reference model) is held in: the compute dtype - bf16 under mixed precision,
+    where its forward runs in bf16 anyway and fp32 masters would only double its memory - else the policy's."""
+    return "bfloat16" if compute_dtype(name, device) == torch.bfloat16 else name
+
+
 def autocast(name: str, device: torch.device):
     from contextlib import nullcontext
 

@@ -2,7 +2,8 @@
 config.json (no weights read, no GPU), and each resident piece is sized as the torch backend holds it today.
 
 Rows: parameters, gradients and AdamW state (fp32 masters under model.dtype auto / bf16-mixed; divided over the
-data-parallel ranks under FSDP), the reference model (loaded whole when grpo.beta > 0), the rollout engine's weights
+data-parallel ranks under FSDP), the reference model (grpo.beta > 0: in the compute dtype, bf16 on a GPU under
+auto, and sharded like the policy), the rollout engine's weights
 (a transformers engine shares the policy unless FSDP shards it; vLLM keeps a bf16 copy split over its TP ranks) and
 its KV cache, and an activation estimate (Korthikanti et al. 2022: 34·s·b·h bytes per layer in 16-bit, the
 attention scores left to flash attention; with gradient checkpointing only each layer's input is kept, plus one
@@ -53,8 +54,13 @@ def _param_bytes(dtype: str) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4  # auto and bf16-mixed keep fp32 masters
 
 
-def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None) -> list[tuple[str, int]]:
-    """(piece, bytes on each GPU) for `r1 <command>` on `gpus` data-parallel GPUs with the torch backend."""
+def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None,
+         device: str = "cuda") -> list[tuple[str, int]]:
+    """(piece, bytes on each `device`) for `r1 <command>` on `gpus` data-parallel ranks with the torch backend."""
+    import torch
+
+    from r1cli.models.loading import frozen_dtype
+
     if cfg.parallel.backend != "torch":
         raise R1Error(f"the memory plan counts parallel.backend=torch; {cfg.parallel.backend} is not counted yet")
     m = size or model_size(cfg.model.path)
@@ -63,8 +69,9 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None) ->
     rows = [("parameters", m.params * pb // shard), ("gradients", m.params * pb // shard),
             ("AdamW state", 2 * m.params * pb // shard)]
     rl = command == "rl"
-    if rl and cfg.grpo.beta > 0:
-        rows.append(("reference model", m.params * pb))  # loaded whole on every rank
+    if rl and cfg.grpo.beta > 0:  # frozen in the compute dtype, sharded like the policy
+        rows.append(("reference model", m.params * _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
+                     // shard))
     if rl:
         r = cfg.rollout
         seq = cfg.data.max_prompt_tokens or 1024

@@ -21,7 +21,7 @@ def test_the_plan_equals_what_a_trainer_holds(tiny_model, arith_data):
     from r1cli.token_batch import TokenBatch
 
     cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "grpo.beta=0.04", "rollout.engine=hf"])
-    rows = dict(plan(cfg, "rl", gpus=1))
+    rows = dict(plan(cfg, "rl", gpus=1, device="cpu"))
     trainer = build_trainer(cfg, need_reference=True)
     params = [p for p in trainer.loss_module.parameters()]
     grads = []  # at the optimizer step, where they peak (the trainer frees them right after)
@@ -36,12 +36,13 @@ def test_the_plan_equals_what_a_trainer_holds(tiny_model, arith_data):
     assert rows["engine weights"] == 0 and trainer.generation_model is trainer.model  # one process: shared
 
 
-def test_fsdp_divides_the_trained_state_and_not_the_reference(tiny_model):
+def test_fsdp_divides_the_trained_state_and_the_reference(tiny_model):
     cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "grpo.beta=0.04", "rollout.engine=hf",
                                                  "parallel.torch.data_parallel=fsdp"])
     one, eight = dict(plan(cfg, "rl", 1)), dict(plan(cfg, "rl", 8))
     assert eight["parameters"] == one["parameters"] // 8 and eight["AdamW state"] == one["AdamW state"] // 8
-    assert eight["reference model"] == one["reference model"]  # loaded whole on every rank (issue 25)
+    assert eight["reference model"] == one["reference model"] // 8
+    assert one["reference model"] == one["parameters"] // 2  # frozen in bf16 on a GPU under model.dtype=auto
     assert eight["engine weights"] == one["parameters"]  # a sharded policy: the engine keeps its own copy
 
 

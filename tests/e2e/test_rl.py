@@ -66,12 +66,16 @@ def test_two_ranks_match_one(cold_start, tmp_path, dp):
             f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3", "grpo.prompts_per_step=4",
             "rollout.n=4", "rollout.prompts_per_generate=1", "logging.progress=false", "logging.tensorboard=false",
             "logging.sample_every=0", "checkpoint.export_hf=false", "train.micro_batch_size=4",
-            f"parallel.torch.data_parallel={dp}"]
+            f"parallel.torch.data_parallel={dp}", "grpo.beta=0.05", "grpo.ref_update_every=2"]
     one = torchrun(1, *base, f"train.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = torchrun(2, *base, f"train.output_dir={tmp_path / 'two'}")
+    # two ranks, stopped after the reference refresh of step 2 and resumed: under FSDP the reference is sharded
+    # too, refreshed shard by shard, and saved and loaded through its gathered state
+    two = torchrun(2, *base, f"train.output_dir={tmp_path / 'two'}", "checkpoint.stop_after=2")
     assert two.returncode == 0, two.stderr[-3000:]
-    for key in ("reward/total", "loss", "grad_norm"):
+    two = torchrun(2, *base, f"train.output_dir={tmp_path / 'two'}", "--resume")
+    assert two.returncode == 0, two.stderr[-3000:]
+    for key in ("reward/total", "loss", "grad_norm", "kl"):
         a, b = _curve(tmp_path / "one", key), _curve(tmp_path / "two", key)
         assert len(a) == len(b) == 3
         torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]),
