@@ -8,13 +8,14 @@ weights after a step cost nothing; otherwise (sharded trainer, or `r1 eval` /
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Iterable
 
 import torch
 
 from r1cli.config import ModelConfig, RolloutConfig
 from r1cli.interfaces import Completion, SamplingParams, engine_factory
-from r1cli.models.loading import autocast, load_model, load_tokenizer, resolve_device
+from r1cli.models.loading import autocast, frozen_dtype, load_model, load_tokenizer, resolve_device
 
 
 class HFGenerateEngine:
@@ -115,7 +116,9 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> H
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
-    engine = HFGenerateEngine(load_model(model, device).eval(), tok, rollout, device, model.dtype)
+    # its own copy only generates: held in the compute dtype (bf16 on a GPU under mixed precision)
+    frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
+    engine = HFGenerateEngine(load_model(frozen, device).eval(), tok, rollout, device, model.dtype)
     if trainer is not None:
         engine.load_weights(trainer.named_weights())
     return engine

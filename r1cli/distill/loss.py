@@ -12,14 +12,15 @@ from r1cli.interfaces import LossInput
 
 def load_teacher(cfg: Config, trainer):
     """The teacher on the trainer's device, frozen; its tokenizer must be the student's."""
-    from r1cli.models.loading import load_model, load_tokenizer
+    from r1cli.models.loading import frozen_dtype, load_model, load_tokenizer
 
     vocab = load_tokenizer(cfg.distill.teacher).get_vocab()
     if vocab != trainer.tokenizer.get_vocab():
         raise R1Error(f"distill.teacher {cfg.distill.teacher} has another tokenizer than the student "
                       f"{cfg.model.path}: logit distillation compares distributions over the same tokens; "
                       "drop distill.teacher to train on the teacher's samples alone")
-    model = replace(cfg.model, path=cfg.distill.teacher, gradient_checkpointing=False)
+    model = replace(cfg.model, path=cfg.distill.teacher, gradient_checkpointing=False,
+                    dtype=frozen_dtype(cfg.model.dtype, trainer.device))  # frozen: the compute dtype
     return load_model(model, trainer.device).eval().requires_grad_(False)
 
 

@@ -4,10 +4,11 @@ config.json (no weights read, no GPU), and each resident piece is sized as the t
 Rows: parameters, gradients and AdamW state (fp32 masters under model.dtype auto / bf16-mixed; divided over the
 data-parallel ranks under FSDP), the reference model (grpo.beta > 0: in the compute dtype, bf16 on a GPU under
 auto, and sharded like the policy), the rollout engine's weights
-(a transformers engine shares the policy unless FSDP shards it; vLLM keeps a bf16 copy split over its TP ranks) and
+(a transformers engine shares the policy unless FSDP shards it, then keeps its own copy in the compute dtype; vLLM
+keeps a bf16 copy split over its TP ranks) and
 its KV cache, and an activation estimate (Korthikanti et al. 2022: 34·s·b·h bytes per layer in 16-bit, the
 attention scores left to flash attention; with gradient checkpointing only each layer's input is kept, plus one
-layer's working set). The first five are exact for what they count (tests/unit/test_memory_plan.py holds them to
+layer's working set). The first five are exact for what they count (tests/e2e/test_memory_plan.py holds them to
 a live trainer's tensors); the activations are an estimate.
 """
 
@@ -84,7 +85,8 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None,
             kv = int(r.vllm.kv_cache_gb * GB) if r.vllm.kv_cache_gb else None
             rows.append(("vLLM KV cache", kv if kv is not None else -1))  # -1: the rest of its share, below
         else:
-            rows.append(("engine weights", m.params * pb if shard > 1 else 0))  # shares the policy unless sharded
+            frozen = _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
+            rows.append(("engine weights", m.params * frozen if shard > 1 else 0))  # shares the policy unless sharded
             batch = (r.prompts_per_generate or 8) * r.n
             rows.append(("engine KV cache", batch * seq * kv_token * pb))
     else:

@@ -43,7 +43,7 @@ def test_fsdp_divides_the_trained_state_and_the_reference(tiny_model):
     assert eight["parameters"] == one["parameters"] // 8 and eight["AdamW state"] == one["AdamW state"] // 8
     assert eight["reference model"] == one["reference model"] // 8
     assert one["reference model"] == one["parameters"] // 2  # frozen in bf16 on a GPU under model.dtype=auto
-    assert eight["engine weights"] == one["parameters"]  # a sharded policy: the engine keeps its own copy
+    assert eight["engine weights"] == one["parameters"] // 2  # a sharded policy: the engine keeps its own bf16 copy
 
 
 def test_meta_counting_matches_the_model(tiny_model):
