@@ -4,7 +4,6 @@ that need shipped files, and every module of it imports (those of an optional ex
 import importlib
 import pkgutil
 import subprocess
-import sys
 from pathlib import Path
 
 import r1cli
@@ -41,4 +40,3 @@ for mod in pkgutil.walk_packages([str(home)], "r1cli."):
         bad.append(f"{mod.name}: {e}")
 assert not bad, "modules of the installed copy that do not import:\n" + "\n".join(bad)
 print(f"installed r1 at {home}: commands and {sum(1 for _ in pkgutil.walk_packages([str(home)], 'r1cli.'))} modules ok")
-sys.exit(0)

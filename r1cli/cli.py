@@ -53,10 +53,10 @@ def _plan_options(fn):
 def _dry_run(cfg, command: str, gpus: int | None, gpu_gb: float) -> None:
     import os
 
-    from r1cli.run.memory_plan import plan, render, resolve_shares
+    from r1cli.run.memory_plan import GB, plan, render
 
     n = gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    text, fits = render(resolve_shares(plan(cfg, command, n), cfg, int(gpu_gb * (1 << 30))), gpu_gb, n, command)
+    text, fits = render(plan(cfg, command, n, gpu_bytes=int(gpu_gb * GB)), gpu_gb, n, command)
     click.echo(text)
     if not fits:
         raise R1Error(f"this config does not fit {n} GPU{'s' if n > 1 else ''} of {gpu_gb:g} GB (plan above)")

@@ -22,7 +22,7 @@ import yaml
 from r1cli.errors import R1Error
 
 
-def _shipped_configs() -> Path:
+def _configs_folder() -> Path:
     """The folder of the shipped YAML: `configs/` of a checkout, or `r1cli/configs` inside an installed wheel."""
     import importlib.util
 
@@ -32,7 +32,7 @@ def _shipped_configs() -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-CONFIG_DIR = _shipped_configs()  # presets: students/, tiny/, the pipelines
+CONFIG_DIR = _configs_folder()  # presets: students/, tiny/, the pipelines
 
 
 def resolve_config(path: str | Path) -> Path:

@@ -55,9 +55,10 @@ def _param_bytes(dtype: str) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4  # auto and bf16-mixed keep fp32 masters
 
 
-def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None,
-         device: str = "cuda") -> list[tuple[str, int]]:
-    """(piece, bytes on each `device`) for `r1 <command>` on `gpus` data-parallel ranks with the torch backend."""
+def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, device: str = "cuda",
+         gpu_bytes: int = 80 * GB) -> list[tuple[str, int]]:
+    """(piece, bytes on each `device`) for `r1 <command>` on `gpus` data-parallel ranks with the torch backend;
+    `gpu_bytes` sizes vLLM's KV cache when it fills its memory share."""
     import torch
 
     from r1cli.models.loading import frozen_dtype
@@ -82,8 +83,10 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None,
             tp = r.vllm.tensor_parallel
             weights = m.params * 2 // tp
             rows.append(("vLLM weights (bf16)", weights))
-            kv = int(r.vllm.kv_cache_gb * GB) if r.vllm.kv_cache_gb else None
-            rows.append(("vLLM KV cache", kv if kv is not None else -1))  # -1: the rest of its share, below
+            # an explicit size, or what its share of the GPU leaves after its weights
+            kv = int(r.vllm.kv_cache_gb * GB) if r.vllm.kv_cache_gb else \
+                max(0, int(r.vllm.gpu_memory_utilization * gpu_bytes) - weights)
+            rows.append(("vLLM KV cache", kv))
         else:
             frozen = _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
             rows.append(("engine weights", m.params * frozen if shard > 1 else 0))  # shares the policy unless sharded
@@ -96,13 +99,6 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None,
     kept = m.layers * seq * b * h * 2 + per_layer if cfg.model.gradient_checkpointing else m.layers * per_layer
     rows.append(("activations (estimate)", kept + seq * b * h * 4))  # + the final hidden states for the fused loss
     return rows
-
-
-def resolve_shares(rows: list[tuple[str, int]], cfg: Config, gpu_bytes: int) -> list[tuple[str, int]]:
-    """vLLM's KV cache without an explicit size is what its memory share leaves after its weights."""
-    util = cfg.rollout.vllm.gpu_memory_utilization
-    weights = dict(rows).get("vLLM weights (bf16)", 0)
-    return [(k, max(0, int(util * gpu_bytes) - weights) if v == -1 else v) for k, v in rows]
 
 
 def render(rows: list[tuple[str, int]], gpu_gb: float, gpus: int, command: str) -> tuple[str, bool]:
