@@ -159,15 +159,18 @@ def group_device(device: torch.device, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank) if device.type == "cuda" else torch.device("cpu")
 
 
-def start_process_group(device: torch.device) -> None:
+def start_process_group(device: torch.device, timeout_min: float = 30.0) -> None:
     """torchrun's process group (gloo on CPU, NCCL on GPU), closed again at exit; a single process gets a group
-    of one (megatron-core needs one)."""
+    of one (megatron-core needs one). A collective waits `timeout_min` for the slowest rank (parallel.timeout_min)."""
+    from datetime import timedelta
+
     if dist.is_initialized():
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(minutes=timeout_min))
     atexit.register(_close_process_group)
     if os.environ.get("R1_CHECK_COLLECTIVES") == "1":
         check_collectives()
@@ -181,7 +184,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1) -> DistributedContext:
+def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                  timeout_min: float = 30.0) -> DistributedContext:
     """Join torchrun's process group (when launched by torchrun) and build the dp / tp / pp groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     model_parallel = tensor_parallel * pipeline_parallel
@@ -192,7 +196,7 @@ def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_paral
                       f"pipeline_parallel={pipeline_parallel} replicas")
     if world == 1:
         return DistributedContext()
-    start_process_group(device)
+    start_process_group(device, timeout_min)
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local)

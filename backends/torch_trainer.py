@@ -63,16 +63,16 @@ class TorchTrainer:
             raise R1Error("model.precision=fp8 needs parallel.backend=megatron (Transformer Engine layers)")
         self.model_cfg, self.train_cfg, self.optim_cfg, self.parallel_cfg = model, train, optim, parallel
         device = resolve_device(train.device)
-        self.parallel = init_parallel(device, parallel.tensor_parallel, parallel.pipeline_parallel)
+        self.parallel = init_parallel(device, parallel.tensor_parallel, parallel.pipeline_parallel,
+                                      parallel.timeout_min)
         if device.type == "cuda":
             device = torch.device("cuda", self.parallel.local_rank)
         self.device = device
         torch.manual_seed(train.seed)
         self.tokenizer = load_tokenizer(model.path)
-        self.model = load_model(model, device)
         self.impl = kernels.pick_impl(train.kernels, device)
         self.autocast = autocast(model.dtype, device)
-        self.loss_module = HiddenLoss(self.model)
+        self.model, self.loss_module = self._load(model)
         self.wrapped = self._parallelize(self.loss_module)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.loss_module.parameters() if p.requires_grad], lr=optim.lr,
@@ -82,10 +82,7 @@ class TorchTrainer:
         self.reference = self.reference_module = None
         if need_reference:  # frozen: in the compute dtype (bf16 under mixed precision), sharded like the policy
             frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
-            self.reference = load_model(frozen, device).eval().requires_grad_(False)
-            self.reference_module = HiddenLoss(self.reference)
-            if self._sharded:
-                self._fully_shard(self.reference, self.reference_module, mp_policy=False)
+            self.reference, self.reference_module = self._load(frozen, frozen=True)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -106,11 +103,42 @@ class TorchTrainer:
             fully_shard(layer, mesh=mesh, **kw)
         fully_shard(root, mesh=mesh, **kw)
 
+    def _load(self, cfg: ModelConfig, frozen: bool = False) -> tuple[nn.Module, HiddenLoss]:
+        """The model and its HiddenLoss root, sharded under FSDP. Sharded, no device ever holds the whole model:
+        rank 0 reads the weights into CPU memory, every rank builds the model on the meta device, shards it,
+        allocates only its shard on the device, and receives rank 0's tensors one at a time (the other ranks read
+        no weight file). A frozen model (the reference) runs in its own dtype, without a mixed-precision policy."""
+        if not self._sharded:
+            model = load_model(cfg, self.device)
+            if frozen:
+                model.eval().requires_grad_(False)
+            return model, HiddenLoss(model)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        full = load_model(cfg, torch.device("cpu")) if self.parallel.is_main else None
+        model = load_model(cfg, self.device, weights=False)
+        if frozen:
+            model.eval().requires_grad_(False)
+        root = HiddenLoss(model)
+        self._fully_shard(model, root, mp_policy=not frozen)
+        root.to_empty(device=self.device)
+        weights = {"model." + k: v for k, v in full.state_dict().items()} if full is not None else {}
+        set_model_state_dict(root, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        self._broadcast_buffers(model, full)
+        return model, root
+
+    def _broadcast_buffers(self, model: nn.Module, full: nn.Module | None) -> None:
+        """Buffers outside the state dict (rotary inv_freq) are garbage after to_empty: rank 0's, to every rank."""
+        import torch.distributed as dist
+
+        source = dict(full.named_buffers()) if full is not None else {}
+        for name, buf in model.named_buffers():
+            t = self.parallel.on_group_device(source[name].clone() if full is not None else torch.empty_like(buf))
+            dist.broadcast(t, src=0)
+            buf.copy_(t)
+
     def _parallelize(self, module: nn.Module) -> nn.Module:
-        if self.parallel.dp_size == 1:
-            return module
-        if self._sharded:
-            self._fully_shard(self.model, module)
+        if self.parallel.dp_size == 1 or self._sharded:  # sharded already by _load
             return module
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -276,18 +304,22 @@ class TorchTrainer:
         )
 
         directory = Path(directory)
-        sd = load_file(str(directory / "model.safetensors"))
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.loss_module, {"model." + k: v for k, v in sd.items()}, options=opts)
-        blob = torch.load(directory / "trainer.pt", weights_only=False)
-        set_optimizer_state_dict(self.loss_module, self.optimizer, blob["optimizer"], options=opts)
+        # sharded: rank 0 reads the weights and each tensor reaches every rank's shard in turn; the optimizer file
+        # is memory-mapped (each rank copies out its shard one tensor at a time; the pages are shared on a node)
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=self._sharded)
+
+        def weights(name: str) -> dict:
+            if self._sharded and not self.parallel.is_main:
+                return {}
+            return {"model." + k: v for k, v in load_file(str(directory / name)).items()}
+
+        set_model_state_dict(self.loss_module, weights("model.safetensors"), options=opts)
+        blob = torch.load(directory / "trainer.pt", weights_only=False, mmap=True)
+        set_optimizer_state_dict(self.loss_module, self.optimizer, blob["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(blob["scheduler"])
-        if self.reference is not None and (directory / "reference.safetensors").is_file():
-            ref = load_file(str(directory / "reference.safetensors"))
-            if self._sharded:
-                set_model_state_dict(self.reference_module, {"model." + k: v for k, v in ref.items()}, options=opts)
-            else:
-                self.reference.load_state_dict(ref)
+        if self.reference_module is not None and (directory / "reference.safetensors").is_file():
+            set_model_state_dict(self.reference_module, weights("reference.safetensors"), options=opts)
         restore_rng(directory, self.parallel.rank)
         return blob["extra"]
 

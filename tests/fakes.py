@@ -52,7 +52,8 @@ class FakeTrainer:
 
     def __init__(self, model, train, optim, parallel, need_reference: bool = False):
         self.device = torch.device("cpu")
-        self.parallel = init_parallel(self.device, parallel.tensor_parallel, parallel.pipeline_parallel)
+        self.parallel = init_parallel(self.device, parallel.tensor_parallel, parallel.pipeline_parallel,
+                                      parallel.timeout_min)
         self.tokenizer = FakeTokenizer()
         self.theta = initial_logits()
         self.reference = self.theta.clone() if need_reference else None

@@ -171,7 +171,7 @@ class MegatronTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _layout(self, device, tp: int, pp: int) -> DistributedContext:
-        start_process_group(device)
+        start_process_group(device, self.parallel_cfg.timeout_min)
         ps = self.ps
         if ps.model_parallel_is_initialized():  # a second trainer in this process (tests, r1 pipeline)
             ps.destroy_model_parallel()

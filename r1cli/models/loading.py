@@ -126,9 +126,10 @@ def load_tokenizer(path: str):
     return tok
 
 
-def load_model(cfg: ModelConfig, device: torch.device):
+def load_model(cfg: ModelConfig, device: torch.device, weights: bool = True):
     """The causal LM on `device`, parameters in the configured dtype (fp32 under auto), weights from local
-    safetensors."""
+    safetensors; with weights=False, built from config.json alone on the meta device (no weights read, no memory:
+    what a sharded load fills in)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     quiet_transformers()
@@ -136,10 +137,15 @@ def load_model(cfg: ModelConfig, device: torch.device):
     hf_cfg = AutoConfig.from_pretrained(str(p), local_files_only=True)
     if hf_cfg.model_type not in SUPPORTED:
         raise R1Error(f"{cfg.path}: model type '{hf_cfg.model_type}' is not supported ({', '.join(SUPPORTED)})")
-    model = AutoModelForCausalLM.from_pretrained(
-        str(p), local_files_only=True, dtype=param_dtype(cfg.dtype),
-        attn_implementation=cfg.attn_implementation,
-    ).to(device)
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(p), local_files_only=True, dtype=param_dtype(cfg.dtype),
+            attn_implementation=cfg.attn_implementation,
+        ).to(device)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=param_dtype(cfg.dtype),
+                                                     attn_implementation=cfg.attn_implementation)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False

@@ -1,7 +1,12 @@
 """The torch backend's contract beyond the loops: fp32 master weights, data-parallel only."""
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
-from conftest import run_r1
+from conftest import ROOT, run_r1
 
 from r1cli.config import load_config
 from r1cli.interfaces import build_trainer
@@ -74,3 +79,17 @@ def test_an_engine_from_configs_alone_follows_the_trainer_through_load_weights(t
     assert after != before and own.generate(prompt, greedy)[0][0].completion_ids == before
     own.load_weights(trainer.named_weights())
     assert own.generate(prompt, greedy)[0][0].completion_ids == after
+
+
+def test_fsdp_ranks_other_than_0_read_no_weights_and_hold_only_their_shard(tiny_model, tmp_path):
+    """Under FSDP no rank holds the whole model: rank 0 reads the files (into CPU memory), the others build on the
+    meta device and receive their shards; the sharded model (policy and reference) equals the files."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "R1_CHECK_COLLECTIVES": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                          str(ROOT / "tests" / "fsdp_load_worker.py"), str(tiny_model), str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["reads"] == ["auto", "auto"] and r1["reads"] == []  # policy and reference, rank 0 only
+    assert r0["local"] + r1["local"] == r0["total"] and r1["local"] < r1["total"]
+    assert r0["weights_equal"] and r0["buffers_equal"] and r1["buffers_equal"]

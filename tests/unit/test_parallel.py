@@ -39,3 +39,23 @@ def test_the_group_device_is_the_ranks_gpu_under_nccl():
     assert group_device(torch.device("cuda"), 3) == torch.device("cuda", 3)
     assert group_device(torch.device("cpu"), 3) == torch.device("cpu")
     assert DistributedContext().device == torch.device("cpu")
+
+
+def test_collectives_wait_parallel_timeout_min_not_nccls_ten_minutes(monkeypatch):
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from r1cli.backends import parallel
+    from r1cli.config import load_config
+
+    seen = {}
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(parallel.atexit, "register", lambda fn: None)
+    monkeypatch.setenv("RANK", "0")  # as under torchrun (else a group of one is set up in os.environ)
+    cfg = load_config("configs/tiny/zero.yaml", ["parallel.timeout_min=45"])
+    parallel.start_process_group(torch.device("cuda"), cfg.parallel.timeout_min)
+    assert seen == {"backend": "nccl", "timeout": timedelta(minutes=45)}
+    assert load_config("configs/tiny/zero.yaml", []).parallel.timeout_min == 30
