@@ -77,6 +77,9 @@ def sft_cmd(config_path, print_config, resume, overwrite, dry_run, gpus, gpu_gb,
     if dry_run:
         return _dry_run(cfg, "sft", gpus, gpu_gb)
     from r1cli.sft.loop import run_sft
+    from r1cli.run.memory_plan import check_gpu_fits
+
+    check_gpu_fits(cfg, "sft")
 
     run_sft(cfg, resume=resume, overwrite=overwrite)
 
@@ -90,6 +93,9 @@ def rl_cmd(config_path, print_config, resume, overwrite, dry_run, gpus, gpu_gb, 
     if dry_run:
         return _dry_run(cfg, "rl", gpus, gpu_gb)
     from r1cli.rl.loop import run_rl
+    from r1cli.run.memory_plan import check_gpu_fits
+
+    check_gpu_fits(cfg, "rl")
 
     run_rl(cfg, resume=resume, overwrite=overwrite)
 

@@ -6,19 +6,22 @@ data-parallel ranks under FSDP), the reference model (grpo.beta > 0: in the comp
 auto, and sharded like the policy), the rollout engine's weights
 (a transformers engine shares the policy unless FSDP shards it, then keeps its own copy in the compute dtype; vLLM
 keeps a bf16 copy split over its TP ranks) and
-its KV cache, and an activation estimate (Korthikanti et al. 2022: 34·s·b·h bytes per layer in 16-bit, the
-attention scores left to flash attention; with gradient checkpointing only each layer's input is kept, plus one
-layer's working set). The first five are exact for what they count (tests/e2e/test_memory_plan.py holds them to
-a live trainer's tensors); the activations are an estimate.
+its KV cache, and the activation peak of a micro-batch (activation_bytes: counted from the decoder's shapes). The
+resident rows are exact for what they count (tests/e2e/test_memory_plan.py holds them to a live trainer's tensors);
+the activations are an estimate, held there to torch's MemTracker peak on the CPU within a stated margin.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from r1cli.config import Config
 from r1cli.errors import R1Error
+
+if TYPE_CHECKING:
+    import torch
 
 GB = 1 << 30
 
@@ -32,6 +35,7 @@ class ModelSize:
     kv_heads: int
     head_dim: int
     vocab: int
+    intermediate: int
 
 
 def model_size(path: str) -> ModelSize:
@@ -48,7 +52,7 @@ def model_size(path: str) -> ModelSize:
     heads = c.num_attention_heads
     return ModelSize(sum(p.numel() for p in model.parameters()), c.num_hidden_layers, c.hidden_size, heads,
                      getattr(c, "num_key_value_heads", None) or heads,
-                     getattr(c, "head_dim", None) or c.hidden_size // heads, c.vocab_size)
+                     getattr(c, "head_dim", None) or c.hidden_size // heads, c.vocab_size, c.intermediate_size)
 
 
 def _param_bytes(dtype: str) -> int:
@@ -94,11 +98,70 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
             rows.append(("engine KV cache", batch * seq * kv_token * pb))
     else:
         seq = cfg.data.max_seq_len
-    b, h = cfg.train.micro_batch_size, m.hidden
-    per_layer = 34 * seq * b * h  # bytes in 16-bit compute (Korthikanti et al.), flash attention
-    kept = m.layers * seq * b * h * 2 + per_layer if cfg.model.gradient_checkpointing else m.layers * per_layer
-    rows.append(("activations (estimate)", kept + seq * b * h * 4))  # + the final hidden states for the fused loss
+    rows.append(("activations (estimate)", activation_bytes(cfg, m, seq, torch.device(device))))
     return rows
+
+
+def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device) -> int:
+    """The activation peak of one micro-batch's forward and backward, counted from the decoder's shapes: each
+    layer keeps, per token, its two norms' inputs and outputs, q / k / v, the attention output (flash attention:
+    no [s x s] scores; torch's CPU attention does the same) and the SwiGLU MLP's gate, up, activation and
+    product - 6h + 2·kv_heads·head_dim + 4·intermediate values in the compute dtype; with gradient checkpointing
+    only each layer's input is kept. On top: the loss's working set (the fused Triton kernels: fp32 d(hidden) and
+    one logits chunk; the torch reference: fp32 logits and their log-softmax) and one layer's backward working
+    set. Checked against torch's MemTracker on the CPU (tests/e2e/test_memory_plan.py)."""
+    from r1cli.kernels.fused_linear import LOGITS_BUDGET_BYTES
+    from r1cli.models.loading import compute_dtype
+
+    mixed = compute_dtype(cfg.model.dtype, device) is not None  # bf16 autocast over fp32 parameters
+    c = 2 if mixed or _param_bytes(cfg.model.dtype) == 2 else 4
+    tokens = cfg.train.micro_batch_size * seq
+    qkv_mlp = 2 * m.kv_heads * m.head_dim + 4 * m.intermediate
+    if mixed:  # the residual stream and the norms stay fp32; each norm's output is cast to bf16 for its matmuls
+        per_layer = tokens * (4 * m.hidden * 4 + (4 * m.hidden + qkv_mlp) * 2)
+    else:
+        per_layer = tokens * (6 * m.hidden + qkv_mlp) * c
+    kept = m.layers * tokens * m.hidden * 4 if cfg.model.gradient_checkpointing else m.layers * per_layer
+    triton = device.type == "cuda" and cfg.train.kernels != "torch"
+    if triton:
+        loss = tokens * m.hidden * 4 + LOGITS_BUDGET_BYTES
+    else:  # the logits (in the compute dtype, then fp32) and their fp32 log-softmax
+        loss = tokens * m.vocab * (8 + (2 if c == 2 else 0))
+    return kept + loss + per_layer
+
+
+def check_fits(cfg: Config, command: str, gpus: int, gpu_bytes: int) -> str | None:
+    """Before a GPU run loads anything: refuse when what the plan counts exactly (all but the activations) exceeds
+    a GPU; a warning line when the activation estimate takes it over; None when it fits."""
+    rows = plan(cfg, command, gpus, gpu_bytes=gpu_bytes)
+    resident = sum(v for k, v in rows if not k.startswith("activations"))
+    total = sum(v for _, v in rows)
+    where = f"{gpus} GPU{'s' if gpus > 1 else ''} of {gpu_bytes / GB:.0f} GB"
+    if resident > gpu_bytes:
+        raise R1Error(f"this config needs {resident / GB:.1f} GB per GPU before any activation on {where} "
+                      f"(`r1 {command} --dry-run --gpus {gpus} --gpu-gb {gpu_bytes / GB:.0f}` prints the plan)")
+    if total > gpu_bytes:
+        return (f"warning: the memory plan estimates {total / GB:.1f} GB per GPU on {where} (activations "
+                f"{(total - resident) / GB:.1f} GB); lower train.micro_batch_size or turn on "
+                "model.gradient_checkpointing if the run runs out of memory")
+    return None
+
+
+def check_gpu_fits(cfg: Config, command: str) -> None:
+    """check_fits for the GPUs this process sees (torch backend on CUDA only; rank 0 speaks)."""
+    import os
+    import sys
+
+    import torch
+
+    from r1cli.models.loading import resolve_device
+
+    if cfg.parallel.backend != "torch" or resolve_device(cfg.train.device).type != "cuda":
+        return
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    note = check_fits(cfg, command, gpus, torch.cuda.get_device_properties(0).total_memory)
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, file=sys.stderr)
 
 
 def render(rows: list[tuple[str, int]], gpu_gb: float, gpus: int, command: str) -> tuple[str, bool]:

@@ -2,6 +2,7 @@
 the bytes a live trainer holds, and `--dry-run` refuses a config that cannot fit."""
 
 import pytest
+import torch
 from conftest import run_r1
 
 from r1cli.config import load_config
@@ -69,3 +70,43 @@ def test_dry_run_prints_the_plan_and_refuses_what_cannot_fit(tiny_model, tmp_pat
 def test_the_megatron_backend_is_not_counted_yet():
     with pytest.raises(R1Error, match="the memory plan counts parallel.backend=torch; megatron is not counted yet"):
         plan(load_config(None, ["parallel.backend=megatron"]), "sft", 1)
+
+
+@pytest.mark.parametrize("switches", [[], ["model.gradient_checkpointing=true"], ["model.dtype=bf16-mixed"],
+                                      ["model.dtype=bf16-mixed", "model.gradient_checkpointing=true"],
+                                      ["model.dtype=bfloat16"]])
+def test_the_planned_total_is_within_20_percent_of_the_measured_peak(tiny_model, switches):
+    """The whole plan (resident rows and the activation estimate) against the peak of every tensor alive during a
+    train step, as torch's MemTracker counts it (by tensor bytes: no allocator, so the same on any CPU)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from r1cli.interfaces import build_trainer
+    from r1cli.sft.loss import NLLLoss
+    from r1cli.token_batch import TokenBatch
+
+    cfg = load_config("configs/tiny/sft.yaml", [f"model.path={tiny_model}", "train.micro_batch_size=8",
+                                                "data.max_seq_len=256", *switches])
+    planned = sum(v for _, v in plan(cfg, "sft", gpus=1, device="cpu"))
+    trainer = build_trainer(cfg)
+    batch = TokenBatch.from_completions([[5] * 8] * 8, [[7] * 248] * 8)
+    trainer.train_step(batch, NLLLoss(8 * 248))  # the optimizer state exists from here on
+    tracker = MemTracker()
+    tracker.track_external(trainer.loss_module, trainer.optimizer)
+    with tracker:
+        trainer.train_step(batch, NLLLoss(8 * 248))
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert 0.8 * peak <= planned <= 1.2 * peak, (planned, peak)
+
+
+def test_a_gpu_run_that_cannot_hold_its_weights_is_refused_before_loading(tiny_model):
+    """What `r1 rl|sft` checks on a GPU before loading anything: the exactly counted rows over the GPU are an
+    error, the activation estimate over it a warning."""
+    from r1cli.run.memory_plan import check_fits
+
+    cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "rollout.engine=hf"])
+    rows = dict(plan(cfg, "rl", 2))
+    resident = sum(v for k, v in rows.items() if not k.startswith("activations"))
+    assert check_fits(cfg, "rl", 2, resident + rows["activations (estimate)"]) is None
+    assert "warning: the memory plan estimates" in check_fits(cfg, "rl", 2, resident + 1)
+    with pytest.raises(R1Error, match=r"this config needs .* GB per GPU before any activation on 2 GPUs"):
+        check_fits(cfg, "rl", 2, resident - 1)
