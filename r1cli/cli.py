@@ -76,8 +76,8 @@ def sft_cmd(config_path, print_config, resume, overwrite, dry_run, gpus, gpu_gb,
         return
     if dry_run:
         return _dry_run(cfg, "sft", gpus, gpu_gb)
-    from r1cli.sft.loop import run_sft
     from r1cli.run.memory_plan import check_gpu_fits
+    from r1cli.sft.loop import run_sft
 
     check_gpu_fits(cfg, "sft")
 
