@@ -147,6 +147,10 @@ class MegatronBackendConfig:
     sequence_parallel: bool = False
     # Adam state and fp32 master weights sharded over the data-parallel ranks (ZeRO-1)
     distributed_optimizer: bool = True
+    # the layers: te = Transformer Engine's (flash attention, packed rows as THD sequences; FP8 needs them), local =
+    # megatron's plain torch layers (attention materialises [heads, S, S] scores: CPU and small runs); auto: te on a
+    # GPU where transformer_engine imports, else local
+    layers: Literal["auto", "te", "local"] = "auto"
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """megatron-core's GPTModel from a Hugging Face config, with a family's layer options.
 
-The local layer spec (plain torch layers) serves CPU runs and bf16 GPU runs; the Transformer Engine spec
-(FP8) comes with the trainer. Call after `parallel_state.initialize_model_parallel`.
+The local layer spec (plain torch layers) serves CPU runs; the Transformer Engine spec (flash attention, THD
+packed sequences, FP8) is what a GPU run uses where transformer_engine imports (use_te_layers). Call after
+`parallel_state.initialize_model_parallel`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,34 @@ def check_fp8() -> None:
     if cc < (8, 9):
         raise R1Error(f"model.precision=fp8 needs a GPU with FP8 tensor cores (Hopper class, compute capability "
                       f"8.9 or newer); {torch.cuda.get_device_name()} is {cc[0]}.{cc[1]}")
+
+
+def use_te_layers(choice: str, fp8: bool, on_gpu: bool) -> bool:
+    """Whether to build Transformer Engine layers (parallel.megatron.layers): FP8 needs them; on a GPU they are the
+    default wherever transformer_engine imports, since megatron's local attention materialises [B x heads/TP, S, S]
+    scores and an fp32 softmax copy (about 15 GB per layer at 7B, 8k tokens, micro-batch 4)."""
+    from r1cli.errors import R1Error, missing_extra
+
+    if fp8 and choice == "local":
+        raise R1Error("model.precision=fp8 needs the Transformer Engine layers: parallel.megatron.layers=local "
+                      "cannot run it")
+    if choice == "local":
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+        have_te = True
+    except ImportError:
+        have_te = False
+    if choice == "te" or fp8:
+        if not have_te:
+            raise missing_extra("transformer-engine", "te")
+        return True
+    if on_gpu and not have_te:
+        import sys
+
+        print("note: megatron runs its local attention on this GPU ([heads, S, S] scores in memory); "
+              "pip install 'r1[te]' for flash attention", file=sys.stderr)
+    return on_gpu and have_te
 
 
 def import_megatron():
@@ -115,16 +144,17 @@ def layer_spec(cfg: dict, layers: int, te: bool = False):
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm))
 
 
-def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, **options):
-    """This rank's GPTModel (its pipeline stage, its tensor shards); options: sequence_parallel, recompute, fp8
-    (None, "delayed" or "current": the Transformer Engine spec with that FP8 scaling recipe)."""
+def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, te: bool = False, **options):
+    """This rank's GPTModel (its pipeline stage, its tensor shards), with Transformer Engine layers when `te`;
+    options: sequence_parallel, recompute, fp8 (None, "delayed" or "current": the TE layers with that FP8 scaling
+    recipe)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     s = Shape.from_hf(cfg)
     return GPTModel(
         config=transformer_config(cfg, tp, pp, dtype, **options),
-        transformer_layer_spec=layer_spec(cfg, s.layers // pp, te=options.get("fp8") is not None),
+        transformer_layer_spec=layer_spec(cfg, s.layers // pp, te=te or options.get("fp8") is not None),
         vocab_size=padded_vocab(s.vocab, tp), max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=s.tied, position_embedding_type="rope",
@@ -142,7 +172,7 @@ def follow_position_ids(model) -> None:
 
     def forward(max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         pos = model.position_ids
-        if pos is None:
+        if pos is None or packed_seq:  # THD sequences: megatron restarts the angles at each cu_seqlens boundary
             return rope.get_emb(max_seq_len, offset)
         table = rope.get_emb(max(int(pos.max()) + 1, max_seq_len))[:, 0, 0, :]  # [positions, D]
         return table[pos.t()].unsqueeze(2)  # [S, B, 1, D]

@@ -53,6 +53,7 @@ from .model import (
     import_megatron,
     load_converted,
     output_hidden_states,
+    use_te_layers,
 )
 
 
@@ -81,13 +82,17 @@ def row_width(longest: int, tp: int, sequence_parallel: bool, fp8: bool) -> int:
     return -(-longest // step) * step
 
 
-def check_te_attention(te_spec: bool, packed: bool) -> None:
-    """Transformer Engine's attention runs causal with no mask (its documented rule: the mask must be None for a
-    causal mask type) and takes packed samples only as THD sequences with cumulative lengths (PackedSeqParams),
-    which this trainer does not build yet: packed rows there would attend across samples."""
-    if te_spec and packed:
-        raise R1Error("packed rows (data.pack=true) are not supported with the Transformer Engine layers "
-                      "(model.precision=fp8) yet: their attention would cross sample boundaries; set data.pack=false")
+def thd_params(pos: torch.Tensor) -> dict:
+    """The packed rows [B, S] of a micro-batch as one THD sequence for Transformer Engine's attention (megatron's
+    PackedSeqParams fields): a sample starts at every row start and wherever the positions do not count on by one;
+    cu_seqlens are the int32 cumulative lengths from 0 to B x S (TE's rules: int32, starting at 0, strictly
+    increasing, ending at the token count; the attention mask is then None)."""
+    starts = torch.ones_like(pos, dtype=torch.bool)
+    starts[:, 1:] = pos[:, 1:] - pos[:, :-1] != 1
+    flat = starts.reshape(-1)
+    cu = torch.cat([flat.nonzero().reshape(-1), torch.tensor([flat.numel()], device=pos.device)]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 def _source(path: str) -> tuple[dict, Path, dict | None]:
@@ -144,6 +149,7 @@ class MegatronTrainer:
         if self.fp8:
             check_fp8()
         device = resolve_device(train.device)
+        self.te = use_te_layers(parallel.megatron.layers, self.fp8 is not None, device.type == "cuda")
         import_megatron()
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import random as mrandom
@@ -191,7 +197,7 @@ class MegatronTrainer:
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
-                                recompute=m.gradient_checkpointing, fp8=self.fp8)
+                                recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te)
         if layout is not None:
             load_converted(model, Path(m.path), rename=self._name)
         else:  # straight from the HF folder: this rank's shard only
@@ -209,7 +215,7 @@ class MegatronTrainer:
 
     def _name(self, name: str) -> str:
         """A local-spec megatron name (the converter's) as this model calls it."""
-        return te_name(name) if self.fp8 else name
+        return te_name(name) if self.te else name
 
     def _wrap(self, model):
         from megatron.core.distributed import (
@@ -250,7 +256,6 @@ class MegatronTrainer:
 
     def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
         mbs = self._micro_batch_size(batch)
-        check_te_attention(self.fp8 is not None, batch.position_ids is not None)
         width = row_width(max(len(r) for r in batch.input_ids), self.parallel.tp_size,
                           self.parallel_cfg.megatron.sequence_parallel, self.fp8 is not None)
         out = []
@@ -264,8 +269,15 @@ class MegatronTrainer:
             full_ids[: len(rows), :w], full_pos[: len(rows), :w] = ids, pos
             idx = (idx // w) * width + idx % w
             d = self.device
-            mask = None if batch.position_ids is None else sample_mask(full_pos).to(d)
-            out.append((rows, mb, full_ids.to(d), full_pos.to(d), mask, idx.to(d), tgt.to(d)))
+            mask, thd = None, None
+            if batch.position_ids is not None and self.te:  # TE's attention: one THD sequence, no mask
+                thd = thd_params(full_pos.to(d))
+                full_ids, full_pos = full_ids.reshape(1, -1), full_pos.reshape(1, -1)
+            elif batch.position_ids is not None:
+                mask = sample_mask(full_pos).to(d)
+            out.append((rows, mb, full_ids.to(d), full_pos.to(d), mask, thd, idx.to(d), tgt.to(d)))
+        if self.te and batch.position_ids is not None:
+            return out, width * mbs, 1
         return out, width, mbs
 
     def _schedule(self, module, batch: TokenBatch, head, forward_only: bool) -> tuple[list, list]:
@@ -277,9 +289,14 @@ class MegatronTrainer:
         model = module.module if hasattr(module, "module") else module
 
         def step(data, m):
-            rows, mb, ids, pos, mask, idx, tgt = next(data)
+            rows, mb, ids, pos, mask, thd, idx, tgt = next(data)
             model.position_ids = pos
-            hidden = m(ids, pos, mask)
+            if thd is not None:
+                from megatron.core.packed_seq_params import PackedSeqParams
+
+                hidden = m(ids, pos, None, packed_seq_params=PackedSeqParams(**thd))
+            else:
+                hidden = m(ids, pos, mask)
             return hidden, functools.partial(self._head, head=head, mb=mb, idx=idx, tgt=tgt, model=model)
 
         out = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(chunks), model=[module],

@@ -281,6 +281,8 @@ def _step_metrics(parallel, scored: Scored, shaped: Shaped, train_out: dict, t_r
         "zero_var_groups": float(torch.tensor(cat("flat")).float().mean()),
         "rollout_tokens_per_s": float(ln.sum()) / max(1e-9, parallel.all_reduce_sum(t_rollout) / parallel.dp_size),
         "train_tokens_per_s": train_out["train_tokens"] / max(1e-9, t_train),
+        "time/generate_s": t_rollout,  # rank 0's: generating (and sharing) the step's samples
+        "time/train_s": t_train,  # its log-probs and optimizer steps
     }
     for name in cfg.rewards.weights:
         out[f"reward/{name}"] = float(torch.tensor([x for p in parts for x in p["components"][name]]).mean())

@@ -202,14 +202,45 @@ def test_rows_are_padded_as_transformer_engine_fp8_asks(longest, tp, sp, fp8, mb
     assert per_rank_tokens % FP8_TOKEN_MULTIPLE == 0 if fp8 else w == (-(-longest // tp) * tp if sp else longest)
 
 
-def test_packed_rows_are_refused_under_the_transformer_engine_attention():
-    from r1cli.backends.megatron.trainer import check_te_attention
+def test_packed_rows_reach_transformer_engine_as_thd_sequences_by_its_rules():
+    """Under the TE layers packed rows are one THD sequence per micro-batch (TE's causal attention ignores a mask):
+    cu_seqlens must be int32, start at 0, rise strictly and end at the token count - and the segments must be
+    exactly the per-sample blocks the local layers' mask allows (so both see the same attention)."""
+    from r1cli.backends.megatron.trainer import sample_mask, thd_params
+
+    # two rows of width 12: samples of 5, 4 and 3 tokens, then 7 tokens and 5 of padding (positions counting on)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
+    pos[1, 7:] = torch.arange(5)  # the padding as the trainer lays it: a segment of its own
+    thd = thd_params(pos)
+    cu = thd["cu_seqlens_q"]
+    assert thd["qkv_format"] == "thd" and cu.dtype == torch.int32 and thd["cu_seqlens_kv"] is cu
+    assert cu.tolist() == [0, 5, 9, 12, 19, 24] and thd["max_seqlen_q"] == thd["max_seqlen_kv"] == 7
+    assert bool((cu[1:] > cu[:-1]).all()) and cu[0] == 0 and cu[-1] == pos.numel()
+    segment = torch.bucketize(torch.arange(pos.numel()), cu[1:], right=True).view(2, 12)
+    allowed = (segment[:, :, None] == segment[:, None, :]) & torch.ones(12, 12, dtype=torch.bool).tril()
+    assert torch.equal(allowed, ~sample_mask(pos)[:, 0])
+
+
+def test_the_layers_a_megatron_run_builds(monkeypatch):
+    """parallel.megatron.layers: TE's layers (flash attention) on a GPU wherever transformer_engine imports, the
+    local ones on the CPU; FP8 needs TE; asking for what is missing names the extra."""
+    import sys
+    import types
+
+    from r1cli.backends.megatron.model import use_te_layers
     from r1cli.errors import R1Error
 
-    check_te_attention(te_spec=False, packed=True)  # the local spec takes the per-sample mask
-    check_te_attention(te_spec=True, packed=False)
-    with pytest.raises(R1Error, match="packed rows .* Transformer Engine layers .* set data.pack=false"):
-        check_te_attention(te_spec=True, packed=True)
+    monkeypatch.setitem(sys.modules, "transformer_engine", None)  # not installed
+    assert use_te_layers("auto", fp8=False, on_gpu=False) is False
+    assert use_te_layers("auto", fp8=False, on_gpu=True) is False  # with a note on stderr
+    with pytest.raises(R1Error, match="pip install 'r1\\[te\\]'"):
+        use_te_layers("te", fp8=False, on_gpu=True)
+    with pytest.raises(R1Error, match="fp8 needs the Transformer Engine layers"):
+        use_te_layers("local", fp8=True, on_gpu=True)
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    assert use_te_layers("auto", fp8=False, on_gpu=True) is True
+    assert use_te_layers("auto", fp8=False, on_gpu=False) is False
+    assert use_te_layers("local", fp8=False, on_gpu=True) is False
 
 
 def test_a_tp2_rl_step_generates_once_per_replica(cold_start, tmp_path):
