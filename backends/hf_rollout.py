@@ -24,6 +24,7 @@ class HFGenerateEngine:
         self.model, self.tok, self.cfg, self.device = model, tokenizer, cfg, device
         self.shared = shared  # the trainer's live module: its weights are always current
         self.autocast = autocast(dtype, device)
+        self.offloaded = False  # asleep: the own copy is in host memory
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (HF name, tensor) pairs into the engine's own copy, in place; a shared module needs nothing."""
@@ -37,10 +38,16 @@ class HFGenerateEngine:
                 params[name].copy_(t)
 
     def sleep(self) -> None:
-        pass
+        """An own copy on an accelerator goes to host memory while the trainer runs (a sharded trainer's step
+        needs that memory; load_weights then copies into the host copy); the trainer's shared module stays."""
+        if not self.shared and self.device.type != "cpu" and not self.offloaded:
+            self.model.to("cpu")
+            self.offloaded = True
 
     def wake(self) -> None:
-        pass
+        if self.offloaded:
+            self.model.to(self.device)
+            self.offloaded = False
 
     def _cut(self, ids: list[int], stops: tuple[str, ...]) -> tuple[list[int], bool]:
         """Trim a generated row at EOS (kept) or at the end of the first stop string; flag truncation."""
@@ -70,6 +77,7 @@ class HFGenerateEngine:
         """params.n completions for each token-id prompt; prompts are batched `prompts_per_generate` at a time
         and each batch is seeded from its first prompt's seed (params.seed + its index), so results do not
         depend on how prompts are sharded when prompts_per_generate == 1."""
+        self.wake()
         was_training = self.model.training
         self.model.eval()
         out: list[list[Completion]] = []

@@ -81,8 +81,7 @@ class TorchTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, optim, train.steps))
         self.reference = self.reference_module = None
         if need_reference:  # frozen: in the compute dtype (bf16 under mixed precision), sharded like the policy
-            frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
-            self.reference, self.reference_module = self._load(frozen, frozen=True)
+            self.reference, self.reference_module = self.frozen_copy(model)
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -102,6 +101,13 @@ class TorchTrainer:
         for layer in getattr(model, model.base_model_prefix).layers:
             fully_shard(layer, mesh=mesh, **kw)
         fully_shard(root, mesh=mesh, **kw)
+
+    def frozen_copy(self, cfg: ModelConfig) -> tuple[nn.Module, HiddenLoss]:
+        """A frozen model (the reference, a distillation teacher) beside the policy: in the compute dtype (bf16 under
+        mixed precision), sharded like the policy under FSDP. Call its HiddenLoss on every rank in step (a sharded
+        forward gathers), under no_grad."""
+        frozen = replace(cfg, dtype=frozen_dtype(cfg.dtype, self.device), gradient_checkpointing=False)
+        return self._load(frozen, frozen=True)
 
     def _load(self, cfg: ModelConfig, frozen: bool = False) -> tuple[nn.Module, HiddenLoss]:
         """The model and its HiddenLoss root, sharded under FSDP. Sharded, no device ever holds the whole model:

@@ -11,17 +11,25 @@ from r1cli.interfaces import LossInput
 
 
 def load_teacher(cfg: Config, trainer):
-    """The teacher on the trainer's device, frozen; its tokenizer must be the student's."""
-    from r1cli.models.loading import frozen_dtype, load_model, load_tokenizer
+    """The teacher beside the student, frozen (the trainer's frozen_copy: the compute dtype, sharded like the
+    student under FSDP), as a HiddenLoss module; its tokenizer must be the student's."""
+    from r1cli.models.loading import load_tokenizer
 
     vocab = load_tokenizer(cfg.distill.teacher).get_vocab()
     if vocab != trainer.tokenizer.get_vocab():
         raise R1Error(f"distill.teacher {cfg.distill.teacher} has another tokenizer than the student "
                       f"{cfg.model.path}: logit distillation compares distributions over the same tokens; "
                       "drop distill.teacher to train on the teacher's samples alone")
-    model = replace(cfg.model, path=cfg.distill.teacher, gradient_checkpointing=False,
-                    dtype=frozen_dtype(cfg.model.dtype, trainer.device))  # frozen: the compute dtype
-    return load_model(model, trainer.device).eval().requires_grad_(False)
+    if not hasattr(trainer, "frozen_copy"):
+        raise R1Error(f"logit distillation (distill.teacher) needs parallel.backend=torch, not "
+                      f"{cfg.parallel.backend}")
+    return trainer.frozen_copy(replace(cfg.model, path=cfg.distill.teacher))[1]
+
+
+def _hidden_and_weight(hidden, weight):
+    """Inside the teacher's forward: its hidden states and a copy of its lm_head weight (under FSDP the gathered
+    weight is freed again when the forward returns)."""
+    return hidden, weight.detach().clone()
 
 
 class DistillLoss:
@@ -43,12 +51,10 @@ class DistillLoss:
 
         ids, pos, idx, _ = batch.tensors(self.pad_id, hidden.device)
         with torch.no_grad():
-            body = getattr(self.teacher, self.teacher.base_model_prefix)
-            th = body(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-            th = th.reshape(-1, th.shape[-1]).index_select(0, idx)
+            th, tw = self.teacher(ids, pos, idx, _hidden_and_weight)
         d = self.cfg
         weights = torch.full((hidden.shape[0],), 1.0 / self.num_tokens, device=hidden.device)
-        loss, kl, nll = kernels.fused_linear_distill(hidden, weight, th, self.teacher.lm_head.weight, targets, weights,
+        loss, kl, nll = kernels.fused_linear_distill(hidden, weight, th, tw, targets, weights,
                                                      alpha=d.kl_weight, direction=d.kl_direction,
                                                      temperature=d.temperature, chunk=d.chunk_tokens)
         return loss, {"kl": kl.detach().double(), "nll": nll.detach().double()}

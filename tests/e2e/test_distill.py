@@ -3,7 +3,7 @@ that pulls a student towards its teacher."""
 
 
 import pytest
-from conftest import run_r1
+from conftest import run_r1, torchrun
 
 from r1cli.config import load_config
 from r1cli.data.records import read_records
@@ -93,3 +93,19 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_model, cold_
     proc = run_r1("distill", "--student", str(tiny_model), "--data", str(cold_start / "train.jsonl"), "--teacher",
                   str(other), "--config", "configs/tiny/sft.yaml", f"train.output_dir={tmp_path / 'r'}")
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr and proc.stderr.count("\n") == 1
+
+
+def test_a_sharded_teacher_gives_the_losses_of_a_whole_one(tmp_path, tiny_model, cold_start):
+    """Under FSDP the teacher is sharded like the student (no GPU holds it whole): two FSDP ranks log the losses of
+    two DDP ranks, whose teacher is whole on each."""
+    base = ["distill", "--student", str(tiny_model), "--data", str(cold_start / "train.jsonl"), "--teacher",
+            str(cold_start / "sft" / "hf"), "--config", "configs/tiny/sft.yaml", "train.steps=3", "data.eval=",
+            "logging.every=1", "logging.progress=false", "logging.tensorboard=false", "checkpoint.export_hf=false",
+            "train.micro_batch_size=4"]
+    for dp in ("ddp", "fsdp"):
+        proc = torchrun(2, *base, f"parallel.torch.data_parallel={dp}", f"train.output_dir={tmp_path / dp}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    whole, sharded = ([m for m in read_metrics(tmp_path / dp / "metrics.jsonl") if "kl" in m] for dp in ("ddp", "fsdp"))
+    assert len(whole) == len(sharded) == 3
+    for key in ("kl", "nll", "loss"):
+        assert [m[key] for m in sharded] == pytest.approx([m[key] for m in whole], rel=1e-4), key

@@ -93,3 +93,30 @@ def test_fsdp_ranks_other_than_0_read_no_weights_and_hold_only_their_shard(tiny_
     assert r0["reads"] == ["auto", "auto"] and r1["reads"] == []  # policy and reference, rank 0 only
     assert r0["local"] + r1["local"] == r0["total"] and r1["local"] < r1["total"]
     assert r0["weights_equal"] and r0["buffers_equal"] and r1["buffers_equal"]
+
+
+def test_an_engines_own_copy_leaves_the_accelerator_while_the_trainer_runs():
+    """Under FSDP a transformers engine holds its own copy: asleep (the trainer's turn) it is moved to host memory
+    and back on waking; the trainer's shared module and a CPU engine are never moved."""
+    from r1cli.backends.hf_rollout import HFGenerateEngine
+    from r1cli.config import RolloutConfig
+
+    class Recording(torch.nn.Linear):
+        moves: list = []
+
+        def to(self, device):
+            self.moves.append(str(device))
+            return self
+
+    gpu = HFGenerateEngine(Recording(2, 2), None, RolloutConfig(), torch.device("cuda", 3))
+    gpu.sleep()
+    gpu.sleep()  # once only
+    gpu.wake()
+    gpu.wake()
+    assert Recording.moves == ["cpu", "cuda:3"]
+    Recording.moves.clear()
+    for engine in (HFGenerateEngine(Recording(2, 2), None, RolloutConfig(), torch.device("cuda", 0), shared=True),
+                   HFGenerateEngine(Recording(2, 2), None, RolloutConfig(), torch.device("cpu"))):
+        engine.sleep()
+        engine.wake()
+    assert Recording.moves == []
