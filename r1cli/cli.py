@@ -50,13 +50,13 @@ def _plan_options(fn):
                                                        "config.json) and exit; exit 2 when it does not fit.")(fn)
 
 
-def _dry_run(cfg, command: str, gpus: int | None, gpu_gb: float) -> None:
+def _dry_run(cfg, command: str, gpus: int | None, gpu_gb: float, **sizes) -> None:
     import os
 
     from r1cli.run.memory_plan import GB, plan, render
 
     n = gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    text, fits = render(plan(cfg, command, n, gpu_bytes=int(gpu_gb * GB)), gpu_gb, n, command)
+    text, fits = render(plan(cfg, command, n, gpu_bytes=int(gpu_gb * GB), **sizes), gpu_gb, n, command)
     click.echo(text)
     if not fits:
         raise R1Error(f"this config does not fit {n} GPU{'s' if n > 1 else ''} of {gpu_gb:g} GB (plan above)")
@@ -123,8 +123,9 @@ def coldstart_cmd(config_path, print_config, resume, overwrite, data_only, overr
                                                  "(data.train).")
 @click.option("--teacher", default="", help="Local teacher folder with the student's tokenizer: adds logit "
                                             "distillation (distill.teacher).")
-@click.option("--dry-run", is_flag=True, help="Print the resolved plan and exit without loading weights.")
-def distill_cmd(config_path, print_config, resume, overwrite, student, data, teacher, dry_run, overrides):
+@_plan_options
+def distill_cmd(config_path, print_config, resume, overwrite, student, data, teacher, dry_run, gpus, gpu_gb,
+                overrides):
     from r1cli.distill.presets import student_sources
 
     files, extra = student_sources(student)
@@ -136,14 +137,22 @@ def distill_cmd(config_path, print_config, resume, overwrite, student, data, tea
     if dry_run:
         import os
 
-        from r1cli.distill.presets import plan
+        from r1cli.distill.presets import plan, student_size
+        from r1cli.run.memory_plan import model_size
 
-        click.echo(plan(cfg, int(os.environ.get("WORLD_SIZE", "1"))))
-        return
+        click.echo(plan(cfg, int(os.environ.get("WORLD_SIZE", "1"))) + "\n")
+        size = student_size(cfg)
+        if size is None:
+            click.echo("memory plan: no config.json at model.path and no known preset shape")
+            return
+        teacher_size = model_size(cfg.distill.teacher) if cfg.distill.teacher else None
+        return _dry_run(cfg, "distill", gpus, gpu_gb, size=size, teacher=teacher_size)
     if not cfg.data.train:
         raise R1Error("r1 distill needs teacher data: --data FILE_OR_FOLDER (or data.train=...)")
     from r1cli.distill.loop import run_distill
+    from r1cli.run.memory_plan import check_gpu_fits
 
+    check_gpu_fits(cfg, "distill")
     run_distill(cfg, resume=resume, overwrite=overwrite)
 
 

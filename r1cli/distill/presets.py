@@ -11,6 +11,40 @@ from r1cli.errors import R1Error
 STUDENTS = CONFIG_DIR / "students"
 
 
+# each preset's model as its config.json describes it (the public Hugging Face configs), so that --dry-run can plan
+# a node's memory before the weights are downloaded
+STUDENT_SHAPES = {
+    "qwen-1.5b": dict(model_type="qwen2", hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                      num_key_value_heads=2, intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "qwen-7b": dict(model_type="qwen2", hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+                    num_key_value_heads=4, intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "qwen-14b": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+                     num_key_value_heads=8, intermediate_size=13824, vocab_size=152064, tie_word_embeddings=False),
+    "qwen-32b": dict(model_type="qwen2", hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
+                     num_key_value_heads=8, intermediate_size=27648, vocab_size=152064, tie_word_embeddings=False),
+    "llama-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                     num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "llama-70b": dict(model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                      num_key_value_heads=8, intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False),
+}
+
+
+def student_size(cfg: Config):
+    """The student's ModelSize: from model.path's config.json, else from the preset's known shape; None if
+    neither."""
+    from r1cli.run.memory_plan import model_size, size_of_config
+
+    if (Path(cfg.model.path) / "config.json").is_file():
+        return model_size(cfg.model.path)
+    shape = STUDENT_SHAPES.get(cfg.distill.student)
+    if shape is None:
+        return None
+    from transformers import AutoConfig
+
+    fields = dict(shape)
+    return size_of_config(AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+
 def known_students() -> list[str]:
     return sorted(p.stem for p in STUDENTS.glob("*.yaml"))
 

@@ -40,13 +40,19 @@ class ModelSize:
 
 def model_size(path: str) -> ModelSize:
     """Parameter count and shape of the model at `path` from its config.json alone (built on the meta device)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     if not (Path(path) / "config.json").is_file():
         raise R1Error(f"{path}: no config.json; the memory plan needs the model's config.json (its weights are not "
                       "read)")
-    c = AutoConfig.from_pretrained(path, local_files_only=True)
+    return size_of_config(AutoConfig.from_pretrained(path, local_files_only=True))
+
+
+def size_of_config(c) -> ModelSize:
+    """ModelSize of a transformers config (the model built on the meta device: an exact parameter count)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(c)
     heads = c.num_attention_heads
@@ -60,9 +66,9 @@ def _param_bytes(dtype: str) -> int:
 
 
 def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, device: str = "cuda",
-         gpu_bytes: int = 80 * GB) -> list[tuple[str, int]]:
-    """(piece, bytes on each `device`) for `r1 <command>` on `gpus` data-parallel ranks with the torch backend;
-    `gpu_bytes` sizes vLLM's KV cache when it fills its memory share."""
+         gpu_bytes: int = 80 * GB, teacher: ModelSize | None = None) -> list[tuple[str, int]]:
+    """(piece, bytes on each `device`) for `r1 <command>` (rl, sft, distill) on `gpus` data-parallel ranks with the
+    torch backend; `gpu_bytes` sizes vLLM's KV cache when it fills its memory share; `teacher`: distillation's."""
     import torch
 
     from r1cli.models.loading import frozen_dtype
@@ -75,6 +81,9 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
     rows = [("parameters", m.params * pb // shard), ("gradients", m.params * pb // shard),
             ("AdamW state", 2 * m.params * pb // shard)]
     rl = command == "rl"
+    if teacher is not None:  # frozen like the reference: the compute dtype, sharded like the student
+        rows.append(("teacher model", teacher.params * _param_bytes(frozen_dtype(cfg.model.dtype,
+                                                                                  torch.device(device))) // shard))
     if rl and cfg.grpo.beta > 0:  # frozen in the compute dtype, sharded like the policy
         rows.append(("reference model", m.params * _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
                      // shard))
@@ -98,30 +107,33 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
             rows.append(("engine KV cache", batch * seq * kv_token * pb))
     else:
         seq = cfg.data.max_seq_len
-    rows.append(("activations (estimate)", activation_bytes(cfg, m, seq, torch.device(device))))
+    rows.append(("activations (estimate)", activation_bytes(cfg, m, seq, torch.device(device), sharded=shard > 1)))
     return rows
 
 
-def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device) -> int:
+def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device, sharded: bool = False) -> int:
     """The activation peak of one micro-batch's forward and backward, counted from the decoder's shapes: each
     layer keeps, per token, its two norms' inputs and outputs, q / k / v, the attention output (flash attention:
     no [s x s] scores; torch's CPU attention does the same) and the SwiGLU MLP's gate, up, activation and
     product - 6h + 2·kv_heads·head_dim + 4·intermediate values in the compute dtype; with gradient checkpointing
     only each layer's input is kept. On top: the loss's working set (the fused Triton kernels: fp32 d(hidden) and
     one logits chunk; the torch reference: fp32 logits and their log-softmax) and one layer's backward working
-    set. Checked against torch's MemTracker on the CPU (tests/e2e/test_memory_plan.py)."""
+    set. Under FSDP the mixed-precision policy hands the layers bf16 parameters: everything is 16-bit then (no
+    fp32 residual stream). Checked against torch's MemTracker on the CPU (tests/e2e/test_memory_plan.py)."""
     from r1cli.kernels.fused_linear import LOGITS_BUDGET_BYTES
     from r1cli.models.loading import compute_dtype
 
-    mixed = compute_dtype(cfg.model.dtype, device) is not None  # bf16 autocast over fp32 parameters
-    c = 2 if mixed or _param_bytes(cfg.model.dtype) == 2 else 4
+    low = compute_dtype(cfg.model.dtype, device) is not None
+    mixed = low and not sharded  # bf16 autocast over fp32 parameters
+    c = 2 if low or _param_bytes(cfg.model.dtype) == 2 else 4
     tokens = cfg.train.micro_batch_size * seq
     qkv_mlp = 2 * m.kv_heads * m.head_dim + 4 * m.intermediate
     if mixed:  # the residual stream and the norms stay fp32; each norm's output is cast to bf16 for its matmuls
         per_layer = tokens * (4 * m.hidden * 4 + (4 * m.hidden + qkv_mlp) * 2)
     else:
         per_layer = tokens * (6 * m.hidden + qkv_mlp) * c
-    kept = m.layers * tokens * m.hidden * 4 if cfg.model.gradient_checkpointing else m.layers * per_layer
+    kept = m.layers * tokens * m.hidden * (4 if mixed else c) if cfg.model.gradient_checkpointing else \
+        m.layers * per_layer
     triton = device.type == "cuda" and cfg.train.kernels != "torch"
     if triton:
         loss = tokens * m.hidden * 4 + LOGITS_BUDGET_BYTES
@@ -133,7 +145,8 @@ def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device) 
 def check_fits(cfg: Config, command: str, gpus: int, gpu_bytes: int) -> str | None:
     """Before a GPU run loads anything: refuse when what the plan counts exactly (all but the activations) exceeds
     a GPU; a warning line when the activation estimate takes it over; None when it fits."""
-    rows = plan(cfg, command, gpus, gpu_bytes=gpu_bytes)
+    teacher = model_size(cfg.distill.teacher) if command == "distill" and cfg.distill.teacher else None
+    rows = plan(cfg, command, gpus, gpu_bytes=gpu_bytes, teacher=teacher)
     resident = sum(v for k, v in rows if not k.startswith("activations"))
     total = sum(v for _, v in rows)
     where = f"{gpus} GPU{'s' if gpus > 1 else ''} of {gpu_bytes / GB:.0f} GB"

@@ -109,3 +109,19 @@ def test_a_sharded_teacher_gives_the_losses_of_a_whole_one(tmp_path, tiny_model,
     assert len(whole) == len(sharded) == 3
     for key in ("kl", "nll", "loss"):
         assert [m[key] for m in sharded] == pytest.approx([m[key] for m in whole], rel=1e-4), key
+
+
+@pytest.mark.parametrize("student", ["qwen-1.5b", "qwen-7b", "qwen-14b", "qwen-32b", "llama-8b", "llama-70b"])
+def test_every_preset_fits_the_gpus_its_header_names(student, tmp_path):
+    """--dry-run plans a preset's memory before its weights exist (from the preset's known shape); each fits the
+    80 GB GPUs its header is sized for."""
+    import re
+
+    from r1cli.config import CONFIG_DIR
+
+    gpus = re.search(r"Sized for (\d+) x 80 GB", (CONFIG_DIR / "students" / f"{student}.yaml").read_text())
+    proc = run_r1("distill", "--student", student, "--dry-run", "--gpus", gpus.group(1),
+                  env={"R1_MODELS": str(tmp_path / "models")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
+    assert f"memory per GPU for r1 distill on {gpus.group(1)} GPUs of 80 GB" in proc.stdout
+    assert re.search(r"total +[\d.]+ GB  fits", proc.stdout)
