@@ -210,6 +210,9 @@ class RewardsConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
                                       metadata={"registry": "r1cli.rewards:REWARDS"})
     language: str = "en"  # target language of the chain of thought (language reward)
+    # a reward call (one sample, or one batch per sample in it) running longer is that sample's 0, counted in
+    # reward_failures/NAME; 0: no limit
+    timeout_s: float = bounded(60.0, 0.0)
 
 
 @dataclass
@@ -347,6 +350,9 @@ class CheckpointConfig:
 
 @dataclass
 class Config:
+    # Python files or modules of the user's own rewards, task checkers, ... imported before the names are checked
+    # (r1cli.plugins); a relative file is looked up beside the config file that names it, then where r1 runs
+    plugins: list[str] = field(default_factory=list)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -537,9 +543,14 @@ def _set_path(obj: Any, path: str, raw: Any) -> None:
 def load_config(path: str | list[str] | None = None, overrides: list[str] | tuple[str, ...] = (),
                 layers: list[dict] = ()) -> Config:
     """Defaults, then each YAML file in order (a later one wins), then `layers` (mappings), then overrides."""
+    from r1cli.plugins import resolve_near
+
     cfg = Config()
     for p in [path] if isinstance(path, (str, Path)) else list(path or []):
-        apply_layer(cfg, read_yaml(p))
+        data = read_yaml(p)
+        if isinstance(data.get("plugins"), list):  # a plugin file beside the config file that names it
+            data["plugins"] = [resolve_near(str(e), resolve_config(p).parent) for e in data["plugins"]]
+        apply_layer(cfg, data)
     for data in layers:
         apply_layer(cfg, data)
     apply_overrides(cfg, overrides)
@@ -566,8 +577,11 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None
 
 def checked(cfg: Config) -> Config:
     """Paths expanded, ranges and registry names checked: the last step of building a config."""
+    from r1cli.plugins import load_plugins
+
     _expand_paths(cfg)
     check_ranges(cfg)
+    load_plugins(cfg.plugins)  # before the names: a plugin registers its own
     check_registered(cfg)
     check_owned(cfg)
     return cfg

@@ -3,7 +3,9 @@
 One table defines the valid names of a config key: config validation reads it, and
 an unknown name is one line listing the valid ones. Entries may be given as
 "module:attribute" strings, imported on first use, so that naming a backend never
-imports torch.distributed, megatron or vllm before it is chosen.
+imports torch.distributed, megatron or vllm before it is chosen. Where a config names
+an entry, `path.py:function` or `module:function` names a user's object directly
+(r1cli.plugins).
 """
 
 from __future__ import annotations
@@ -45,8 +47,17 @@ class Registry:
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)
 
+    def _by_reference(self, name: str) -> bool:
+        """`path.py:function` / `module:function`: the object itself, imported and registered under that name."""
+        if ":" not in name or name in self._items:
+            return name in self._items
+        from r1cli.plugins import load_reference
+
+        self._items[name] = load_reference(name)
+        return True
+
     def check(self, name: str, where: str = "") -> None:
-        if name not in self._items:
+        if not self._by_reference(name):
             key = where or self.config_key
             close = difflib.get_close_matches(name, self.names(), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""

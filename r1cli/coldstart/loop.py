@@ -93,7 +93,8 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
                 row = rows[i]
                 texts = [readable(t) for t, _ in group]
                 checkable = c.verify and row.get(d.answer_field) not in (None, "")
-                verdicts = [v >= 1.0 for v in score(texts, [row] * len(texts), {"accuracy": 1.0}, ctx).total] \
+                verdicts = [v >= 1.0 for v in score(texts, [row] * len(texts), {"accuracy": 1.0}, ctx,
+                                                    cfg.rewards.timeout_s).total] \
                     if checkable else [None] * len(texts)
                 kept, reasons = keep_candidates(row, texts, [n for _, n in group], verdicts,
                                                 "rule" if checkable else "none", d, cfg.filters, ctx,

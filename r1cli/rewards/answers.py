@@ -16,7 +16,12 @@ from r1cli.registry import Registry
 from .scoring import RewardContext
 
 TASKS = Registry("task checker", "data.task_field")
-register = TASKS.register
+
+
+def task(name: str):
+    """Register a task checker under `name` (the value of a row's data.task_field): fn(completion, row, ctx) ->
+    1.0 for a verified answer, else 0.0. The decorator the built-ins use, and a user's plugin file too."""
+    return TASKS.register(name)
 
 # ------------------------------------------------------------------ answers
 
@@ -84,7 +89,7 @@ def _number(text: str) -> Fraction | None:
         return None
 
 
-@register("arithmetic")
+@task("arithmetic")
 def arithmetic_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     ans = extract_answer(ctx.full(completion))
     if ans is None:
@@ -110,7 +115,7 @@ def _eval_expr(node: ast.AST) -> Fraction:
     raise ValueError("only integers, + - * / and parentheses are allowed")
 
 
-@register("countdown")
+@task("countdown")
 def countdown_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """1 if the answer is an expression using each given number exactly once that equals the target."""
     ans = extract_answer(ctx.full(completion))
@@ -144,7 +149,7 @@ def math_equal(answer: str, gold: str) -> bool:
     return bool(verify(gold_parsed, ans_parsed))
 
 
-@register("math")
+@task("math")
 def math_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     ans = extract_answer(ctx.full(completion))
     return 0.0 if ans is None else float(math_equal(ans, str(row[ctx.answer_field])))
@@ -159,7 +164,7 @@ def code_of(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
-@register("code")
+@task("code")
 def code_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """1 if the program passes every stdin/stdout test of the row (its answer field, or "tests"), run in the
     sandbox (r1cli.sandbox); a crash, a timeout or a wrong line is that sample's 0."""

@@ -5,14 +5,12 @@ from __future__ import annotations
 import re
 
 from .answers import TASKS
-from .scoring import REWARDS, RewardContext
-
-register = REWARDS.register
+from .scoring import RewardContext, reward
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 
 
-@register("accuracy")
+@reward("accuracy")
 def accuracy_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """The checker named by the row's task column (math when absent)."""
     task = row.get(ctx.task_field) or "math"
@@ -28,14 +26,14 @@ _NO_TAG = r"(?:(?!</?(?:think|answer)>).)*"  # text holding none of the four tag
 _STRICT = re.compile(rf"^\s*<think>{_NO_TAG}</think>\s*<answer>{_NO_TAG}</answer>\s*$", re.DOTALL)
 
 
-@register("format")
+@reward("format")
 def format_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """Strict: exactly one <think>…</think> followed by exactly one <answer>…</answer>, nothing else."""
     text = ctx.full(completion)
     return float(bool(_STRICT.match(text)))
 
 
-@register("format_partial")
+@reward("format_partial")
 def partial_format_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """Shaped credit: 0.25 for each of the four tags appearing exactly once, in order."""
     text = ctx.full(completion)
@@ -51,7 +49,7 @@ _LATIN = re.compile(r"[A-Za-z]+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
-@register("language")
+@reward("language")
 def language_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """Share of the chain of thought's words in the target language (R1 paper, section 2.3.3).
 

@@ -1,11 +1,17 @@
-"""The reward registry and the scorer: a weighted sum of named rule-based rewards per sample.
+"""The reward registry and the scorer: a weighted sum of named rewards per sample.
 
-A reward is `fn(completion, row, ctx) -> float`; a reward that raises counts as 0 for
-that sample (counted and reported), never the end of the run.
+A reward is `fn(completion, row, ctx) -> float`, or registered with batch=True `fn(completions, rows, ctx) ->
+list[float]` (one call for a whole step's samples: a reward model, a remote verifier). A reward that raises, returns
+something that is not a finite number, or runs past rewards.timeout_s counts as 0 for that sample (counted in
+reward_failures/NAME and reported), never the end of the run; a batch call that fails is retried one sample at a
+time, so one bad sample costs only itself.
 """
 
 from __future__ import annotations
 
+import math
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +42,17 @@ RewardFn = Callable[[str, dict, RewardContext], float]
 REWARDS = Registry("reward", "rewards.weights")
 
 
+def reward(name: str, *, batch: bool = False):
+    """Register a reward under `name` (the key of rewards.weights): the decorator the built-ins use, and a user's
+    plugin file too. batch=True: the function takes lists (completions, rows) and returns a list of floats."""
+    def deco(fn):
+        fn.batch = batch
+        REWARDS.register(name, fn)
+        return fn
+
+    return deco
+
+
 @dataclass
 class Scores:
     total: list[float]
@@ -44,20 +61,106 @@ class Scores:
     last_error: dict[str, str] = field(default_factory=dict)
 
 
-def score(completions: list[str], rows: list[dict], weights: dict[str, float], ctx: RewardContext) -> Scores:
+def score(completions: list[str], rows: list[dict], weights: dict[str, float], ctx: RewardContext,
+          timeout_s: float = 0.0) -> Scores:
     """Weighted sum of the configured rewards for each (completion, row) pair."""
-    fns = {name: REWARDS.get(name) for name in weights}
-    comps: dict[str, list[float]] = {name: [] for name in weights}
+    comps: dict[str, list[float]] = {}
     failures: dict[str, int] = {}
     last_error: dict[str, str] = {}
-    for text, row in zip(completions, rows):
-        for name, fn in fns.items():
-            try:
-                v = float(fn(text, row, ctx))
-            except Exception as e:  # noqa: BLE001 - one sample's checker failing is that sample's 0
-                failures[name] = failures.get(name, 0) + 1
-                last_error[name] = f"{type(e).__name__}: {e}"
-                v = 0.0
-            comps[name].append(v)
+    for name in weights:
+        values, errors = _run(REWARDS.get(name), completions, rows, ctx, timeout_s)
+        comps[name] = values
+        if errors:
+            failures[name] = len(errors)
+            last_error[name] = errors[max(errors)]
     total = [sum(weights[n] * comps[n][i] for n in weights) for i in range(len(completions))]
     return Scores(total, comps, failures, last_error)
+
+
+def _number(value) -> float:
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"returned {v}, not a finite number")
+    return v
+
+
+def _run(fn, completions: list[str], rows: list[dict], ctx: RewardContext,
+         timeout_s: float) -> tuple[list[float], dict[int, str]]:
+    """(value per sample, {sample: error}); a failed sample's value is 0."""
+    n = len(completions)
+    if getattr(fn, "batch", False) and n:
+        try:
+            out = _within(lambda: list(fn(completions, rows, ctx)), timeout_s * n if timeout_s else 0.0)
+            if len(out) != n:
+                raise ValueError(f"returned {len(out)} values for {n} samples")
+            return [_number(v) for v in out], {}
+        except Exception:  # noqa: BLE001 - one sample at a time, to find the one that fails
+            one = lambda c, r, ctx: fn([c], [r], ctx)[0]  # noqa: E731
+            return _per_sample(one, completions, rows, ctx, timeout_s)
+    return _per_sample(fn, completions, rows, ctx, timeout_s)
+
+
+class RewardTimeout(Exception):
+    pass
+
+
+def _within(call, seconds: float):
+    """call() in a daemon thread, waiting at most `seconds` (0: no limit); a call past it is left running."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = call()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    deadline = time.monotonic() + seconds if seconds else None
+    while worker.is_alive():
+        worker.join(0.05)  # short waits: Ctrl-C reaches the main thread
+        if deadline is not None and time.monotonic() > deadline:
+            raise RewardTimeout(f"over rewards.timeout_s={seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _per_sample(fn, completions: list[str], rows: list[dict], ctx: RewardContext,
+                timeout_s: float) -> tuple[list[float], dict[int, str]]:
+    """fn on each sample in one worker thread; a sample past timeout_s is abandoned (0, an error) and a fresh
+    worker goes on from the next one."""
+    n = len(completions)
+    values = [0.0] * n
+    errors: dict[int, str] = {}
+    start = 0
+    while start < n:
+        state = {"i": start, "since": time.monotonic(), "abandoned": False}
+
+        def run(first=start, state=state):
+            for j in range(first, n):
+                state["i"], state["since"] = j, time.monotonic()
+                try:
+                    v = _number(fn(completions[j], rows[j], ctx))
+                    if not state["abandoned"]:
+                        values[j] = v
+                except Exception as e:  # noqa: BLE001 - one sample's checker failing is that sample's 0
+                    if not state["abandoned"]:
+                        errors[j] = f"{type(e).__name__}: {e}"
+                if state["abandoned"]:
+                    return
+
+        worker = threading.Thread(target=run, daemon=True)
+        worker.start()
+        start = n
+        while worker.is_alive():
+            worker.join(0.05)
+            if timeout_s and worker.is_alive() and time.monotonic() - state["since"] > timeout_s:
+                state["abandoned"] = True
+                j = state["i"]
+                values[j], errors[j] = 0.0, f"timeout: over rewards.timeout_s={timeout_s:g} s"
+                start = j + 1
+                break
+    for j in errors:  # a late result of an abandoned sample does not count
+        values[j] = 0.0
+    return values, errors

@@ -187,7 +187,7 @@ def generate(engine, rows, prompts, schedule: RowSchedule, step: int, cfg: Confi
 
 def score_samples(rollout: Rollout, cfg: Config, ctx: RewardContext) -> Scored:
     g = cfg.grpo
-    scores = score([c.text for c in rollout.samples], rollout.rows, cfg.rewards.weights, ctx)
+    scores = score([c.text for c in rollout.samples], rollout.rows, cfg.rewards.weights, ctx, cfg.rewards.timeout_s)
     lengths = torch.tensor([len(c.completion_ids) for c in rollout.samples])
     rewards = torch.tensor(scores.total, dtype=torch.float32)
     rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, g.overlong_buffer, g.overlong_penalty)

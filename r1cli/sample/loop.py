@@ -47,7 +47,7 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
                     how, correct = "judge", judge(str(row[d.prompt_field]), texts)
                 else:
                     how, correct = "rule", [v >= 1.0 for v in score(texts, [row] * len(texts), {"accuracy": 1.0},
-                                                                    ctx).total]
+                                                                    ctx, cfg.rewards.timeout_s).total]
                 kept, reasons = keep_candidates(row, texts, [len(c.completion_ids) for c in group],
                                                 [bool(ok) for ok in correct], how, d, cfg.filters, ctx,
                                                 s.keep_per_prompt,

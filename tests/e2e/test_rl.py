@@ -109,7 +109,8 @@ def test_variants_run_and_report(cold_start, tmp_path, switches):
 def test_non_finite_steps_stop_the_run(cold_start, tmp_path):
     from r1cli.rewards import REWARDS
 
-    REWARDS.register("test_nan")(lambda completion, row, ctx: float("nan"))
+    # finite, but past float32: the advantages are not (a NaN from a reward itself is that sample's 0)
+    REWARDS.register("test_nan")(lambda completion, row, ctx: 1e308)
     try:
         with pytest.raises(R1Error, match="3 steps in a row had a non-finite"):
             run_rl(rl_config(cold_start, tmp_path, *SHORT, "rewards.weights={test_nan: 1.0}"))

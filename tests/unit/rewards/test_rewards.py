@@ -131,3 +131,51 @@ def test_code_reward_runs_the_program_in_the_sandbox():
     # a program inside the reasoning is not the answer
     assert accuracy("<think>```python\nprint(5)\n```</think>", {"task": "code", "tests": [row["tests"][0]]},
                     CTX) == 0.0
+
+
+def test_a_batch_reward_scores_the_step_at_once_and_a_failing_batch_costs_one_sample():
+    from r1cli.rewards import reward
+
+    calls = []
+
+    @reward("test_batch", batch=True)
+    def lengths(completions, rows, ctx):
+        calls.append(len(completions))
+        if any("boom" in c for c in completions):
+            raise RuntimeError("the model server dropped a sample")
+        return [len(c) for c in completions]
+
+    try:
+        s = score(["ab", "abc", "a"], [{}, {}, {}], {"test_batch": 1.0}, CTX)
+        assert s.total == [2.0, 3.0, 1.0] and calls == [3] and s.failures == {}
+        calls.clear()
+        s = score(["ab", "boom", "a"], [{}, {}, {}], {"test_batch": 1.0}, CTX)
+        assert s.total == [2.0, 0.0, 1.0] and calls == [3, 1, 1, 1]  # the batch, then one at a time
+        assert s.failures == {"test_batch": 1} and "dropped a sample" in s.last_error["test_batch"]
+    finally:
+        REWARDS.unregister("test_batch")
+
+
+def test_a_reward_past_its_time_limit_or_not_a_number_is_that_samples_zero():
+    import time
+
+    from r1cli.rewards import reward
+
+    @reward("test_slow")
+    def slow(completion, row, ctx):
+        if completion == "hang":
+            time.sleep(30)
+        if completion == "nan":
+            return float("nan")
+        return 1.0
+
+    try:
+        t0 = time.monotonic()
+        s = score(["ok", "hang", "ok", "nan", "ok"], [{}] * 5, {"test_slow": 1.0}, CTX, timeout_s=0.5)
+        assert time.monotonic() - t0 < 5
+        assert s.total == [1.0, 0.0, 1.0, 0.0, 1.0] and s.failures == {"test_slow": 2}
+        assert "not a finite number" in s.last_error["test_slow"]
+        s = score(["hang"], [{}], {"test_slow": 1.0}, CTX, timeout_s=0.2)
+        assert "timeout: over rewards.timeout_s=0.2 s" in s.last_error["test_slow"]
+    finally:
+        REWARDS.unregister("test_slow")
