@@ -331,6 +331,34 @@ def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_numb
         click.echo(f"wrote {write_jsonl(held, eval_out)} rows to {eval_out}")
 
 
+@data_group.command("prepare")
+@click.argument("source")
+@click.option("--out", required=True, help="Output JSONL of r1 rows (prompt, answer, task, response).")
+@click.option("--task", default="math", show_default=True, help="The task checker the rows name.")
+@click.option("--problem-column", default="", help="The question's column (default: problem, question, prompt, "
+                                                   "query - the first present).")
+@click.option("--answer-column", default="answer", show_default=True,
+              help="The final answer's column; without one, the solution's last \\boxed{}.")
+@click.option("--solution-column", default="", help="The worked solution's column (default: solution, response, "
+                                                    "reasoning, generation).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out file.")
+def prepare_cmd(source, out, task, problem_column, answer_column, solution_column, overwrite):
+    """Convert a local copy of a public math set (MATH, NuminaMath, OpenR1-Math, DeepScaleR: JSONL, Parquet, Arrow
+    or a save_to_disk folder) into r1 rows, the final answer taken from \\boxed{} where the row has none; prints
+    how many rows were dropped and why."""
+    from pathlib import Path
+
+    from r1cli.data.prepare import prepare
+
+    if Path(out).exists() and not overwrite:
+        raise R1Error(f"{out} already exists; pass --overwrite to replace it")
+    result = prepare(source, out, task=task, problem_column=problem_column, answer_column=answer_column,
+                     solution_column=solution_column)
+    click.echo(f"read {result.read} rows from {source}; wrote {len(result.rows)} to {out}")
+    for why, n in result.dropped.most_common():
+        click.echo(f"  dropped {n}: {why}")
+
+
 @data_group.command("tiny-model")
 @click.option("--out", required=True, help="Folder to create (a Hugging Face model folder).")
 @click.option("--spec", default=None, help="YAML with TinySpec fields (hidden_size, layers, ...).")

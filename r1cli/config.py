@@ -83,8 +83,11 @@ def owned(factory, key: str, values: tuple[str, ...]):
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL or Parquet
-    eval: str = ""  # held-out set (same format), optional
+    # JSONL, Parquet, Arrow, a folder of them, or a datasets save_to_disk folder (local paths)
+    train: str = ""
+    eval: str = ""  # held-out set (same formats), optional
+    # source column -> the name r1 reads, applied as rows are read: {problem: prompt, solution: response}
+    columns: dict[str, str] = field(default_factory=dict)
     prompt_field: str = "prompt"
     response_field: str = "response"
     answer_field: str = "answer"
@@ -94,6 +97,9 @@ class DataConfig:
     template: Literal["chat", "r1_zero", "r1_zero_chat", "plain"] = "chat"
     system_prompt: str = ""
     prefill: str = ""  # text the assistant turn starts with, e.g. "<think>"
+    # extra variables for the tokenizer's chat template, e.g. {enable_thinking: false} (Qwen3)
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    chat_template: str = ""  # a Jinja chat template file of your own, used instead of the tokenizer's
     max_seq_len: int = bounded(1024, 1)
     pack: bool = True
     shuffle: bool = True
@@ -387,6 +393,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     bad = R1Error(f"config key '{key}': {value!r} is not {_type_name(tp)}")
+    if tp is Any:  # a value handed on as it is (chat template variables)
+        return value
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -669,7 +677,8 @@ def check_registered(cfg: Any) -> None:
 
 
 def _expand_paths(cfg: Config) -> None:
-    for section, name in (("model", "path"), ("data", "train"), ("data", "eval"), ("train", "output_dir"),
+    for section, name in (("model", "path"), ("data", "train"), ("data", "eval"),
+                          ("data", "chat_template"), ("train", "output_dir"),
                           ("sample", "out"), ("sample", "judge"), ("benchmark", "out"), ("benchmark", "data_dir"),
                           ("benchmark", "completions"), ("coldstart", "out"), ("coldstart", "generator"),
                           ("coldstart", "exemplars"), ("distill", "teacher")):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from r1cli.coldstart.readable import draft_before_answer, few_shot_prompt, readable
 from r1cli.config import Config
-from r1cli.data.records import read_records
+from r1cli.data.records import read_data, read_records
 from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
@@ -74,7 +74,7 @@ class Generator:
 def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
     """Write coldstart.out (resumable; stats beside it) and return the per-task stats."""
     d, c = cfg.data, cfg.coldstart
-    rows = read_records(d.train, d.max_samples, d.max_line_mb << 20)
+    rows = read_data(d.train, d, d.max_samples)
     if not c.generator:
         rows.require(d.response_field, "data.response_field (the worked solutions used without coldstart.generator)")
     parallel = build_parallel()

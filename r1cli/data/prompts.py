@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from r1cli.config import DataConfig
 from r1cli.data.records import Records
-from r1cli.data.templates import render_prompt
+from r1cli.data.templates import prompt_messages, render_row_prompt
 from r1cli.errors import R1Error
 
 
 def encode_prompts(tokenizer, rows: Records, data: DataConfig) -> list[list[int]]:
-    """Each row's prompt, rendered with data.template and data.prefill, as token ids."""
-    texts = [render_prompt(tokenizer, str(rows.value(i, data.prompt_field, "data.prompt_field")), data)
-             for i in range(len(rows))]
+    """Each row's prompt (its data.prompt_field, or a chat-style row's data.messages_field), rendered with
+    data.template and data.prefill, as token ids."""
+    for i in range(len(rows)):
+        if prompt_messages(rows[i], data) is None:
+            rows.value(i, data.prompt_field, "data.prompt_field")  # a row with neither: file:line names it
+    texts = [render_row_prompt(tokenizer, rows[i], data) for i in range(len(rows))]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 

@@ -1,4 +1,6 @@
-"""Read and write rows of a data set: JSONL (one object a line) and Parquet, from local paths."""
+"""Read and write rows of a data set from local paths: JSONL (one object a line), Parquet, Arrow, a folder of such
+files, or a folder written by `datasets.Dataset.save_to_disk` (read with pyarrow; the datasets package is not
+needed). `read_data` also renames columns as data.columns maps them."""
 
 from __future__ import annotations
 
@@ -42,14 +44,48 @@ class Records(list):
             self.value(i, name, key)
 
 
-DATA_SUFFIXES = (".jsonl", ".parquet", ".pq")
+DATA_SUFFIXES = (".jsonl", ".parquet", ".pq", ".arrow")
+
+
+def _saved_dataset_files(folder: Path) -> list[Path] | None:
+    """The Arrow files of a `save_to_disk` folder in order (None for an ordinary folder); a DatasetDict folder is
+    an error naming its splits."""
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        raise R1Error(f"{folder} holds a DatasetDict ({', '.join(splits)}): name one split's folder, e.g. "
+                      f"{folder / (splits[0] if splits else 'train')}")
+    if not (folder / "state.json").is_file():
+        return None
+    try:
+        names = [f["filename"] for f in json.loads((folder / "state.json").read_text())["_data_files"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise R1Error(f"{folder / 'state.json'}: not a datasets save_to_disk state ({e})") from None
+    return [folder / n for n in names]
+
+
+def _read_arrow(p: Path) -> list[dict]:
+    """An Arrow IPC stream (what save_to_disk writes) or file."""
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(p)) as source:
+            try:
+                return pa.ipc.open_stream(source).read_all().to_pylist()
+            except pa.ArrowInvalid:
+                source.seek(0)
+                return pa.ipc.open_file(source).read_all().to_pylist()
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a corrupt file
+        raise R1Error(f"{p}: not a readable Arrow file ({type(e).__name__}: {e})") from None
 
 
 def _read_folder(folder: Path, max_samples: int, max_line_bytes: int) -> Records:
-    """Every JSONL / Parquet file of a folder, in name order, as one set of rows."""
-    files = sorted(f for f in folder.iterdir() if f.suffix in DATA_SUFFIXES and f.is_file())
+    """Every JSONL / Parquet / Arrow file of a folder (a save_to_disk folder: its own files, in order), in name
+    order, as one set of rows."""
+    saved = _saved_dataset_files(folder)
+    files = saved if saved is not None else \
+        sorted(f for f in folder.iterdir() if f.suffix in DATA_SUFFIXES and f.is_file())
     if not files:
-        raise R1Error(f"data folder {folder} has no .jsonl or .parquet files")
+        raise R1Error(f"data folder {folder} has no .jsonl, .parquet or .arrow files")
     rows, lines = [], []
     for f in files:
         part = read_records(str(f), max_samples - len(rows) if max_samples else 0, max_line_bytes)
@@ -72,7 +108,10 @@ def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE
     if not p.is_file():
         raise R1Error(f"data file not found: {path}")
     rows, lines = [], []
-    if p.suffix in (".parquet", ".pq"):
+    if p.suffix == ".arrow":
+        rows = _read_arrow(p)
+        lines = list(range(1, len(rows) + 1))  # row numbers
+    elif p.suffix in (".parquet", ".pq"):
         import pyarrow.parquet as pq
 
         try:
@@ -110,6 +149,16 @@ def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE
     if not rows:
         raise R1Error(f"data file is empty: {path}")
     return Records(rows, path, lines)
+
+
+def read_data(path: str, data, max_samples: int = 0) -> Records:
+    """read_records with the DataConfig's line limit, each row's columns renamed as data.columns maps them
+    ({"problem": "prompt"}: the source's `problem` is read as `prompt`)."""
+    rows = read_records(path, max_samples, data.max_line_mb << 20)
+    if data.columns:
+        for i, row in enumerate(rows):
+            rows[i] = {data.columns.get(k, k): v for k, v in row.items()}
+    return rows
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> int:

@@ -25,10 +25,34 @@ def _messages(prompt: str, cfg: DataConfig) -> list[dict]:
     return msgs + [{"role": "user", "content": prompt}]
 
 
-def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> str:
-    if not getattr(tokenizer, "chat_template", None):
-        raise R1Error("the tokenizer has no chat template; use data.template=r1_zero or plain")
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+_TEMPLATE_FILES: dict[str, str] = {}
+
+
+def _template_file(path: str) -> str:
+    if path not in _TEMPLATE_FILES:
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise R1Error(f"data.chat_template: file not found: {path}")
+        _TEMPLATE_FILES[path] = Path(path).read_text()
+    return _TEMPLATE_FILES[path]
+
+
+def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool, cfg: DataConfig | None = None) -> str:
+    """The conversation through the chat template: data.chat_template's file when set, else the tokenizer's, with
+    data.chat_template_kwargs as extra template variables (e.g. enable_thinking)."""
+    own = _template_file(cfg.chat_template) if cfg is not None and cfg.chat_template else None
+    if own is None and not getattr(tokenizer, "chat_template", None):
+        raise R1Error("the tokenizer has no chat template; use data.template=r1_zero or plain, or give one in "
+                      "data.chat_template")
+    kwargs = dict(cfg.chat_template_kwargs) if cfg is not None else {}
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=own, **kwargs)
+    except Exception as e:  # noqa: BLE001 - jinja's errors name the template line
+        if own is None:
+            raise
+        raise R1Error(f"data.chat_template {cfg.chat_template}: {type(e).__name__}: {e}") from None
 
 
 def render_prompt(tokenizer, prompt: str, cfg: DataConfig) -> str:
@@ -36,12 +60,46 @@ def render_prompt(tokenizer, prompt: str, cfg: DataConfig) -> str:
     if cfg.template == "r1_zero":
         text = R1_ZERO_TEMPLATE.format(prompt=prompt)
     elif cfg.template == "r1_zero_chat":  # for instruct models: the same words, inside their chat format
-        text = _chat(tokenizer, _messages(R1_ZERO_TEMPLATE.format(prompt=prompt), cfg), add_generation_prompt=True)
+        text = _chat(tokenizer, _messages(R1_ZERO_TEMPLATE.format(prompt=prompt), cfg), True, cfg)
     elif cfg.template == "plain":
         text = prompt
     else:
-        text = _chat(tokenizer, _messages(prompt, cfg), add_generation_prompt=True)
+        text = _chat(tokenizer, _messages(prompt, cfg), True, cfg)
     return text + cfg.prefill
+
+
+def prompt_messages(row: dict, cfg: DataConfig) -> list[dict] | None:
+    """A chat-style row's prompt (data.messages_field): its conversation without the final assistant turn (that
+    is the reference answer, not the prompt). None for a row with a data.prompt_field."""
+    if cfg.prompt_field in row or not row.get(cfg.messages_field):
+        return None
+    msgs = row[cfg.messages_field]
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+        raise R1Error(f"field '{cfg.messages_field}' must be a list of {{role, content}} objects")
+    if msgs and msgs[-1]["role"] == "assistant":
+        msgs = msgs[:-1]
+    if not any(m["role"] == "user" for m in msgs):
+        raise R1Error(f"field '{cfg.messages_field}' has no user message to prompt with")
+    return msgs
+
+
+def prompt_text(row: dict, cfg: DataConfig) -> str:
+    """The question a row asks: its data.prompt_field, or a chat-style row's last user message."""
+    msgs = prompt_messages(row, cfg)
+    if msgs is None:
+        return str(row[cfg.prompt_field])
+    return str(next(m["content"] for m in reversed(msgs) if m["role"] == "user"))
+
+
+def render_row_prompt(tokenizer, row: dict, cfg: DataConfig) -> str:
+    """render_prompt for a row: a chat-style row's conversation goes through the chat template whole (system and
+    earlier turns included); with another template, its last user message is the prompt."""
+    msgs = prompt_messages(row, cfg)
+    if msgs is None or cfg.template != "chat":
+        return render_prompt(tokenizer, str(row[cfg.prompt_field]) if msgs is None else prompt_text(row, cfg), cfg)
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt and \
+        msgs[0]["role"] != "system" else []
+    return _chat(tokenizer, system + msgs, True, cfg) + cfg.prefill
 
 
 def render_turns(tokenizer, row_messages: list[dict], cfg: DataConfig) -> list[tuple[str, bool]]:
@@ -68,18 +126,18 @@ def render_turns(tokenizer, row_messages: list[dict], cfg: DataConfig) -> list[t
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
             continue
-        before = _chat(tokenizer, msgs[:i], add_generation_prompt=True) + cfg.prefill
-        after = _chat(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        before = _chat(tokenizer, msgs[:i], True, cfg) + cfg.prefill
+        after = _chat(tokenizer, msgs[: i + 1], False, cfg)
         content = m["content"]
         if cfg.prefill and not content.startswith(cfg.prefill):
-            after = _chat(tokenizer, msgs[:i] + [{**m, "content": cfg.prefill + content}], add_generation_prompt=False)
+            after = _chat(tokenizer, msgs[:i] + [{**m, "content": cfg.prefill + content}], False, cfg)
         if not before.startswith(done) or not after.startswith(before):
             raise R1Error("the chat template does not render conversations prefix by prefix; "
                           "use single-turn rows or data.template=plain")
         segments.append((before[len(done):], False))
         segments.append((after[len(before):], True))
         done = after
-    full = _chat(tokenizer, msgs, add_generation_prompt=False)
+    full = _chat(tokenizer, msgs, False, cfg)
     if full[len(done):]:
         segments.append((full[len(done):], False))
     if not any(t for t, _ in segments):

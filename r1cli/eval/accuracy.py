@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from r1cli.config import Config, DataConfig
 from r1cli.data.prompts import encode_prompts
-from r1cli.data.records import read_records
+from r1cli.data.records import read_data
 from r1cli.interfaces import RolloutEngine, SamplingParams, build_engine
 from r1cli.rewards import RewardContext, score
 
@@ -35,7 +35,7 @@ def held_out_evaluator(cfg: Config, trainer, engine=None):
     weights refreshed before each evaluation), or None without data.eval."""
     if not cfg.data.eval:
         return None
-    rows = read_records(cfg.data.eval, cfg.eval.samples, cfg.data.max_line_mb << 20)
+    rows = read_data(cfg.data.eval, cfg.data, cfg.eval.samples)
     rows.require(cfg.data.answer_field, "data.answer_field")
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
@@ -56,7 +56,7 @@ def model_accuracy(cfg: Config) -> dict:
     from r1cli.interfaces import build_parallel
     from r1cli.models.loading import load_tokenizer
 
-    rows = read_records(cfg.data.eval, cfg.eval.samples, cfg.data.max_line_mb << 20)
+    rows = read_data(cfg.data.eval, cfg.data, cfg.eval.samples)
     rows.require(cfg.data.answer_field, "data.answer_field")
     params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
     engine = build_engine(cfg.model, cfg.rollout)

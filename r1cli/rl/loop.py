@@ -17,7 +17,7 @@ import torch
 
 from r1cli.config import Config, GRPOConfig
 from r1cli.data.prompts import encode_prompts, fit_prompts
-from r1cli.data.records import read_records
+from r1cli.data.records import read_data
 from r1cli.data.schedule import RowSchedule
 from r1cli.errors import R1Error
 from r1cli.eval.accuracy import held_out_evaluator
@@ -71,7 +71,7 @@ def validate_layout(cfg: Config, dp_size: int) -> None:
 def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     validate(cfg)  # before reading data or loading a model
     check_run_dir(cfg.train.output_dir, resume, overwrite)
-    rows = read_records(cfg.data.train, cfg.data.max_samples, cfg.data.max_line_mb << 20)
+    rows = read_data(cfg.data.train, cfg.data, cfg.data.max_samples)
     if any(getattr(REWARDS.get(name), "needs_answer", False) for name in cfg.rewards.weights):
         rows.require(cfg.data.answer_field, "data.answer_field")  # else every sample would silently score 0
     g, t = cfg.grpo, cfg.train

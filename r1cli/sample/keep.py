@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 
 from r1cli.config import DataConfig, FilterConfig
+from r1cli.data.templates import prompt_text
 from r1cli.rewards import RewardContext
 from r1cli.sample.filters import pick, rejection
 
@@ -28,6 +29,6 @@ def keep_candidates(row: dict, texts: list[str], n_tokens: list[int], verdicts: 
         else:
             why.append(rejection(text, row, ctx, filters, n))
     chosen, reasons = pick(texts, why, keep)
-    rows = [dict(zip(ROW_KEYS, (row[data.prompt_field], texts[j], row.get(data.answer_field), row.get(data.task_field),
+    rows = [dict(zip(ROW_KEYS, (prompt_text(row, data), texts[j], row.get(data.answer_field), row.get(data.task_field),
                                 verified, j))) for j in chosen]
     return rows, reasons

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from r1cli.config import Config
 from r1cli.data.prompts import encode_prompts
-from r1cli.data.records import read_records
+from r1cli.data.records import read_data
+from r1cli.data.templates import prompt_text
 from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
@@ -23,7 +24,7 @@ from r1cli.seeds import batch_seed
 
 def run_sample(cfg: Config, overwrite: bool = False) -> dict:
     d, s = cfg.data, cfg.sample
-    rows = read_records(d.train, d.max_samples, d.max_line_mb << 20)
+    rows = read_data(d.train, d, d.max_samples)
     unanswered = set(needs_judge(rows, d.answer_field))
     if unanswered and not s.judge:
         i = min(unanswered)
@@ -44,7 +45,7 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
                 row = rows[i]
                 texts = [ctx.full(c.text) for c in group]
                 if i in unanswered:
-                    how, correct = "judge", judge(str(row[d.prompt_field]), texts)
+                    how, correct = "judge", judge(prompt_text(row, d), texts)
                 else:
                     how, correct = "rule", [v >= 1.0 for v in score(texts, [row] * len(texts), {"accuracy": 1.0},
                                                                     ctx, cfg.rewards.timeout_s).total]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from r1cli.config import Config
-from r1cli.data.records import read_records
+from r1cli.data.records import read_data, read_records
 from r1cli.data.schedule import RowSchedule, rank_share
 from r1cli.data.sft_examples import pack_examples, to_token_batch, tokenize_rows
 from r1cli.eval.accuracy import held_out_evaluator
@@ -15,7 +15,7 @@ from r1cli.sft.loss import NLLLoss
 
 
 def build_rows(cfg: Config, tokenizer, path: str):
-    rows = read_records(path, cfg.data.max_samples, cfg.data.max_line_mb << 20)
+    rows = read_data(path, cfg.data, cfg.data.max_samples)
     examples = tokenize_rows(rows, tokenizer, cfg.data, path)
     return pack_examples(examples, cfg.data.max_seq_len) if cfg.data.pack else examples
 

@@ -48,3 +48,18 @@ def test_a_task_r1_has_never_seen_is_learned_from_two_files(cold_start, tmp_path
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     assert mean(a[-5:]) - mean(a[:5]) >= 0.30, a
     assert abs(mean(b[-5:]) - mean(b[:5])) < 0.15, b
+
+
+def test_data_prepare_on_the_command_line(tmp_path):
+    src = tmp_path / "numina.jsonl"
+    src.write_text(json.dumps({"problem": "Find x.", "solution": "x = \\boxed{4}"}) + "\n"
+                   + json.dumps({"problem": "Prove it.", "solution": "...", "answer": "proof"}) + "\n")
+    out = tmp_path / "rows.jsonl"
+    proc = run_r1("data", "prepare", str(src), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"read 2 rows from {src}; wrote 1 to {out}" in proc.stdout
+    assert "dropped 1: answer column says 'proof'" in proc.stdout
+    assert json.loads(out.read_text()) == {"prompt": "Find x.", "answer": "4", "task": "math",
+                                           "response": "x = \\boxed{4}"}
+    again = run_r1("data", "prepare", str(src), "--out", str(out))
+    assert again.returncode == 2 and "already exists; pass --overwrite" in again.stderr
