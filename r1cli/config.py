@@ -280,7 +280,12 @@ class BenchmarkConfig:
 @dataclass
 class LoggingConfig:
     every: int = bounded(1, 1)
-    tensorboard: bool = True
+    # where scalars and sample tables go besides metrics.jsonl (always written): tensorboard, wandb, mlflow, jsonl
+    # (r1cli.run.loggers; a plugin may register its own)
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"],
+                                metadata={"registry": "r1cli.run.loggers:LOGGERS"})
+    project: str = "r1"  # the W&B project / MLflow experiment
+    tensorboard: bool = True  # false drops tensorboard from logging.backends
     progress: bool = True
     sample_every: int = bounded(10, 0)  # print sampled completions every N steps (0: only step 0)
     samples_to_print: int = bounded(2, 0)
@@ -672,7 +677,7 @@ def check_registered(cfg: Any) -> None:
         if "registry" in f.metadata:
             module, attr = f.metadata["registry"].split(":")
             registry = getattr(importlib.import_module(module), attr)
-            for name in value if isinstance(value, dict) else [value]:
+            for name in value if isinstance(value, (dict, list)) else [value]:
                 registry.check(name, key)
 
 

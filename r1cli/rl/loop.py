@@ -123,6 +123,8 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             if p.is_main:
                 if step == harness.start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
                     _print_samples(rollout.samples, rollout.rows, scored.scores, cfg, step + 1)
+                    harness.log.log_samples(step + 1, _sample_table(rollout.samples, rollout.rows, scored.scores,
+                                                                    cfg))
                 if last["reward/max"] <= 0:
                     _warn_zero_rewards(scored.scores, rollout.samples, step + 1)
             if harness.step_done(step + 1, last):
@@ -321,6 +323,19 @@ def _print_samples(samples, rows, scores, cfg: Config, step: int) -> None:
         comps = "  ".join(f"{n}={scores.components[n][i]:.2f}" for n in scores.components)
         body = f"[dim]answer: {rows[i].get(cfg.data.answer_field)}[/dim]\n{samples[i].text}"
         console.print(Panel(body, title=f"step {step} sample {i}  {comps}", expand=False))
+
+
+def _sample_table(samples, rows, scores, cfg: Config, limit: int = 16) -> list[dict]:
+    """The step's first samples as table rows for the loggers: prompt, completion, answer, each reward."""
+    from r1cli.data.templates import prompt_text
+
+    out = []
+    for i in range(min(limit, len(samples))):
+        row = {"prompt": prompt_text(rows[i], cfg.data), "completion": samples[i].text,
+               "answer": str(rows[i].get(cfg.data.answer_field, "")), "reward": scores.total[i]}
+        row.update({f"reward/{n}": scores.components[n][i] for n in scores.components})
+        out.append(row)
+    return out
 
 
 def _warn_zero_rewards(scores, samples, step: int) -> None:

@@ -29,7 +29,8 @@ from r1cli.errors import R1Error, RunInterrupted
 from r1cli.run import checkpoint as ckpt
 from r1cli.run.metrics import MetricsLog, StepProgress, console
 
-RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard", "hf")
+RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tensorboard", "hf", "wandb", "mlruns",
+                 "wandb_run_id", "mlflow_run_id")
 
 
 def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
@@ -65,7 +66,8 @@ class RunHarness:
         p.barrier()
         if p.is_main:
             save_config(cfg, self.run_dir)
-        self.log = MetricsLog(self.run_dir, p.is_main, cfg.logging.tensorboard, fresh=not resume)
+        backends = [b for b in cfg.logging.backends if b != "tensorboard" or cfg.logging.tensorboard]
+        self.log = MetricsLog(self.run_dir, p.is_main, backends, fresh=not resume, cfg=cfg)
         self.start, self.run_id = 0, uuid.uuid4().hex[:12]
         self.first_eval: dict = {}
         if resume:

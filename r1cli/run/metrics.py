@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -16,20 +15,23 @@ console = Console(stderr=True)
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to metrics.jsonl (and sample tables to samples.jsonl); hands the
+    finite scalars and the tables to the loggers of logging.backends (r1cli.run.loggers)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, fresh: bool = True):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, backends: list[str] | tuple[str, ...] = (),
+                 fresh: bool = True, cfg=None):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
-        self._tb = None
+        self.samples_path = Path(run_dir) / "samples.jsonl"
+        self.loggers: list = []
         if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            if fresh and self.path.exists():
-                self.path.unlink()  # a new run does not append to an old run's curve
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+            from r1cli.run.loggers import LOGGERS
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if fresh:  # a new run does not append to an old run's curve
+                self.path.unlink(missing_ok=True)
+                self.samples_path.unlink(missing_ok=True)
+            self.loggers = [LOGGERS.get(name)(run_dir, cfg, not fresh) for name in backends]
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget lines logged after the checkpoint we continue from (and a torn last line)."""
@@ -38,22 +40,34 @@ class MetricsLog:
         from r1cli.data.records import write_jsonl
 
         write_jsonl([m for m in read_metrics(self.path) if m["step"] <= step], self.path)
+        if self.samples_path.is_file():
+            write_jsonl([m for m in read_metrics(self.samples_path) if m["step"] <= step], self.samples_path)
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
+        from r1cli.run.loggers import finite_scalars
+
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
-        if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, float) and math.isfinite(v):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
+        scalars = finite_scalars(clean)
+        for logger in self.loggers:
+            logger.scalars(step, scalars)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """A table of sampled completions (prompt, completion, rewards, ...), one JSON line per row."""
+        if not (self.enabled and rows):
+            return
+        with self.samples_path.open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}, ensure_ascii=False) + "\n")
+        for logger in self.loggers:
+            logger.samples(step, rows)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for logger in self.loggers:
+            logger.close()
 
 
 def read_metrics(path: str | Path, say=None) -> list[dict]:
