@@ -212,6 +212,33 @@ class RolloutConfig:
 
 
 @dataclass
+class RewardModelConfig:
+    """The reward_model reward (rewards.weights.reward_model): a local Hugging Face sequence-classification model
+    scores each (prompt, response) conversation; its first logit is the reward."""
+
+    path: str = ""
+    batch_size: int = bounded(16, 1)
+    normalize: Literal["none", "sigmoid", "batch"] = "none"  # batch: z-scores over the step's samples
+    offload: bool = True  # on a GPU: to host memory between scoring calls (the trainer needs the memory)
+    max_tokens: int = bounded(4096, 1)  # longer conversations keep their last max_tokens tokens
+
+
+@dataclass
+class JudgeRewardConfig:
+    """The judge reward (rewards.weights.judge): a local generative model, through the rollout engine registry,
+    reads each answer and gives a verdict (yes / no) or a score; cached per (prompt, response)."""
+
+    path: str = ""
+    engine: str = named("auto", "r1cli.interfaces:ENGINES")  # its own engine (rollout.vllm's settings apply)
+    # a template file with {question}, {response}, {reasoning}, {answer} and {reference} (the row's answer); empty:
+    # the built-in yes/no question
+    template: str = ""
+    verdict: Literal["yes_no", "score"] = "yes_no"  # score: the reply's first number divided by max_score
+    max_score: float = bounded(10.0, 0.0, above=True)
+    max_new_tokens: int = bounded(16, 1)
+
+
+@dataclass
 class RewardsConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
                                       metadata={"registry": "r1cli.rewards:REWARDS"})
@@ -219,6 +246,8 @@ class RewardsConfig:
     # a reward call (one sample, or one batch per sample in it) running longer is that sample's 0, counted in
     # reward_failures/NAME; 0: no limit
     timeout_s: float = bounded(60.0, 0.0)
+    model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    judge: JudgeRewardConfig = field(default_factory=JudgeRewardConfig)
 
 
 @dataclass
@@ -596,6 +625,7 @@ def checked(cfg: Config) -> Config:
     check_ranges(cfg)
     load_plugins(cfg.plugins)  # before the names: a plugin registers its own
     check_registered(cfg)
+    check_model_rewards(cfg)
     check_owned(cfg)
     return cfg
 
@@ -667,6 +697,14 @@ def _check_owned(obj: Any, root: Any, prefix: str) -> None:
                     raise R1Error(f"config key '{key}.{changed[0]}' is read only with {owner}={reader}; this run "
                                   f"has {owner}={chosen} (drop the key, or set {owner}={reader})")
         _check_owned(value, root, key + ".")
+
+
+def check_model_rewards(cfg: Config) -> None:
+    """rewards.model / rewards.judge need a path exactly when their reward has a weight."""
+    for name, section in (("reward_model", "model"), ("judge", "judge")):
+        used, path = name in cfg.rewards.weights, getattr(cfg.rewards, section).path
+        if used and not path:
+            raise R1Error(f"rewards.weights.{name} needs rewards.{section}.path (a local model folder)")
 
 
 def check_registered(cfg: Any) -> None:

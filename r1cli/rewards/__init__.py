@@ -4,7 +4,7 @@
 task): the built-ins use them, and so does a user's plugin file (r1cli.plugins).
 """
 
-from . import rules  # noqa: F401  registers the built-in rewards
+from . import model_rewards, rules  # noqa: F401  register the built-in rewards
 from .answers import TASKS, extract_answer, task
 from .scoring import REWARDS, RewardContext, Scores, reward, score
 

@@ -25,6 +25,9 @@ class RewardContext:
     language: str = "en"
     answer_field: str = "answer"
     task_field: str = "task"
+    # the run's settings, for rewards that need more (a reward model, a judge: rewards.model / rewards.judge)
+    data: DataConfig | None = field(default=None, compare=False)
+    rewards: RewardsConfig | None = field(default=None, compare=False)
 
     def full(self, completion: str) -> str:
         """The assistant turn as written: the prefill the prompt ended with, then the completion."""
@@ -35,7 +38,7 @@ class RewardContext:
     @classmethod
     def from_config(cls, data: DataConfig, rewards: RewardsConfig) -> "RewardContext":
         return cls(prefill=data.prefill, language=rewards.language, answer_field=data.answer_field,
-                   task_field=data.task_field)
+                   task_field=data.task_field, data=data, rewards=rewards)
 
 
 RewardFn = Callable[[str, dict, RewardContext], float]
