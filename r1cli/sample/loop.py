@@ -26,14 +26,14 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
     d, s = cfg.data, cfg.sample
     rows = read_data(d.train, d, d.max_samples)
     unanswered = set(needs_judge(rows, d.answer_field))
-    if unanswered and not s.judge:
+    if unanswered and not (s.judge or cfg.rewards.judge.path):
         i = min(unanswered)
         raise R1Error(f"{rows.where(i)}: no '{d.answer_field}' to verify samples against (data.answer_field); "
-                      "name a judge model with sample.judge=PATH or drop such rows")
+                      "name a judge model with sample.judge=PATH (or rewards.judge.path) or drop such rows")
     parallel = build_parallel()
     store = ResumableOutput(s.out, parallel, overwrite)
     engine, tokenizer = build_engine(cfg.model, cfg.rollout), load_tokenizer(cfg.model.path)
-    judge = AnswerJudge.from_config(cfg) if unanswered else None
+    judge = (AnswerJudge.from_config(cfg) if s.judge else _reward_judge(cfg)) if unanswered else None
     prompts = encode_prompts(tokenizer, rows, d)
     ctx = RewardContext.from_config(d, cfg.rewards)
     with store:
@@ -56,3 +56,12 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
                 store.add(i, row.get(d.task_field) or "math", kept, len(texts), reasons)
             store.batch_done()
     return store.finish("r1 sample")
+
+
+def _reward_judge(cfg: Config):
+    """The RL judge (rewards.judge: its engine, template and verdicts) as r1 sample's verifier: a score of at least
+    0.5 is a yes."""
+    from r1cli.rewards.model_rewards import Judge
+
+    judge = Judge(cfg.rewards.judge, cfg.rollout)
+    return lambda question, texts: [v >= 0.5 for v in judge([question] * len(texts), texts, [""] * len(texts))]

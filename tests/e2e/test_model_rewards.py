@@ -177,3 +177,19 @@ def test_the_judge_asks_once_per_prompt_and_response(tiny_model):
     judge.tokenizer, judge.data, judge.cache = load_tokenizer(str(tiny_model)), DataConfig(template="plain"), {}
     assert judge(["q", "q", "q"], ["a", "a", "b"], ["", "", ""]) == [1.0, 1.0, 1.0] and asked == [2]
     assert judge(["q", "q2"], ["b", "a"], ["", ""]) == [1.0, 1.0] and asked == [2, 1]
+
+
+def test_r1_sample_verifies_rows_without_answers_with_the_rl_judge(cold_start, tiny_model, tmp_path):
+    import re
+
+    task = _task(tmp_path / "task")
+    out = tmp_path / "kept.jsonl"
+    proc = run_r1("sample", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                  f"data.train={task / 'questions.jsonl'}", "data.prompt_field=question", "data.max_samples=16",
+                  "rollout.n=4", f"sample.out={out}", f"plugins=[{task / 'judge_engine.py'}]",
+                  f"rewards.judge.path={tiny_model}", "rewards.judge.engine=parity_judge",
+                  f"rewards.judge.template={task / 'judge.txt'}", env={"OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    answers = [re.search(r"<answer>\s*(-?\d+)", r["response"]) for r in rows]
+    assert rows and all(a is not None and int(a.group(1)) % 2 == 0 for a in answers)
