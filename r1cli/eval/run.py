@@ -12,7 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from r1cli.config import Config, DataConfig, ModelConfig, RolloutConfig
+from r1cli.config import Config, DataConfig, JudgeRewardConfig, ModelConfig, RolloutConfig
 from r1cli.data.records import read_records, write_jsonl
 from r1cli.data.templates import render_prompt
 from r1cli.errors import R1Error
@@ -42,6 +42,7 @@ class EvalRequest:
     code_workers: int = 0  # sandbox pool size; 0: twice the cores
     engine: str = "hf"  # a registered rollout engine
     rollout: RolloutConfig | None = None  # the engine settings (rollout.vllm, prompts_per_generate, timeouts)
+    judge: JudgeRewardConfig | None = None  # grades the `judged` benchmark (rewards.judge)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "EvalRequest":
@@ -50,7 +51,7 @@ class EvalRequest:
                    data_dir=b.data_dir, samples=b.samples, temperature=b.temperature, top_p=b.top_p,
                    max_new_tokens=b.max_new_tokens, template=cfg.data.template, prefill=cfg.data.prefill,
                    limit=b.limit, seed=b.seed, code_workers=b.code_workers, engine=cfg.rollout.engine,
-                   rollout=cfg.rollout)
+                   rollout=cfg.rollout, judge=cfg.rewards.judge if cfg.rewards.judge.path else None)
 
 
 def _load(req: EvalRequest) -> dict[str, list[Problem]]:
@@ -61,14 +62,36 @@ def _load(req: EvalRequest) -> dict[str, list[Problem]]:
     return out
 
 
-def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardContext, workers: int) -> list[list[dict]]:
-    """Verdict records per problem and sample; programs of all problems run together in the sandbox pool."""
+def _judge_of(req: EvalRequest):
+    if req.judge is None:
+        raise R1Error("the judged benchmark needs a judge: rewards.judge.path (and its engine / template) in the "
+                      "--config")
+    from r1cli.rewards.model_rewards import Judge
+
+    return Judge(req.judge, req.rollout or RolloutConfig())
+
+
+def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardContext, workers: int,
+           judge=None) -> list[list[dict]]:
+    """Verdict records per problem and sample; programs of all problems run together in the sandbox pool, and a
+    judged problem's samples go to the judge together."""
+    from r1cli.sample.filters import final_answer_of
     from r1cli.sandbox import Limits, run_many
 
     records = [[{} for _ in c] for c in completions]
     jobs, owners = [], []
+    judged = [(i, j) for i, (p, comps) in enumerate(zip(problems, completions)) if p.kind == "judge"
+              for j in range(len(comps))]
+    if judged:
+        texts = [ctx.full(completions[i][j]) for i, j in judged]
+        scores = judge([problems[i].prompt for i, _ in judged], texts, [problems[i].answer for i, _ in judged])
+        for (i, j), text, v in zip(judged, texts, scores):
+            records[i][j] = {"extracted": final_answer_of(text) or None, "correct": v >= 0.5, "score": v,
+                             "reason": "judged right" if v >= 0.5 else "judged wrong"}
     for i, (p, comps) in enumerate(zip(problems, completions)):
         for j, text in enumerate(comps):
+            if p.kind == "judge":
+                continue
             if p.kind in ("humaneval", "stdio"):
                 runs = program_jobs(p, text)
                 owners.append((i, j, len(jobs), len(runs)))
@@ -130,6 +153,7 @@ def run_eval(req: EvalRequest) -> dict:
     else:
         done = _done(samples_path, lambda key: req.samples)
         engine, tokenizer = _engine(req)
+    judge = _judge_of(req) if any(p.kind == "judge" for ps in benches.values() for p in ps) else None
     with samples_path.open("a", encoding="utf-8") as log:
         for name, problems in benches.items():
             mine = problems[parallel.dp_rank:: parallel.dp_size]
@@ -142,7 +166,7 @@ def run_eval(req: EvalRequest) -> dict:
                     texts = [given[(name, p.id)] for p in chunk]
                 else:
                     texts = _generate(engine, tokenizer, chunk, req, problems.index(chunk[0]))
-                for p, comps, recs in zip(chunk, texts, _score(chunk, texts, ctx, req.code_workers)):
+                for p, comps, recs in zip(chunk, texts, _score(chunk, texts, ctx, req.code_workers, judge)):
                     for j, (text, rec) in enumerate(zip(comps, recs)):
                         row = {"benchmark": name, "id": p.id, "sample": j, "prompt": p.prompt, "completion": text,
                                **rec}

@@ -142,11 +142,19 @@ def math_equal(answer: str, gold: str) -> bool:
         s = s.replace("\\$", "").strip()  # a currency sign is not a math delimiter: \$1000 is 1000
         return s if "$" in s or "\\(" in s else f"${s}$"
 
-    gold_parsed = parse(wrap(gold))
-    ans_parsed = parse(wrap(answer))
+    # math-verify bounds itself with SIGALRM, which works in the main thread only; the scorer runs rewards in a
+    # worker thread, where rewards.timeout_s bounds the whole call instead
+    import logging
+    import threading
+
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
+    if limit is None:
+        logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning, every call
+    gold_parsed = parse(wrap(gold), parsing_timeout=limit)
+    ans_parsed = parse(wrap(answer), parsing_timeout=limit)
     if not gold_parsed or not ans_parsed:
         return answer.strip() == gold.strip()
-    return bool(verify(gold_parsed, ans_parsed))
+    return bool(verify(gold_parsed, ans_parsed, timeout_seconds=limit))
 
 
 @task("math")

@@ -193,3 +193,26 @@ def test_r1_sample_verifies_rows_without_answers_with_the_rl_judge(cold_start, t
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     answers = [re.search(r"<answer>\s*(-?\d+)", r["response"]) for r in rows]
     assert rows and all(a is not None and int(a.group(1)) % 2 == 0 for a in answers)
+
+
+def test_r1_eval_grades_open_questions_with_the_judge(cold_start, tiny_model, tmp_path):
+    import re
+
+    task = _task(tmp_path / "task")
+    rows = [{"prompt": json.loads(line)["question"]} for line in (task / "questions.jsonl").read_text().splitlines()]
+    (task / "open.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:12]))
+    out = tmp_path / "eval"
+    proc = run_r1("eval", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                  f"benchmark.benchmarks=[judged={task / 'open.jsonl'}]", f"benchmark.out={out}",
+                  "benchmark.samples=2", "benchmark.max_new_tokens=48", f"plugins=[{task / 'judge_engine.py'}]",
+                  f"rewards.judge.path={tiny_model}", "rewards.judge.engine=parity_judge",
+                  f"rewards.judge.template={task / 'judge.txt'}", env={"OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24
+    for s in samples:
+        m = re.search(r"<answer>\s*(-?\d+)", s["completion"])
+        assert s["correct"] == bool(m and int(m.group(1)) % 2 == 0) and s["reason"].startswith("judged")
+    no_judge = run_r1("eval", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                      f"benchmark.benchmarks=[judged={task / 'open.jsonl'}]", f"benchmark.out={tmp_path / 'e2'}")
+    assert no_judge.returncode == 2 and "the judged benchmark needs a judge: rewards.judge.path" in no_judge.stderr
