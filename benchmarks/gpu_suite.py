@@ -167,7 +167,7 @@ def part_vllm(tiny: bool, work: Path) -> list[dict]:
     prompts = [[5, 6, 7, 8 + i % 50] for i in range(32 if tiny else 512)]
     params = SamplingParams(n=1, temperature=1.0, max_tokens=16 if tiny else 128, seed=0)
     rows = []
-    first = engine.generate(prompts[:4], params)
+    engine.generate(prompts[:4], params)  # warm-up
 
     def cycle() -> str:
         engine.sleep()
@@ -206,7 +206,6 @@ def part_vllm(tiny: bool, work: Path) -> list[dict]:
     rows.append(row("vllm", f"{len(prompts)} requests x {params.max_tokens} tokens: per-request seeds vs one "
                     "engine seed", f"seeded {rates[True]:.0f} tok/s, unseeded {rates[False]:.0f} tok/s "
                     f"({rates[False] / rates[True]:.2f}x)", "measured"))
-    del first
     return rows
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import sys
@@ -700,11 +701,15 @@ def _check_owned(obj: Any, root: Any, prefix: str) -> None:
 
 
 def check_model_rewards(cfg: Config) -> None:
-    """rewards.model / rewards.judge need a path exactly when their reward has a weight."""
+    """A model reward with a weight needs its model; rewards.model is read by the reward_model reward only, so
+    setting it without that weight is refused (rewards.judge also serves r1 sample and r1 eval)."""
     for name, section in (("reward_model", "model"), ("judge", "judge")):
         used, path = name in cfg.rewards.weights, getattr(cfg.rewards, section).path
         if used and not path:
             raise R1Error(f"rewards.weights.{name} needs rewards.{section}.path (a local model folder)")
+    if "reward_model" not in cfg.rewards.weights and cfg.rewards.model != RewardModelConfig():
+        raise R1Error("rewards.model is read only by the reward_model reward; this run has no "
+                      "rewards.weights.reward_model (give it a weight, or drop rewards.model)")
 
 
 def check_registered(cfg: Any) -> None:
@@ -719,13 +724,16 @@ def check_registered(cfg: Any) -> None:
                 registry.check(name, key)
 
 
+PATH_KEYS = ("model.path", "data.train", "data.eval", "data.chat_template", "train.output_dir", "sample.out",
+             "sample.judge", "benchmark.out", "benchmark.data_dir", "benchmark.completions", "coldstart.out",
+             "coldstart.generator", "coldstart.exemplars", "distill.teacher", "rewards.model.path",
+             "rewards.judge.path", "rewards.judge.template")
+
+
 def _expand_paths(cfg: Config) -> None:
-    for section, name in (("model", "path"), ("data", "train"), ("data", "eval"),
-                          ("data", "chat_template"), ("train", "output_dir"),
-                          ("sample", "out"), ("sample", "judge"), ("benchmark", "out"), ("benchmark", "data_dir"),
-                          ("benchmark", "completions"), ("coldstart", "out"), ("coldstart", "generator"),
-                          ("coldstart", "exemplars"), ("distill", "teacher")):
-        obj = getattr(cfg, section)
+    for key in PATH_KEYS:
+        *sections, name = key.split(".")
+        obj = functools.reduce(getattr, sections, cfg)
         value = getattr(obj, name)
         if value:  # ${R1_MODELS} (the presets' model folder) defaults to ./models
             value = value.replace("${R1_MODELS}", os.environ.get("R1_MODELS", "models"))

@@ -47,10 +47,10 @@ def prepare_rows(rows, task: str = "math", problem_column: str = "", answer_colu
         raw = row.get(answer_column)
         answer = str(raw).strip() if raw is not None and not isinstance(raw, (list, dict)) else ""
         if answer.lower() in NOT_AN_ANSWER:
-            boxed = all_boxed(solution) if solution else []
             if answer.lower() in ("proof", "notfound"):
                 dropped[f"answer column says {answer.lower()!r}"] += 1
                 continue
+            boxed = all_boxed(solution) if solution else []
             if not boxed:
                 dropped["no final answer (no answer column, no \\boxed{} in the solution)"] += 1
                 continue

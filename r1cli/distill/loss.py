@@ -27,8 +27,11 @@ def load_teacher(cfg: Config, trainer):
 
 
 def _hidden_and_weight(hidden, weight):
-    """Inside the teacher's forward: its hidden states and a copy of its lm_head weight (under FSDP the gathered
-    weight is freed again when the forward returns)."""
+    return hidden, weight
+
+
+def _hidden_and_weight_copy(hidden, weight):
+    """Under FSDP the gathered lm_head weight is freed again when the teacher's forward returns: keep a copy."""
     return hidden, weight.detach().clone()
 
 
@@ -41,8 +44,12 @@ class DistillLoss:
     inputs = (LossInput.HIDDEN,)
 
     def __init__(self, teacher, num_tokens: float, cfg: DistillConfig, pad_id: int):
+        from torch.distributed.tensor import DTensor
+
         self.teacher, self.cfg, self.pad_id = teacher, cfg, pad_id
         self.num_tokens = max(1.0, num_tokens)
+        sharded = isinstance(teacher.model.lm_head.weight, DTensor)  # FSDP: gathered only inside its forward
+        self._grab = _hidden_and_weight_copy if sharded else _hidden_and_weight
 
     def from_hidden(self, hidden, weight, batch, targets):
         import torch
@@ -51,7 +58,7 @@ class DistillLoss:
 
         ids, pos, idx, _ = batch.tensors(self.pad_id, hidden.device)
         with torch.no_grad():
-            th, tw = self.teacher(ids, pos, idx, _hidden_and_weight)
+            th, tw = self.teacher(ids, pos, idx, self._grab)
         d = self.cfg
         weights = torch.full((hidden.shape[0],), 1.0 / self.num_tokens, device=hidden.device)
         loss, kl, nll = kernels.fused_linear_distill(hidden, weight, th, tw, targets, weights,

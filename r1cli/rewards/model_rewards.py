@@ -18,7 +18,7 @@ from dataclasses import replace
 
 from .scoring import RewardContext, reward
 
-_MODELS: dict[str, object] = {}  # path -> the loaded scorer (one per process)
+_MODELS: dict[tuple[str, str], object] = {}  # (kind, path) -> the loaded scorer (one per process)
 
 
 def _device():

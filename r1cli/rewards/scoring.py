@@ -3,8 +3,8 @@
 A reward is `fn(completion, row, ctx) -> float`, or registered with batch=True `fn(completions, rows, ctx) ->
 list[float]` (one call for a whole step's samples: a reward model, a remote verifier). A reward that raises, returns
 something that is not a finite number, or runs past rewards.timeout_s counts as 0 for that sample (counted in
-reward_failures/NAME and reported), never the end of the run; a batch call that fails is retried one sample at a
-time, so one bad sample costs only itself.
+reward_failures/NAME and reported), never the end of the run; a batch call that raises is retried one sample at a
+time, so one bad sample costs only itself (a batch past its limit - timeout_s per sample - is 0 for all of them).
 """
 
 from __future__ import annotations
@@ -93,10 +93,13 @@ def _run(fn, completions: list[str], rows: list[dict], ctx: RewardContext,
     n = len(completions)
     if getattr(fn, "batch", False) and n:
         try:
-            out = _within(lambda: list(fn(completions, rows, ctx)), timeout_s * n if timeout_s else 0.0)
+            out = _within(lambda: list(fn(completions, rows, ctx)), timeout_s * n,
+                          f"over rewards.timeout_s={timeout_s:g} s per sample, {n} samples")
             if len(out) != n:
                 raise ValueError(f"returned {len(out)} values for {n} samples")
             return [_number(v) for v in out], {}
+        except RewardTimeout as e:  # a hung batch is not one bad sample: retrying each would cost n limits
+            return [0.0] * n, {i: f"timeout: {e}" for i in range(n)}
         except Exception:  # noqa: BLE001 - one sample at a time, to find the one that fails
             one = lambda c, r, ctx: fn([c], [r], ctx)[0]  # noqa: E731
             return _per_sample(one, completions, rows, ctx, timeout_s)
@@ -107,8 +110,9 @@ class RewardTimeout(Exception):
     pass
 
 
-def _within(call, seconds: float):
-    """call() in a daemon thread, waiting at most `seconds` (0: no limit); a call past it is left running."""
+def _within(call, seconds: float, over: str):
+    """call() in a daemon thread, waiting at most `seconds` (0: no limit); a call past it is left running and
+    RewardTimeout(over) raised."""
     box: dict = {}
 
     def run():
@@ -123,7 +127,7 @@ def _within(call, seconds: float):
     while worker.is_alive():
         worker.join(0.05)  # short waits: Ctrl-C reaches the main thread
         if deadline is not None and time.monotonic() > deadline:
-            raise RewardTimeout(f"over rewards.timeout_s={seconds:g} s")
+            raise RewardTimeout(over)
     if "error" in box:
         raise box["error"]
     return box["value"]

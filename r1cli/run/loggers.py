@@ -65,6 +65,16 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+def _require(module: str, extra: str):
+    """The logger's package, or one line naming the pip extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing_extra(module, extra) from None
+
+
 def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
     import socket
 
@@ -78,10 +88,7 @@ def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
 @LOGGERS.register("wandb")
 class WandbLogger:
     def __init__(self, run_dir, cfg, resume: bool):
-        try:
-            import wandb
-        except ImportError:
-            raise missing_extra("wandb", "wandb") from None
+        wandb = _require("wandb", "wandb")
         from r1cli.config import to_dict
         from r1cli.run.metrics import console
 
@@ -112,15 +119,11 @@ class WandbLogger:
 @LOGGERS.register("mlflow")
 class MLflowLogger:
     def __init__(self, run_dir, cfg, resume: bool):
-        try:
-            import mlflow
-        except ImportError:
-            raise missing_extra("mlflow", "mlflow") from None
-        from r1cli.config import to_dict
-
-        self.mlflow = mlflow
         import logging
 
+        from r1cli.config import to_dict
+
+        self.mlflow = mlflow = _require("mlflow", "mlflow")
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines would cut through the progress bar
         run_dir = Path(run_dir).resolve()
         if not os.environ.get("MLFLOW_TRACKING_URI"):  # a file store in the run folder, no server, no database

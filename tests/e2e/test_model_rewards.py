@@ -216,3 +216,16 @@ def test_r1_eval_grades_open_questions_with_the_judge(cold_start, tiny_model, tm
     no_judge = run_r1("eval", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
                       f"benchmark.benchmarks=[judged={task / 'open.jsonl'}]", f"benchmark.out={tmp_path / 'e2'}")
     assert no_judge.returncode == 2 and "the judged benchmark needs a judge: rewards.judge.path" in no_judge.stderr
+
+
+def test_reward_settings_for_a_reward_the_run_does_not_use_are_refused(monkeypatch, tmp_path):
+    import pytest
+
+    from r1cli.config import load_config
+    from r1cli.errors import R1Error
+
+    with pytest.raises(R1Error, match="rewards.model is read only by the reward_model reward"):
+        load_config(None, [f"rewards.model.path={tmp_path}"])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["rewards.weights={reward_model: 1.0}", "rewards.model.path=~/rm"])
+    assert cfg.rewards.model.path == str(tmp_path / "rm")  # expanded like every other path

@@ -179,3 +179,25 @@ def test_a_reward_past_its_time_limit_or_not_a_number_is_that_samples_zero():
         assert "timeout: over rewards.timeout_s=0.2 s" in s.last_error["test_slow"]
     finally:
         REWARDS.unregister("test_slow")
+
+
+def test_a_batch_reward_past_its_limit_is_zero_for_the_batch_without_a_retry_per_sample():
+    import time
+
+    from r1cli.rewards import reward
+
+    calls = []
+
+    @reward("test_hung_batch", batch=True)
+    def hung(completions, rows, ctx):
+        calls.append(len(completions))
+        time.sleep(30)
+
+    try:
+        t0 = time.monotonic()
+        s = score(["a", "b", "c"], [{}] * 3, {"test_hung_batch": 1.0}, CTX, timeout_s=0.2)
+        assert time.monotonic() - t0 < 3 and calls == [3]
+        assert s.total == [0.0, 0.0, 0.0] and s.failures == {"test_hung_batch": 3}
+        assert "timeout: over rewards.timeout_s=0.2 s per sample, 3 samples" in s.last_error["test_hung_batch"]
+    finally:
+        REWARDS.unregister("test_hung_batch")
