@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
@@ -401,6 +402,14 @@ def run():
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as e:
+        # a full disk or a folder the user cannot write: one line naming the file (other OS errors are bugs)
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        click.echo(f"error: {where}{e.strerror}; a rerun of the same command continues (--resume for a "
+                   "training run) once that is fixed", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from r1cli.config import CONFIG_DIR, Config, apply_layer, apply_overrides, checked, load_config, read_yaml
-from r1cli.errors import R1Error
+from r1cli.errors import R1Error, RunInterrupted
 from r1cli.interfaces import build_parallel
 from r1cli.models.loading import resolve_device
 from r1cli.run import checkpoint as ckpt
 from r1cli.run.checkpoint import write_text_atomic
+from r1cli.run.identity import check as identity_check
+from r1cli.run.identity import of_config
 from r1cli.run.metrics import console, read_metrics
 
 DEFAULT = CONFIG_DIR / "tiny" / "r1.yaml"
@@ -146,6 +148,14 @@ def stage_configs(p: Pipeline, overrides: list[str]) -> list[Config]:
     return out
 
 
+def _stage_identity(cfg: Config) -> dict:
+    return of_config(cfg, ["model", "data", "train", "optim", "grpo", "rewards", "rollout", "distill", "sample",
+                           "filters", "coldstart"],
+                     {"model.path": cfg.model.path, "data.train": cfg.data.train,
+                      "distill.teacher": cfg.distill.teacher,
+                      "coldstart.generator": cfg.coldstart.generator})
+
+
 def _resume_flags(cfg: Config) -> dict:
     """Continue an interrupted training stage from its newest checkpoint; one that died before any
     checkpoint starts over (there is nothing to lose)."""
@@ -250,8 +260,12 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
         par.barrier()
     for st, cfg in zip(p.stages, configs):
         marker = Path(cfg.train.output_dir) / "stage.json"
+        record, identity = marker.with_name("stage.identity.json"), _stage_identity(cfg)
         if marker.is_file():
-            if par.is_main:
+            if par.is_main:  # skipped only if made from the same model, data and settings
+                identity_check(record, identity, f"stage {st.name} ({cfg.train.output_dir})",
+                               f"delete {cfg.train.output_dir} to run the stage again with them (later stages too, "
+                               "as they start from its output), or set pipeline.output_dir to a new folder")
                 console.print(f"[bold]{st.name}[/] ({st.command}): done earlier, skipped")
             results.append(json.loads(marker.read_text()))
             continue
@@ -259,7 +273,11 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
             console.print(f"[bold]{st.name}[/] ({st.command}) -> {cfg.train.output_dir}")
         t0 = time.perf_counter()
         flags = {} if st.command == "sample" else _resume_flags(cfg)
-        result = RUNNERS[st.command](cfg, **flags) or {}
+        try:
+            result = RUNNERS[st.command](cfg, **flags) or {}
+        except RunInterrupted as e:  # the stage's own hint says --resume: the pipeline continues by itself
+            raise RunInterrupted(str(e).replace("continue with --resume", "run the same r1 pipeline command again "
+                                                "to continue"), e.signum) from None
         if "stopped_at" in result:  # checkpoint.stop_after: the stage is not finished; a re-run continues it
             console.print(f"{st.name} stopped after step {result['stopped_at']}; run the pipeline again to continue")
             return results
@@ -273,6 +291,8 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
             section, key = MAKES_DATA[st.command]
             out["made_data"] = getattr(getattr(cfg, section), key)
         if par.is_main:
+            record.unlink(missing_ok=True)
+            identity_check(record, identity, "", "")
             write_text_atomic(marker, json.dumps(out, indent=1))
         par.barrier()
         results.append(out)

@@ -23,6 +23,7 @@ from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, score
 from r1cli.run.harness import check_run_dir
+from r1cli.run.identity import of_config
 from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput
 from r1cli.seeds import batch_seed, second_pass_seed
@@ -78,7 +79,11 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
     if not c.generator:
         rows.require(d.response_field, "data.response_field (the worked solutions used without coldstart.generator)")
     parallel = build_parallel()
-    store = ResumableOutput(c.out, parallel, overwrite)
+    identity = of_config(cfg, ["data", "rewards", "coldstart", "filters", "train.seed"] + (["rollout"] if c.generator
+                                                                                           else []),
+                         {"data.train": d.train, "coldstart.generator": c.generator,
+                          "coldstart.exemplars": c.exemplars if c.generator and c.shots else ""})
+    store = ResumableOutput(c.out, parallel, overwrite, identity, "coldstart.out")
     generator = Generator(cfg) if c.generator else None
     tokenizer = generator.tokenizer if generator else load_tokenizer(cfg.model.path)
     ctx = RewardContext(language=cfg.rewards.language, answer_field=d.answer_field, task_field=d.task_field)
@@ -107,7 +112,7 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
 def run_coldstart(cfg: Config, resume: bool = False, overwrite: bool = False, data_only: bool = False) -> dict:
     """The data (continued where a killed run stopped; --overwrite starts it over), then SFT on it."""
     if not data_only:
-        check_run_dir(cfg.train.output_dir, resume, overwrite)
+        check_run_dir(cfg, resume, overwrite)
     stats = build_coldstart_data(cfg, overwrite=overwrite)
     if data_only:
         return {"data": stats}

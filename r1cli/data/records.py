@@ -78,7 +78,7 @@ def _read_arrow(p: Path) -> list[dict]:
         raise R1Error(f"{p}: not a readable Arrow file ({type(e).__name__}: {e})") from None
 
 
-def _read_folder(folder: Path, max_samples: int, max_line_bytes: int) -> Records:
+def _read_folder(folder: Path, max_samples: int, max_line_bytes: int | None) -> Records:
     """Every JSONL / Parquet / Arrow file of a folder (a save_to_disk folder: its own files, in order), in name
     order, as one set of rows."""
     saved = _saved_dataset_files(folder)
@@ -96,15 +96,18 @@ def _read_folder(folder: Path, max_samples: int, max_line_bytes: int) -> Records
     return Records(rows, str(folder), lines)
 
 
-def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE_BYTES) -> Records:
+def read_records(path: str, max_samples: int = 0, max_line_bytes: int | None = None) -> Records:
     """All rows of a local JSONL or Parquet file (or of every such file in a folder); a malformed line names file
     and line. JSONL lines are read one at a time, at most max_line_bytes each: one enormous line is an error, not
     an exhausted memory."""
     if not path:
         raise R1Error("no data file given (set data.train)")
+    # the limit is data.max_line_mb where a caller passes it; elsewhere (eval, prepare) a fixed one with no option
+    hint = "raise data.max_line_mb if it is meant to be" if max_line_bytes else "the most r1 reads as one line"
     p = Path(path)
     if p.is_dir():
         return _read_folder(p, max_samples, max_line_bytes)
+    max_line_bytes = max_line_bytes or MAX_LINE_BYTES
     if not p.is_file():
         raise R1Error(f"data file not found: {path}")
     rows, lines = [], []
@@ -128,8 +131,7 @@ def read_records(path: str, max_samples: int = 0, max_line_bytes: int = MAX_LINE
                     break
                 lineno += 1
                 if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
-                    raise R1Error(f"{path}:{lineno}: line longer than {max_line_bytes >> 20} MiB "
-                                  f"(raise data.max_line_mb if it is meant to be)")
+                    raise R1Error(f"{path}:{lineno}: line longer than {max_line_bytes >> 20} MiB ({hint})")
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:

@@ -7,6 +7,8 @@ a table of pass@1 (mean over k samples), pass@k and cons@k, each with a 95% boot
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -19,7 +21,11 @@ from r1cli.errors import R1Error
 from r1cli.eval.benchmarks import Problem, load_benchmark, normalise, program_jobs, score_code, score_text
 from r1cli.eval.metrics import summarise
 from r1cli.rewards import RewardContext
+from r1cli.run import folder_lock
+from r1cli.run.append_log import AppendLog, cut_torn_tail
 from r1cli.run.checkpoint import write_text_atomic
+from r1cli.run.identity import check as identity_check
+from r1cli.run.identity import fingerprint
 from r1cli.run.metrics import console, read_metrics
 from r1cli.seeds import batch_seed
 
@@ -54,12 +60,27 @@ class EvalRequest:
                    rollout=cfg.rollout, judge=cfg.rewards.judge if cfg.rewards.judge.path else None)
 
 
-def _load(req: EvalRequest) -> dict[str, list[Problem]]:
-    out = {}
+def _load(req: EvalRequest) -> tuple[dict[str, list[Problem]], dict[str, str]]:
+    """The problems of each benchmark (the first --limit), and each benchmark's content hash (all its problems)."""
+    out, hashes = {}, {}
     for spec in req.benchmarks:
         problems = load_benchmark(spec, req.data_dir or None)
-        out[spec.partition("=")[0]] = problems[: req.limit] if req.limit else problems
-    return out
+        name = spec.partition("=")[0]
+        out[name] = problems[: req.limit] if req.limit else problems
+        text = json.dumps([dataclasses.asdict(p) for p in problems], sort_keys=True, default=str)
+        hashes[name] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return out, hashes
+
+
+def _identity(req: EvalRequest, hashes: dict[str, str]) -> dict:
+    """What defines the samples in --out: the model (or the completions file), each benchmark's problems and the
+    sampling settings."""
+    fields: dict = {f"benchmark {name} (content)": h for name, h in hashes.items()}
+    if req.completions:
+        return {**fields, "completions (content)": fingerprint(req.completions)}
+    return {**fields, "model (content)": fingerprint(req.model), "samples": req.samples,
+            "temperature": req.temperature, "top_p": req.top_p, "max_new_tokens": req.max_new_tokens,
+            "template": req.template, "prefill": req.prefill, "seed": req.seed}
 
 
 def _judge_of(req: EvalRequest):
@@ -114,6 +135,7 @@ def _done(path: Path, expected) -> dict[tuple[str, str], list[dict]]:
     got: dict = defaultdict(list)
     if not path.is_file():
         return got
+    cut_torn_tail(path, console.print)
     for r in read_metrics(path):
         got[(r["benchmark"], r["id"])].append(r)
     partial = [k for k, v in got.items() if len(v) < expected(k)]
@@ -135,9 +157,14 @@ def run_eval(req: EvalRequest) -> dict:
     from r1cli.interfaces import build_parallel
 
     parallel = build_parallel()
-    benches = _load(req)
+    benches, hashes = _load(req)
     out = Path(req.out)
     out.mkdir(parents=True, exist_ok=True)
+    if parallel.is_main:  # one writer, and never results of another model or other settings reported as these
+        folder_lock.hold(out, "--out")
+        identity_check(out / "identity.json", _identity(req, hashes), f"--out {out}",
+                       f"write to another --out (or delete {out / 'identity.json'} to add to these results)")
+    parallel.barrier()
     # each data-parallel rank scores its share of every benchmark into a file of its own
     samples_path = out / ("samples.jsonl" if parallel.dp_size == 1 else f"samples.rank{parallel.dp_rank}.jsonl")
     ctx = RewardContext(prefill=req.prefill)
@@ -154,7 +181,7 @@ def run_eval(req: EvalRequest) -> dict:
         done = _done(samples_path, lambda key: req.samples)
         engine, tokenizer = _engine(req)
     judge = _judge_of(req) if any(p.kind == "judge" for ps in benches.values() for p in ps) else None
-    with samples_path.open("a", encoding="utf-8") as log:
+    with AppendLog(samples_path) as log:
         for name, problems in benches.items():
             mine = problems[parallel.dp_rank:: parallel.dp_size]
             todo = [p for p in mine if (name, p.id) not in done]
@@ -167,12 +194,10 @@ def run_eval(req: EvalRequest) -> dict:
                 else:
                     texts = _generate(engine, tokenizer, chunk, req, problems.index(chunk[0]))
                 for p, comps, recs in zip(chunk, texts, _score(chunk, texts, ctx, req.code_workers, judge)):
-                    for j, (text, rec) in enumerate(zip(comps, recs)):
-                        row = {"benchmark": name, "id": p.id, "sample": j, "prompt": p.prompt, "completion": text,
-                               **rec}
-                        log.write(json.dumps(row, ensure_ascii=False) + "\n")
-                        done[(name, p.id)].append(row)
-                    log.flush()
+                    rows = [{"benchmark": name, "id": p.id, "sample": j, "prompt": p.prompt, "completion": text,
+                             **rec} for j, (text, rec) in enumerate(zip(comps, recs))]
+                    log.append(rows)  # a problem's samples together, in one write
+                    done[(name, p.id)] += rows
     parallel.barrier()
     if parallel.dp_size > 1:  # every shard is complete: the summary reads them all
         done = defaultdict(list)

@@ -70,7 +70,7 @@ def validate_layout(cfg: Config, dp_size: int) -> None:
 
 def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     validate(cfg)  # before reading data or loading a model
-    check_run_dir(cfg.train.output_dir, resume, overwrite)
+    check_run_dir(cfg, resume, overwrite)
     rows = read_data(cfg.data.train, cfg.data, cfg.data.max_samples)
     if any(getattr(REWARDS.get(name), "needs_answer", False) for name in cfg.rewards.weights):
         rows.require(cfg.data.answer_field, "data.answer_field")  # else every sample would silently score 0

@@ -58,10 +58,13 @@ def _sha256(path: Path) -> str:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    with tmp.open("rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def commit(run_dir: str | Path, step: int, keep: int, run_id: str) -> Path:
@@ -163,12 +166,21 @@ def run_id_of(d: Path) -> str | None:
 def save(trainer, run_dir: str | Path, step: int, keep: int, run_id: str) -> Path:
     """Every rank writes its part into the staging folder; rank 0 verifies and publishes it."""
     p = trainer.parallel
-    staging = begin(run_dir, step) if p.is_main else staging_dir(run_dir, step)
-    p.barrier()
-    trainer.save(staging, {"step": step})
-    final = staging_dir(run_dir, step).with_suffix("")
-    if p.is_main:
-        final = commit(run_dir, step, keep, run_id)
+    staging = staging_dir(run_dir, step)
+    try:
+        if p.is_main:
+            begin(run_dir, step)
+        p.barrier()
+        trainer.save(staging, {"step": step})
+        final = staging.with_suffix("")
+        if p.is_main:
+            final = commit(run_dir, step, keep, run_id)
+    except OSError as e:  # a full disk: the half-written checkpoint goes, the earlier ones stay
+        shutil.rmtree(staging, ignore_errors=True)
+        earlier = completed(run_dir)
+        kept = f"the checkpoint of {earlier[0].name} is intact: " if earlier else ""
+        raise R1Error(f"cannot write the checkpoint of step {step} under {checkpoint_root(run_dir)}: "
+                      f"{e.strerror or e}; {kept}free space and continue with --resume") from None
     p.barrier()
     return final
 

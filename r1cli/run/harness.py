@@ -4,7 +4,7 @@ SIGTERM, and the final save and export.
 
 A loop reads:
 
-    check_run_dir(cfg.train.output_dir, resume, overwrite)      # before any model loads
+    check_run_dir(cfg, resume, overwrite)      # before any model loads
     with RunHarness(cfg, trainer, ...) as harness:
         for step in range(harness.start, cfg.train.steps):
             ...
@@ -27,23 +27,54 @@ from typing import Callable
 from r1cli.config import Config, save_config
 from r1cli.errors import R1Error, RunInterrupted
 from r1cli.run import checkpoint as ckpt
+from r1cli.run.folder_lock import hold_on_rank0
+from r1cli.run.identity import check as identity_check
+from r1cli.run.identity import of_config
 from r1cli.run.metrics import MetricsLog, StepProgress, console
 
 RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tensorboard", "hf", "wandb", "mlruns",
-                 "wandb_run_id", "mlflow_run_id")
+                 "wandb_run_id", "mlflow_run_id", "identity.json")
 
 
-def check_run_dir(run_dir: str | Path, resume: bool, overwrite: bool) -> None:
-    """A new run never lands on an earlier one by accident: it must be resumed or replaced explicitly."""
-    run_dir = Path(run_dir)
+def run_identity(cfg: Config) -> dict:
+    """What a training run's results depend on (r1cli.run.identity): a --resume with other inputs is refused."""
+    return of_config(cfg, ["model", "data", "train", "optim", "grpo", "rewards", "rollout", "distill"],
+                     {"model.path": cfg.model.path, "data.train": cfg.data.train,
+                      "distill.teacher": cfg.distill.teacher})
+
+
+def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    """Before any model loads: one process per run folder (a lock that dies with it), and a new run never lands on
+    an earlier one by accident: it must be resumed or replaced explicitly. A folder whose run never reached its
+    first step (no checkpoint, no logged step) is simply started again; --resume continues only a checkpoint made
+    with the same inputs."""
+    run_dir = Path(cfg.train.output_dir)
     if resume and overwrite:
         raise R1Error("--resume continues a run and --overwrite replaces it: give one of them")
+    hold_on_rank0(run_dir, "train.output_dir")
     found = [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
-    if found and not resume and not overwrite:
-        done = ckpt.completed(run_dir)
+    done = ckpt.completed(run_dir)
+    started = bool(done) or _logged_steps(run_dir)
+    if resume:
+        latest, skipped = ckpt.latest(run_dir)
+        if latest is None:
+            why = f" ({'; '.join(skipped)})" if skipped else ""
+            then = ("start it again with --overwrite" if started else
+                    "nothing was checkpointed there yet: run without --resume")
+            raise R1Error(f"--resume: no intact checkpoint under {ckpt.checkpoint_root(run_dir)}{why}; {then}")
+        record = run_dir / "identity.json"
+        identity_check(record, run_identity(cfg), f"train.output_dir {run_dir}",
+                       f"--overwrite starts it again, or set another train.output_dir (or delete {record} to continue "
+                       "with the new inputs)")
+    elif started and not overwrite:
         what = f"checkpoints up to {done[0].name}" if done else ", ".join(found)
         raise R1Error(f"train.output_dir {run_dir} already holds a run ({what}); continue it with --resume, "
                       "replace it with --overwrite, or set another train.output_dir")
+
+
+def _logged_steps(run_dir: Path) -> bool:
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and metrics.stat().st_size > 0
 
 
 class RunHarness:
@@ -56,7 +87,7 @@ class RunHarness:
         self.run_dir = Path(cfg.train.output_dir)
         self.t0 = time.perf_counter()
         p.barrier()  # every rank has checked the folder (check_run_dir) before rank 0 changes it
-        if overwrite and p.is_main:
+        if not resume and p.is_main:  # --overwrite, or what a run that never reached its first step left
             for name in RUN_ARTIFACTS:
                 target = self.run_dir / name
                 if target.is_dir():
@@ -65,6 +96,8 @@ class RunHarness:
                     target.unlink(missing_ok=True)
         p.barrier()
         if p.is_main:
+            if not resume:  # a fresh run records what its results depend on
+                identity_check(self.run_dir / "identity.json", run_identity(cfg), "", "")
             save_config(cfg, self.run_dir)
         backends = [b for b in cfg.logging.backends if b != "tensorboard" or cfg.logging.tensorboard]
         self.log = MetricsLog(self.run_dir, p.is_main, backends, fresh=not resume, cfg=cfg)

@@ -16,6 +16,7 @@ from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, score
+from r1cli.run.identity import of_config
 from r1cli.sample.judge import AnswerJudge, needs_judge
 from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput
@@ -31,7 +32,10 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
         raise R1Error(f"{rows.where(i)}: no '{d.answer_field}' to verify samples against (data.answer_field); "
                       "name a judge model with sample.judge=PATH (or rewards.judge.path) or drop such rows")
     parallel = build_parallel()
-    store = ResumableOutput(s.out, parallel, overwrite)
+    identity = of_config(cfg, ["data", "rollout", "rewards", "sample", "filters", "train.seed"],
+                         {"model.path": cfg.model.path, "data.train": d.train, "sample.judge": s.judge,
+                          "rewards.judge.path": cfg.rewards.judge.path})
+    store = ResumableOutput(s.out, parallel, overwrite, identity, "sample.out")
     engine, tokenizer = build_engine(cfg.model, cfg.rollout), load_tokenizer(cfg.model.path)
     judge = (AnswerJudge.from_config(cfg) if s.judge else _reward_judge(cfg)) if unanswered else None
     prompts = encode_prompts(tokenizer, rows, d)

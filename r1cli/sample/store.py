@@ -1,10 +1,11 @@
 """Append-only output of a generate-and-filter command (r1 sample, r1 coldstart) that a restart continues exactly.
 
 Beside the rows (`out`, JSONL) live `<out>.done`, one line per finished prompt (how many samples were drawn,
-kept, and rejected by reason), and `<out>.stats.json`. Prompts go in fixed batches; a batch's rows are
-appended and flushed before its prompts are marked done, and rows of a batch cut off before its marks are
-dropped on restart, so a run killed at any point and started again writes exactly what an uninterrupted
-run writes. Under torchrun each data-parallel rank takes every dp_size-th prompt into files of its own.
+kept, and rejected by reason, and its batch), and `<out>.stats.json`. Prompts go in fixed batches; a batch's
+rows are appended in one write before its marks are, in one write too; on restart a torn last line is cut
+off, a batch without all its marks is dropped with its rows and done again, so a run stopped at any point
+(SIGINT, SIGKILL, a full disk) and started again writes exactly what an uninterrupted run writes.
+Under torchrun each data-parallel rank takes every dp_size-th prompt into files of its own.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from r1cli.data.records import write_jsonl
+from r1cli.run import folder_lock
+from r1cli.run.append_log import AppendLog, cut_torn_tail
 from r1cli.run.checkpoint import write_text_atomic
+from r1cli.run.identity import check as identity_check
 from r1cli.run.metrics import console, read_metrics
 
 
@@ -30,20 +34,45 @@ def _index_of(path: Path) -> Path:
 class ResumableOutput:
     """This rank's rows and finished-prompt index; `pending` gives the batches still to do."""
 
-    def __init__(self, out: str | Path, parallel, overwrite: bool = False):
+    def __init__(self, out: str | Path, parallel, overwrite: bool = False, identity: dict | None = None,
+                 what: str = "sample.out"):
+        """`identity` (r1cli.run.identity) defines the rows: a restart with other inputs is refused. One process
+        writes into `out` at a time (its lock: `<out>.lock`)."""
         self.root, self.parallel = Path(out), parallel
         self.path = shard_path(self.root, parallel.dp_rank, parallel.dp_size)
         self.index = _index_of(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = self.root.with_name(self.root.name + ".identity.json")
+        if parallel.is_main:
+            folder_lock.hold(self.root.parent, f"{what}", name=self.root.name + ".lock")
+            if overwrite:
+                record.unlink(missing_ok=True)
+            if identity is not None:
+                identity_check(record, identity, f"{what} {self.root}",
+                               f"--overwrite starts it again, or write to another {what} (or delete {record} to "
+                               "continue with the new inputs)")
+        parallel.barrier()
         if overwrite:
             self.path.unlink(missing_ok=True)
             self.index.unlink(missing_ok=True)
-        self.done = {r["source"] for r in read_metrics(self.index)} if self.index.is_file() else set()
+        say = console.print
+        for f in (self.path, self.index):
+            cut_torn_tail(f, say)
+        # a batch counts as done only with the marks of all its prompts (a kill inside the marks' write may
+        # leave some); the marks and rows of any other batch are dropped and the batch is done again
+        marks = read_metrics(self.index) if self.index.is_file() else []
+        per_batch = Counter(m.get("batch", m["source"]) for m in marks)
+        whole = [m for m in marks if per_batch[m.get("batch", m["source"])] == m.get("of", 1)]
+        if len(whole) < len(marks):
+            write_jsonl(whole, self.index)
+        self.done = {m["source"] for m in whole}
         if self.path.is_file():  # rows of a batch whose prompts were never marked: that batch is redone
             rows = read_metrics(self.path)
             keep = [r for r in rows if r["source"] in self.done]
             if len(keep) < len(rows):
                 write_jsonl(keep, self.path)
+        self._rows_buf: list[dict] = []
+        self._marks_buf: list[dict] = []
 
     def pending(self, n_prompts: int, per_batch: int) -> Iterator[list[int]]:
         """This rank's prompts in fixed batches (the same on every run), skipping finished batches."""
@@ -51,11 +80,12 @@ class ResumableOutput:
         for i in range(0, len(mine), per_batch):
             batch = mine[i: i + per_batch]
             if not all(j in self.done for j in batch):
+                self._batch = batch
                 yield batch
 
     def __enter__(self) -> "ResumableOutput":
-        self._rows = self.path.open("a", encoding="utf-8")
-        self._marks = self.index.open("a", encoding="utf-8")
+        self._rows = AppendLog(self.path)
+        self._marks = AppendLog(self.index)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -63,15 +93,18 @@ class ResumableOutput:
         self._marks.close()
 
     def add(self, source: int, task: str, rows: list[dict], drawn: int, rejected: Counter) -> None:
-        """One prompt's kept rows and its mark (rows are flushed before the mark is)."""
-        for r in rows:
-            self._rows.write(json.dumps({**r, "source": source}, ensure_ascii=False) + "\n")
-        self._rows.flush()
-        self._marks.write(json.dumps({"source": source, "task": task, "samples": drawn, "kept": len(rows),
-                                      "rejected": dict(rejected)}) + "\n")
+        """One prompt's kept rows and its mark, held until the batch is done."""
+        self._rows_buf += [{**r, "source": source} for r in rows]
+        self._marks_buf.append({"source": source, "task": task, "samples": drawn, "kept": len(rows),
+                                "rejected": dict(rejected), "batch": self._batch[0], "of": len(self._batch)})
 
     def batch_done(self) -> None:
-        self._marks.flush()
+        """The batch's rows, then its marks, each in one write: an interrupt before the marks are whole leaves
+        a batch that the next run drops and redoes."""
+        self._rows.append(self._rows_buf)
+        self._marks.append(self._marks_buf)
+        self.done.update(m["source"] for m in self._marks_buf)
+        self._rows_buf, self._marks_buf = [], []
 
     def finish(self, title: str) -> dict:
         """After every rank is done: rank 0 writes and prints the stats over all ranks' indexes."""

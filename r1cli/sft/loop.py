@@ -22,7 +22,7 @@ def build_rows(cfg: Config, tokenizer, path: str):
 
 def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, loss_for=None) -> dict:
     """`loss_for(trainer)` gives the loss of a step from its global token count (default: the NLL)."""
-    check_run_dir(cfg.train.output_dir, resume, overwrite)
+    check_run_dir(cfg, resume, overwrite)
     read_records(cfg.data.train, 1, cfg.data.max_line_mb << 20)  # a missing file fails before a model loads
     trainer = build_trainer(cfg)
     make_loss = loss_for(trainer) if loss_for else NLLLoss

@@ -82,6 +82,10 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
     again = _pipeline(tmp_path)
     said = again.stdout + again.stderr
     assert again.returncode == 0 and said.count("done earlier, skipped") == 5 and "building" not in said
+    # other settings are not "done earlier": the first stage they change is refused, saying what changed
+    changed = _pipeline(tmp_path, "reasoning-rl:train.steps=60", "pipeline.seed=3")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr, changed.stderr[-3000:]
+    assert "stage coldstart" in changed.stderr and "train.seed 0 -> 3" in changed.stderr
 
 
 @pytest.mark.slow
