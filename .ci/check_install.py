@@ -22,7 +22,7 @@ def r1(*args: str) -> str:
 
 
 assert "Usage" in r1("--help")
-assert "fits" in r1("distill", "--student", "qwen-7b", "--dry-run", "--gpus", "8")
+assert "fits" in r1("distill", "--student", "qwen-7b", "--data", "teacher.jsonl", "--dry-run", "--gpus", "8")
 zero = r1("rl", "--config", "configs/zero.yaml", "--print-config")
 assert "n: 16" in zero and "ref_update_every: 400" in zero, zero
 listed = r1("configs").split()

@@ -16,6 +16,7 @@ import torch
 from r1cli.config import ModelConfig, RolloutConfig
 from r1cli.interfaces import Completion, SamplingParams, engine_factory
 from r1cli.models.loading import autocast, frozen_dtype, load_model, load_tokenizer, resolve_device
+from r1cli.run.memory_plan import check_generation_fits
 
 
 class HFGenerateEngine:
@@ -85,6 +86,10 @@ class HFGenerateEngine:
         n = params.n
         for s in range(0, len(prompts), step):
             chunk = prompts[s: s + step]
+            width = max(len(p) for p in chunk)
+            elem = next(self.model.parameters()).element_size()  # the cache is in the compute dtype (bf16 on a GPU)
+            check_generation_fits(self.model.config, len(chunk), n, width + params.max_tokens,
+                                  min(elem, 2) if self.device.type == "cuda" else elem, self.device)
             ids, att = self._left_pad(chunk)
             torch.manual_seed(params.seed + s)
             kw = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \

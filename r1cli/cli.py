@@ -147,7 +147,10 @@ def distill_cmd(config_path, print_config, resume, overwrite, student, data, tea
             click.echo("memory plan: no config.json at model.path and no known preset shape")
             return
         teacher_size = model_size(cfg.distill.teacher) if cfg.distill.teacher else None
-        return _dry_run(cfg, "distill", gpus, gpu_gb, size=size, teacher=teacher_size)
+        _dry_run(cfg, "distill", gpus, gpu_gb, size=size, teacher=teacher_size)
+        if not cfg.data.train:  # the plan holds, but the run itself would stop here
+            raise R1Error("r1 distill needs teacher data: --data FILE_OR_FOLDER (or data.train=...)")
+        return
     if not cfg.data.train:
         raise R1Error("r1 distill needs teacher data: --data FILE_OR_FOLDER (or data.train=...)")
     from r1cli.distill.loop import run_distill

@@ -244,6 +244,8 @@ class RewardsConfig:
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1},
                                       metadata={"registry": "r1cli.rewards:REWARDS"})
     language: str = "en"  # target language of the chain of thought (language reward)
+    # a chain of thought with fewer words earns no language reward (an empty or digits-only one would score 1.0)
+    language_min_words: int = bounded(8, 0)
     # a reward call (one sample, or one batch per sample in it) running longer is that sample's 0, counted in
     # reward_failures/NAME; 0: no limit
     timeout_s: float = bounded(60.0, 0.0)

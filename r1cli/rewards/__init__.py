@@ -5,7 +5,8 @@ task): the built-ins use them, and so does a user's plugin file (r1cli.plugins).
 """
 
 from . import model_rewards, rules  # noqa: F401  register the built-in rewards
-from .answers import TASKS, extract_answer, task
+from .answers import TASKS, check_task_rows, extract_answer, task
 from .scoring import REWARDS, RewardContext, Scores, reward, score
 
-__all__ = ["REWARDS", "TASKS", "RewardContext", "Scores", "extract_answer", "reward", "score", "task"]
+__all__ = ["REWARDS", "TASKS", "RewardContext", "Scores", "check_task_rows", "extract_answer", "reward", "score",
+           "task"]

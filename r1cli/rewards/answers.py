@@ -7,10 +7,12 @@ on the row's task to one of these.
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections import Counter
 from fractions import Fraction
 
+from r1cli.errors import R1Error
 from r1cli.registry import Registry
 
 from .scoring import RewardContext
@@ -20,8 +22,55 @@ TASKS = Registry("task checker", "data.task_field")
 
 def task(name: str):
     """Register a task checker under `name` (the value of a row's data.task_field): fn(completion, row, ctx) ->
-    1.0 for a verified answer, else 0.0. The decorator the built-ins use, and a user's plugin file too."""
+    1.0 for a verified answer, else 0.0. The decorator the built-ins use, and a user's plugin file too. A checker
+    may carry `fn.row_problem(row, answer_field) -> str | None`, what makes a row unusable for it."""
     return TASKS.register(name)
+
+
+def check_task_rows(rows, task_field: str, answer_field: str, only=None) -> None:
+    """Before any model loads: every row (or those numbered in `only`) names a task with a checker, and holds what
+    that checker reads -- an unknown task or a malformed row would otherwise score every sample as a wrong answer,
+    silently."""
+    for i, row in enumerate(rows):
+        if only is not None and i not in only:
+            continue
+        name = row.get(task_field) or "math"
+        if name not in TASKS:
+            raise R1Error(f"{rows.where(i)}: task {name!r} has no checker (known: {', '.join(TASKS.names())}; a "
+                          "plugin file registers more with @task)")
+        problem = getattr(TASKS.get(name), "row_problem", None)
+        if problem is not None and (why := problem(row, answer_field)):
+            raise R1Error(f"{rows.where(i)}: not a {name} row: {why}")
+
+
+def _scalar_answer(row: dict, answer_field: str) -> str | None:
+    value = row.get(answer_field)
+    if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return f"{answer_field} must be text or a number, got {json.dumps(value)[:80]}"
+    return None
+
+
+def _countdown_row(row: dict, answer_field: str) -> str | None:
+    numbers = row.get("numbers")
+    if not isinstance(numbers, list) or not numbers or not all(isinstance(x, int) and not isinstance(x, bool)
+                                                               for x in numbers):
+        return f"numbers must be a list of integers, got {json.dumps(numbers)[:80]}"
+    if not re.fullmatch(r"-?\d+", str(row.get(answer_field, "")).strip()):
+        return f"{answer_field} (the target) must be an integer, got {json.dumps(row.get(answer_field))[:80]}"
+    return None
+
+
+def _code_row(row: dict, answer_field: str) -> str | None:
+    tests = row.get("tests", row.get(answer_field))
+    if isinstance(tests, str):
+        try:
+            tests = json.loads(tests)
+        except json.JSONDecodeError:
+            return "tests is a string but not JSON"
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, dict) and {"input", "output"} <= t.keys()
+                                                           for t in tests):
+        return "tests must be a non-empty list of {input, output}"
+    return None
 
 # ------------------------------------------------------------------ answers
 
@@ -52,41 +101,84 @@ def _outside_reasoning(text: str) -> str:
     return "" if "<think>" in text else text
 
 
+def _without_boxes(text: str) -> str:
+    for box in all_boxed(text):
+        text = text.replace("\\boxed{" + box + "}", " ", 1)
+    return text
+
+
+def _agrees(text: str, answer: str, numbers: bool = True) -> bool:
+    """No other answer stated in `text`: no box, and (`numbers`, for a numeric answer) no number but its value."""
+    if all_boxed(text):
+        return False
+    value = number(answer)
+    if not numbers or value is None:
+        return True
+    return all(number(x.rstrip(",")) == value for x in _NUMBERS.findall(text))
+
+
 def extract_answer(text: str) -> str | None:
     """The one final answer, or None.
 
-    The single <answer>…</answer> block (a single \\boxed{} inside it wins), or else, without answer tags, the
-    single \\boxed{} outside the reasoning. More than one final answer (two answer blocks, two boxes) is no
-    answer, and nothing inside <think>…</think> is ever taken as one: either would let a policy hedge."""
-    blocks = _ANSWER.findall(text)
+    Only the text after the chain of thought counts (nothing inside <think>…</think>, nothing while it is still
+    open). There: the single <answer>…</answer> block (a single \\boxed{} inside it wins), or else, without answer
+    tags, the single \\boxed{}. Anything else that states another answer makes it no answer: a second block or
+    box, a box outside the block, text beside the block's box or after the block that names another number.
+    Each would let a policy hedge."""
+    text = _outside_reasoning(text)
+    blocks = list(_ANSWER.finditer(text))
     if len(blocks) > 1:
         return None
     if blocks:
-        boxes = all_boxed(blocks[0])
+        block = blocks[0].group(1)
+        boxes = all_boxed(block)
         if len(boxes) > 1:
             return None
-        return (boxes[0] if boxes else blocks[0]).strip()
-    boxes = all_boxed(_outside_reasoning(text))
-    return boxes[0].strip() if len(boxes) == 1 else None
-
-
-# ------------------------------------------------------------------ checkers
-
-
-_THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?")
-
-
-def _number(text: str) -> Fraction | None:
-    """An exact number; commas only as thousands separators ("1,234" is 1234, "1,2" is no number)."""
-    t = text.strip().rstrip(".")
-    if "," in t:
-        if not _THOUSANDS.fullmatch(t):
+        answer = (boxes[0] if boxes else block).strip()
+        if boxes and not _agrees(_without_boxes(block), answer):
             return None
-        t = t.replace(",", "")
-    try:
-        return Fraction(t)
-    except (ValueError, ZeroDivisionError):
+        before, after = text[: blocks[0].start()], text[blocks[0].end():]
+        return answer if _agrees(before, answer, numbers=False) and _agrees(after, answer) else None
+    boxes = all_boxed(text)
+    if len(boxes) != 1:
         return None
+    answer = boxes[0].strip()
+    after = text[text.find("\\boxed{") + len("\\boxed{") + len(boxes[0]) + 1:]
+    return answer if _agrees(after, answer) else None
+
+
+# ------------------------------------------------------------------ numbers
+
+# One rule for a numeric answer in every checker: a number written out -- an optional sign, digits with
+# thousands commas or none, a decimal part, or a fraction a/b or \frac{a}{b}, with an optional unit in \text{}
+# -- equal by value. An expression still to be computed (40+2), Python's digit grouping (4_2) or a percent sign
+# the gold answer lacks (42\% is 0.42) is not that number.
+_THOUSANDS = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?")
+_PLAIN = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)")
+_FRAC = re.compile(r"([+-]?)\\[dt]?frac(?:\{\s*(\d+)\s*\}|(\d))(?:\{\s*(\d+)\s*\}|(\d))")  # \frac12 too
+_SLASH = re.compile(r"([+-]?\d+)\s*/\s*(\d+)")
+_NUMBERS = re.compile(r"(?<![\w.])[+-]?\d[\d,]*(?:\.\d+)?")
+_NAMED = re.compile(r"^[A-Za-z]\s*=\s*")
+_UNIT = re.compile(r"\s*\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z ]*\}\s*$")  # a unit names the quantity
+_PERCENT = re.compile(r"\s*\\?%\s*$")
+
+
+def number(text: str) -> Fraction | None:
+    """The exact value of a number written out (the rule above), or None."""
+    t = text.replace("\\$", "").strip().strip("$").strip().rstrip(".").replace("\\,", "").replace("\\!", "")
+    t = _UNIT.sub("", _NAMED.sub("", t, count=1))  # x = 42, 5 \text{ cm}
+    try:
+        if _THOUSANDS.fullmatch(t):
+            return Fraction(t.replace(",", ""))
+        if _PLAIN.fullmatch(t):
+            return Fraction(t)
+        if m := _FRAC.fullmatch(t):
+            return Fraction(int(m[2] or m[3]), int(m[4] or m[5])) * (-1 if m[1] == "-" else 1)
+        if m := _SLASH.fullmatch(t):
+            return Fraction(int(m[1]), int(m[2]))
+    except ZeroDivisionError:
+        return None
+    return None
 
 
 @task("arithmetic")
@@ -94,7 +186,7 @@ def arithmetic_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     ans = extract_answer(ctx.full(completion))
     if ans is None:
         return 0.0
-    got, want = _number(ans), _number(str(row[ctx.answer_field]))
+    got, want = number(ans), number(str(row[ctx.answer_field]))
     return float(got is not None and got == want)
 
 
@@ -135,7 +227,13 @@ def countdown_reward(completion: str, row: dict, ctx: RewardContext) -> float:
 
 
 def math_equal(answer: str, gold: str) -> bool:
-    """Symbolic equality through math-verify (LaTeX or plain expressions)."""
+    """A numeric gold answer: the number rule above (the arithmetic checker's). Otherwise symbolic equality through
+    math-verify (LaTeX or plain expressions)."""
+    a, g = _PERCENT.search(answer.strip().strip("$")), _PERCENT.search(gold.strip().strip("$"))
+    if a and g:  # both in percent: the numbers
+        answer, gold = answer.strip().strip("$")[: a.start()], gold.strip().strip("$")[: g.start()]
+    if (want := number(gold)) is not None:
+        return number(answer) == want
     from math_verify import parse, verify
 
     def wrap(s: str) -> str:
@@ -176,8 +274,6 @@ def code_of(completion: str) -> str:
 def code_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """1 if the program passes every stdin/stdout test of the row (its answer field, or "tests"), run in the
     sandbox (r1cli.sandbox); a crash, a timeout or a wrong line is that sample's 0."""
-    import json
-
     from r1cli.sandbox import Limits, run_program
 
     tests = row.get("tests", row.get(ctx.answer_field))
@@ -189,3 +285,9 @@ def code_reward(completion: str, row: dict, ctx: RewardContext) -> float:
         if not r.ok or r.stdout.split() != str(t["output"]).split():
             return 0.0
     return 1.0
+
+
+arithmetic_reward.row_problem = _scalar_answer
+math_reward.row_problem = _scalar_answer
+countdown_reward.row_problem = _countdown_row
+code_reward.row_problem = _code_row

@@ -49,23 +49,24 @@ _LATIN = re.compile(r"[A-Za-z]+")
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
-@reward("language")
-def language_reward(completion: str, row: dict, ctx: RewardContext) -> float:
-    """Share of the chain of thought's words in the target language (R1 paper, section 2.3.3).
-
-    Words are Latin-script words for 'en' and single CJK characters for 'zh'.
-    """
-    text = ctx.full(completion)
-    m = _THINK.search(text)
-    if m is None:
-        return 0.0
-    cot = m.group(1)
+def language_share(cot: str, language: str) -> tuple[float, int]:
+    """The share of a chain of thought's words in `language` and how many words it has (Latin-script words for
+    'en', single CJK characters for 'zh'); a text with no words has share 1.0."""
     latin, cjk = len(_LATIN.findall(cot)), len(_CJK.findall(cot))
     total = latin + cjk
+    if language not in ("en", "zh"):
+        raise ValueError(f"language reward knows en and zh, not '{language}'")
     if total == 0:
-        return 1.0
-    if ctx.language == "en":
-        return latin / total
-    if ctx.language == "zh":
-        return cjk / total
-    raise ValueError(f"language reward knows en and zh, not '{ctx.language}'")
+        return 1.0, 0
+    return (latin if language == "en" else cjk) / total, total
+
+
+@reward("language")
+def language_reward(completion: str, row: dict, ctx: RewardContext) -> float:
+    """Share of the chain of thought's words in the target language (R1 paper, section 2.3.3); a chain of thought
+    with fewer than rewards.language_min_words words (empty, digits only) earns nothing."""
+    m = _THINK.search(ctx.full(completion))
+    if m is None:
+        return 0.0
+    share, words = language_share(m.group(1), ctx.language)
+    return share if words >= max(1, ctx.language_min_words) else 0.0

@@ -23,6 +23,7 @@ from r1cli.registry import Registry
 class RewardContext:
     prefill: str = ""  # text the prompt already put at the start of the assistant turn
     language: str = "en"
+    language_min_words: int = 8
     answer_field: str = "answer"
     task_field: str = "task"
     # the run's settings, for rewards that need more (a reward model, a judge: rewards.model / rewards.judge)
@@ -37,7 +38,8 @@ class RewardContext:
 
     @classmethod
     def from_config(cls, data: DataConfig, rewards: RewardsConfig) -> "RewardContext":
-        return cls(prefill=data.prefill, language=rewards.language, answer_field=data.answer_field,
+        return cls(prefill=data.prefill, language=rewards.language, language_min_words=rewards.language_min_words,
+                   answer_field=data.answer_field,
                    task_field=data.task_field, data=data, rewards=rewards)
 
 

@@ -30,7 +30,7 @@ from r1cli.interfaces import (
     pick_engine,
 )
 from r1cli.models.loading import context_length
-from r1cli.rewards import REWARDS, RewardContext, Scores, score
+from r1cli.rewards import REWARDS, RewardContext, Scores, check_task_rows, score
 from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantages, overlong_penalty
 from r1cli.rl.losses import kl_penalty
 from r1cli.rl.mismatch import engine_logprobs, mismatch_sums, tis_weights
@@ -74,6 +74,8 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     rows = read_data(cfg.data.train, cfg.data, cfg.data.max_samples)
     if any(getattr(REWARDS.get(name), "needs_answer", False) for name in cfg.rewards.weights):
         rows.require(cfg.data.answer_field, "data.answer_field")  # else every sample would silently score 0
+    if "accuracy" in cfg.rewards.weights:
+        check_task_rows(rows, cfg.data.task_field, cfg.data.answer_field)
     g, t = cfg.grpo, cfg.train
     objective = GRPOObjective.from_config(g, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
     trainer = build_trainer(cfg, need_reference=g.beta > 0)

@@ -10,34 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 from r1cli.errors import R1Error
-
-
-@contextmanager
-def signals_deferred():
-    """SIGINT and SIGTERM received inside the block act when it ends (Python runs handlers in the main thread only,
-    so elsewhere nothing can interrupt the block and nothing is changed)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    previous = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        for n in dict.fromkeys(got):
-            handler = previous[n]
-            if callable(handler):
-                handler(n, None)
-            elif handler == signal.SIG_DFL:
-                signal.raise_signal(n)
+from r1cli.run.signals import signals_deferred
 
 
 def cut_torn_tail(path: Path, say=None) -> None:

@@ -185,3 +185,35 @@ def render(rows: list[tuple[str, int]], gpu_gb: float, gpus: int, command: str) 
     lines += [f"  {k:24s} {v / GB:9.2f} GB" for k, v in rows]
     lines.append(f"  {'total':24s} {total / GB:9.2f} GB  {'fits' if fits else 'DOES NOT FIT'}")
     return "\n".join(lines), fits
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory free for new tensors now: the GPU's free memory, or the host's MemAvailable."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_generation_fits(c, prompts: int, n: int, tokens: int, elem_bytes: int, device: torch.device) -> None:
+    """Before a generate call: its KV cache alone (prompts x n sequences of up to `tokens`) must fit the memory
+    free on `device`, or the call is refused naming the sizes, instead of an allocation traceback."""
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    need = 2 * c.num_hidden_layers * kv_heads * head_dim * elem_bytes * tokens * prompts * n
+    free = available_bytes(device)
+    if need > free:
+        raise R1Error(f"generating {prompts} prompt{'s' if prompts > 1 else ''} x {n} samples of up to {tokens} "
+                      f"tokens at once needs {need / GB:.3g} GB for the KV cache alone, and {free / GB:.3g} GB is "
+                      f"free on {device}: lower the samples per prompt (rollout.n; r1 eval --samples), "
+                      "rollout.prompts_per_generate or the new tokens")

@@ -9,6 +9,7 @@ from collections import Counter
 
 from r1cli.config import FilterConfig
 from r1cli.rewards import REWARDS, RewardContext
+from r1cli.rewards.rules import language_share
 
 _THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
@@ -35,8 +36,7 @@ def rejection(text: str, row: dict, ctx: RewardContext, cfg: FilterConfig, n_tok
     if cfg.require_format and REWARDS.get("format")(text, row, ctx) < 1.0:
         return "bad format"
     cot = reasoning_of(text)
-    share = REWARDS.get("language")(f"<think>{cot}</think>", row, RewardContext(language=ctx.language))
-    if cfg.mixed_language and share < cfg.min_language_share:
+    if cfg.mixed_language and language_share(cot, ctx.language)[0] < cfg.min_language_share:
         return "mixed language"
     if cfg.code_blocks and "```" in cot:
         return "code block"

@@ -15,7 +15,7 @@ from r1cli.data.templates import prompt_text
 from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
-from r1cli.rewards import RewardContext, score
+from r1cli.rewards import RewardContext, check_task_rows, score
 from r1cli.run.identity import of_config
 from r1cli.sample.judge import AnswerJudge, needs_judge
 from r1cli.sample.keep import keep_candidates
@@ -31,6 +31,7 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
         i = min(unanswered)
         raise R1Error(f"{rows.where(i)}: no '{d.answer_field}' to verify samples against (data.answer_field); "
                       "name a judge model with sample.judge=PATH (or rewards.judge.path) or drop such rows")
+    check_task_rows(rows, d.task_field, d.answer_field, only=set(range(len(rows))) - unanswered)
     parallel = build_parallel()
     identity = of_config(cfg, ["data", "rollout", "rewards", "sample", "filters", "train.seed"],
                          {"model.path": cfg.model.path, "data.train": d.train, "sample.judge": s.judge,

@@ -8,9 +8,14 @@ Isolation, strongest first (what this machine allows is probed once, see `isolat
 * as root: the program runs as an unprivileged uid of its own (one per pool slot), so it cannot
   read the user's home, signal its parent or write outside its directory, its process limit is
   its own, and every process of that uid -- also one that escaped the group with setsid -- is
-  killed at the end; a new network namespace (no interface but a downed loopback: no
-  connection anywhere) and a new mount namespace whose /tmp, /var/tmp and /dev/shm are empty
-  private tmpfs, so nothing it writes there outlives it.
+  killed at the end; new namespaces: network (no interface but a downed loopback: no connection
+  anywhere), IPC (SysV shared memory, queues and semaphores die with it), PID (with a /proc of its
+  own showing only its processes: no host process or command line is visible) and mounts, where
+  one tmpfs of limits.disk_mb holds every place it may write -- its working folder and each
+  world-writable folder of the host (/tmp, /var/tmp, /dev/shm, /run with /run/lock, ...) -- so
+  nothing it writes outlives it and all its files together stay under that size; its processes
+  together stay under limits.memory_mb through a memory cgroup (v2, or v1's memory controller)
+  where one is writable. What a machine cannot enforce is said once, on stderr, at the first run.
 * not root (the documented weaker fallback): resource limits, the session and the directory
   only; a program that calls setsid can outlive its group, and network access is not blocked.
 * root without a usable unprivileged uid: nothing runs (a "setup" verdict): the process limit
@@ -29,6 +34,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -36,8 +42,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-CLONE_NEWNS, CLONE_NEWNET = 0x00020000, 0x40000000
-MS_BIND, MS_REC, MS_PRIVATE = 0x1000, 0x4000, 0x40000
+from r1cli.run.signals import signals_deferred
+
+CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWPID = 0x00020000, 0x40000000, 0x08000000, 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
 FIRST_UID = 61000  # slot i runs as uid FIRST_UID + i
 UIDS = 256  # slots machine-wide
 MAX_SLOTS = 64  # programs at once in one process
@@ -53,6 +61,8 @@ class Limits:
     open_files: int = 64
     processes: int = 32  # processes of its uid (as root), or of the user (fallback)
     output_kb: int = 1024  # stdout and stderr kept, each; more is an output-limit verdict
+    # everything it writes, in all its writable places together (one size-capped private tmpfs; as root)
+    disk_mb: int = 64
 
 
 @dataclass
@@ -73,10 +83,11 @@ class Result:
 def isolation() -> dict[str, bool]:
     """Which protections this machine allows: probed once in a throwaway child process."""
     if os.geteuid() != 0:
-        return {"uid": False, "netns": False, "mntns": False}
+        return {"uid": False, "netns": False, "mntns": False, "ipcns": False, "pidns": False}
     python = interpreter()
     r, w = os.pipe()
-    pid = os.fork()
+    with signals_deferred():  # an interrupt inside the after-fork handlers would be printed and lost
+        pid = os.fork()
     if pid == 0:  # child: try each, report a bit mask, never return into the caller's code
         mask = 0
         try:
@@ -84,6 +95,8 @@ def isolation() -> dict[str, bool]:
             mask |= 1 if libc.unshare(CLONE_NEWNET) == 0 else 0
             if libc.unshare(CLONE_NEWNS) == 0 and libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) == 0:
                 mask |= 2
+            mask |= 8 if libc.unshare(CLONE_NEWIPC) == 0 else 0
+            mask |= 16 if libc.unshare(CLONE_NEWPID) == 0 else 0
             os.setgroups([])
             os.setgid(FIRST_UID)
             os.setuid(FIRST_UID)
@@ -96,7 +109,137 @@ def isolation() -> dict[str, bool]:
     mask = (os.read(r, 1) or b"\0")[0]
     os.close(r)
     os.waitpid(pid, 0)
-    return {"uid": bool(mask & 4), "netns": bool(mask & 1), "mntns": bool(mask & 2)}
+    mntns = bool(mask & 2)
+    return {"uid": bool(mask & 4), "netns": bool(mask & 1), "mntns": mntns, "ipcns": bool(mask & 8),
+            "pidns": mntns and bool(mask & 16)}  # a PID namespace needs its own /proc, so a mount namespace
+
+
+def writable_places() -> list[str]:
+    """World-writable folders a program could leave something in for the next one or for the host (/tmp,
+    /var/tmp, /dev/shm, /run/lock, ...): each top-level folder and its children are looked at; a folder inside
+    one already listed is covered with it."""
+    found = []
+    for top in (Path("/"), Path("/var"), Path("/run"), Path("/dev")):
+        try:
+            children = list(top.iterdir())
+        except OSError:
+            continue
+        for d in children:
+            try:
+                if d.is_symlink() or not d.is_dir() or str(d) in ("/proc", "/sys"):
+                    continue
+                if d.stat().st_mode & 0o002:
+                    found.append(str(d))
+            except OSError:
+                continue
+    if os.path.isdir("/run"):
+        found.append("/run")  # the whole of it: /run/lock, /run/user, ... and whatever is world-writable inside
+    out: list[str] = []
+    for d in sorted(set(found), key=len):
+        if not any(d == o or d.startswith(o.rstrip("/") + "/") for o in out):
+            out.append(d)
+    return out
+
+
+@lru_cache(maxsize=1)
+def memory_cgroup() -> tuple[str, Path] | None:
+    """A cgroup folder of this process's where a child group per sandbox uid can be made with a memory limit:
+    ("v2", dir) with memory.max, ("v1", dir) with memory.limit_in_bytes, or None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            if "memory" in _read(base / "cgroup.subtree_control").split():
+                candidate = ("v2", base)
+            else:
+                continue
+        elif "memory" in controllers.split(","):
+            candidate = ("v1", Path("/sys/fs/cgroup/memory") / path.lstrip("/"))
+        else:
+            continue
+        probe = candidate[1] / f"r1-sandbox-probe-{os.getpid()}"
+        try:
+            probe.mkdir()
+            ok = (probe / ("memory.max" if candidate[0] == "v2" else "memory.limit_in_bytes")).exists()
+            probe.rmdir()
+        except OSError:
+            continue
+        if ok:
+            return candidate
+    return None
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+class _MemoryLimit:
+    """The memory of one program's processes together, in a cgroup of its uid (reused run after run)."""
+
+    def __init__(self, uid: int, limit_mb: int):
+        kind, base = memory_cgroup()  # type: ignore[misc]
+        self.kind, self.dir = kind, base / f"r1-sandbox-{uid}"
+        self.dir.mkdir(exist_ok=True)
+        limit = str(limit_mb << 20)
+        if kind == "v2":
+            (self.dir / "memory.max").write_text(limit)
+            if (self.dir / "memory.swap.max").exists():
+                (self.dir / "memory.swap.max").write_text("0")
+            self.ooms = self._v2_ooms()
+        else:
+            memsw = self.dir / "memory.memsw.limit_in_bytes"  # memory and swap: never below the memory limit
+            if memsw.exists():
+                memsw.write_text("-1")
+            (self.dir / "memory.limit_in_bytes").write_text(limit)
+            if memsw.exists():
+                memsw.write_text(limit)  # no swapping past it
+            for name in ("memory.failcnt", "memory.memsw.failcnt", "memory.max_usage_in_bytes"):
+                if (self.dir / name).exists():
+                    (self.dir / name).write_text("0")
+        self.limit = limit_mb << 20
+        self.procs = str(self.dir / "cgroup.procs").encode()
+
+    def _v2_ooms(self) -> int:
+        for line in _read(self.dir / "memory.events").splitlines():
+            if line.startswith("oom_kill "):
+                return int(line.split()[1])
+        return 0
+
+    def hit(self) -> bool:
+        """Whether the limit was reached during the run (the kernel then killed a process of it)."""
+        if self.kind == "v2":
+            return self._v2_ooms() > self.ooms
+        failed = any(_read(self.dir / f).strip() not in ("", "0") for f in ("memory.failcnt", "memory.memsw.failcnt"))
+        return failed or int(_read(self.dir / "memory.max_usage_in_bytes").strip() or 0) >= self.limit
+
+
+@lru_cache(maxsize=1)
+def not_enforced_here() -> str:
+    """What this machine cannot enforce, said once (stderr) when the first program runs; "" when all is."""
+    iso, missing = isolation(), []
+    if os.geteuid() != 0:
+        missing.append("not root: no uid of its own, no namespaces (network, mounts, IPC, processes), no total "
+                       "disk limit")
+    else:
+        for key, what in (("netns", "network"), ("mntns", "private writable places and a total disk limit"),
+                          ("ipcns", "IPC"), ("pidns", "hidden host processes")):
+            if not iso[key]:
+                missing.append(f"no {what} namespace" if key != "mntns" else f"no {what}")
+        if memory_cgroup() is None:
+            missing.append("memory limited per process, not for a program's processes together (no writable "
+                           "memory cgroup)")
+    if missing:
+        print("sandbox: " + "; ".join(missing), file=sys.stderr)
+    return "; ".join(missing)
 
 
 def interpreter() -> str:
@@ -175,7 +318,8 @@ def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
     for _ in range(50):
         # kill(-1) from a process of that uid reaches all of the uid's processes in one sweep of the
         # process table, so a fork bomb cannot outrun it as it could a kill per pid
-        pid = os.fork()
+        with signals_deferred():
+            pid = os.fork()
         if pid == 0:
             try:
                 os.setgid(uid)
@@ -189,21 +333,70 @@ def _kill_all(proc: subprocess.Popen, uid: int | None) -> None:
         time.sleep(0.01)
 
 
-def _preexec(workdir: str, limits: Limits, uid: int | None, iso: dict[str, bool]):
+def _mirror_exit(child: int, in_init: bool) -> None:
+    """Wait for `child`, then end the same way it did (its exit code, or its signal); never returns. Every file
+    descriptor is closed first: the program's pipes then end with the program, and subprocess's own pipe, which
+    tells the parent that the program started, with the exec. A namespace's first process cannot die by a signal
+    of its own: it exits 128 + the signal instead, and the process outside (`in_init` False) turns that back into
+    the signal (so a program's own exit code above 128 reads as a signal, as in a shell)."""
+    os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+    _, status = os.waitpid(child, 0)
+    sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
+    if in_init:
+        os._exit(128 + sig if sig else code)
+    if not sig and code > 128:
+        sig = code - 128
+    if sig:
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
+    os._exit(code)
+
+
+def _preexec(workdir: str, limits: Limits, uid: int | None, iso: dict[str, bool], cgroup_procs: bytes | None):
     def setup():  # runs in the child between fork and exec
         os.chdir(workdir)  # before /tmp is covered below: the cwd keeps pointing at the real directory
         libc = _LIBC
-        if iso["netns"]:
-            libc.unshare(CLONE_NEWNET)
-        if iso["mntns"] and libc.unshare(CLONE_NEWNS) == 0:
+        if cgroup_procs is not None:  # this process and all it starts count against one memory limit
+            fd = os.open(cgroup_procs, os.O_WRONLY)
+            os.write(fd, b"0")
+            os.close(fd)
+        flags = (CLONE_NEWNET if iso["netns"] else 0) | (CLONE_NEWIPC if iso["ipcns"] else 0)
+        if flags:
+            libc.unshare(flags)
+        if iso["mntns"] and libc.unshare(CLONE_NEWNS | (CLONE_NEWPID if iso["pidns"] else 0)) == 0:
             libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-            for shared in (b"/tmp", b"/var/tmp", b"/dev/shm"):
-                if os.path.isdir(shared):
-                    libc.mount(b"tmpfs", shared, b"tmpfs", 0, b"size=16m,mode=1777")
-            # the working directory (under the now covered /tmp) stays reachable as /tmp/work
+            # one size-capped tmpfs holds every place it may write: the working folder and each world-writable
+            # folder of the host (covered by a folder of this tmpfs), so its total is limits.disk_mb
+            places = [p for p in writable_places() if p != "/tmp"]
+            libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV,
+                       f"size={limits.disk_mb}m,mode=1777".encode())
             os.mkdir("/tmp/work")
-            libc.mount(b".", b"/tmp/work", None, MS_BIND, None)
+            with open("main.py", "rb") as src, open("/tmp/work/main.py", "wb") as dst:
+                dst.write(src.read())
+            os.mkdir("/tmp/.host")
+            for k, place in enumerate(places):
+                inner = f"/tmp/.host/{k}"
+                os.mkdir(inner, 0o1777)
+                os.chmod(inner, 0o1777)
+                libc.mount(inner.encode(), place.encode(), None, MS_BIND, None)
+            if uid is not None:
+                os.chown("/tmp/work", uid, uid)
+                os.chown("/tmp/work/main.py", uid, uid)
             os.chdir("/tmp/work")
+            if iso["pidns"]:
+                # this process stays outside and ends as its child does; the child is the namespace's first
+                # process (it sees only the namespace's processes in a /proc of its own) and runs the program as
+                # its own child, so the program is not an init that ignores signals
+                child = os.fork()
+                if child:
+                    _mirror_exit(child, in_init=False)
+                # hidepid=2: the program sees its own processes only, not this one (a copy of the caller, whose
+                # command line it still carries)
+                libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=2")
+                child = os.fork()
+                if child:
+                    _mirror_exit(child, in_init=True)
         mb = 1 << 20
         # CPU: SIGXCPU at the soft limit (a clear verdict), SIGKILL a second later at the hard one
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
@@ -241,19 +434,24 @@ def run_program(code: str, stdin: str = "", limits: Limits = Limits()) -> Result
         # as root the process limit does not apply: a fork bomb would take the machine
         return Result("setup", None, "", "", "refusing to run untrusted code as root: no unprivileged uid can "
                       f"execute {interpreter()} (install the system python3)", 0.0)
+    not_enforced_here()
     slot = _SLOTS.take()
     uid = FIRST_UID + slot if iso["uid"] else None
+    memory = _MemoryLimit(uid, limits.memory_mb) if uid is not None and memory_cgroup() is not None else None
     workdir = tempfile.mkdtemp(prefix="r1-sandbox-")
     t0 = time.perf_counter()
+    proc = None
     try:
         Path(workdir, "main.py").write_text(code, encoding="utf-8")
         if uid is not None:
             os.chown(workdir, uid, uid)
             os.chown(Path(workdir, "main.py"), uid, uid)
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen([interpreter(), "-I", "main.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=env, start_new_session=True, close_fds=True,
-                                preexec_fn=_preexec(workdir, limits, uid, iso))
+        with signals_deferred():
+            proc = subprocess.Popen([interpreter(), "-I", "main.py"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, start_new_session=True, close_fds=True,
+                                    preexec_fn=_preexec(workdir, limits, uid, iso,
+                                                        memory.procs if memory is not None else None))
         over = threading.Event()
         out, err = [], []
         cap = limits.output_kb * 1024
@@ -285,13 +483,18 @@ def run_program(code: str, stdin: str = "", limits: Limits = Limits()) -> Result
         code_ = proc.returncode
         if status is None and over.is_set():
             status = "output"
-        if status is None:
+        if status is None and memory is not None and memory.hit() and code_ != 0:
+            status, reason = "memory", f"over {limits.memory_mb} MB of memory (its processes together)"
+        elif status is None:
             status, reason = _verdict(code_, stderr, limits)
         else:
             reason = {"output": f"output over {limits.output_kb} KB", "timeout": f"over {limits.wall_s:g} s wall time"}[
                 status]
         return Result(status, code_, stdout, stderr, reason, time.perf_counter() - t0)
     finally:
+        if proc is not None and proc.returncode is None:  # interrupted (Ctrl-C) while it ran: nothing outlives it
+            _kill_all(proc, uid)
+            proc.wait()
         shutil.rmtree(workdir, ignore_errors=True)
         _SLOTS.give(slot)
 

@@ -40,6 +40,10 @@ def test_dry_run_prints_the_plan_without_weights(tmp_path):
 
 def test_dry_run_reads_a_local_folder(tiny_model):
     proc = run_r1("distill", "--student", str(tiny_model), "--dry-run", "--teacher", str(tiny_model))
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("needs teacher data: --data FILE_OR_FOLDER (or "
+                                                                 "data.train=...)")  # the plan, then what is missing
+    proc = run_r1("distill", "--student", str(tiny_model), "--dry-run", "--teacher", str(tiny_model), "--data",
+                  "t.jsonl")
     assert proc.returncode == 0, proc.stderr
     assert "qwen2: 2 layers, hidden 64, 4 query / 2 KV heads" in proc.stdout and "(found)" in proc.stdout
     assert "forward KL at temperature 1, weight 0.5" in proc.stdout
@@ -120,7 +124,7 @@ def test_every_preset_fits_the_gpus_its_header_names(student, tmp_path):
     from r1cli.config import CONFIG_DIR
 
     gpus = re.search(r"Sized for (\d+) x 80 GB", (CONFIG_DIR / "students" / f"{student}.yaml").read_text())
-    proc = run_r1("distill", "--student", student, "--dry-run", "--gpus", gpus.group(1),
+    proc = run_r1("distill", "--student", student, "--data", "teacher.jsonl", "--dry-run", "--gpus", gpus.group(1),
                   env={"R1_MODELS": str(tmp_path / "models")})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr
     assert f"memory per GPU for r1 distill on {gpus.group(1)} GPUs of 80 GB" in proc.stdout

@@ -53,11 +53,12 @@ def test_summarise_reports_pass1_as_the_mean_over_samples():
 
 MATH_TABLE = [  # (answer, gold, equal)
     ("\\frac{1}{2}", "0.5", True), ("\\dfrac{3}{4}", "\\frac34", True), ("1,000", "1000", True),
-    ("\\$1,000", "1000", True), ("50\\%", "50", True), ("5 \\text{ cm}", "5", True), ("(1, 2]", "(1,2]", True),
+    ("\\$1,000", "1000", True), ("50\\%", "50\\%", True), ("5 \\text{ cm}", "5", True), ("(1, 2]", "(1,2]", True),
     ("\\{1, 2\\}", "\\{2, 1\\}", True), ("x=3", "3", True), ("\\sqrt{2}/2", "\\frac{\\sqrt{2}}{2}", True),
     ("2", "2.0", True),
     ("[1,2)", "(1,2]", False), ("0.333", "\\frac13", False), ("3.14", "\\pi", False), ("10", "1000", False),
     ("\\frac{1}{3}", "\\frac{1}{2}", False), ("1,2", "12", False),
+    ("50\\%", "50", False), ("4_2", "42", False), ("40+2", "42", False),  # one number rule in every checker
 ]
 
 

@@ -35,11 +35,20 @@ def test_strict_format_and_prefill():
 
 
 def test_language_consistency():
-    assert language_reward("<think>first add the units</think><answer>1</answer>", {}, CTX) == 1.0
+    few = RewardContext(language_min_words=4)
+    assert language_reward("<think>first add the units</think><answer>1</answer>", {}, few) == 1.0
     mixed = "<think>first 我们 add</think><answer>1</answer>"
-    assert language_reward(mixed, {}, CTX) == pytest.approx(2 / 4)
-    assert language_reward(mixed, {}, RewardContext(language="zh")) == pytest.approx(2 / 4)
+    assert language_reward(mixed, {}, few) == pytest.approx(2 / 4)
+    assert language_reward(mixed, {}, RewardContext(language="zh", language_min_words=4)) == pytest.approx(2 / 4)
     assert language_reward("no tags", {}, CTX) == 0.0
+
+
+@pytest.mark.parametrize("cot", ["", "   ", "123 456 = 579", "3+5=8, 6+1=7", "first add the units"])
+def test_the_language_reward_needs_a_real_amount_of_reasoning(cot):
+    """An empty, digits-only or few-word chain of thought is not reasoning in any language (default: 8 words)."""
+    assert language_reward(f"<think>{cot}</think><answer>42</answer>", {}, CTX) == 0.0
+    assert language_reward(f"<think>{cot} and then carry the one into the tens</think><answer>42</answer>", {},
+                           CTX) == 1.0
 
 
 def test_countdown_checker():
@@ -73,6 +82,7 @@ def test_unknown_reward_name():
 
 # Reward hacking holes: each completion tries to score accuracy without one clear, right final answer.
 # (completion, row) -> the accuracy reward must be 0; the honest twin beside it scores 1.
+MATH42, ARITH42 = {"answer": "42", "task": "math"}, {"answer": "42", "task": "arithmetic"}
 HOLES = [
     # a boxed answer inside the reasoning, no <answer>: the fallback must not reach into <think>
     ("<think>maybe \\boxed{3}</think>", "<think>x</think> \\boxed{3}", {"answer": "3", "task": "math"}),
@@ -87,6 +97,26 @@ HOLES = [
     # commas are thousands separators only
     ("<answer>1,2</answer>", "<answer>12</answer>", {"answer": "12", "task": "arithmetic"}),
     ("<answer>12,34</answer>", "<answer>1,234</answer>", {"answer": "1234", "task": "arithmetic"}),
+    # an answer block inside the reasoning (closed, prefilled or never closed) is not a final answer
+    ("<think>I guess <answer>42</answer> maybe</think>", "<think>I guess</think><answer>42</answer>", MATH42),
+    ("<think>I guess <answer>42</answer> maybe", "<think>I guess</think><answer>42</answer>", MATH42),
+    ("I guess <answer>42</answer> maybe</think>", "I guess</think><answer>42</answer>", MATH42),  # <think> prefill
+    # a box beside the answer block, in it beside another number, or another answer after it
+    ("<think>x</think><answer>42</answer> \\boxed{43}", "<think>x</think><answer>42</answer>", MATH42),
+    ("<think>x</think>so \\boxed{43} <answer>42</answer>", "<think>x</think>so <answer>42</answer>", MATH42),
+    ("<think>x</think><answer>43, i.e. \\boxed{42}</answer>", "<think>x</think><answer>so \\boxed{42}</answer>",
+     MATH42),
+    ("<think>x</think><answer>42</answer> Actually it is 43.", "<think>x</think><answer>42</answer> That is 42.",
+     MATH42),
+    ("<think>x</think>\\boxed{42} no wait, 43", "<think>x</think>\\boxed{42}, done", MATH42),
+    # one rule for numbers in both checkers: written out (thousands commas, decimals, fractions), equal by value;
+    # an expression still to compute, digit grouping and a percent sign are not the number
+    ("<answer>4_2</answer>", "<answer>42.0</answer>", ARITH42),
+    ("<answer>4_2</answer>", "<answer>42.0</answer>", MATH42),
+    ("<answer>40+2</answer>", "<answer>\\frac{84}{2}</answer>", ARITH42),
+    ("<answer>40+2</answer>", "<answer>\\frac{84}{2}</answer>", MATH42),
+    ("<answer>42\\%</answer>", "<answer>$42$</answer>", ARITH42),
+    ("<answer>42\\%</answer>", "<answer>$42$</answer>", MATH42),
 ]
 
 

@@ -136,3 +136,125 @@ def test_root_without_an_unprivileged_uid_refuses_to_run(monkeypatch):
     monkeypatch.setattr(sb.os, "geteuid", lambda: 0)
     r = run_program("print('never')", "", FAST)
     assert r.status == "setup" and "refusing to run untrusted code as root" in r.reason and r.stdout == ""
+
+
+# ------------------------------------------------------------------ a program as a whole, and what it may see
+
+from r1cli.sandbox.run import memory_cgroup, not_enforced_here, writable_places  # noqa: E402
+
+FULL = ISOLATED and isolation()["ipcns"] and isolation()["pidns"]
+needs_namespaces = pytest.mark.skipif(not FULL, reason="runs as root with IPC and PID namespaces only")
+
+
+@needs_namespaces
+def test_nothing_it_writes_anywhere_survives_it():
+    """/run/lock (also reached as /var/lock) and every other world-writable folder are private to the program."""
+    places = sorted(set(writable_places()) | {"/run/lock", "/var/tmp", "/dev/shm"})
+    name = f"r1-left-{os.getpid()}"
+    code = ("import os\nfor d in %r:\n    os.makedirs(d, exist_ok=True)\n"
+            "    open(os.path.join(d, %r), 'w').write('x')\nprint('wrote', len(%r))" % (places, name, places))
+    r = run_program(code, "", FAST)
+    assert r.ok, r.reason
+    assert [p for p in places if os.path.exists(os.path.join(p, name))] == []
+
+
+@needs_namespaces
+def test_system_v_ipc_objects_die_with_it():
+    key = 0x5100 + os.getpid() % 0xff
+    code = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            f"assert libc.shmget({key}, 4096, 0o1666) >= 0\nassert libc.msgget({key}, 0o1666) >= 0\n"
+            f"assert libc.semget({key}, 1, 0o1666) >= 0\nprint('made')")
+    r = run_program(code, "", FAST)
+    assert r.ok and r.stdout == "made\n", r.reason
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.shmget(key, 0, 0) == -1 and libc.msgget(key, 0) == -1 and libc.semget(key, 0, 0) == -1
+
+
+@needs_namespaces
+def test_host_processes_and_their_command_lines_are_invisible():
+    code = ("import os\ncmds = []\nfor p in os.listdir('/proc'):\n    if p.isdigit():\n        try:\n"
+            "            cmds.append(open(f'/proc/{p}/cmdline', 'rb').read())\n"
+            "        except OSError:\n            pass\n"
+            "print(len(cmds), any(b'pytest' in c for c in cmds))")
+    r = run_program(code, "", FAST)
+    assert r.ok, r.reason
+    count, seen = r.stdout.split()
+    assert seen == "False" and int(count) == 1  # itself only (not even the namespace's first process)
+
+
+@pytest.mark.skipif(not ISOLATED or memory_cgroup() is None, reason="needs root and a writable memory cgroup")
+def test_memory_is_limited_for_all_its_processes_together():
+    """Three children of 400 MB each pass no per-process limit of 1 GB, but together they pass the program's."""
+    code = ("import os, sys, time\nkids = []\nfor _ in range(3):\n    pid = os.fork()\n    if pid == 0:\n"
+            "        block = b'\\1' * (400 << 20)\n        time.sleep(2)\n        os._exit(0)\n    kids.append(pid)\n"
+            "sys.exit(any(os.waitpid(k, 0)[1] for k in kids))")
+    r = run_program(code, "", Limits(wall_s=20, cpu_s=10, memory_mb=1024))
+    assert r.status == "memory" and "together" in r.reason, (r.status, r.reason)
+    one = run_program(code.replace("range(3)", "range(1)"), "", Limits(wall_s=20, cpu_s=10, memory_mb=1024))
+    assert one.ok, one.reason
+
+
+@needs_isolation
+def test_disk_is_limited_for_all_its_files_together():
+    """20 files of 15 MB each pass no per-file limit (16 MB); together they stop at the program's 64 MB."""
+    code = ("import os\ntotal = 0\ntry:\n    for i in range(20):\n        with open(f'f{i}', 'wb') as f:\n"
+            "            f.write(b'x' * (15 << 20))\n        total += 15\n"
+            "except OSError as e:\n    print('stopped', e.errno)\n"
+            "print(total)")
+    r = run_program(code, "", Limits(wall_s=20, cpu_s=10, memory_mb=512, file_mb=16, disk_mb=64))
+    assert r.ok and "stopped 28" in r.stdout and int(r.stdout.split()[-1]) <= 64, (r.reason, r.stdout)
+
+
+def test_what_a_machine_cannot_enforce_is_said_once(monkeypatch, capsys):
+    import r1cli.sandbox.run as sb
+
+    not_enforced_here.cache_clear()
+    monkeypatch.setattr(sb, "isolation", lambda: {"uid": True, "netns": True, "mntns": True, "ipcns": False,
+                                                  "pidns": False})
+    monkeypatch.setattr(sb, "memory_cgroup", lambda: None)
+    monkeypatch.setattr(sb.os, "geteuid", lambda: 0)
+    said = sb.not_enforced_here()
+    assert "no IPC namespace" in said and "no hidden host processes namespace" in said
+    assert "memory limited per process" in said and capsys.readouterr().err.startswith("sandbox: ")
+    sb.not_enforced_here()
+    assert capsys.readouterr().err == ""  # once
+    not_enforced_here.cache_clear()
+
+
+CTRL_C_DRIVER = """
+import sys
+from r1cli.rewards import RewardContext, score
+from r1cli.sandbox import Limits, run_program
+row = {"task": "code", "tests": [{"input": "2", "output": "4"}]}
+print("started", flush=True)
+for _ in range(400):
+    if sys.argv[1] == "direct":
+        run_program("print(int(input()) * 2)", "2", Limits(wall_s=5))
+    else:  # rewards in worker threads, the main thread waiting on them
+        score(["```python\\nprint(int(input()) * 2)\\n```"] * 2, [row] * 2, {"accuracy": 1.0}, RewardContext(), 30)
+print("finished", flush=True)
+"""
+
+
+@pytest.mark.parametrize("how, after_s", [("direct", 0.3), ("direct", 0.55), ("direct", 0.8), ("scored", 0.3),
+                                          ("scored", 0.55), ("scored", 0.8)])
+def test_ctrl_c_always_stops_sandbox_scoring(how, after_s, tmp_path):
+    """SIGINT at any moment of a run of programs -- also inside a fork's after-fork handlers, where Python prints
+    an interrupt as 'Exception ignored' and goes on -- stops the run, and leaves no program behind."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", CTRL_C_DRIVER, how], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "started"
+    time.sleep(after_s)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert "finished" not in out and proc.returncode != 0, err[-2000:]
+    assert "KeyboardInterrupt" in err and "Exception ignored" not in err, err[-2000:]
+    deadline = time.time() + 10  # a program the run was waiting for ends with it (its stdin closed)
+    while sandbox_processes() and time.time() < deadline:
+        time.sleep(0.05)
