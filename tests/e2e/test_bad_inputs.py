@@ -101,6 +101,36 @@ def test_rl_row_without_its_answer_is_an_error(tmp_path, tiny_model):
                          "with data.answer_field")
 
 
+@pytest.mark.parametrize("row, needle", [
+    ('{"prompt": "p", "answer": "2", "task": "algebra"}', "rl.jsonl:2: task 'algebra' has no checker (known: "),
+    ('{"prompt": "p", "answer": "7", "task": "countdown"}', "rl.jsonl:2: not a countdown row: numbers must be a list "
+                                                            "of integers, got null"),
+    ('{"prompt": "p", "answer": ["2", "3"], "task": "math"}', "rl.jsonl:2: not a math row: answer must be text or a "
+                                                              "number"),
+])
+def test_rows_a_checker_cannot_read_are_errors_not_wrong_answers(tmp_path, row, needle):
+    """Each would score every sample 0 as a "wrong answer", silently; checked before any model loads."""
+    rows = tmp_path / "rl.jsonl"
+    rows.write_text('{"prompt": "1+1", "answer": "2", "task": "arithmetic"}\n' + row + "\n")
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", "model.path=/does/not/exist", f"data.train={rows}",
+                  "data.eval=", f"train.output_dir={tmp_path / 'run'}")
+    one_line_error(proc, needle)
+
+
+def test_a_generate_call_that_cannot_fit_is_refused_with_its_size():
+    from types import SimpleNamespace
+
+    import torch
+
+    from r1cli.run.memory_plan import check_generation_fits
+
+    c = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=64, num_hidden_layers=2)
+    check_generation_fits(c, 8, 4, 128, 4, torch.device("cpu"))  # 2 MiB
+    with pytest.raises(R1Error, match=r"8 prompts x 100000000 samples of up to 128 tokens at once needs 4.88e\+04 GB "
+                                      r"for the KV cache alone, and .* GB is free on cpu: lower .*rollout.n"):
+        check_generation_fits(c, 8, 100_000_000, 128, 4, torch.device("cpu"))
+
+
 def test_long_prompts_are_dropped_with_a_count_or_an_error(tmp_path, tiny_model):
     import json
 

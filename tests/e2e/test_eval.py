@@ -3,6 +3,7 @@ HumanEval run in the sandbox, existing completions, resume."""
 
 import json
 import math
+import re
 
 import pytest
 from conftest import run_r1
@@ -148,6 +149,39 @@ def test_bad_benchmark_inputs_are_one_clear_line(tmp_path):
     bad = _write(tmp_path / "c.jsonl", [{"benchmark": "humaneval", "id": "HumanEval/999", "completion": ""}])
     with pytest.raises(R1Error, match="no problem 'HumanEval/999' in benchmark 'humaneval'"):
         run_eval(EvalRequest(("humaneval",), str(tmp_path / "o"), completions=bad))
+
+
+GOOD_GPQA = {"Question": "q", "Correct Answer": "a", "Incorrect Answer 1": "b", "Incorrect Answer 2": "c",
+             "Incorrect Answer 3": "d"}
+
+
+@pytest.mark.parametrize("bench, row, message", [
+    ("math500", {"problem": "1+1?"}, "no field 'answer'"),
+    ("gsm8k", {"question": "1+1?", "answer": 2}, "malformed row"),
+    ("aime24", {"problem": "1+1?", "answer": ["2"]}, "the answer must be a non-empty string or number"),
+    ("gpqa", {k: v for k, v in GOOD_GPQA.items() if k != "Incorrect Answer 2"}, "no field 'Incorrect Answer 2'"),
+    ("arc", {"question": {"stem": "q", "choices": [{"label": "A", "text": "x"}, {"label": "B", "text": "y"}]},
+             "answerKey": "E"}, "answerKey 'E' is none of the choices"),
+    ("mmlu", {"question": "q", "choices": ["x", "y"], "answer": "Z"}, "answer 'Z' is not a choice letter"),
+    ("mmlu", {"question": "q", "choices": ["x", "y"], "answer": 7}, "the answer is choice 8 of 2"),
+    ("leetcode", {"prompt": "p"}, "tests must be a non-empty list"),
+    ("jsonl", {"prompt": "p", "answer": "1", "task": "algebra"}, "task 'algebra' has no checker"),
+])
+def test_a_malformed_benchmark_row_is_its_file_and_line(tmp_path, bench, row, message):
+    path = _write(tmp_path / "b.jsonl", [GOOD_GPQA if bench == "gpqa" else row, row] if bench == "gpqa" else [row])
+    line = 2 if bench == "gpqa" else 1
+    with pytest.raises(R1Error, match=f"{path}:{line}: .*{re.escape(message)}"):
+        run_eval(EvalRequest((f"{bench}={path}",), str(tmp_path / "o"), completions="x"))
+
+
+def test_humaneval_and_completions_rows_without_their_fields_are_errors(tmp_path):
+    he = _write(tmp_path / "he.jsonl", [{"task_id": "T/0", "prompt": "def f():\n", "entry_point": "f"}])
+    with pytest.raises(R1Error, match=f"{he}:1: no field 'test'"):
+        run_eval(EvalRequest((f"humaneval={he}",), str(tmp_path / "o"), completions="x"))
+    bench = _write(tmp_path / "g.jsonl", [{"question": "1+1?", "answer": "so #### 2"}])
+    comp = _write(tmp_path / "c.jsonl", [{"benchmark": "gsm8k", "id": "0"}])  # no completion: not a wrong one
+    with pytest.raises(R1Error, match=f"{comp}:1: needs completion"):
+        run_eval(EvalRequest((f"gsm8k={bench}",), str(tmp_path / "o2"), completions=comp))
 
 
 def test_scoring_resumes_without_repeating_or_losing(tmp_path):
