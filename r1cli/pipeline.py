@@ -32,6 +32,7 @@ from r1cli.errors import R1Error, RunInterrupted
 from r1cli.interfaces import build_parallel
 from r1cli.models.loading import resolve_device
 from r1cli.run import checkpoint as ckpt
+from r1cli.run import folder_lock
 from r1cli.run.checkpoint import write_text_atomic
 from r1cli.run.identity import check as identity_check
 from r1cli.run.identity import of_config
@@ -76,6 +77,15 @@ def read_pipeline(path: str | Path) -> Pipeline:
         if not isinstance(s, dict) or set(s) - {"name", "command", "config", "model_from", "data_from"}:
             raise R1Error(f"{path}: stage {k + 1} must be a mapping of name, command, config, model_from, data_from")
         st = Stage(**s)
+        if isinstance(st.config, str):  # a config file of its own: beside the pipeline file, or a shipped one
+            found = [c for c in (Path(path).parent / st.config, Path(st.config), CONFIG_DIR / st.config) if c.is_file()]
+            if not found:
+                raise R1Error(f"{path}: stage '{st.name}': config file {st.config} not found (looked beside the "
+                              f"pipeline file, in {Path.cwd()} and among the shipped configs)")
+            st.config = read_yaml(found[0]) or {}
+        if not isinstance(st.config, dict) or not isinstance(raw.get("base") or {}, dict):
+            raise R1Error(f"{path}: stage '{st.name}': config must be a mapping of config sections or a config file "
+                          f"name, got {type(st.config).__name__}")
         if st.command not in RUNNERS:
             raise R1Error(f"{path}: stage '{st.name}' has command '{st.command}'; known: {', '.join(RUNNERS)}")
         if not st.name or st.name in seen or st.name == "base":
@@ -248,6 +258,8 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
         prepare_tiny(base, p.seed)
     root = Path(p.output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    if par.is_main:  # one pipeline per folder (each stage also holds its own)
+        folder_lock.hold(root, "pipeline.output_dir")
     par.barrier()
     results = []
     base_acc = root / "base.json"

@@ -23,7 +23,8 @@ from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, check_task_rows, score
 from r1cli.run.harness import check_run_dir
-from r1cli.run.identity import of_config
+from r1cli.run.identity import matches, of_config
+from r1cli.run.metrics import console
 from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput
 from r1cli.seeds import batch_seed, second_pass_seed
@@ -86,6 +87,13 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
                                                                                            else []),
                          {"data.train": d.train, "coldstart.generator": c.generator,
                           "coldstart.exemplars": c.exemplars if c.generator and c.shots else ""})
+    # --overwrite starts the data again only if its inputs changed: the same inputs give the same rows (fixed
+    # seeds per batch), so an SFT phase that failed never costs the data phase again
+    record = Path(c.out).with_name(Path(c.out).name + ".identity.json")
+    if overwrite and matches(record, identity):
+        overwrite = False
+        if parallel.is_main:
+            console.print(f"coldstart data {c.out}: the same inputs as before, kept (continued if unfinished)")
     store = ResumableOutput(c.out, parallel, overwrite, identity, "coldstart.out")
     generator = Generator(cfg) if c.generator else None
     tokenizer = generator.tokenizer if generator else load_tokenizer(cfg.model.path)

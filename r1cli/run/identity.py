@@ -70,6 +70,14 @@ def _show(v: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def matches(record: str | Path, fields: dict[str, Any]) -> bool:
+    """Whether `record` exists and holds exactly `fields`."""
+    try:
+        return json.loads(Path(record).read_text()) == json.loads(json.dumps(fields))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
 def check(record: str | Path, fields: dict[str, Any], what: str, fix: str) -> None:
     """Write `record` the first time; later, refuse if `fields` differ from it, naming what changed."""
     record = Path(record)

@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -13,6 +15,7 @@ def test_kernel_benchmark_runs_and_prints_ratios():
     assert "loss from logits" in out.stdout and "fused linear" in out.stdout and "vs ours" in out.stdout
 
 
+@pytest.mark.slow  # CI runs the same command in the vLLM environment as its last step (.ci/run)
 def test_the_gpu_suite_runs_every_part_at_tiny_sizes(tmp_path):
     """`benchmarks/gpu_suite.py --tiny`: the command prepared for a lent GPU runs here before one appears. Every part
     reports, no check fails, and only what is not installed in this environment is marked missing."""

@@ -64,6 +64,23 @@ def test_worked_solutions_are_verified_and_filtered(tmp_path, tiny_model, cold_s
     assert all(r["verified"] == "rule" and r["response"] == readable(rows[r["source"]]["response"]) for r in kept)
 
 
+def test_overwrite_keeps_data_made_from_the_same_inputs(tmp_path, tiny_model, cold_start):
+    """--overwrite after a failed SFT phase never costs the data phase again: the same inputs give the same rows,
+    so they are kept; changed inputs start the data over."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in read_metrics(cold_start / "train.jsonl")[:40]))
+    build_coldstart_data(_cfg(tmp_path, data, tiny_model))
+    out = tmp_path / "cs.jsonl"
+    before = out.stat().st_mtime_ns, out.read_bytes()
+    build_coldstart_data(_cfg(tmp_path, data, tiny_model), overwrite=True)
+    assert (out.stat().st_mtime_ns, out.read_bytes()) == before  # not rewritten
+    build_coldstart_data(_cfg(tmp_path, data, tiny_model, "coldstart.keep_per_prompt=2"), overwrite=True)
+    assert out.stat().st_mtime_ns != before[0]
+    with pytest.raises(R1Error, match=r"coldstart.out .* holds results made with other inputs \(coldstart.keep_per_"
+                                      r"prompt 2 -> 1\)"):
+        build_coldstart_data(_cfg(tmp_path, data, tiny_model))  # without --overwrite: refused, saying what changed
+
+
 def test_a_generator_with_exemplars_and_reflection(tmp_path, cold_start):
     model = cold_start / "sft" / "hf"
     shots = tmp_path / "shots.jsonl"

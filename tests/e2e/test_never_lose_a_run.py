@@ -74,7 +74,9 @@ def test_rotation_only_deletes_this_runs_checkpoints(tmp_path):
     assert found.name == "step_00000003" and not skipped
 
 
-@pytest.mark.parametrize("damage", ["truncate weights", "flip optimizer bytes", "delete rng"])
+# the default run damages the weights; the optimizer and RNG files take the same path (opt-in: -m slow)
+@pytest.mark.parametrize("damage", ["truncate weights", pytest.param("flip optimizer bytes", marks=pytest.mark.slow),
+                                    pytest.param("delete rng", marks=pytest.mark.slow)])
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(tiny_model, arith_data, tmp_path, damage):
     full, cut = tmp_path / "full", tmp_path / "cut"
     common = ["train.steps=8", "checkpoint.every=2", "checkpoint.keep=3"]
@@ -97,7 +99,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(tiny_mo
     assert losses(cut) == losses(full)  # steps 5..8 redone exactly as the uninterrupted run did them
 
 
-@pytest.mark.parametrize("pointer", ["deleted", "dangling"])
+@pytest.mark.parametrize("pointer", ["deleted", pytest.param("dangling", marks=pytest.mark.slow)])
 def test_a_missing_latest_pointer_falls_back_to_scanning(tiny_model, arith_data, tmp_path, pointer):
     out = tmp_path / "run"
     common = ["train.steps=4", "checkpoint.every=1"]
@@ -142,7 +144,8 @@ def _wait_for_step(out, step, proc, timeout=120):
     raise AssertionError("the run made no progress")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["SIGTERM", "SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGKILL],
+                         ids=["SIGTERM", "SIGINT", "SIGKILL"])  # SIGINT takes SIGTERM's path (opt-in: -m slow)
 def test_a_signal_mid_run_loses_nothing(tiny_model, arith_data, tmp_path, sig):
     """SIGTERM (what SLURM sends before preempting) and Ctrl-C checkpoint the last completed step even with
     checkpoint.every=0 and exit; SIGKILL cannot be caught, so the run resumes from its last periodic

@@ -6,6 +6,7 @@ import json
 import pytest
 from conftest import run_r1
 
+from r1cli.config import load_config
 from r1cli.errors import R1Error
 from r1cli.pipeline import DEFAULT, read_pipeline, stage_configs
 from r1cli.run.metrics import read_metrics
@@ -40,12 +41,26 @@ def test_each_stage_reads_what_the_one_before_made(tmp_path):
     ("stages: [{name: a, command: rl, config: {grpo: {betta: 0}}}]", "unknown config key 'grpo.betta'"),
     ("stages: [{name: ../../escape, command: rl}]", "stage name '../../escape' must be letters, digits"),
     ("stages: [{name: a/b, command: rl}]", "stage name 'a/b' must be letters"),
+    ("stages: [{name: a, command: rl, config: 12}]", "stage 'a': config must be a mapping of config sections or a "
+                                                     "config file name, got int"),
+    ("stages: [{name: a, command: rl, config: nope.yaml}]", "stage 'a': config file nope.yaml not found"),
 ])
 def test_bad_pipeline_files(tmp_path, text, message):
     f = tmp_path / "p.yaml"
     f.write_text("pipeline: {output_dir: " + str(tmp_path) + "}\n" + text if "pipline" not in text else text)
     with pytest.raises(R1Error, match=message.replace("(", r"\(").replace(")", r"\)")):
         stage_configs(read_pipeline(f), [])
+
+
+def test_a_stage_config_may_be_a_file(tmp_path):
+    """`config: FILE` reads the stage's settings from a file beside the pipeline file (or a shipped one)."""
+    (tmp_path / "my-rl.yaml").write_text("rollout: {n: 3}\ngrpo: {beta: 0.02}\n")
+    f = tmp_path / "p.yaml"
+    f.write_text(f"pipeline: {{output_dir: {tmp_path}}}\nstages: [{{name: a, command: rl, config: my-rl.yaml}}, "
+                 "{name: b, command: rl, config: tiny/zero.yaml}]\n")
+    a, b = stage_configs(read_pipeline(f), [])
+    assert a.rollout.n == 3 and a.grpo.beta == 0.02
+    assert b.rollout.n == load_config("configs/tiny/zero.yaml").rollout.n
 
 
 def _pipeline(tmp_path, *extra):
