@@ -82,6 +82,11 @@ class Result:
 @lru_cache(maxsize=1)
 def isolation() -> dict[str, bool]:
     """Which protections this machine allows: probed once in a throwaway child process."""
+    with _PROBING:
+        return _probe_isolation()
+
+
+def _probe_isolation() -> dict[str, bool]:
     if os.geteuid() != 0:
         return {"uid": False, "netns": False, "mntns": False, "ipcns": False, "pidns": False}
     python = interpreter()
@@ -141,10 +146,18 @@ def writable_places() -> list[str]:
     return out
 
 
+_PROBING = threading.Lock()  # the probes below run once even when the pool's threads ask at the same moment
+
+
 @lru_cache(maxsize=1)
 def memory_cgroup() -> tuple[str, Path] | None:
     """A cgroup folder of this process's where a child group per sandbox uid can be made with a memory limit:
     ("v2", dir) with memory.max, ("v1", dir) with memory.limit_in_bytes, or None."""
+    with _PROBING:
+        return _probe_memory_cgroup()
+
+
+def _probe_memory_cgroup() -> tuple[str, Path] | None:
     if os.geteuid() != 0:
         return None
     try:
@@ -163,7 +176,7 @@ def memory_cgroup() -> tuple[str, Path] | None:
             candidate = ("v1", Path("/sys/fs/cgroup/memory") / path.lstrip("/"))
         else:
             continue
-        probe = candidate[1] / f"r1-sandbox-probe-{os.getpid()}"
+        probe = candidate[1] / f"r1-sandbox-probe-{os.getpid()}-{threading.get_ident()}"
         try:
             probe.mkdir()
             ok = (probe / ("memory.max" if candidate[0] == "v2" else "memory.limit_in_bytes")).exists()
@@ -222,9 +235,19 @@ class _MemoryLimit:
         return failed or int(_read(self.dir / "memory.max_usage_in_bytes").strip() or 0) >= self.limit
 
 
-@lru_cache(maxsize=1)
+_SAID: dict[str, str] = {}
+_SAYING = threading.Lock()
+
+
 def not_enforced_here() -> str:
     """What this machine cannot enforce, said once (stderr) when the first program runs; "" when all is."""
+    with _SAYING:
+        if "text" not in _SAID:
+            _SAID["text"] = _say_not_enforced()
+        return _SAID["text"]
+
+
+def _say_not_enforced() -> str:
     iso, missing = isolation(), []
     if os.geteuid() != 0:
         missing.append("not root: no uid of its own, no namespaces (network, mounts, IPC, processes), no total "

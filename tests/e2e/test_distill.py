@@ -115,7 +115,8 @@ def test_a_sharded_teacher_gives_the_losses_of_a_whole_one(tmp_path, tiny_model,
         assert [m[key] for m in sharded] == pytest.approx([m[key] for m in whole], rel=1e-4), key
 
 
-@pytest.mark.parametrize("student", ["qwen-1.5b", "qwen-7b", "qwen-14b", "qwen-32b", "llama-8b", "llama-70b"])
+@pytest.mark.parametrize("student", ["qwen-7b", "llama-70b"] + [pytest.param(s, marks=pytest.mark.slow) for s in
+                                                                ("qwen-1.5b", "qwen-14b", "qwen-32b", "llama-8b")])
 def test_every_preset_fits_the_gpus_its_header_names(student, tmp_path):
     """--dry-run plans a preset's memory before its weights exist (from the preset's known shape); each fits the
     80 GB GPUs its header is sized for."""

@@ -192,6 +192,7 @@ def test_data_commands_never_overwrite_a_model_or_leave_temp_files(tiny_model, t
     assert list(folder.iterdir()) == [] and not list(tmp_path.glob("*.tmp"))
 
 
+@pytest.mark.slow  # a checkpoint format older than the manifests (opt-in: -m slow)
 def test_a_checkpoint_from_before_manifests_still_resumes(tiny_model, arith_data, tmp_path):
     out = tmp_path / "run"
     common = ["train.steps=4", "checkpoint.every=2"]

@@ -140,7 +140,7 @@ def test_root_without_an_unprivileged_uid_refuses_to_run(monkeypatch):
 
 # ------------------------------------------------------------------ a program as a whole, and what it may see
 
-from r1cli.sandbox.run import memory_cgroup, not_enforced_here, writable_places  # noqa: E402
+from r1cli.sandbox.run import memory_cgroup, writable_places  # noqa: E402
 
 FULL = ISOLATED and isolation()["ipcns"] and isolation()["pidns"]
 needs_namespaces = pytest.mark.skipif(not FULL, reason="runs as root with IPC and PID namespaces only")
@@ -210,7 +210,8 @@ def test_disk_is_limited_for_all_its_files_together():
 def test_what_a_machine_cannot_enforce_is_said_once(monkeypatch, capsys):
     import r1cli.sandbox.run as sb
 
-    not_enforced_here.cache_clear()
+    said_before = dict(sb._SAID)
+    sb._SAID.clear()
     monkeypatch.setattr(sb, "isolation", lambda: {"uid": True, "netns": True, "mntns": True, "ipcns": False,
                                                   "pidns": False})
     monkeypatch.setattr(sb, "memory_cgroup", lambda: None)
@@ -220,7 +221,8 @@ def test_what_a_machine_cannot_enforce_is_said_once(monkeypatch, capsys):
     assert "memory limited per process" in said and capsys.readouterr().err.startswith("sandbox: ")
     sb.not_enforced_here()
     assert capsys.readouterr().err == ""  # once
-    not_enforced_here.cache_clear()
+    sb._SAID.clear()
+    sb._SAID.update(said_before)
 
 
 CTRL_C_DRIVER = """
@@ -258,3 +260,17 @@ def test_ctrl_c_always_stops_sandbox_scoring(how, after_s, tmp_path):
     deadline = time.time() + 10  # a program the run was waiting for ends with it (its stdin closed)
     while sandbox_processes() and time.time() < deadline:
         time.sleep(0.05)
+
+
+def test_the_first_programs_of_a_pool_agree_on_what_the_machine_allows():
+    """The pool's threads ask at the same moment; each must get the one answer (two probes of the same cgroup
+    folder once made one of them see no cgroup at all)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import r1cli.sandbox.run as sb
+
+    before = sb.memory_cgroup()
+    sb.memory_cgroup.cache_clear()
+    with ThreadPoolExecutor(8) as pool:
+        seen = list(pool.map(lambda _: sb.memory_cgroup(), range(8)))
+    assert seen == [before] * 8
