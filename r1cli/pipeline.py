@@ -36,6 +36,7 @@ from r1cli.run import folder_lock
 from r1cli.run.checkpoint import write_text_atomic
 from r1cli.run.identity import check as identity_check
 from r1cli.run.identity import of_config
+from r1cli.run.identity import write as write_identity
 from r1cli.run.metrics import console, read_metrics
 
 DEFAULT = CONFIG_DIR / "tiny" / "r1.yaml"
@@ -272,7 +273,8 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
         par.barrier()
     for st, cfg in zip(p.stages, configs):
         marker = Path(cfg.train.output_dir) / "stage.json"
-        record, identity = marker.with_name("stage.identity.json"), _stage_identity(cfg)
+        # the content fingerprints are read once, by the rank that records and checks them
+        record, identity = marker.with_name("stage.identity.json"), _stage_identity(cfg) if par.is_main else {}
         if marker.is_file():
             if par.is_main:  # skipped only if made from the same model, data and settings
                 identity_check(record, identity, f"stage {st.name} ({cfg.train.output_dir})",
@@ -303,8 +305,7 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
             section, key = MAKES_DATA[st.command]
             out["made_data"] = getattr(getattr(cfg, section), key)
         if par.is_main:
-            record.unlink(missing_ok=True)
-            identity_check(record, identity, "", "")
+            write_identity(record, identity)
             write_text_atomic(marker, json.dumps(out, indent=1))
         par.barrier()
         results.append(out)

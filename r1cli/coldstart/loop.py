@@ -26,7 +26,7 @@ from r1cli.run.harness import check_run_dir
 from r1cli.run.identity import matches, of_config
 from r1cli.run.metrics import console
 from r1cli.sample.keep import keep_candidates
-from r1cli.sample.store import ResumableOutput
+from r1cli.sample.store import ResumableOutput, identity_record
 from r1cli.seeds import batch_seed, second_pass_seed
 
 
@@ -89,8 +89,7 @@ def build_coldstart_data(cfg: Config, overwrite: bool = False) -> dict:
                           "coldstart.exemplars": c.exemplars if c.generator and c.shots else ""})
     # --overwrite starts the data again only if its inputs changed: the same inputs give the same rows (fixed
     # seeds per batch), so an SFT phase that failed never costs the data phase again
-    record = Path(c.out).with_name(Path(c.out).name + ".identity.json")
-    if overwrite and matches(record, identity):
+    if overwrite and matches(identity_record(c.out), identity):
         overwrite = False
         if parallel.is_main:
             console.print(f"coldstart data {c.out}: the same inputs as before, kept (continued if unfinished)")

@@ -27,9 +27,8 @@ from typing import Callable
 from r1cli.config import Config, save_config
 from r1cli.errors import R1Error, RunInterrupted
 from r1cli.run import checkpoint as ckpt
+from r1cli.run import identity
 from r1cli.run.folder_lock import hold_on_rank0
-from r1cli.run.identity import check as identity_check
-from r1cli.run.identity import of_config
 from r1cli.run.metrics import MetricsLog, StepProgress, console
 
 RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tensorboard", "hf", "wandb", "mlruns",
@@ -38,7 +37,7 @@ RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints",
 
 def run_identity(cfg: Config) -> dict:
     """What a training run's results depend on (r1cli.run.identity): a --resume with other inputs is refused."""
-    return of_config(cfg, ["model", "data", "train", "optim", "grpo", "rewards", "rollout", "distill"],
+    return identity.of_config(cfg, ["model", "data", "train", "optim", "grpo", "rewards", "rollout", "distill"],
                      {"model.path": cfg.model.path, "data.train": cfg.data.train,
                       "distill.teacher": cfg.distill.teacher})
 
@@ -63,7 +62,7 @@ def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
                     "nothing was checkpointed there yet: run without --resume")
             raise R1Error(f"--resume: no intact checkpoint under {ckpt.checkpoint_root(run_dir)}{why}; {then}")
         record = run_dir / "identity.json"
-        identity_check(record, run_identity(cfg), f"train.output_dir {run_dir}",
+        identity.check(record, run_identity(cfg), f"train.output_dir {run_dir}",
                        f"--overwrite starts it again, or set another train.output_dir (or delete {record} to continue "
                        "with the new inputs)")
     elif started and not overwrite:
@@ -97,7 +96,7 @@ class RunHarness:
         p.barrier()
         if p.is_main:
             if not resume:  # a fresh run records what its results depend on
-                identity_check(self.run_dir / "identity.json", run_identity(cfg), "", "")
+                identity.write(self.run_dir / "identity.json", run_identity(cfg))
             save_config(cfg, self.run_dir)
         backends = [b for b in cfg.logging.backends if b != "tensorboard" or cfg.logging.tensorboard]
         self.log = MetricsLog(self.run_dir, p.is_main, backends, fresh=not resume, cfg=cfg)

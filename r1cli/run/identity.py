@@ -95,8 +95,14 @@ def check(record: str | Path, fields: dict[str, Any], what: str, fix: str) -> No
                 more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
                 raise R1Error(f"{what} holds results made with other inputs ({said}{more}); {fix}")
             return
+    write(record, fields)
+
+
+def write(record: str | Path, fields: dict[str, Any]) -> None:
+    """Record `fields` as what the results beside `record` are made from (replacing an earlier record)."""
     from r1cli.run.checkpoint import write_text_atomic
 
+    record = Path(record)
     record.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(record, json.dumps(fields, indent=1, sort_keys=True))
 

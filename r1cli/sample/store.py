@@ -27,6 +27,12 @@ def shard_path(path: Path, rank: int, size: int) -> Path:
     return path if size == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
 
 
+def identity_record(out: str | Path) -> Path:
+    """Where the identity of `out`'s rows is recorded (r1cli.run.identity)."""
+    out = Path(out)
+    return out.with_name(out.name + ".identity.json")
+
+
 def _index_of(path: Path) -> Path:
     return path.with_name(path.name + ".done")
 
@@ -42,9 +48,9 @@ class ResumableOutput:
         self.path = shard_path(self.root, parallel.dp_rank, parallel.dp_size)
         self.index = _index_of(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        record = self.root.with_name(self.root.name + ".identity.json")
+        record = identity_record(self.root)
         if parallel.is_main:
-            folder_lock.hold(self.root.parent, f"{what}", name=self.root.name + ".lock")
+            folder_lock.hold(self.root.parent, what, name=self.root.name + ".lock")
             if overwrite:
                 record.unlink(missing_ok=True)
             if identity is not None:
@@ -55,9 +61,8 @@ class ResumableOutput:
         if overwrite:
             self.path.unlink(missing_ok=True)
             self.index.unlink(missing_ok=True)
-        say = console.print
         for f in (self.path, self.index):
-            cut_torn_tail(f, say)
+            cut_torn_tail(f, console.print)
         # a batch counts as done only with the marks of all its prompts (a kill inside the marks' write may
         # leave some); the marks and rows of any other batch are dropped and the batch is done again
         marks = read_metrics(self.index) if self.index.is_file() else []
