@@ -23,11 +23,26 @@ from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.interfaces import LossInput, choose_loss_input
 from r1cli.lr_schedule import lr_factor
+from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
 from .parallel import init_parallel
+
+ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpointed weights: the adapters only
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor from a (possibly FSDP-sharded) one; gathering is a collective, so every rank calls it."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _plain_model(cfg: ModelConfig) -> nn.Module:
+    """The base architecture on the meta device, for save_pretrained to write a merged state dict under."""
+    return load_model(replace(cfg, gradient_checkpointing=False), torch.device("cpu"), weights=False)
 
 
 class HiddenLoss(nn.Module):
@@ -72,6 +87,8 @@ class TorchTrainer:
         self.tokenizer = load_tokenizer(model.path)
         self.impl = kernels.pick_impl(train.kernels, device)
         self.autocast = autocast(model.dtype, device)
+        self.lora = lora.enabled(model.lora)
+        self.adapters = None  # the peft wrapper under LoRA (its config writes the adapter folder)
         self.model, self.loss_module = self._load(model)
         self.wrapped = self._parallelize(self.loss_module)
         self.optimizer = torch.optim.AdamW(
@@ -80,8 +97,10 @@ class TorchTrainer:
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, optim, train.steps))
         self.reference = self.reference_module = None
-        if need_reference:  # frozen: in the compute dtype (bf16 under mixed precision), sharded like the policy
+        self.has_reference = need_reference
+        if need_reference and not self.lora:  # frozen: in the compute dtype, sharded like the policy
             self.reference, self.reference_module = self.frozen_copy(model)
+        # under LoRA the reference is the policy with its adapters switched off: no second copy
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -106,25 +125,36 @@ class TorchTrainer:
         """A frozen model (the reference, a distillation teacher) beside the policy: in the compute dtype (bf16 under
         mixed precision), sharded like the policy under FSDP. Call its HiddenLoss on every rank in step (a sharded
         forward gathers), under no_grad."""
-        frozen = replace(cfg, dtype=frozen_dtype(cfg.dtype, self.device), gradient_checkpointing=False)
+        frozen = replace(cfg, dtype=frozen_dtype(cfg.dtype, self.device), gradient_checkpointing=False,
+                         lora=replace(cfg.lora, rank=0))
         return self._load(frozen, frozen=True)
 
     def _load(self, cfg: ModelConfig, frozen: bool = False) -> tuple[nn.Module, HiddenLoss]:
         """The model and its HiddenLoss root, sharded under FSDP. Sharded, no device ever holds the whole model:
         rank 0 reads the weights into CPU memory, every rank builds the model on the meta device, shards it,
         allocates only its shard on the device, and receives rank 0's tensors one at a time (the other ranks read
-        no weight file). A frozen model (the reference) runs in its own dtype, without a mixed-precision policy."""
-        if not self._sharded:
-            model = load_model(cfg, self.device)
+        no weight file). A frozen model (the reference) runs in its own dtype, without a mixed-precision policy.
+        Under model.lora the base weights are frozen in the compute dtype and only the fp32 adapters train."""
+        adapted = lora.enabled(cfg.lora)
+        if adapted:  # the base is frozen: held as a frozen copy is (bf16 under mixed precision)
+            cfg = replace(cfg, dtype=frozen_dtype(cfg.dtype, self.device))
+
+        def build(device: torch.device, weights: bool = True) -> nn.Module:
+            m = load_model(cfg, device, weights=weights)
             if frozen:
-                model.eval().requires_grad_(False)
+                m.eval().requires_grad_(False)
+            elif adapted:
+                torch.manual_seed(self.train_cfg.seed)  # the same adapters on every rank and in every build
+                self.adapters = lora.add_adapters(m, cfg.lora)
+            return m
+
+        if not self._sharded:
+            model = build(self.device)
             return model, HiddenLoss(model)
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        full = load_model(cfg, torch.device("cpu")) if self.parallel.is_main else None
-        model = load_model(cfg, self.device, weights=False)
-        if frozen:
-            model.eval().requires_grad_(False)
+        full = build(torch.device("cpu")) if self.parallel.is_main else None
+        model = build(self.device, weights=False)
         root = HiddenLoss(model)
         self._fully_shard(model, root, mp_policy=not frozen)
         root.to_empty(device=self.device)
@@ -186,12 +216,19 @@ class TorchTrainer:
     @torch.no_grad()
     def logprobs(self, batch: TokenBatch, which: str = "policy", temperature: float = 1.0) -> torch.Tensor:
         """[B, C] log-probs of each row's scored tokens under the policy or the reference (0 past the end)."""
+        base = nullcontext()
         if which == "policy":
             module = self.loss_module  # through FSDP's root when sharded (every rank runs the same chunks)
         elif self.reference_module is not None:
             module = self.reference_module
+        elif self.lora and self.has_reference:  # the base model: the policy with its adapters off
+            module, base = self.loss_module, lora.adapters_off(self.model)
         else:
             raise RuntimeError("no reference model is loaded (grpo.beta == 0)")
+        with base:
+            return self._logprobs(module, batch, temperature)
+
+    def _logprobs(self, module: nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
         module.eval()
         mask = batch.scored_mask()
         out = torch.zeros_like(mask)
@@ -242,6 +279,9 @@ class TorchTrainer:
     def update_reference(self) -> None:
         """The reference becomes the policy, one tensor at a time (never a whole state dict at once), each rank
         keeping its own shard, cast to the reference's dtype."""
+        if self.lora and self.has_reference:
+            raise R1Error("under model.lora the reference is the base model (the adapters off) and cannot follow "
+                          "the policy: set grpo.ref_update_every=0")
         if self.reference is None:
             return
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -260,10 +300,11 @@ class TorchTrainer:
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, full tensor) one at a time; a sharded parameter is gathered alone (a collective: every rank
         iterates in the same order)."""
-        from torch.distributed.tensor import DTensor
-
+        if self.lora:  # the adapters folded in, under the base model's names (what an engine and the export take)
+            yield from lora.merged_weights(self.model, _full)
+            return
         for name, t in self.model.state_dict().items():
-            yield name, (t.full_tensor() if isinstance(t, DTensor) else t)
+            yield name, _full(t)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded policy weights on CPU, on rank 0 only (a collective: every rank calls it)."""
@@ -282,12 +323,14 @@ class TorchTrainer:
         )
 
         directory = Path(directory)
-        model_sd = self.full_state_dict()
+        if self.lora:  # the adapters alone: the base is model.path, whose content the run's identity records
+            model_sd, weights_file = self.adapter_state_dict(), ADAPTER_FILE
+        else:
+            model_sd, weights_file = self.full_state_dict(), "model.safetensors"
         optim_sd = get_optimizer_state_dict(self.loss_module, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.parallel.is_main:
-            save_file({k: v.detach().clone().contiguous() for k, v in model_sd.items()},
-                      str(directory / "model.safetensors"))
+            save_file({k: v.detach().clone().contiguous() for k, v in model_sd.items()}, str(directory / weights_file))
             torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "extra": extra},
                        directory / "trainer.pt")
         if self.reference is not None:
@@ -319,7 +362,10 @@ class TorchTrainer:
                 return {}
             return {"model." + k: v for k, v in load_file(str(directory / name)).items()}
 
-        set_model_state_dict(self.loss_module, weights("model.safetensors"), options=opts)
+        if self.lora:
+            self._load_adapters(directory / ADAPTER_FILE)
+        else:
+            set_model_state_dict(self.loss_module, weights("model.safetensors"), options=opts)
         blob = torch.load(directory / "trainer.pt", weights_only=False, mmap=True)
         set_optimizer_state_dict(self.loss_module, self.optimizer, blob["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
@@ -330,11 +376,43 @@ class TorchTrainer:
         return blob["extra"]
 
     def export_hf(self, directory: Path) -> None:
-        """A plain Hugging Face folder (config, safetensors, tokenizer) any tool can load."""
-        sd = self.full_state_dict()
+        """A plain Hugging Face folder (config, safetensors, tokenizer) any tool can load; under LoRA the adapters
+        merged into it, and the PEFT adapter folder beside it (`<directory>-adapter`)."""
+        directory = Path(directory)
+        if self.lora:
+            adapters = self.adapter_state_dict()
+            sd = {k: v.detach().cpu() for k, v in self.named_weights()}  # merged, gathered on every rank
+            if self.parallel.is_main:
+                lora.write_adapter_folder(self.adapters, adapters, self.model_cfg.path,
+                                          directory.with_name(directory.name + "-adapter"))
+        else:
+            sd = self.full_state_dict()
         if self.parallel.is_main:
-            directory = Path(directory)
             directory.mkdir(parents=True, exist_ok=True)
-            self.model.save_pretrained(directory, state_dict=sd, safe_serialization=True)
+            owner = _plain_model(self.model_cfg) if self.lora else self.model  # the merged names are the base's
+            owner.save_pretrained(directory, state_dict=sd, safe_serialization=True)
             self.tokenizer.save_pretrained(directory)
         self.parallel.barrier()
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapters, whole, under their names in the model (a collective when sharded: every rank calls it)."""
+        return {name: _full(p.detach()).cpu() for name, p in lora.trainable(self.model)}
+
+    def _load_adapters(self, path: Path) -> None:
+        """Every rank reads the (small) adapter file and keeps its own shard of each tensor."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        saved = load_file(str(path))
+        params = dict(lora.trainable(self.model))
+        if set(saved) != set(params):
+            raise R1Error(f"{path} holds other adapters than model.lora makes ({len(saved)} tensors saved, "
+                          f"{len(params)} made): resume with the run's own model.lora settings")
+        with torch.no_grad():
+            for name, p in params.items():
+                t = saved[name].to(p.dtype)
+                if isinstance(p, DTensor):
+                    t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    p.to_local().copy_(t.to_local())
+                else:
+                    p.copy_(t)

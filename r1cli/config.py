@@ -64,6 +64,21 @@ def bounded(default, low=None, high=None, *, above: bool = False):
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (peft) on the torch backend: the base weights stay frozen (in the compute dtype), only the
+    adapters train, the reference policy is the base with the adapters switched off, checkpoints hold the adapters."""
+
+    rank: int = bounded(0, 0)  # 0: off (full fine-tuning)
+    alpha: float = bounded(16.0, 0.0, above=True)  # the update is (alpha / rank) B A (alpha / sqrt(rank) with rslora)
+    dropout: float = bounded(0.0, 0.0, 1.0)
+    # module names (the last part of a layer's name) that get adapters; all-linear: every linear layer but lm_head
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                               "up_proj", "down_proj"])
+    layers: list[int] = field(default_factory=list)  # decoder layer indices that get adapters; empty: every layer
+    rslora: bool = False  # rank-stabilised scaling alpha / sqrt(rank)
+
+
+@dataclass
 class ModelConfig:
     path: str = ""  # a local Hugging Face folder (config.json, *.safetensors, tokenizer)
     # parameter dtype for training; auto: fp32 master weights (and optimizer state) with bf16 compute on GPU, fp32
@@ -75,6 +90,7 @@ class ModelConfig:
     # (E4M3 forward, E5M2 gradients) over bf16 weights with fp32 master copies
     precision: Literal["auto", "fp8"] = "auto"
     fp8_recipe: Literal["delayed", "current"] = "delayed"  # scaling from an amax history, or from this tensor
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 def owned(factory, key: str, values: tuple[str, ...]):
@@ -629,6 +645,7 @@ def checked(cfg: Config) -> Config:
     load_plugins(cfg.plugins)  # before the names: a plugin registers its own
     check_registered(cfg)
     check_model_rewards(cfg)
+    check_lora(cfg)
     check_owned(cfg)
     return cfg
 
@@ -712,6 +729,22 @@ def check_model_rewards(cfg: Config) -> None:
     if "reward_model" not in cfg.rewards.weights and cfg.rewards.model != RewardModelConfig():
         raise R1Error("rewards.model is read only by the reward_model reward; this run has no "
                       "rewards.weights.reward_model (give it a weight, or drop rewards.model)")
+
+
+def check_lora(cfg: Config) -> None:
+    """model.lora runs on the torch backend, with the base model as the fixed reference."""
+    if not cfg.model.lora.rank:
+        return
+    if cfg.parallel.backend == "megatron":
+        raise R1Error("model.lora runs on the torch backend (peft adapters on transformers models); "
+                      "parallel.backend=megatron does not take it: set parallel.backend=torch or model.lora.rank=0")
+    outside = sorted({"lm_head", "embed_tokens"} & set(cfg.model.lora.target_modules))
+    if outside:  # the fused losses read lm_head's weight directly: an adapter there would be silently left out
+        raise R1Error(f"model.lora.target_modules: {', '.join(outside)} cannot take adapters (the loss reads the "
+                      "output layer's weight itself); adapt the decoder's projections (the default, or all-linear)")
+    if cfg.grpo.ref_update_every:
+        raise R1Error("model.lora: the reference is the base model (the adapters switched off), which does not "
+                      "follow the policy: grpo.ref_update_every must be 0")
 
 
 def check_registered(cfg: Any) -> None:

@@ -2,8 +2,9 @@
 config.json (no weights read, no GPU), and each resident piece is sized as the torch backend holds it today.
 
 Rows: parameters, gradients and AdamW state (fp32 masters under model.dtype auto / bf16-mixed; divided over the
-data-parallel ranks under FSDP), the reference model (grpo.beta > 0: in the compute dtype, bf16 on a GPU under
-auto, and sharded like the policy), the rollout engine's weights
+data-parallel ranks under FSDP; under model.lora a frozen base in the compute dtype plus fp32 adapters, which alone
+have gradients and AdamW state, and no reference copy), the reference model (grpo.beta > 0: in the compute dtype,
+bf16 on a GPU under auto, and sharded like the policy), the rollout engine's weights
 (a transformers engine shares the policy unless FSDP shards it, then keeps its own copy in the compute dtype; vLLM
 keeps a bf16 copy split over its TP ranks) and
 its KV cache, and the activation peak of a micro-batch (activation_bytes: counted from the decoder's shapes). The
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from r1cli.config import Config
+from r1cli.config import Config, LoraConfig
 from r1cli.errors import R1Error
 
 if TYPE_CHECKING:
@@ -78,13 +79,21 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
     m = size or model_size(cfg.model.path)
     pb = _param_bytes(cfg.model.dtype)
     shard = gpus if gpus > 1 and cfg.parallel.torch.data_parallel == "fsdp" else 1
-    rows = [("parameters", m.params * pb // shard), ("gradients", m.params * pb // shard),
-            ("AdamW state", 2 * m.params * pb // shard)]
+    adapters = lora_parameters(m, cfg.model.lora) if cfg.model.lora.rank else 0
+    if adapters:  # a frozen base in the compute dtype; only the fp32 adapters have gradients and AdamW state
+        base = m.params * _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
+        rows = [("parameters", (base + 4 * adapters) // shard), ("gradients", 4 * adapters // shard),
+                ("AdamW state", 8 * adapters // shard)]
+    else:
+        rows = [("parameters", m.params * pb // shard), ("gradients", m.params * pb // shard),
+                ("AdamW state", 2 * m.params * pb // shard)]
     rl = command == "rl"
     if teacher is not None:  # frozen like the reference: the compute dtype, sharded like the student
         rows.append(("teacher model", teacher.params * _param_bytes(frozen_dtype(cfg.model.dtype,
                                                                                   torch.device(device))) // shard))
-    if rl and cfg.grpo.beta > 0:  # frozen in the compute dtype, sharded like the policy
+    if rl and cfg.grpo.beta > 0 and adapters:  # the policy with its adapters off
+        rows.append(("reference model (no copy)", 0))
+    elif rl and cfg.grpo.beta > 0:  # frozen in the compute dtype, sharded like the policy
         rows.append(("reference model", m.params * _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
                      // shard))
     if rl:
@@ -107,8 +116,25 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
             rows.append(("engine KV cache", batch * seq * kv_token * pb))
     else:
         seq = cfg.data.max_seq_len
-    rows.append(("activations (estimate)", activation_bytes(cfg, m, seq, torch.device(device), sharded=shard > 1)))
+    # all 16-bit when the layers' weights are (FSDP's mixed-precision policy, a LoRA run's frozen base)
+    rows.append(("activations (estimate)", activation_bytes(cfg, m, seq, torch.device(device),
+                                                            sharded=shard > 1 or adapters > 0)))
     return rows
+
+
+def lora_parameters(m: ModelSize, cfg: LoraConfig) -> int:
+    """The adapters' parameter count: rank x (inputs + outputs) of each target projection of each adapted layer."""
+    q, kv = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    shapes = {"q_proj": (m.hidden, q), "k_proj": (m.hidden, kv), "v_proj": (m.hidden, kv), "o_proj": (q, m.hidden),
+              "gate_proj": (m.hidden, m.intermediate), "up_proj": (m.hidden, m.intermediate),
+              "down_proj": (m.intermediate, m.hidden)}
+    targets = list(shapes) if cfg.target_modules == ["all-linear"] else cfg.target_modules
+    unknown = [t for t in targets if t not in shapes]
+    if unknown:
+        raise R1Error(f"the memory plan counts LoRA on {', '.join(shapes)} (or all-linear); model.lora.target_modules "
+                      f"has {', '.join(unknown)}")
+    layers = len(set(cfg.layers)) if cfg.layers else m.layers
+    return layers * cfg.rank * sum(sum(shapes[t]) for t in set(targets))
 
 
 def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device, sharded: bool = False) -> int:

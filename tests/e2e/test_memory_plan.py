@@ -37,6 +37,35 @@ def test_the_plan_equals_what_a_trainer_holds(tiny_model, arith_data):
     assert rows["engine weights"] == 0 and trainer.generation_model is trainer.model  # one process: shared
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bf16-mixed"])
+def test_the_lora_plan_equals_what_a_lora_trainer_holds(tiny_model, dtype):
+    """Under model.lora: the frozen base (bf16 under mixed precision) plus fp32 adapters, gradients and AdamW state
+    of the adapters alone, no reference copy; the adapter count is the plan's own arithmetic, held to peft's."""
+    from r1cli.interfaces import build_trainer
+    from r1cli.sft.loss import NLLLoss
+    from r1cli.token_batch import TokenBatch
+
+    cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "grpo.beta=0.04", "rollout.engine=hf",
+                                                 "model.lora.rank=4", "model.lora.layers=[1]", f"model.dtype={dtype}",
+                                                 "train.device=cpu"])
+    rows = dict(plan(cfg, "rl", gpus=1, device="cpu"))
+    trainer = build_trainer(cfg, need_reference=True)
+    params = list(trainer.loss_module.parameters())
+    grads = []
+    trainer.optimizer.register_step_pre_hook(lambda *_: grads.append(_held(p.grad for p in params
+                                                                            if p.grad is not None)))
+    trainer.train_step(TokenBatch.from_completions([[5, 6, 7]], [[8, 9, 10, 11]]), NLLLoss(4))
+    state = [t for s in trainer.optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert rows["parameters"] == _held(params)
+    assert grads == [rows["gradients"]] and rows["AdamW state"] == _held(state)
+    assert rows["reference model (no copy)"] == 0 and trainer.reference is None
+    adapters = [p for n, p in trainer.model.named_parameters() if ".lora_" in n]
+    assert rows["gradients"] == 4 * sum(p.numel() for p in adapters) and all(p.dtype == torch.float32
+                                                                             for p in adapters)
+    base = {p.dtype for n, p in trainer.model.named_parameters() if ".lora_" not in n}
+    assert base == {torch.bfloat16 if dtype == "bf16-mixed" else torch.float32}
+
+
 def test_fsdp_divides_the_trained_state_and_the_reference(tiny_model):
     cfg = load_config("configs/tiny/zero.yaml", [f"model.path={tiny_model}", "grpo.beta=0.04", "rollout.engine=hf",
                                                  "parallel.torch.data_parallel=fsdp"])

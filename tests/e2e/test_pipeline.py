@@ -66,7 +66,7 @@ def test_a_stage_config_may_be_a_file(tmp_path):
 def _pipeline(tmp_path, *extra):
     return run_r1("pipeline", f"pipeline.output_dir={tmp_path / 'r1'}", f"model.path={tmp_path / 'tiny-model'}",
                   f"data.train={tmp_path / 'arith.jsonl'}", f"data.eval={tmp_path / 'arith_eval.jsonl'}", *SHORT,
-                  *extra, env={"OMP_NUM_THREADS": "1"}, timeout=900)
+                  "reasoning-rl:model.lora.rank=8", *extra, env={"OMP_NUM_THREADS": "1"}, timeout=900)
 
 
 def test_the_tiny_pipeline_end_to_end(tmp_path):
@@ -85,6 +85,8 @@ def test_the_tiny_pipeline_end_to_end(tmp_path):
             ("coldstart", "reasoning-rl", "rejection-sampling", "sft", "all-scenarios-rl")}
     assert done["reasoning-rl"]["model"] == done["coldstart"]["made_model"]
     assert done["rejection-sampling"]["model"] == done["reasoning-rl"]["made_model"]
+    # a LoRA stage (resumed from its adapter checkpoint) hands on the merged model, its adapters beside it
+    assert (root / "reasoning-rl" / "hf-adapter" / "adapter_config.json").is_file()
     sft_cfg = (root / "sft" / "config.yaml").read_text()
     assert f"train: {done['rejection-sampling']['made_data']}" in sft_cfg
     assert done["all-scenarios-rl"]["model"] == done["sft"]["made_model"]

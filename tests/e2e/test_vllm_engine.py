@@ -82,12 +82,16 @@ def test_vllm_greedy_equals_transformers_before_and_after_a_weight_update(cold_s
     assert out["logprob_lengths_ok"]
 
 
-def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_start, tmp_path):
+# with LoRA the engine receives the adapters merged into the base (named_weights) after every step
+@pytest.mark.parametrize("lora", [[], ["model.lora.rank=8", "model.lora.alpha=16", "optim.lr=3e-3"]],
+                         ids=["full", "lora"])
+def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_start, tmp_path, lora):
     out = tmp_path / "run"
     proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
                   f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3",
                   "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25", "rollout.tis_cap=2",
-                  f"train.output_dir={out}", "logging.progress=false", "logging.tensorboard=false", timeout=900)
+                  f"train.output_dir={out}", "logging.progress=false", "logging.tensorboard=false", *lora,
+                  timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "step" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
