@@ -9,6 +9,7 @@ from conftest import run_r1, torchrun
 from safetensors.torch import load_file
 
 from r1cli.config import load_config
+from r1cli.errors import R1Error
 from r1cli.interfaces import build_trainer
 from r1cli.rl.loop import run_rl
 from r1cli.run.metrics import read_metrics
@@ -177,19 +178,22 @@ def test_sft_and_distill_train_adapters(tiny_model, cold_start, tmp_path):
 @pytest.mark.parametrize("setting, message", [
     (["parallel.backend=megatron"], "parallel.backend=megatron does not take it"),
     (["grpo.ref_update_every=10"], "grpo.ref_update_every must be 0"),
-    (["model.lora.target_modules=[attn_proj]"], "model.lora: Target modules"),
     (["model.lora.target_modules=[q_proj,lm_head]"], "lm_head cannot take adapters"),
 ])
-def test_bad_lora_settings_are_one_line(cold_start, tmp_path, setting, message):
-    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
-                  f"data.train={cold_start / 'train.jsonl'}", f"train.output_dir={tmp_path / 'r'}", *LORA, *setting)
-    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+def test_settings_lora_cannot_take_are_refused_as_the_config_loads(cold_start, tmp_path, setting, message):
+    with pytest.raises(R1Error, match=message):
+        rl_config(cold_start, tmp_path / "r", *setting)
+
+
+def test_adapters_on_modules_the_model_lacks_are_one_line(cold_start, tmp_path):
+    proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                  f"data.train={cold_start / 'train.jsonl'}", f"train.output_dir={tmp_path / 'r'}",
+                  "model.lora.rank=4", "model.lora.target_modules=[attn_proj]")
+    assert proc.returncode == 2 and "model.lora: Target modules" in proc.stderr and proc.stderr.count("\n") == 1, \
+        proc.stderr
 
 
 def test_a_resume_with_other_adapters_is_refused(cold_start, tmp_path):
-    run = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
-           f"data.train={cold_start / 'train.jsonl'}", f"train.output_dir={tmp_path / 'r'}", *LORA, *SHORT]
-    first = run_r1(*run, "train.steps=1")  # its own process: a run holds its folder's lock while it lives
-    assert first.returncode == 0, first.stderr[-2000:]
-    proc = run_r1(*run, "train.steps=2", "model.lora.rank=4", "--resume")
-    assert proc.returncode == 2 and "model.lora.rank 8 -> 4" in proc.stderr, proc.stderr
+    run_rl(rl_config(cold_start, tmp_path / "r", *SHORT, "train.steps=1"))
+    with pytest.raises(R1Error, match="model.lora.rank 8 -> 4"):
+        run_rl(rl_config(cold_start, tmp_path / "r", *SHORT, "train.steps=2", "model.lora.rank=4"), resume=True)
