@@ -79,6 +79,21 @@ class DistributedContext:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
         return float(t)
 
+    def all_reduce_max(self, value: float | torch.Tensor) -> float:
+        """Maximum over the data-parallel group."""
+        t = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else \
+            torch.tensor(float(value), dtype=torch.float64)
+        if self.distributed and self.dp_size > 1:
+            t = self.on_group_device(t.clone())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
+        return float(t)
+
+    def reduce_metric_sums(self, sums: dict) -> dict[str, float]:
+        """A step's metric sums over the data-parallel group: keys ending in _max by maximum, the rest by sum (the
+        order is fixed, so every rank issues the same collectives)."""
+        return {k: (self.all_reduce_max(v) if k.endswith("_max") else self.all_reduce_sum(v))
+                for k, v in sorted(sums.items())}
+
     def all_gather(self, obj) -> list:
         """Every data-parallel rank's `obj`, in dp-rank order."""
         if not (self.distributed and self.dp_size > 1):
@@ -113,6 +128,17 @@ class DistributedContext:
 # (a WeakSet would compare tensors with ==, which is elementwise: keyed by id, checked by identity)
 _PLACED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 CHECKED = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "reduce")
+
+
+def add_metric_sums(sums: dict, part: dict) -> None:
+    """Add one micro-batch's metric sums into the step's (keys ending in _max keep the largest)."""
+    for k, v in part.items():
+        if k not in sums:
+            sums[k] = v
+        elif k.endswith("_max"):
+            sums[k] = torch.maximum(torch.as_tensor(sums[k]), torch.as_tensor(v))
+        else:
+            sums[k] = sums[k] + v
 
 
 def _tensors(args, kwargs):

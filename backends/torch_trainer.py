@@ -28,7 +28,7 @@ from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_mod
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
-from .parallel import init_parallel
+from .parallel import add_metric_sums, init_parallel
 
 ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpointed weights: the adapters only
 
@@ -270,10 +270,9 @@ class TorchTrainer:
             with self._no_sync(ci == len(chunks) - 1), self.autocast:
                 value, part = self.wrapped(ids, pos, idx, loss_fn)
             (value * self.parallel.dp_size).backward()  # DDP averages over ranks; the loss is already global
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + v
+            add_metric_sums(sums, part)
         out = self._optimizer_step()
-        out.update(loss.finish({k: self.parallel.all_reduce_sum(v) for k, v in sums.items()}))
+        out.update(loss.finish(self.parallel.reduce_metric_sums(sums)))
         return out
 
     def update_reference(self) -> None:

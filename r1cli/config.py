@@ -274,6 +274,10 @@ class GRPOConfig:
     prompts_per_step: int = bounded(32, 1)  # global, across ranks
     mu: int = bounded(1, 1)  # optimisation passes over each rollout batch
     mini_batch_size: int = bounded(0, 0)  # sequences per optimizer step; 0: the whole batch
+    # the old policy's log-probs: auto leaves out their no-grad forward when the step's one update is on-policy
+    # (mu 1, one mini-batch, no TIS, no KL in the reward, no one-pass kernel): the ratio is then exactly 1 and
+    # the gradient the same; recompute always runs it
+    old_logprobs: Literal["auto", "recompute"] = "auto"
     eps_low: float = bounded(0.2, 0.0)
     eps_high: float = bounded(0.2, 0.0)
     dual_clip: float = bounded(0.0, 0.0)  # c > 1 enables dual clip for negative advantages; 0: off

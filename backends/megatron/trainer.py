@@ -33,7 +33,7 @@ from r1cli.models.loading import load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch
 
-from ..parallel import DistributedContext, group_device, start_process_group
+from ..parallel import DistributedContext, add_metric_sums, group_device, start_process_group
 from .convert import (
     LAYOUT_FILE,
     TensorFolder,
@@ -374,11 +374,10 @@ class MegatronTrainer:
         out = {"grad_norm": grad_norm, "lr": lr, "skipped": float(skipped)}
         metrics = None
         if self.ps.is_pipeline_last_stage():
-            sums: dict[str, float] = {}
+            sums: dict = {}
             for part in parts:
-                for k, v in part.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-            metrics = loss.finish({k: self.parallel.all_reduce_sum(v) for k, v in sorted(sums.items())})
+                add_metric_sums(sums, {k: float(v) for k, v in part.items()})
+            metrics = loss.finish(self.parallel.reduce_metric_sums(sums))
         if self.parallel.pp_size > 1:
             box = [metrics]
             dist.broadcast_object_list(box, src=self._last_stage_rank(), group=self.parallel.pp_group)

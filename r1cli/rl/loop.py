@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from r1cli.config import Config, GRPOConfig
+from r1cli.config import Config
 from r1cli.data.prompts import encode_prompts, fit_prompts
 from r1cli.data.records import read_data
 from r1cli.data.schedule import RowSchedule
@@ -105,7 +105,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             batch = TokenBatch.from_completions([c.prompt_ids for c in rollout.samples],
                                                 [c.completion_ids for c in rollout.samples])
             t1 = time.perf_counter()
-            behaviour = add_logprobs(trainer, batch, rollout, scored, objective, g)  # 3. old / reference log-probs
+            behaviour = add_logprobs(trainer, batch, rollout, scored, objective, cfg)  # 3. old / reference log-probs
             shaped = add_advantages(batch, scored, behaviour, cfg)  # 4. advantages and loss weights
             train_out = optimize(trainer, batch, objective, cfg, step)  # 5. mu passes of mini-batch steps
             t_train = time.perf_counter() - t1
@@ -199,19 +199,36 @@ def score_samples(rollout: Rollout, cfg: Config, ctx: RewardContext) -> Scored:
 
 
 def add_logprobs(trainer, batch: TokenBatch, rollout: Rollout, scored: Scored, objective: GRPOObjective,
-                 g: GRPOConfig) -> Behaviour:
-    """batch.fields old_logp (and ref_logp with a KL term) [S, C]; with grpo.kl_in_reward the sequence KL leaves
-    the rewards instead."""
+                 cfg: Config) -> Behaviour:
+    """batch.fields old_logp (unless the update is on-policy: old_pass_needed) and ref_logp with a KL term [S, C];
+    with grpo.kl_in_reward the sequence KL leaves the rewards instead."""
+    g = cfg.grpo
     mask = batch.scored_mask()
-    batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
+    engine_logp = engine_logprobs([c.logprobs for c in rollout.samples], mask.shape[1])
     if g.beta > 0:
         batch.fields["ref_logp"] = trainer.logprobs(batch, "reference", objective.temperature)
+    if not old_pass_needed(cfg):  # on-policy: the loss takes its own forward's log-probs as the old ones
+        if engine_logp is not None:
+            batch.fields["engine_logp"] = engine_logp  # the mismatch metric comes from that forward too
+        return Behaviour(engine_logp, None)
+    batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
     if g.beta > 0 and g.kl_in_reward:
         kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator) * mask).sum(-1)
         scored.rewards = scored.rewards - g.beta * kl_seq
-    engine_logp = engine_logprobs([c.logprobs for c in rollout.samples], mask.shape[1])
     mismatch = None if engine_logp is None else mismatch_sums(batch.fields["old_logp"], engine_logp, mask)
     return Behaviour(engine_logp, mismatch)
+
+
+def old_pass_needed(cfg: Config) -> bool:
+    """Whether the old policy's log-probs need their own no-grad forward before the update: always with
+    grpo.old_logprobs=recompute; else only when the update is not the rollout's single on-policy step (several
+    passes or mini-batches), or when something reads them before the loss (TIS weights, the KL in the reward) or a
+    one-pass fused kernel needs them to form its gradient in the forward."""
+    g = cfg.grpo
+    whole = not g.mini_batch_size or g.mini_batch_size == g.prompts_per_step * cfg.rollout.n
+    one_pass = cfg.parallel.backend == "torch" and cfg.parallel.torch.fused_linear == "one_pass"
+    return (g.old_logprobs == "recompute" or g.mu > 1 or not whole or cfg.rollout.tis_cap > 0
+            or (g.beta > 0 and g.kl_in_reward) or one_pass)
 
 
 def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg: Config) -> Shaped:
@@ -293,7 +310,8 @@ def _step_metrics(parallel, scored: Scored, shaped: Shaped, train_out: dict, t_r
         fails = sum(p["failures"].get(name, 0) for p in parts)
         if fails:
             out[f"reward_failures/{name}"] = float(fails)
-    for k in ("loss", "kl", "clip_frac", "entropy", "grad_norm", "lr", "skipped"):
+    for k in ("loss", "kl", "clip_frac", "entropy", "grad_norm", "lr", "skipped", "rollout/mismatch_kl",
+              "rollout/mismatch_kl_max"):
         if k in train_out:
             out[k] = float(train_out[k])
     return out

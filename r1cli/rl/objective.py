@@ -118,12 +118,15 @@ class GRPOLoss:
     Bound to the spec and to the global mini-batch's sequence and token counts, so that
     every micro-batch on every rank contributes its exact share of the one global loss.
     Rows carry fields advantages [B] (or [B, C] per token), mask [B, C] (the completion mask times the row's
-    loss weight), old_logp [B, C] and, with a reference, ref_logp [B, C].
+    loss weight), old_logp [B, C] and, with a reference, ref_logp [B, C]. Without old_logp the update is on-policy:
+    the old log-probs are this forward's own, detached (ratio exactly 1, the same gradient), and an engine_logp
+    field [B, C] then gives the engine/trainer mismatch sums from this forward.
     """
 
     wants_entropy = True  # measured for the logs even without an entropy bonus
-    # the batch fields it reads (r1cli.rl.loop.add_logprobs / add_advantages write them); ref_logp only with a KL term
-    reads = ("old_logp", "advantages", "mask")
+    # the batch fields it reads (r1cli.rl.loop.add_logprobs / add_advantages write them); ref_logp only with a KL
+    # term; old_logp unless on-policy
+    reads = ("advantages", "mask")
 
     def __init__(self, objective: GRPOObjective, num_seqs: float, num_tokens: float):
         self.objective, self.num_seqs, self.num_tokens = objective, num_seqs, num_tokens
@@ -140,7 +143,8 @@ class GRPOLoss:
                            f"{', '.join(missing)}")
         present = batch.scored_mask().bool()
         flat = lambda x: x[present].to(device)  # noqa: E731  grid [b, C] -> tokens [N]
-        return present, dict(old=flat(f["old_logp"]), ref=None if "ref_logp" not in f else flat(f["ref_logp"]),
+        return present, dict(old=flat(f["old_logp"]) if "old_logp" in f else None,
+                             ref=None if "ref_logp" not in f else flat(f["ref_logp"]),
                              adv=flat(_per_token(f["advantages"], present).float()),
                              mask=flat(f["mask"]))
 
@@ -156,6 +160,9 @@ class GRPOLoss:
     def __call__(self, logp, entropy, batch):
         obj, dev = self.objective, logp.device
         present, t = self._flat(batch, dev)
+        on_policy = t["old"] is None
+        if on_policy:
+            t["old"] = logp.detach()
         mask_grid = batch.fields["mask"].to(dev)
         if obj.elementwise:
             per_tok, rec = obj.per_token(logp, entropy, t["old"], t["ref"], t["adv"], t["mask"])
@@ -166,21 +173,34 @@ class GRPOLoss:
             to_grid = lambda x: torch.zeros(present.shape, dtype=x.dtype, device=dev).masked_scatter(p, x)  # noqa
             f = batch.fields
             grid, rec = obj.per_token(to_grid(logp), None if entropy is None else to_grid(entropy),
-                                      f["old_logp"].to(dev), None if "ref_logp" not in f else f["ref_logp"].to(dev),
+                                      to_grid(t["old"]), None if "ref_logp" not in f else f["ref_logp"].to(dev),
                                       f["advantages"].to(dev), mask_grid)
             rec = TokenRecord(logp.detach(), rec.kl[p], rec.clipped[p], None if entropy is None else entropy.detach())
         value = obj.aggregate(grid, mask_grid, self.num_seqs, self.num_tokens)
-        return value, self._sums(value, rec, t["mask"])
+        sums = self._sums(value, rec, t["mask"])
+        if on_policy and "engine_logp" in batch.fields:  # the mismatch from this forward (no earlier pass had it)
+            engine = batch.fields["engine_logp"][present].to(dev).float()
+            kl = kl_penalty(engine, logp.detach().float(), "k3")
+            f64 = dict(dtype=torch.float64, device=dev)
+            sums.update(mismatch_sum=kl.sum().double(), mismatch_count=torch.tensor(float(kl.numel()), **f64),
+                        mismatch_max=kl.max().double() if kl.numel() else torch.zeros((), **f64))
+        return value, sums
 
     def weighted_terms(self, batch, device):
         """(token weights [N], per-token loss of tokens a..b, sums) for a one-pass fused kernel (elementwise
         objectives only: see `inputs`)."""
         present, t = self._flat(batch, device)
+        if t["old"] is None:
+            raise ValueError("a one-pass fused loss needs the old policy's log-probs (batch field old_logp)")
         w = self.objective.token_weights(batch.fields["mask"], self.num_seqs, self.num_tokens)
         per_token = self.objective.chunked(t["old"], t["ref"], t["adv"], t["mask"])
         return w[present].to(device), per_token, lambda value, rec: self._sums(value, rec, t["mask"])
 
     def finish(self, sums: dict[str, float]) -> dict[str, float]:
         tok = max(1.0, sums["tokens"])
-        return {"loss": sums["loss"], "kl": sums["kl"] / tok, "clip_frac": sums["clipped"] / tok,
-                "entropy": sums["entropy"] / tok}
+        out = {"loss": sums["loss"], "kl": sums["kl"] / tok, "clip_frac": sums["clipped"] / tok,
+               "entropy": sums["entropy"] / tok}
+        if "mismatch_sum" in sums:
+            out["rollout/mismatch_kl"] = sums["mismatch_sum"] / max(1.0, sums["mismatch_count"])
+            out["rollout/mismatch_kl_max"] = sums["mismatch_max"]
+        return out

@@ -199,3 +199,29 @@ def test_r1_eval_scores_the_policy_higher_after_rl(cold_start, trained, tmp_path
     assert before["problems"] == after["problems"] == 80 and after["samples"] == 4
     assert after["pass@1"]["ci_low"] > before["pass@1"]["ci_high"], (before["pass@1"], after["pass@1"])
     assert {"pass@4", "cons@4"} <= after.keys()
+
+
+def test_an_on_policy_step_leaves_out_the_old_policy_pass_and_trains_the_same(cold_start, tmp_path, monkeypatch):
+    """grpo.old_logprobs=auto (the default) runs no old-policy forward when the step's one update is on-policy;
+    the run is the one that recomputes them, up to the rounding of a separate forward."""
+    from r1cli.backends.torch_trainer import TorchTrainer
+
+    calls = []
+    real = TorchTrainer.logprobs
+
+    def counted(self, batch, which="policy", temperature=1.0):
+        calls.append(which)
+        return real(self, batch, which, temperature)
+
+    monkeypatch.setattr(TorchTrainer, "logprobs", counted)
+    short = [*SHORT, "train.steps=4", "grpo.beta=0.05"]
+    run_rl(rl_config(cold_start, tmp_path / "auto", *short))
+    assert calls == ["reference"] * 4  # the KL's reference pass only
+    calls.clear()
+    run_rl(rl_config(cold_start, tmp_path / "recompute", *short, "grpo.old_logprobs=recompute"))
+    assert calls == ["reference", "policy"] * 4
+    for key in ("loss", "reward/total", "kl", "grad_norm"):
+        auto, again = _curve(tmp_path / "auto", key), _curve(tmp_path / "recompute", key)
+        assert [s for s, _ in auto] == [1, 2, 3, 4]
+        torch.testing.assert_close(torch.tensor([v for _, v in auto]), torch.tensor([v for _, v in again]),
+                                   rtol=1e-4, atol=1e-6)
