@@ -291,6 +291,11 @@ class GRPOConfig:
     kl_in_reward: bool = False
     ref_update_every: int = bounded(0, 0)  # refresh the reference from the policy every N steps; 0: never
     drop_equal_groups: bool = False  # dynamic sampling: groups whose rewards are all equal carry no signal
+    # DAPO dynamic sampling: groups whose rewards are all equal are replaced by groups of further prompts, drawn in
+    # rounds of prompts_per_step from their own seeded stream, until the step holds prompts_per_step groups with
+    # signal or max_sampling_rounds rounds were generated (then the rest are groups without signal, weighted 0)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = bounded(3, 1)
     overlong_buffer: int = bounded(0, 0)  # DAPO soft overlong penalty over the last N tokens; 0: off
     overlong_penalty: float = bounded(1.0, 0.0)
     overlong_filter: bool = False  # truncated samples take no part in the loss

@@ -20,6 +20,11 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
+def refill_seed(seed: int) -> int:
+    """The stream of further prompts that DAPO dynamic sampling draws when a step's groups lack signal."""
+    return seed * 1_000_003 + 104_729
+
+
 def minibatch_seed(seed: int, step: int) -> int:
     """The order of a GRPO step's samples in its mini-batches."""
     return seed * 7919 + step

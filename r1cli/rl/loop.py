@@ -37,7 +37,7 @@ from r1cli.rl.mismatch import engine_logprobs, mismatch_sums, tis_weights
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
-from r1cli.seeds import minibatch_seed, sample_seed
+from r1cli.seeds import minibatch_seed, refill_seed, sample_seed
 from r1cli.token_batch import TokenBatch
 
 
@@ -89,6 +89,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         console.print(f"dropped {dropped} of {dropped + len(rows)} prompts longer than {limit} tokens "
                       "(data.max_prompt_tokens; data.long_prompts=error to stop instead)")
     schedule = RowSchedule(len(rows), g.prompts_per_step, t.seed, cfg.data.shuffle)
+    refill = RowSchedule(len(rows), g.prompts_per_step, refill_seed(t.seed), cfg.data.shuffle)
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     keys = [("reward/total", "reward"), ("reward/accuracy", "acc"), ("response_len/mean", "len"), ("kl", "kl"),
             ("rollout_tokens_per_s", "tok/s")]
@@ -99,9 +100,10 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         bad_streak = 0
         last: dict = {}
         for step in range(harness.start, t.steps):
-            rollout = generate(engine, rows, prompts, schedule, step, cfg, p)  # 1. G samples per prompt
+            # 1-2. G samples per prompt and their rewards (a failing checker is that sample's 0); with dynamic
+            # sampling, rounds of further prompts replace groups without signal
+            rollout, scored, sampling = sample_step(engine, rows, prompts, schedule, refill, step, cfg, p, ctx)
             engine.sleep()  # the trainer's turn (vLLM on GPU frees its KV cache; the next generate wakes it)
-            scored = score_samples(rollout, cfg, ctx)  # 2. rewards (a failing checker is that sample's 0)
             batch = TokenBatch.from_completions([c.prompt_ids for c in rollout.samples],
                                                 [c.completion_ids for c in rollout.samples])
             t1 = time.perf_counter()
@@ -120,6 +122,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                               "gradient (lower optim.lr, check data); the last good checkpoint is in "
                               f"{harness.run_dir}")
             last = _step_metrics(p, scored, shaped, train_out, rollout.seconds, t_train, cfg)
+            last.update(sampling)
             last.update(_mismatch_metrics(p, behaviour.mismatch, shaped.tis, batch.scored_mask(),
                                           cfg.rollout.tis_cap))
             if p.is_main:
@@ -155,6 +158,7 @@ class Scored:
     rewards: torch.Tensor  # [S] weighted total, with the overlong penalty (and the KL penalty with kl_in_reward)
     lengths: torch.Tensor  # [S] completion tokens
     truncated: torch.Tensor  # [S] bool: hit max_new_tokens
+    excluded: torch.Tensor | None = None  # [S] bool: dynamic sampling's filler groups, weighted 0 in the loss
 
 
 @dataclass
@@ -174,12 +178,74 @@ class Shaped:
     tis: torch.Tensor | None  # [S, C] truncated importance weights (rollout.tis_cap)
 
 
-def generate(engine, rows, prompts, schedule: RowSchedule, step: int, cfg: Config, p) -> Rollout:
+def sample_step(engine, rows, prompts, schedule: RowSchedule, refill: RowSchedule, step: int, cfg: Config, p,
+                ctx: RewardContext) -> tuple[Rollout, Scored, dict]:
+    """1-2. The step's samples and rewards. With grpo.dynamic_sampling (DAPO), groups whose rewards are all equal
+    are set aside and further rounds of prompts_per_step prompts - chunk step * (rounds - 1) + r of their own seeded
+    stream, so a resumed run draws the same - are generated until every rank holds its share of groups with signal
+    or grpo.max_sampling_rounds rounds ran (all ranks run the same rounds); a rank still short fills up with groups
+    without signal, weighted 0 in the loss. Metrics: sampling/rounds, sampling/groups_dropped, sampling/groups_short."""
+    g, n = cfg.grpo, cfg.rollout.n
+    rollout = generate(engine, rows, prompts, schedule.rows_for_step(step), step, 0, cfg, p)
+    scored = score_samples(rollout, cfg, ctx)
+    if not g.dynamic_sampling:
+        return rollout, scored, {}
+    quota = g.prompts_per_step // p.dp_size
+    parts = [(rollout, scored)]
+    rounds = 1
+    while rounds < g.max_sampling_rounds and p.all_reduce_max(quota - _signal_groups(parts, n)) > 0:
+        idx = refill.rows_for_step(step * (g.max_sampling_rounds - 1) + rounds - 1)
+        more = generate(engine, rows, prompts, idx, step, rounds, cfg, p)
+        parts.append((more, score_samples(more, cfg, ctx)))
+        rounds += 1
+    # groups with signal in the order drawn, then (if short) groups without, which take no part in the loss
+    groups = [(k, q, bool(flat)) for k, (_, sc) in enumerate(parts)
+              for q, flat in enumerate(equal_reward_groups(sc.rewards, n).tolist())]
+    chosen = ([x for x in groups if not x[2]] + [x for x in groups if x[2]])[:quota]
+    short = sum(1 for x in chosen if x[2])
+    rollout, scored = _take(parts, [(k, q) for k, q, _ in chosen], n)
+    scored.excluded = torch.tensor([x[2] for x in chosen]).repeat_interleave(n)
+    dropped = sum(1 for x in groups if x[2]) - short
+    return rollout, scored, {"sampling/rounds": float(rounds),
+                             "sampling/groups_dropped": p.all_reduce_sum(float(dropped)),
+                             "sampling/groups_short": p.all_reduce_sum(float(short))}
+
+
+def _signal_groups(parts: list, n: int) -> int:
+    return sum(int((~equal_reward_groups(sc.rewards, n)).sum()) for _, sc in parts)
+
+
+def _take(parts: list[tuple[Rollout, Scored]], chosen: list[tuple[int, int]], n: int) -> tuple[Rollout, Scored]:
+    """One Rollout and Scored of the chosen groups (part k's group q), in that order."""
+    def pick(seq, q):
+        return seq[q * n: (q + 1) * n]
+
+    rows = [r for k, q in chosen for r in pick(parts[k][0].rows, q)]
+    samples = [c for k, q in chosen for c in pick(parts[k][0].samples, q)]
+    seconds = sum(r.seconds for r, _ in parts)
+    total = [v for k, q in chosen for v in pick(parts[k][1].scores.total, q)]
+    names = parts[0][1].scores.components
+    components = {name: [v for k, q in chosen for v in pick(parts[k][1].scores.components[name], q)]
+                  for name in names}
+    failures: dict[str, int] = {}
+    last_error: dict[str, str] = {}
+    for _, sc in parts:  # every round's failures count
+        for name, c in sc.scores.failures.items():
+            failures[name] = failures.get(name, 0) + c
+        last_error.update(sc.scores.last_error)
+    cat = lambda f: torch.cat([pick(getattr(parts[k][1], f), q) for k, q in chosen])  # noqa: E731
+    scores = Scores(total, components, failures, last_error)
+    return Rollout(rows, samples, seconds), Scored(scores, cat("rewards"), cat("lengths"), cat("truncated"))
+
+
+def generate(engine, rows, prompts, idx: list[int], step: int, round_: int, cfg: Config, p) -> Rollout:
+    """This rank's share of the prompts `idx` (a global batch of prompts_per_step), G samples each; round_ > 0:
+    a dynamic-sampling round, seeded apart from the step's first."""
     per_rank = cfg.grpo.prompts_per_step // p.dp_size
-    idx = schedule.rows_for_step(step)
     positions = range(p.dp_rank * per_rank, (p.dp_rank + 1) * per_rank)
     t0 = time.perf_counter()
-    params = SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(cfg.train.seed, step, positions[0]))
+    first = round_ * cfg.grpo.prompts_per_step + positions[0]
+    params = SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(cfg.train.seed, step, first))
     # one rank of each model replica generates (the others pass no prompts, which keeps an engine whose TP group
     # spans them in step), and the replica shares its samples
     mine = [prompts[idx[q]] for q in positions] if p.is_replica_leader else []
@@ -243,6 +309,8 @@ def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg:
         weight = weight * (~flat_groups).repeat_interleave(n).float()
     if g.overlong_filter:
         weight = weight * (~scored.truncated).float()
+    if scored.excluded is not None:
+        weight = weight * (~scored.excluded).float()
     token_adv, tis = advantages, None
     if cfg.rollout.tis_cap and behaviour.engine_logp is not None:  # truncated importance sampling, per token
         tis = tis_weights(batch.fields["old_logp"], behaviour.engine_logp, mask, cfg.rollout.tis_cap)

@@ -225,3 +225,23 @@ def test_an_on_policy_step_leaves_out_the_old_policy_pass_and_trains_the_same(co
         assert [s for s, _ in auto] == [1, 2, 3, 4]
         torch.testing.assert_close(torch.tensor([v for _, v in auto]), torch.tensor([v for _, v in again]),
                                    rtol=1e-4, atol=1e-6)
+
+
+def test_dynamic_sampling_refills_the_step_with_groups_that_have_signal_and_resumes_exactly(cold_start, tmp_path):
+    """grpo.dynamic_sampling (DAPO): groups whose rewards are all equal are replaced by groups of further prompts
+    until the step holds prompts_per_step groups with signal (or the rounds run out); the draws are a function of
+    the step, so a resumed run is the uninterrupted one."""
+    dyn = ["train.steps=4", "data.eval=", "grpo.prompts_per_step=8", "rollout.n=4", "checkpoint.export_hf=false",
+           "grpo.dynamic_sampling=true", "grpo.max_sampling_rounds=4"]
+    run_rl(rl_config(cold_start, tmp_path / "full", *dyn))
+    steps = [m for m in read_metrics(tmp_path / "full" / "metrics.jsonl") if "sampling/rounds" in m]
+    assert len(steps) == 4
+    assert sum(m["sampling/groups_dropped"] for m in steps) > 0 and max(m["sampling/rounds"] for m in steps) > 1
+    for m in steps:
+        assert 1 <= m["sampling/rounds"] <= 4
+        # what the step trains on: groups with signal, unless the rounds ran out (the rest weigh 0)
+        assert m["zero_var_groups"] == m["sampling/groups_short"] / 8
+    run_rl(rl_config(cold_start, tmp_path / "cut", *dyn, "checkpoint.stop_after=2"))
+    run_rl(rl_config(cold_start, tmp_path / "cut", *dyn), resume=True)
+    for key in ("loss", "reward/total", "sampling/rounds", "sampling/groups_dropped", "grad_norm"):
+        assert _curve(tmp_path / "cut", key) == _curve(tmp_path / "full", key), key
