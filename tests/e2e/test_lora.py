@@ -35,9 +35,9 @@ def _curve(run_dir, key):
 
 @pytest.fixture(scope="module")
 def lora_run(cold_start, tmp_path_factory):
-    """30 GRPO steps with rank-8 adapters and a KL to the base (beta 0.02), exported to hf/ and hf-adapter/."""
+    """20 GRPO steps with rank-8 adapters and a KL to the base (beta 0.02), exported to hf/ and hf-adapter/."""
     out = tmp_path_factory.mktemp("lora") / "rl"
-    run_rl(rl_config(cold_start, out, "train.steps=30", "grpo.beta=0.02"))
+    run_rl(rl_config(cold_start, out, "train.steps=20", "grpo.beta=0.02"))
     return out
 
 
@@ -152,12 +152,15 @@ def test_two_ranks_match_one(cold_start, tmp_path, dp):
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
-def test_sft_and_distill_train_adapters(tiny_model, cold_start, tmp_path):
-    """r1 sft (what r1 coldstart and pipeline stages run) and r1 distill with adapters: the loss falls, only the
-    adapters are checkpointed, the export is a whole model."""
-    common = ["--config", "configs/tiny/sft.yaml", "data.eval=", "logging.every=1", "logging.progress=false",
-              "logging.tensorboard=false", "optim.warmup_steps=0", "model.lora.rank=16", "model.lora.alpha=32",
-              "optim.lr=1e-2", "train.steps=30"]
+COMMON = ["--config", "configs/tiny/sft.yaml", "data.eval=", "logging.every=1", "logging.progress=false",
+          "logging.tensorboard=false", "optim.warmup_steps=0", "model.lora.rank=16", "model.lora.alpha=32",
+          "optim.lr=1e-2", "train.steps=30"]
+
+
+def test_sft_trains_adapters(tiny_model, cold_start, tmp_path):
+    """r1 sft (what r1 coldstart and pipeline stages run) with adapters: the loss falls, only the adapters are
+    checkpointed, the export is a whole model and a PEFT folder."""
+    common = COMMON
     sft = run_r1("sft", *common, f"model.path={tiny_model}", f"data.train={cold_start / 'train.jsonl'}",
                  f"train.output_dir={tmp_path / 'sft'}", env={"OMP_NUM_THREADS": "1"})
     assert sft.returncode == 0, sft.stderr[-2000:]
@@ -167,6 +170,10 @@ def test_sft_and_distill_train_adapters(tiny_model, cold_start, tmp_path):
     assert (tmp_path / "sft" / "hf" / "model.safetensors").is_file()
     assert (tmp_path / "sft" / "hf-adapter" / "adapter_config.json").is_file()
 
+
+@pytest.mark.slow  # the student's adapters on the trainer the sft test runs, with the teacher beside it
+def test_distill_trains_adapters(tiny_model, cold_start, tmp_path):
+    common = COMMON
     distill = run_r1("distill", "--student", str(tiny_model), "--data", str(cold_start / "train.jsonl"),
                      "--teacher", str(cold_start / "sft" / "hf"), *common, "checkpoint.export_hf=false",
                      f"train.output_dir={tmp_path / 'distill'}", env={"OMP_NUM_THREADS": "1"})
