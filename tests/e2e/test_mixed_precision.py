@@ -20,7 +20,10 @@ def _losses(tiny_model, train, out, *extra):
     return [m["loss"] for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("megatron", marks=pytest.mark.slow)])
+# opt-in: the default run trains a bf16-mixed step in tests/e2e/test_memory_plan.py (LoRA) and tests/unit's kernels
+# hold bf16 autocast to a consistent reference
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "megatron"])
 def test_bf16_mixed_precision_tracks_fp32(tiny_model, arith_data, tmp_path, backend):
     fp32 = _losses(tiny_model, arith_data[0], tmp_path / "fp32", f"parallel.backend={backend}")
     bf16 = _losses(tiny_model, arith_data[0], tmp_path / "bf16", f"parallel.backend={backend}",

@@ -4,6 +4,7 @@
 import json
 import random
 
+import pytest
 import torch
 from conftest import run_r1
 
@@ -121,14 +122,18 @@ def _gain(curve):
     return sum(curve[-4:]) / 4 - sum(curve[:4]) / 4
 
 
-def test_a_reward_model_and_a_judge_drive_the_run_the_way_they_prefer(cold_start, tiny_model, tmp_path):
+# the judge's learning run is opt-in: the default run has the judge grading r1 sample and r1 eval
+@pytest.mark.parametrize("reward", ["reward_model", pytest.param("judge", marks=pytest.mark.slow)])
+def test_a_reward_model_and_a_judge_drive_the_run_the_way_they_prefer(cold_start, tiny_model, tmp_path, reward):
     task = _task(tmp_path / "task")
-    rm = train_even_reward_model(tiny_model, tmp_path / "rm")
-    # the preference is only watched (weight 0), the reward model alone is trained on
-    by_model = _run(cold_start, task, tmp_path / "rm_run", f"plugins=[{task / 'even.py'}]",
-                    "rewards.weights={reward_model: 1.0, even_answer: 0.0}", f"rewards.model.path={rm}",
-                    "rewards.model.normalize=sigmoid")
-    assert _gain(by_model) >= 0.25, by_model
+    if reward == "reward_model":
+        rm = train_even_reward_model(tiny_model, tmp_path / "rm")
+        # the preference is only watched (weight 0), the reward model alone is trained on
+        by_model = _run(cold_start, task, tmp_path / "rm_run", f"plugins=[{task / 'even.py'}]",
+                        "rewards.weights={reward_model: 1.0, even_answer: 0.0}", f"rewards.model.path={rm}",
+                        "rewards.model.normalize=sigmoid")
+        assert _gain(by_model) >= 0.25, by_model
+        return
     by_judge = _run(cold_start, task, tmp_path / "judge_run",
                     f"plugins=[{task / 'even.py'}, {task / 'judge_engine.py'}]",
                     "rewards.weights={judge: 1.0, even_answer: 0.0}", f"rewards.judge.path={tiny_model}",
