@@ -72,20 +72,18 @@ class DistributedContext:
 
     def all_reduce_sum(self, value: float | torch.Tensor) -> float:
         """Sum over the data-parallel group (float64 so that counts stay exact)."""
-        t = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else \
-            torch.tensor(float(value), dtype=torch.float64)
-        if self.distributed and self.dp_size > 1:
-            t = self.on_group_device(t.clone())
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
-        return float(t)
+        return self._all_reduce(value, dist.ReduceOp.SUM)
 
     def all_reduce_max(self, value: float | torch.Tensor) -> float:
         """Maximum over the data-parallel group."""
+        return self._all_reduce(value, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, value: float | torch.Tensor, op) -> float:
         t = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else \
             torch.tensor(float(value), dtype=torch.float64)
         if self.distributed and self.dp_size > 1:
             t = self.on_group_device(t.clone())
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.dp_group)
+            dist.all_reduce(t, op=op, group=self.dp_group)
         return float(t)
 
     def reduce_metric_sums(self, sums: dict) -> dict[str, float]:

@@ -93,7 +93,7 @@ class FakeTrainer:
         self.calls.append(record)
         self.theta = self.theta - self.lr * grad
         out = {"grad_norm": float(grad.norm()), "lr": self.lr, "skipped": 0.0}
-        out.update(loss.finish({k: self.parallel.all_reduce_sum(v) for k, v in sums.items()}))
+        out.update(loss.finish(self.parallel.reduce_metric_sums(sums)))
         return out
 
     def named_weights(self):

@@ -5,6 +5,7 @@ collective that NCCL would refuse - the metric reduction that built a CPU float6
 import subprocess
 import sys
 
+import torch
 from conftest import ROOT
 
 CODE = """
@@ -59,3 +60,31 @@ def test_collectives_wait_parallel_timeout_min_not_nccls_ten_minutes(monkeypatch
     parallel.start_process_group(torch.device("cuda"), cfg.parallel.timeout_min)
     assert seen == {"backend": "nccl", "timeout": timedelta(minutes=45)}
     assert load_config("configs/tiny/zero.yaml", []).parallel.timeout_min == 30
+
+
+def _metric_sums_worker(rank: int, port: int, out: str) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), R1_CHECK_COLLECTIVES="1")
+    from r1cli.backends.parallel import add_metric_sums, init_parallel
+
+    ctx = init_parallel(torch.device("cpu"))
+    sums: dict = {}
+    for micro in range(2):  # two micro-batches, then the ranks
+        add_metric_sums(sums, {"loss": torch.tensor(float(rank + micro)), "mismatch_max": torch.tensor(rank * 10.0
+                                                                                                         + micro)})
+    torch.save(ctx.reduce_metric_sums(sums), f"{out}/rank{rank}.pt")
+
+
+def test_metric_sums_add_up_and_maxima_stay_maxima_over_micro_batches_and_ranks(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_metric_sums_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):  # loss: (0 + 1) + (1 + 2); mismatch_max: max(0, 1, 10, 11)
+        assert torch.load(tmp_path / f"rank{rank}.pt") == {"loss": 4.0, "mismatch_max": 11.0}
