@@ -376,11 +376,12 @@ class TorchTrainer:
 
     def export_hf(self, directory: Path) -> None:
         """A plain Hugging Face folder (config, safetensors, tokenizer) any tool can load; under LoRA the adapters
-        merged into it, and the PEFT adapter folder beside it (`<directory>-adapter`)."""
+        merged into it, and the PEFT adapter folder beside it (`<directory>-adapter`: hf-adapter in RUN_ARTIFACTS)."""
         directory = Path(directory)
         if self.lora:
             adapters = self.adapter_state_dict()
-            sd = {k: v.detach().cpu() for k, v in self.named_weights()}  # merged, gathered on every rank
+            # every rank takes part in each tensor's gather; rank 0 alone keeps the merged model
+            sd = {k: v.detach().cpu() for k, v in self.named_weights() if self.parallel.is_main}
             if self.parallel.is_main:
                 lora.write_adapter_folder(self.adapters, adapters, self.model_cfg.path,
                                           directory.with_name(directory.name + "-adapter"))

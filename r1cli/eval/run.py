@@ -20,6 +20,7 @@ from r1cli.data.templates import render_prompt
 from r1cli.errors import R1Error
 from r1cli.eval.benchmarks import Problem, load_benchmark, normalise, program_jobs, score_code, score_text
 from r1cli.eval.metrics import summarise
+from r1cli.models import lora
 from r1cli.rewards import RewardContext
 from r1cli.run import folder_lock
 from r1cli.run.append_log import AppendLog, cut_torn_tail
@@ -52,6 +53,7 @@ class EvalRequest:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "EvalRequest":
+        lora.refuse(cfg.model.lora, "eval")
         b = cfg.benchmark
         return cls(tuple(b.benchmarks), b.out, model=cfg.model.path, completions=b.completions,
                    data_dir=b.data_dir, samples=b.samples, temperature=b.temperature, top_p=b.top_p,

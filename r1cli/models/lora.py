@@ -27,6 +27,13 @@ def enabled(cfg: LoraConfig) -> bool:
     return cfg.rank > 0
 
 
+def refuse(cfg: LoraConfig, command: str) -> None:
+    """Commands that only generate read model.path as it is: adapters set for them would be silently ignored."""
+    if enabled(cfg):
+        raise R1Error(f"model.lora is read by the training commands; r1 {command} generates from model.path as it "
+                      "is (a LoRA run's merged model is its hf/ folder): drop model.lora")
+
+
 def peft_config(cfg: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
@@ -50,10 +57,7 @@ def add_adapters(model: nn.Module, cfg: LoraConfig):
         first = str(e).strip().splitlines()[0]
         raise R1Error(f"model.lora: {first} (model.lora.target_modules={cfg.target_modules}, "
                       f"model.lora.layers={cfg.layers})") from None
-    for name, p in model.named_parameters():  # peft froze the rest already; say what trains, in fp32
-        if is_adapter(name) and p.dtype != torch.float32 and p.device.type != "meta":
-            p.data = p.data.float()
-    return wrapper
+    return wrapper  # peft froze the rest and keeps the adapters in fp32 over a bf16 base (autocast_adapter_dtype)
 
 
 def is_adapter(name: str) -> bool:
@@ -120,13 +124,3 @@ def write_adapter_folder(wrapper, tensors: dict[str, torch.Tensor], base_path: s
     config["base_model_name_or_path"] = base_path
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
     (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-
-
-def adapter_parameter_count(hf_config, cfg: LoraConfig) -> int:
-    """How many parameters the adapters of `cfg` add to a model of `hf_config` (built on the meta device)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    add_adapters(model, cfg)
-    return sum(p.numel() for n, p in model.named_parameters() if is_adapter(n))

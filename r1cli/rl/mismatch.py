@@ -35,10 +35,18 @@ def engine_logprobs(logprobs: list[list[float] | None], width: int) -> torch.Ten
     return grid
 
 
+def mismatch_terms(trainer_logp: torch.Tensor, engine_logp: torch.Tensor,
+                   mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-token KL(engine || trainer) over the masked tokens: sum, count and max, float64 tensors on the inputs'
+    device (reduce over ranks: sum, sum, max)."""
+    kl = (kl_penalty(engine_logp.float(), trainer_logp.float(), "k3") * mask).double()
+    zero = torch.zeros((), dtype=torch.float64, device=kl.device)
+    return {"sum": kl.sum(), "count": mask.double().sum(), "max": kl.max() if kl.numel() else zero}
+
+
 def mismatch_sums(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Per-token KL(engine || trainer) over this rank's completion tokens: sum, count and max (reduce over ranks)."""
-    kl = kl_penalty(engine_logp.float(), trainer_logp.float(), "k3") * mask
-    return {"sum": float(kl.sum()), "count": float(mask.sum()), "max": float(kl.max()) if kl.numel() else 0.0}
+    """mismatch_terms of this rank's completion tokens, as floats."""
+    return {k: float(v) for k, v in mismatch_terms(trainer_logp, engine_logp, mask).items()}
 
 
 def tis_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,

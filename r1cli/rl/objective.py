@@ -24,6 +24,7 @@ from r1cli.rl.losses import (
     clipped_surrogate,
     kl_penalty,
 )
+from r1cli.rl.mismatch import mismatch_terms
 
 
 @dataclass(frozen=True)
@@ -179,11 +180,9 @@ class GRPOLoss:
         value = obj.aggregate(grid, mask_grid, self.num_seqs, self.num_tokens)
         sums = self._sums(value, rec, t["mask"])
         if on_policy and "engine_logp" in batch.fields:  # the mismatch from this forward (no earlier pass had it)
-            engine = batch.fields["engine_logp"][present].to(dev).float()
-            kl = kl_penalty(engine, logp.detach().float(), "k3")
-            f64 = dict(dtype=torch.float64, device=dev)
-            sums.update(mismatch_sum=kl.sum().double(), mismatch_count=torch.tensor(float(kl.numel()), **f64),
-                        mismatch_max=kl.max().double() if kl.numel() else torch.zeros((), **f64))
+            engine = batch.fields["engine_logp"][present].to(dev)
+            terms = mismatch_terms(logp.detach(), engine, torch.ones_like(engine))
+            sums.update({f"mismatch_{k}": v for k, v in terms.items()})
         return value, sums
 
     def weighted_terms(self, batch, device):

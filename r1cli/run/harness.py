@@ -31,8 +31,8 @@ from r1cli.run import identity
 from r1cli.run.folder_lock import hold_on_rank0
 from r1cli.run.metrics import MetricsLog, StepProgress, console
 
-RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tensorboard", "hf", "wandb", "mlruns",
-                 "wandb_run_id", "mlflow_run_id", "identity.json")
+RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tensorboard", "hf",
+                 "hf-adapter", "wandb", "mlruns", "wandb_run_id", "mlflow_run_id", "identity.json")
 
 
 def run_identity(cfg: Config) -> dict:

@@ -118,7 +118,7 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
         seq = cfg.data.max_seq_len
     # all 16-bit when the layers' weights are (FSDP's mixed-precision policy, a LoRA run's frozen base)
     rows.append(("activations (estimate)", activation_bytes(cfg, m, seq, torch.device(device),
-                                                            sharded=shard > 1 or adapters > 0)))
+                                                            low_weights=shard > 1 or adapters > 0)))
     return rows
 
 
@@ -137,20 +137,21 @@ def lora_parameters(m: ModelSize, cfg: LoraConfig) -> int:
     return layers * cfg.rank * sum(sum(shapes[t]) for t in set(targets))
 
 
-def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device, sharded: bool = False) -> int:
+def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device, low_weights: bool = False) -> int:
     """The activation peak of one micro-batch's forward and backward, counted from the decoder's shapes: each
     layer keeps, per token, its two norms' inputs and outputs, q / k / v, the attention output (flash attention:
     no [s x s] scores; torch's CPU attention does the same) and the SwiGLU MLP's gate, up, activation and
     product - 6h + 2·kv_heads·head_dim + 4·intermediate values in the compute dtype; with gradient checkpointing
     only each layer's input is kept. On top: the loss's working set (the fused Triton kernels: fp32 d(hidden) and
     one logits chunk; the torch reference: fp32 logits and their log-softmax) and one layer's backward working
-    set. Under FSDP the mixed-precision policy hands the layers bf16 parameters: everything is 16-bit then (no
-    fp32 residual stream). Checked against torch's MemTracker on the CPU (tests/e2e/test_memory_plan.py)."""
+    set. With low_weights (FSDP's mixed-precision policy hands the layers bf16 parameters; LoRA's frozen base is
+    bf16) everything is 16-bit (no fp32 residual stream). Checked against torch's MemTracker on the CPU
+    (tests/e2e/test_memory_plan.py)."""
     from r1cli.kernels.fused_linear import LOGITS_BUDGET_BYTES
     from r1cli.models.loading import compute_dtype
 
     low = compute_dtype(cfg.model.dtype, device) is not None
-    mixed = low and not sharded  # bf16 autocast over fp32 parameters
+    mixed = low and not low_weights  # bf16 autocast over fp32 parameters
     c = 2 if low or _param_bytes(cfg.model.dtype) == 2 else 4
     tokens = cfg.train.micro_batch_size * seq
     qkv_mlp = 2 * m.kv_heads * m.head_dim + 4 * m.intermediate

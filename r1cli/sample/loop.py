@@ -14,6 +14,7 @@ from r1cli.data.records import read_data
 from r1cli.data.templates import prompt_text
 from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
+from r1cli.models import lora
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, check_task_rows, score
 from r1cli.run.identity import of_config
@@ -24,6 +25,7 @@ from r1cli.seeds import batch_seed
 
 
 def run_sample(cfg: Config, overwrite: bool = False) -> dict:
+    lora.refuse(cfg.model.lora, "sample")
     d, s = cfg.data, cfg.sample
     rows = read_data(d.train, d, d.max_samples)
     unanswered = set(needs_judge(rows, d.answer_field))

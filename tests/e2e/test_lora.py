@@ -204,3 +204,15 @@ def test_a_resume_with_other_adapters_is_refused(cold_start, tmp_path):
     run_rl(rl_config(cold_start, tmp_path / "r", *SHORT, "train.steps=1"))
     with pytest.raises(R1Error, match="model.lora.rank 8 -> 4"):
         run_rl(rl_config(cold_start, tmp_path / "r", *SHORT, "train.steps=2", "model.lora.rank=4"), resume=True)
+
+
+def test_commands_that_only_generate_refuse_adapters(cold_start, tmp_path):
+    from r1cli.eval.run import EvalRequest
+
+    proc = run_r1("sample", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
+                  f"data.train={cold_start / 'train.jsonl'}", f"sample.out={tmp_path / 'kept.jsonl'}",
+                  "model.lora.rank=4")
+    assert proc.returncode == 2 and "r1 sample generates from model.path as it is" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1
+    with pytest.raises(R1Error, match="r1 eval generates from model.path as it is"):
+        EvalRequest.from_config(load_config(None, ["model.lora.rank=4"]))
