@@ -26,7 +26,7 @@ from r1cli.lr_schedule import lr_factor
 from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
-from r1cli.token_batch import TokenBatch
+from r1cli.token_batch import TokenBatch, token_budget_micro_batches
 
 from .parallel import add_metric_sums, init_parallel
 
@@ -209,8 +209,24 @@ class TorchTrainer:
         return self.wrapped.no_sync()
 
     def _micro_batches(self, batch: TokenBatch) -> list[list[int]]:
+        """The rows of each forward: micro_batch_size padded rows, or under train.max_tokens_per_micro_batch the
+        rows packed into one row of that many tokens (as many forwards on every rank when FSDP shards: each one
+        gathers the parameters)."""
+        budget = self.train_cfg.max_tokens_per_micro_batch
+        if budget:
+            lengths = [len(r) for r in batch.input_ids]
+            plan = token_budget_micro_batches(lengths, budget)
+            if self._sharded:
+                plan = token_budget_micro_batches(lengths, budget, int(self.parallel.all_reduce_max(len(plan))))
+            return plan
         mbs = max(1, self.train_cfg.micro_batch_size)
         return [list(range(s, min(len(batch), s + mbs))) for s in range(0, len(batch), mbs)]
+
+    def _tensors(self, mb: TokenBatch):
+        """A micro-batch's forward inputs: padded rows, or one packed row under train.max_tokens_per_micro_batch."""
+        if self.train_cfg.max_tokens_per_micro_batch:
+            mb = mb.packed()
+        return mb.tensors(self.tokenizer.pad_token_id, self.device)
 
     # ------------------------------------------------------------------ the two doors
     @torch.no_grad()
@@ -233,7 +249,7 @@ class TorchTrainer:
         mask = batch.scored_mask()
         out = torch.zeros_like(mask)
         for rows in self._micro_batches(batch):
-            ids, pos, idx, tgt = batch.select(rows).tensors(self.tokenizer.pad_token_id, self.device)
+            ids, pos, idx, tgt = self._tensors(batch.select(rows))
             with self.autocast:
                 logp = module(ids, pos, idx, lambda h, w: kernels.fused_linear_logprobs(
                     h, w, tgt, temperature=temperature, impl=self.impl)[0])
@@ -252,7 +268,7 @@ class TorchTrainer:
         sums: dict[str, float] = {}
         for ci, rows in enumerate(chunks):
             mb = batch.select(rows)
-            ids, pos, idx, tgt = mb.tensors(self.tokenizer.pad_token_id, self.device)
+            ids, pos, idx, tgt = self._tensors(mb)
 
             def loss_fn(hidden, weight, mb=mb, tgt=tgt):
                 if takes is LossInput.HIDDEN:  # a loss over whole distributions (logit distillation)

@@ -53,6 +53,15 @@ class TokenBatch:
         return TokenBatch([self.input_ids[b] for b in rows], [self.targets[b] for b in rows],
                           None if self.position_ids is None else [self.position_ids[b] for b in rows], fields)
 
+    def packed(self) -> "TokenBatch":
+        """All rows concatenated into one, each keeping its own positions (restarting at every sample, which is how
+        transformers and the Megatron backend tell the samples of a packed row apart: attention stays within each).
+        Scored tokens keep their order, so a loss reads them as it reads this batch's."""
+        pos = [list(self.position_ids[b]) if self.position_ids is not None else list(range(len(r)))
+               for b, r in enumerate(self.input_ids)]
+        return TokenBatch([[t for r in self.input_ids for t in r]], [[t for r in self.targets for t in r]],
+                          [[q for r in pos for q in r]])
+
     def tensors(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded input_ids and position_ids [B, L], the flat indices (b * L + t) of scored positions [N]
         and their targets [N], row by row: the order of the scored grid."""
@@ -69,3 +78,29 @@ class TokenBatch:
         flat = tgt.reshape(-1)
         index = (flat != IGNORE).nonzero().squeeze(-1)
         return ids.to(device), pos.to(device), index.to(device), flat[index].to(device)
+
+
+def token_budget_micro_batches(lengths: list[int], max_tokens: int, count: int = 1) -> list[list[int]]:
+    """The rows of each micro-batch when a micro-batch is one packed row of at most max_tokens tokens: first-fit
+    decreasing by length (a row longer than max_tokens goes alone), then the fullest micro-batches halved until
+    there are at least `count` (FSDP ranks must run equally many forwards). Deterministic in the lengths."""
+    bins: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        k = next((k for k, load in enumerate(loads) if load + lengths[i] <= max_tokens), None)
+        if k is None:
+            bins.append([i])
+            loads.append(lengths[i])
+        else:
+            bins[k].append(i)
+            loads[k] += lengths[i]
+    if count > len(lengths):
+        raise ValueError(f"{len(lengths)} rows cannot make {count} micro-batches")
+    while len(bins) < count:  # halve the fullest micro-batch of several rows, alternating by length
+        k = max((k for k in range(len(bins)) if len(bins[k]) > 1), key=lambda k: loads[k])
+        half = bins[k][1::2]
+        bins[k] = bins[k][::2]
+        loads[k] = sum(lengths[i] for i in bins[k])
+        bins.append(half)
+        loads.append(sum(lengths[i] for i in half))
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])

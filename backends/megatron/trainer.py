@@ -31,7 +31,7 @@ from r1cli.kernels import pick_impl
 from r1cli.lr_schedule import lr_factor
 from r1cli.models.loading import load_tokenizer, resolve_device
 from r1cli.run.checkpoint import restore_rng, save_rng
-from r1cli.token_batch import TokenBatch
+from r1cli.token_batch import TokenBatch, token_budget_micro_batches
 
 from ..parallel import DistributedContext, add_metric_sums, group_device, start_process_group
 from .convert import (
@@ -254,29 +254,42 @@ class MegatronTrainer:
     def _micro_batch_size(self, batch: TokenBatch) -> int:
         return max(1, min(self.train_cfg.micro_batch_size, len(batch)))
 
-    def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
+    def _plan(self, batch: TokenBatch) -> tuple[list[list[int]], int]:
+        """The rows of each micro-batch and the micro-batch size: micro_batch_size padded rows, or under
+        train.max_tokens_per_micro_batch the rows packed into one row of at most that many tokens (micro-batch
+        size 1; the stages of a pipeline plan alike: they hold the same rows)."""
+        budget = self.train_cfg.max_tokens_per_micro_batch
+        if budget:
+            return token_budget_micro_batches([len(r) for r in batch.input_ids], budget), 1
         mbs = self._micro_batch_size(batch)
-        width = row_width(max(len(r) for r in batch.input_ids), self.parallel.tp_size,
-                          self.parallel_cfg.megatron.sequence_parallel, self.fp8 is not None)
+        return [list(range(s, min(len(batch), s + mbs))) for s in range(0, len(batch), mbs)], mbs
+
+    def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
+        plan, mbs = self._plan(batch)
+        packing = bool(self.train_cfg.max_tokens_per_micro_batch)
+        longest = max(sum(len(batch.input_ids[b]) for b in rows) for rows in plan) if packing else \
+            max(len(r) for r in batch.input_ids)
+        width = row_width(longest, self.parallel.tp_size, self.parallel_cfg.megatron.sequence_parallel,
+                          self.fp8 is not None)
         out = []
-        for s in range(0, len(batch), mbs):
-            rows = list(range(s, min(len(batch), s + mbs)))
+        for rows in plan:
             mb = batch.select(rows)
-            ids, pos, idx, tgt = mb.tensors(self.tokenizer.pad_token_id, "cpu")
+            ids, pos, idx, tgt = (mb.packed() if packing else mb).tensors(self.tokenizer.pad_token_id, "cpu")
             w = ids.shape[1]
             full_ids = torch.full((mbs, width), self.tokenizer.pad_token_id, dtype=torch.long)
             full_pos = torch.arange(width).expand(mbs, -1).clone()
-            full_ids[: len(rows), :w], full_pos[: len(rows), :w] = ids, pos
+            full_ids[: len(ids), :w], full_pos[: len(ids), :w] = ids, pos
             idx = (idx // w) * width + idx % w
             d = self.device
             mask, thd = None, None
-            if batch.position_ids is not None and self.te:  # TE's attention: one THD sequence, no mask
+            several = packing or batch.position_ids is not None  # rows holding several samples
+            if several and self.te:  # TE's attention: one THD sequence, no mask
                 thd = thd_params(full_pos.to(d))
                 full_ids, full_pos = full_ids.reshape(1, -1), full_pos.reshape(1, -1)
-            elif batch.position_ids is not None:
+            elif several:
                 mask = sample_mask(full_pos).to(d)
             out.append((rows, mb, full_ids.to(d), full_pos.to(d), mask, thd, idx.to(d), tgt.to(d)))
-        if self.te and batch.position_ids is not None:
+        if self.te and (packing or batch.position_ids is not None):
             return out, width * mbs, 1
         return out, width, mbs
 
@@ -356,7 +369,7 @@ class MegatronTrainer:
         lr = self.optim_cfg.lr * lr_factor(self.steps_done, self.optim_cfg, self.train_cfg.steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        n_micro = -(-len(batch) // self._micro_batch_size(batch))
+        n_micro = len(self._plan(batch)[0])
         scale = n_micro * self.parallel.dp_size  # the schedule averages over micro-batches, DDP over ranks
 
         def head(h, w, mb, tgt):

@@ -49,7 +49,9 @@ def family(request, tmp_path_factory):
     return model, step_run(model, d / "torch", "torch", 1, 1)
 
 
-LAYOUTS = {"tp1": (1, 1), "pp2": (1, 2),
+# pp2-packed: each micro-batch one packed row of at most 40 tokens (the rows hold 6..27 tokens), against the torch
+# backend's padded micro-batches
+LAYOUTS = {"tp1": (1, 1), "pp2-packed": (1, 2, "train.max_tokens_per_micro_batch=40"),
            "tp2-sp-recompute": (2, 1, "parallel.megatron.sequence_parallel=true", "model.gradient_checkpointing=true")}
 
 
@@ -65,13 +67,24 @@ def test_one_sft_and_one_grpo_step_equal_the_torch_backend(family, layout, tmp_p
     assert_same_steps(torch_run, run)
 
 
+def test_packed_fsdp_ranks_with_unequal_packs_step_like_one_padded_process(family, tmp_path):
+    """Two FSDP ranks whose rows pack into 2 and 3 micro-batches of at most 30 tokens: the first halves one of its
+    packs (every forward gathers the shards, so both run three), and the step equals one process's padded one."""
+    model, torch_run = family
+    run = step_run(model, tmp_path / "fsdp", "torch", 1, 1, "dp2", "parallel.torch.data_parallel=fsdp",
+                   "train.max_tokens_per_micro_batch=30")
+    assert_same_steps(torch_run, run, logp=False)  # rank 0 logs only its own rows under DP=2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["llama-untied", "qwen3-qknorm-untied"])
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2", "dp2", "tp2-recompute"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2-pp2", "dp2", "tp2-recompute", "tp2-sp-packed"])
 def test_every_family_and_layout_steps_like_the_torch_backend(name, layout, tmp_path):
     model = build_family_model(tmp_path / "hf", name)
     tp, pp, extra = {"tp2": (2, 1, []), "pp2": (1, 2, []), "tp2-pp2": (2, 2, []), "dp2": (1, 1, ["dp2"]),
-                     "tp2-recompute": (2, 1, ["model.gradient_checkpointing=true"])}[layout]
+                     "tp2-recompute": (2, 1, ["model.gradient_checkpointing=true"]),
+                     "tp2-sp-packed": (2, 1, ["parallel.megatron.sequence_parallel=true",
+                                              "train.max_tokens_per_micro_batch=40"])}[layout]
     reference = step_run(model, tmp_path / "torch", "torch", 1, 1)
     run = step_run(model, tmp_path / "meg", "megatron", tp, pp, *extra)
     assert_same_steps(reference, run, logp=layout != "dp2")  # rank 0 logs only its own rows under DP=2

@@ -1,0 +1,48 @@
+"""Packed micro-batches: which rows share a forward, and the packed row itself."""
+
+import random
+
+import pytest
+import torch
+
+from r1cli.token_batch import IGNORE, TokenBatch, token_budget_micro_batches
+
+
+def test_every_row_lands_in_exactly_one_micro_batch_within_the_budget():
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [int(rng.lognormvariate(4, 1)) + 1 for _ in range(rng.randint(1, 40))]
+        budget = rng.choice([64, 200, 1000])
+        plan = token_budget_micro_batches(lengths, budget)
+        assert sorted(i for mb in plan for i in mb) == list(range(len(lengths)))
+        for mb in plan:  # within the budget, or one row longer than the budget alone
+            assert sum(lengths[i] for i in mb) <= budget or len(mb) == 1
+        assert plan == token_budget_micro_batches(lengths, budget)  # the same plan on every rank of a replica
+
+
+def test_first_fit_decreasing_fills_packs_and_splits_to_a_count():
+    lengths = [24, 18, 12, 6]
+    assert token_budget_micro_batches(lengths, 30) == [[0, 3], [1, 2]]
+    assert token_budget_micro_batches([27, 21, 15, 9], 30) == [[0], [1, 3], [2]]
+    assert token_budget_micro_batches([100, 5, 5], 50) == [[0], [1, 2]]  # too long: alone
+    # an FSDP rank that packs into fewer micro-batches than another splits its fullest ones
+    plan = token_budget_micro_batches(lengths, 30, count=3)
+    assert len(plan) == 3 and sorted(i for mb in plan for i in mb) == [0, 1, 2, 3]
+    assert len(token_budget_micro_batches(lengths, 1000, count=4)) == 4
+    with pytest.raises(ValueError, match="4 rows cannot make 5 micro-batches"):
+        token_budget_micro_batches(lengths, 1000, count=5)
+
+
+def test_a_packed_row_keeps_each_samples_positions_and_the_scored_order():
+    batch = TokenBatch.from_completions([[1, 2], [3]], [[4, 5, 6], [7, 8]])
+    row = batch.packed()
+    assert row.input_ids == [[1, 2, 4, 5, 6, 3, 7, 8]]
+    assert row.position_ids == [[0, 1, 2, 3, 4, 0, 1, 2]]
+    assert row.targets == [[IGNORE, 4, 5, 6, IGNORE, 7, 8, IGNORE]]  # no sample predicts the next one's first token
+    _, _, _, tgt = row.tensors(0, "cpu")
+    _, _, _, padded = batch.tensors(0, "cpu")
+    assert torch.equal(tgt, padded)  # the loss reads the scored tokens in the same order
+    # rows that were packed already (SFT) keep their own restarts
+    sft = TokenBatch([[1, 2, 3, 4]], [[2, IGNORE, 4, IGNORE]], [[0, 1, 0, 1]])
+    assert TokenBatch([[9, 9]] + sft.input_ids, [[9, IGNORE]] + sft.targets, [[0, 1]] + sft.position_ids) \
+        .packed().position_ids == [[0, 1, 0, 1, 0, 1]]
