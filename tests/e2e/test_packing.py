@@ -39,7 +39,8 @@ def test_packed_micro_batches_take_the_padded_step(tiny_model, tmp_path, variant
     """Loss, metrics, gradient norm, updated weights and the log-probs door are those of padded micro-batches,
     for token-level ratios with the KL and entropy terms, sequence-level ratios (whole rows of one sample) and the
     one-pass fused kernel (weights known before the forward)."""
-    objective = GRPOObjective(beta=0.04, entropy_coef=0.01, ratio_level="sequence" if variant == "sequence" else "token",
+    level = "sequence" if variant == "sequence" else "token"
+    objective = GRPOObjective(beta=0.04, entropy_coef=0.01, ratio_level=level,
                               loss_agg="token-mean" if variant == "one_pass" else "seq-mean-token-mean")
     extra = ["parallel.torch.fused_linear=one_pass"] if variant == "one_pass" else []
     p_logp, p_out, p_w = _step(tiny_model, tmp_path / "padded", extra, objective)
