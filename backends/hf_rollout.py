@@ -21,9 +21,12 @@ from r1cli.run.memory_plan import check_generation_fits
 
 class HFGenerateEngine:
     def __init__(self, model, tokenizer, cfg: RolloutConfig, device: torch.device, dtype: str = "auto",
-                 shared: bool = False):
+                 shared: bool = False, own_logprobs: bool = False):
         self.model, self.tok, self.cfg, self.device = model, tokenizer, cfg, device
         self.shared = shared  # the trainer's live module: its weights are always current
+        # report each sampled token's log-prob under this engine's weights (when params.logprobs asks): an
+        # asynchronous run's behaviour policy, one update behind the trainer
+        self.own_logprobs = own_logprobs
         self.autocast = autocast(dtype, device)
         self.offloaded = False  # asleep: the own copy is in host memory
 
@@ -110,16 +113,42 @@ class HFGenerateEngine:
                     group.append(Completion(list(p_ids), c_ids, self.tok.decode(c_ids, skip_special_tokens=True),
                                             "length" if truncated else "stop"))
                 out.append(group)
+        if self.own_logprobs and params.logprobs:
+            self._score(out, params.temperature or 1.0)
         if was_training:
             self.model.train()
         return out
+
+    def _score(self, groups: list[list[Completion]], temperature: float) -> None:
+        """Fill each completion's log-probs: one teacher-forced forward of this engine's weights, at the sampling
+        temperature, through the trainer's kernels (so that on the same weights the two agree to rounding)."""
+        from r1cli import kernels
+        from r1cli.token_batch import TokenBatch
+
+        from .torch_trainer import HiddenLoss
+
+        flat = [c for g in groups for c in g]
+        batch = TokenBatch.from_completions([c.prompt_ids for c in flat], [c.completion_ids for c in flat])
+        module, impl = HiddenLoss(self.model), kernels.pick_impl("auto", self.device)
+        rows = (self.cfg.prompts_per_generate or 8) * max(1, len(groups[0]) if groups else 1)
+        for s in range(0, len(flat), rows):
+            ids, pos, idx, tgt = batch.select(list(range(s, min(len(flat), s + rows)))).tensors(
+                self.tok.pad_token_id, self.device)
+            with self.autocast:
+                logp = module(ids, pos, idx, lambda h, w: kernels.fused_linear_logprobs(
+                    h, w, tgt, temperature=temperature, impl=impl)[0])
+            values, k = logp.float().cpu().tolist(), 0
+            for c in flat[s: s + rows]:
+                c.logprobs = values[k: k + len(c.completion_ids)]
+                k += len(c.completion_ids)
 
 
 @engine_factory(reports_logprobs=False)
 def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> HFGenerateEngine:
     """Share a colocated trainer's module when it is whole in this process; with sharded parameters (or no
     trainer) hold an own copy, so that each rank can generate on its own (ranks stop at different lengths)."""
-    shared = None if trainer is None else trainer.generation_model
+    # an asynchronous run generates while the trainer updates: the engine holds its own copy, one update behind
+    shared = None if trainer is None or rollout.asynchronous else trainer.generation_model
     if shared is not None:
         return HFGenerateEngine(shared, trainer.tokenizer, rollout, trainer.device, model.dtype, shared=True)
     if trainer is not None:
@@ -131,7 +160,8 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> H
     tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
     # its own copy only generates: held in the compute dtype (bf16 on a GPU under mixed precision)
     frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
-    engine = HFGenerateEngine(load_model(frozen, device).eval(), tok, rollout, device, model.dtype)
+    engine = HFGenerateEngine(load_model(frozen, device).eval(), tok, rollout, device, model.dtype,
+                              own_logprobs=trainer is not None and rollout.asynchronous)
     if trainer is not None:
         engine.load_weights(trainer.named_weights())
     return engine

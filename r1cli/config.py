@@ -229,6 +229,10 @@ class RolloutConfig:
     # truncated importance sampling: the loss of token t is weighted by min(p_trainer / p_engine, tis_cap),
     # correcting for the engine sampling from a slightly different distribution; 0: off
     tis_cap: float = bounded(0.0, 0.0)
+    # one-step-off-policy: step k+1's samples are generated (in a thread, by an engine holding its own copy of the
+    # weights one update behind) while step k trains; the update corrects for the stale samples with TIS against
+    # the engine's log-probs (rollout.tis_cap); `r1 rl` only
+    asynchronous: bool = False
     vllm: VLLMEngineConfig = owned(VLLMEngineConfig, "rollout.engine", ("vllm", "auto"))
 
 

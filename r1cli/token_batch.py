@@ -53,6 +53,22 @@ class TokenBatch:
         return TokenBatch([self.input_ids[b] for b in rows], [self.targets[b] for b in rows],
                           None if self.position_ids is None else [self.position_ids[b] for b in rows], fields)
 
+    @classmethod
+    def concat(cls, parts: list["TokenBatch"]) -> "TokenBatch":
+        """The rows of several batches in order; [B, C] fields are widened with zeros to the widest part's C."""
+        rows = [(b, k) for b in parts for k in range(len(b))]
+        pos = None if all(b.position_ids is None for b in parts) else [
+            list(b.position_ids[k]) if b.position_ids is not None else list(range(len(b.input_ids[k])))
+            for b, k in rows]
+        fields = {}
+        for name in parts[0].fields:
+            vs = [b.fields[name] for b in parts]
+            if vs[0].dim() == 2:
+                width = max(v.shape[1] for v in vs)
+                vs = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in vs]
+            fields[name] = torch.cat(vs)
+        return cls([b.input_ids[k] for b, k in rows], [b.targets[k] for b, k in rows], pos, fields)
+
     def packed(self) -> "TokenBatch":
         """All rows concatenated into one, each keeping its own positions (restarting at every sample, which is how
         transformers and the Megatron backend tell the samples of a packed row apart: attention stays within each).
@@ -104,3 +120,29 @@ def token_budget_micro_batches(lengths: list[int], max_tokens: int, count: int =
         bins.append(half)
         loads.append(sum(lengths[i] for i in half))
     return sorted((sorted(b) for b in bins), key=lambda b: b[0])
+
+
+def balanced_deal(lengths: list[list[int]]) -> list[list[tuple[int, int]]]:
+    """Rows of every data-parallel rank (lengths[r][i]: rank r's row i) dealt back to the ranks so that each holds as
+    many rows as it had and about the same number of tokens: the longest row first, to the rank with the fewest
+    tokens among those with room (ties: the lower rank). Returns, per rank, the (source rank, row) it takes, in
+    source order; the same on every rank."""
+    room = [len(rows) for rows in lengths]
+    loads = [0] * len(lengths)
+    deal: list[list[tuple[int, int]]] = [[] for _ in lengths]
+    for n, r, i in sorted(((n, r, i) for r, rows in enumerate(lengths) for i, n in enumerate(rows)),
+                          key=lambda x: (-x[0], x[1], x[2])):
+        k = min((k for k in range(len(lengths)) if len(deal[k]) < room[k]), key=lambda k: (loads[k], k))
+        deal[k].append((r, i))
+        loads[k] += n
+    return [sorted(d) for d in deal]
+
+
+def balance_ranks(batch: TokenBatch, parallel) -> TokenBatch:
+    """This rank's share of every data-parallel rank's rows after balanced_deal: each rank the same number of rows
+    and about the same number of tokens (the ranks wait on the slowest at every optimizer step). A collective."""
+    parts = parallel.all_gather(batch)
+    if len(parts) == 1:
+        return batch
+    mine = balanced_deal([[len(r) for r in b.input_ids] for b in parts])[parallel.dp_rank]
+    return TokenBatch.concat([parts[r].select([i]) for r, i in mine])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,7 @@ from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
 from r1cli.seeds import minibatch_seed, refill_seed, sample_seed
-from r1cli.token_batch import TokenBatch
+from r1cli.token_batch import TokenBatch, balance_ranks
 
 
 def validate(cfg: Config) -> None:
@@ -52,9 +54,16 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.torch.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("parallel.torch.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence "
                       "needs parallel.torch.fused_linear=recompute")
-    if r.tis_cap and not engine_reports_logprobs(r.engine):
+    if r.tis_cap and not (engine_reports_logprobs(r.engine) or r.asynchronous):
         raise R1Error(f"rollout.tis_cap corrects for an engine that samples from other kernels than the trainer's "
-                      f"(vllm); the {pick_engine(r.engine)} engine reports no log-probs of its own")
+                      f"(vllm) or from older weights (rollout.asynchronous); the {pick_engine(r.engine)} engine "
+                      "reports no log-probs of its own")
+    if r.asynchronous and not r.tis_cap:
+        raise R1Error("rollout.asynchronous trains on samples generated one update earlier: set rollout.tis_cap "
+                      "(e.g. 2.0), which weights each token by the current policy's probability over the engine's")
+    if r.asynchronous and (cfg.parallel.tensor_parallel > 1 or cfg.parallel.pipeline_parallel > 1):
+        raise R1Error("rollout.asynchronous generates in a thread beside the trainer, which cannot share samples "
+                      "across the ranks of a tensor- or pipeline-parallel replica; use data parallelism")
 
 
 def validate_layout(cfg: Config, dp_size: int) -> None:
@@ -63,6 +72,9 @@ def validate_layout(cfg: Config, dp_size: int) -> None:
         raise R1Error(f"grpo.prompts_per_step={g.prompts_per_step} must be a multiple of the {dp_size} "
                       "data-parallel ranks")
     seqs = g.prompts_per_step * cfg.rollout.n
+    if cfg.rollout.asynchronous and g.dynamic_sampling and dp_size > 1:
+        raise R1Error("grpo.dynamic_sampling with rollout.asynchronous and several data-parallel ranks would agree "
+                      "on refill rounds from the generation thread; use one of the two")
     if g.mini_batch_size and (seqs % g.mini_batch_size or g.mini_batch_size % dp_size):
         raise R1Error(f"grpo.mini_batch_size={g.mini_batch_size} must divide the {seqs} samples per step "
                       f"and be a multiple of the {dp_size} data-parallel ranks")
@@ -93,17 +105,32 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     keys = [("reward/total", "reward"), ("reward/accuracy", "acc"), ("response_len/mean", "len"), ("kl", "kl"),
             ("rollout_tokens_per_s", "tok/s")]
+    ahead = ThreadPoolExecutor(1, thread_name_prefix="r1-rollout") if cfg.rollout.asynchronous else None
     with RunHarness(cfg, trainer, resume=resume, overwrite=overwrite, progress_keys=keys, eval_before=True,
-                    evaluate=held_out_evaluator(cfg, trainer, engine)) as harness:
+                    evaluate=held_out_evaluator(cfg, trainer, engine)) as harness, ahead or nullcontext():
         if harness.start:  # resumed: an engine with its own copy still holds the starting weights
             engine.load_weights(trainer.named_weights())
+        # rollout.asynchronous: the next step's samples, generated while this step trains (a checkpoint keeps them,
+        # so that a resumed run trains on what the uninterrupted one would have)
+        pending: Future | None = _done(harness.carried) if harness.carried is not None else None
+        harness.carry = (lambda: pending.result() if pending is not None else None) if ahead else None
         bad_streak = 0
         last: dict = {}
         for step in range(harness.start, t.steps):
             # 1-2. G samples per prompt and their rewards (a failing checker is that sample's 0); with dynamic
-            # sampling, rounds of further prompts replace groups without signal
-            rollout, scored, sampling = sample_step(engine, rows, prompts, schedule, refill, step, cfg, p, ctx)
-            engine.sleep()  # the trainer's turn (vLLM on GPU frees its KV cache; the next generate wakes it)
+            # sampling, rounds of further prompts replace groups without signal. Asynchronous: generated during the
+            # last step by the weights before its update (version step - 1), and the next step's start now
+            if pending is None:
+                rollout, scored, sampling = sample_step(engine, rows, prompts, schedule, refill, step, cfg, p, ctx)
+            else:
+                rollout, scored, sampling = pending.result()
+            sampling = {**sampling, "rollout/staleness": float(step - rollout.version)}
+            if ahead is not None and step + 1 < t.steps:
+                pending = ahead.submit(sample_step, engine, rows, prompts, schedule, refill, step + 1, cfg, p, ctx,
+                                       version=step)
+            else:
+                pending = None
+                engine.sleep()  # the trainer's turn (vLLM on GPU frees its KV cache; the next generate wakes it)
             batch = TokenBatch.from_completions([c.prompt_ids for c in rollout.samples],
                                                 [c.completion_ids for c in rollout.samples])
             t1 = time.perf_counter()
@@ -111,6 +138,10 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             shaped = add_advantages(batch, scored, behaviour, cfg)  # 4. advantages and loss weights
             train_out = optimize(trainer, batch, objective, cfg, step)  # 5. mu passes of mini-batch steps
             t_train = time.perf_counter() - t1
+            if pending is not None:  # the engine finishes the next step's samples before new weights reach it
+                t2 = time.perf_counter()
+                pending.result()
+                sampling["time/rollout_wait_s"] = time.perf_counter() - t2
             engine.load_weights(trainer.named_weights())
             if g.ref_update_every and (step + 1) % g.ref_update_every == 0:
                 trainer.update_reference()
@@ -148,6 +179,7 @@ class Rollout:
     rows: list[dict]  # the data row of each sample
     samples: list[Completion]
     seconds: float  # generating them
+    version: int = 0  # the updates the generating weights had taken (the step whose start they are)
 
 
 @dataclass
@@ -178,15 +210,24 @@ class Shaped:
     tis: torch.Tensor | None  # [S, C] truncated importance weights (rollout.tis_cap)
 
 
+def _done(value) -> Future:
+    """A finished future holding `value` (an asynchronous run's samples, resumed from its checkpoint)."""
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
 def sample_step(engine, rows, prompts, schedule: RowSchedule, refill: RowSchedule, step: int, cfg: Config, p,
-                ctx: RewardContext) -> tuple[Rollout, Scored, dict]:
+                ctx: RewardContext, version: int | None = None) -> tuple[Rollout, Scored, dict]:
     """1-2. The step's samples and rewards. With grpo.dynamic_sampling (DAPO), groups whose rewards are all equal
     are set aside and further rounds of prompts_per_step prompts - chunk step * (rounds - 1) + r of their own seeded
     stream, so a resumed run draws the same - are generated until every rank holds its share of groups with signal
     or grpo.max_sampling_rounds rounds ran (all ranks run the same rounds); a rank still short fills up with groups
-    without signal, weighted 0 in the loss. Metrics: sampling/rounds, sampling/groups_dropped, sampling/groups_short."""
+    without signal, weighted 0 in the loss. Metrics: sampling/rounds, sampling/groups_dropped, sampling/groups_short.
+    `version`: the updates the engine's weights have taken (default: step, an on-policy engine)."""
     g, n = cfg.grpo, cfg.rollout.n
     rollout = generate(engine, rows, prompts, schedule.rows_for_step(step), step, 0, cfg, p)
+    rollout.version = step if version is None else version
     scored = score_samples(rollout, cfg, ctx)
     if not g.dynamic_sampling:
         return rollout, scored, {}
@@ -204,6 +245,7 @@ def sample_step(engine, rows, prompts, schedule: RowSchedule, refill: RowSchedul
     chosen = ([x for x in groups if not x[2]] + [x for x in groups if x[2]])[:quota]
     short = sum(1 for x in chosen if x[2])
     rollout, scored = _take(parts, [(k, q) for k, q, _ in chosen], n)
+    rollout.version = parts[0][0].version
     scored.excluded = torch.tensor([x[2] for x in chosen]).repeat_interleave(n)
     dropped = sum(1 for x in groups if x[2]) - short
     return rollout, scored, {"sampling/rounds": float(rounds),
@@ -336,7 +378,10 @@ def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, 
             mb = order[s: s + mini_local]
             seqs = p.all_reduce_sum(float(weight[mb].sum()))
             tokens = p.all_reduce_sum(float(mask[mb].sum()))
-            out = trainer.train_step(batch.select(mb), GRPOLoss(objective, max(seqs, 1.0), max(tokens, 1.0)))
+            part = batch.select(mb)
+            if cfg.train.max_tokens_per_micro_batch and p.dp_size > 1:  # packed: every rank about as many tokens
+                part = balance_ranks(part, p)
+            out = trainer.train_step(part, GRPOLoss(objective, max(seqs, 1.0), max(tokens, 1.0)))
             for k, v in out.items():
                 acc[k] = acc.get(k, 0.0) + v
             steps += 1

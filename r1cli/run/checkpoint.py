@@ -163,14 +163,19 @@ def run_id_of(d: Path) -> str | None:
     return _run_id(d)
 
 
-def save(trainer, run_dir: str | Path, step: int, keep: int, run_id: str) -> Path:
-    """Every rank writes its part into the staging folder; rank 0 verifies and publishes it."""
+def save(trainer, run_dir: str | Path, step: int, keep: int, run_id: str, carry: object = None) -> Path:
+    """Every rank writes its part into the staging folder; rank 0 verifies and publishes it. `carry`: this rank's
+    loop state beyond the trainer's (an asynchronous run's samples for the next step), resumed by load_carry."""
     p = trainer.parallel
     staging = staging_dir(run_dir, step)
     try:
         if p.is_main:
             begin(run_dir, step)
         p.barrier()
+        if carry is not None:
+            import torch
+
+            torch.save(carry, staging / f"carry_rank{p.rank}.pt")
         trainer.save(staging, {"step": step})
         final = staging.with_suffix("")
         if p.is_main:
@@ -183,6 +188,14 @@ def save(trainer, run_dir: str | Path, step: int, keep: int, run_id: str) -> Pat
                       f"{e.strerror or e}; {kept}free space and continue with --resume") from None
     p.barrier()
     return final
+
+
+def load_carry(directory: Path, rank: int) -> object:
+    """What save(carry=...) wrote for this rank, or None."""
+    import torch
+
+    path = Path(directory) / f"carry_rank{rank}.pt"
+    return torch.load(path, weights_only=False) if path.is_file() else None
 
 
 def save_rng(directory: Path, rank: int) -> None:

@@ -102,9 +102,14 @@ class RunHarness:
         self.log = MetricsLog(self.run_dir, p.is_main, backends, fresh=not resume, cfg=cfg)
         self.start, self.run_id = 0, uuid.uuid4().hex[:12]
         self.first_eval: dict = {}
+        # loop state beyond the trainer's that a checkpoint keeps per rank: `carry()` gives it at a checkpoint,
+        # `carried` holds what the resumed checkpoint kept (None: nothing)
+        self.carry: Callable[[], object] | None = None
+        self.carried: object = None
         if resume:
             found = ckpt.require_latest(self.run_dir, say=self.print)
             self.start = trainer.load(found)["step"]
+            self.carried = ckpt.load_carry(found, p.rank)
             self.run_id = ckpt.run_id_of(found) or self.run_id
             self.log.truncate_after(self.start)
             self.print(f"resumed from step {self.start} ({found})")
@@ -155,7 +160,8 @@ class RunHarness:
         # every rank stops after the same step, even when the signal reached them at different moments
         interrupted = self.parallel.all_reduce_sum(float(self.signum is not None)) > 0
         if stop or interrupted or (c.every and step % c.every == 0 and step < steps):
-            saved = ckpt.save(self.trainer, self.run_dir, step, c.keep, self.run_id)
+            saved = ckpt.save(self.trainer, self.run_dir, step, c.keep, self.run_id,
+                              self.carry() if self.carry else None)
             if interrupted:
                 signum = self.signum or signal.SIGTERM
                 raise RunInterrupted(f"{signal.Signals(signum).name} after step {step}: checkpoint saved to {saved}; "

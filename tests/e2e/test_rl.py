@@ -63,15 +63,19 @@ def test_rl_resume_is_exact(cold_start, tmp_path):
 # opt-in: the default run holds two RL ranks to one under FSDP with LoRA (tests/e2e/test_lora.py) and DDP through
 # sft; FSDP's sharded path is also in sft, distill and the streamed loading test
 @pytest.mark.slow
-@pytest.mark.parametrize("dp", ["ddp", "fsdp"])
+@pytest.mark.parametrize("dp", ["ddp", "fsdp", "fsdp-packed"])
 def test_two_ranks_match_one(cold_start, tmp_path, dp):
+    """fsdp-packed: the two ranks pack their micro-batches (train.max_tokens_per_micro_batch) after dealing the
+    step's rows between them by tokens (balance_ranks), against one padded rank."""
     base = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
             f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3", "grpo.prompts_per_step=4",
             "rollout.n=4", "rollout.prompts_per_generate=1", "logging.progress=false", "logging.tensorboard=false",
             "logging.sample_every=0", "checkpoint.export_hf=false", "train.micro_batch_size=4",
-            f"parallel.torch.data_parallel={dp}", "grpo.beta=0.05", "grpo.ref_update_every=2"]
+            f"parallel.torch.data_parallel={dp.split('-')[0]}", "grpo.beta=0.05", "grpo.ref_update_every=2"]
     one = torchrun(1, *base, f"train.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
+    if dp == "fsdp-packed":
+        base.append("train.max_tokens_per_micro_batch=100")
     # two ranks, stopped after the reference refresh of step 2 and resumed: under FSDP the reference is sharded
     # too, refreshed shard by shard, and saved and loaded through its gathered state
     two = torchrun(2, *base, f"train.output_dir={tmp_path / 'two'}", "checkpoint.stop_after=2")

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from r1cli.token_batch import IGNORE, TokenBatch, token_budget_micro_batches
+from r1cli.token_batch import IGNORE, TokenBatch, balanced_deal, token_budget_micro_batches
 
 
 def test_every_row_lands_in_exactly_one_micro_batch_within_the_budget():
@@ -46,3 +46,26 @@ def test_a_packed_row_keeps_each_samples_positions_and_the_scored_order():
     sft = TokenBatch([[1, 2, 3, 4]], [[2, IGNORE, 4, IGNORE]], [[0, 1, 0, 1]])
     assert TokenBatch([[9, 9]] + sft.input_ids, [[9, IGNORE]] + sft.targets, [[0, 1]] + sft.position_ids) \
         .packed().position_ids == [[0, 1, 0, 1, 0, 1]]
+
+
+def test_rows_are_dealt_to_ranks_by_tokens_keeping_each_ranks_row_count():
+    lengths = [[90, 10, 12, 11], [15, 80, 9, 14]]  # rank 0 holds 123 tokens, rank 1 118, each its long row
+    deal = balanced_deal(lengths)
+    assert sorted(x for d in deal for x in d) == [(r, i) for r in range(2) for i in range(4)]
+    assert [len(d) for d in deal] == [4, 4]
+    loads = [sum(lengths[r][i] for r, i in d) for d in deal]
+    assert loads == [90 + 14 + 11 + 9, 80 + 15 + 12 + 10]  # longest first to the lighter rank with room
+    # the two long rows end on different ranks even when one rank started with both
+    assert {len([x for x in d if lengths[x[0]][x[1]] >= 80]) for d in balanced_deal([[90, 80], [5, 6]])} == {1}
+
+
+def test_concat_widens_grid_fields_and_keeps_row_order():
+    a = TokenBatch.from_completions([[1]], [[2, 3, 4]])
+    b = TokenBatch.from_completions([[5], [6]], [[7], [8, 9]])
+    for t in (a, b):
+        t.fields.update(adv=torch.arange(len(t), dtype=torch.float32), logp=t.scored_mask() * 2)
+    c = TokenBatch.concat([b.select([1]), a, b.select([0])])
+    assert c.input_ids == [[6, 8, 9], [1, 2, 3, 4], [5, 7]] and c.position_ids is None
+    assert c.fields["adv"].tolist() == [1.0, 0.0, 0.0]
+    assert c.fields["logp"].tolist() == [[2, 2, 0], [2, 2, 2], [2, 0, 0]]
+    assert torch.equal(c.scored_mask() * 2, c.fields["logp"])
