@@ -19,6 +19,32 @@ from r1cli.models.loading import autocast, frozen_dtype, load_model, load_tokeni
 from r1cli.run.memory_plan import check_generation_fits
 
 
+class GumbelSample:
+    """A draw from softmax(scores) as argmax(scores + Gumbel noise) - the same distribution as transformers'
+    multinomial sampling, a third of its time on a CPU, and from a generator of the call's own (no global seed, so
+    a generation thread beside the trainer leaves the trainer's random state alone)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.rand(scores.shape, generator=self.generator, device=scores.device).clamp_(min=1e-20)
+        return scores.float() - torch.log(-torch.log(u))
+
+
+def sampler(params: SamplingParams, generator: torch.Generator):
+    """Temperature, top-k and top-p as transformers applies them, then the Gumbel draw; generate runs greedy over
+    the result."""
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    steps = [TemperatureLogitsWarper(params.temperature)]
+    if params.top_k:
+        steps.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        steps.append(TopPLogitsWarper(params.top_p))
+    return LogitsProcessorList([*steps, GumbelSample(generator)])
+
+
 class HFGenerateEngine:
     def __init__(self, model, tokenizer, cfg: RolloutConfig, device: torch.device, dtype: str = "auto",
                  shared: bool = False, own_logprobs: bool = False):
@@ -85,22 +111,22 @@ class HFGenerateEngine:
         was_training = self.model.training
         self.model.eval()
         out: list[list[Completion]] = []
-        step = self.cfg.prompts_per_generate or 8
         n = params.n
+        step = self.prompts_per_call(prompts, n, params.max_tokens)
         for s in range(0, len(prompts), step):
             chunk = prompts[s: s + step]
             width = max(len(p) for p in chunk)
             elem = next(self.model.parameters()).element_size()  # the cache is in the compute dtype (bf16 on a GPU)
             check_generation_fits(self.model.config, len(chunk), n, width + params.max_tokens,
                                   min(elem, 2) if self.device.type == "cuda" else elem, self.device)
-            ids, att = self._left_pad(chunk)
-            torch.manual_seed(params.seed + s)
-            kw = dict(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k) \
-                if params.temperature > 0 else dict(do_sample=False)
+            ids, att = (t.repeat_interleave(n, dim=0) for t in self._left_pad(chunk))  # row i * n + j: sample j of i
+            kw = dict(do_sample=False)  # greedy, or sampling as the argmax of Gumbel-perturbed scores
+            if params.temperature > 0:
+                kw["logits_processor"] = sampler(params, torch.Generator(self.device).manual_seed(params.seed + s))
             with self.autocast:
                 seqs = self.model.generate(
-                    input_ids=ids, attention_mask=att, max_new_tokens=params.max_tokens, num_return_sequences=n,
-                    use_cache=True, stop_strings=list(params.stop) or None, tokenizer=self.tok,
+                    input_ids=ids, attention_mask=att, max_new_tokens=params.max_tokens, use_cache=True,
+                    stop_strings=list(params.stop) or None, tokenizer=self.tok,
                     pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, **kw,
                 )
             width = ids.shape[1]
@@ -119,6 +145,15 @@ class HFGenerateEngine:
             self.model.train()
         return out
 
+    def prompts_per_call(self, prompts: list[list[int]], n: int, max_tokens: int) -> int:
+        """rollout.tokens_per_generate: as many prompts as keep n x (longest prompt + max_tokens) tokens within the
+        budget (at least one); else rollout.prompts_per_generate (0: 8). The same for the whole call, so the
+        per-call seeds are a function of the config and the prompts."""
+        budget = self.cfg.tokens_per_generate
+        if budget and prompts:
+            return max(1, budget // (n * (max(len(p) for p in prompts) + max_tokens)))
+        return self.cfg.prompts_per_generate or 8
+
     def _score(self, groups: list[list[Completion]], temperature: float) -> None:
         """Fill each completion's log-probs: one teacher-forced forward of this engine's weights, at the sampling
         temperature, through the trainer's kernels (so that on the same weights the two agree to rounding)."""
@@ -130,7 +165,7 @@ class HFGenerateEngine:
         flat = [c for g in groups for c in g]
         batch = TokenBatch.from_completions([c.prompt_ids for c in flat], [c.completion_ids for c in flat])
         module, impl = HiddenLoss(self.model), kernels.pick_impl("auto", self.device)
-        rows = (self.cfg.prompts_per_generate or 8) * max(1, len(groups[0]) if groups else 1)
+        rows = (self.cfg.prompts_per_generate or 8) * max(1, len(groups[0]) if groups else 1)  # as generate's rows
         for s in range(0, len(flat), rows):
             ids, pos, idx, tgt = batch.select(list(range(s, min(len(flat), s + rows)))).tensors(
                 self.tok.pad_token_id, self.device)

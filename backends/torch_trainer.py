@@ -209,9 +209,9 @@ class TorchTrainer:
         return self.wrapped.no_sync()
 
     def _micro_batches(self, batch: TokenBatch) -> list[list[int]]:
-        """The rows of each forward: micro_batch_size padded rows, or under train.max_tokens_per_micro_batch the
-        rows packed into one row of that many tokens (as many forwards on every rank when FSDP shards: each one
-        gathers the parameters)."""
+        """The rows of each forward: micro_batch_size padded rows, or under train.max_tokens_per_micro_batch rows of
+        at most that many tokens in all, packed into rows as wide as the longest (as many forwards on every rank when
+        FSDP shards: each one gathers the parameters)."""
         budget = self.train_cfg.max_tokens_per_micro_batch
         if budget:
             lengths = [len(r) for r in batch.input_ids]
@@ -223,9 +223,11 @@ class TorchTrainer:
         return [list(range(s, min(len(batch), s + mbs))) for s in range(0, len(batch), mbs)]
 
     def _tensors(self, mb: TokenBatch):
-        """A micro-batch's forward inputs: padded rows, or one packed row under train.max_tokens_per_micro_batch."""
+        """A micro-batch's forward inputs: padded rows, or under train.max_tokens_per_micro_batch its rows packed into
+        rows as wide as its longest (a dense attention's cost stays that of the padded rows; flash-attention on a
+        GPU would take one row of everything)."""
         if self.train_cfg.max_tokens_per_micro_batch:
-            mb = mb.packed()
+            mb = mb.packed(max(len(r) for r in mb.input_ids))
         return mb.tensors(self.tokenizer.pad_token_id, self.device)
 
     # ------------------------------------------------------------------ the two doors

@@ -8,7 +8,9 @@ Both start from the same cold start, read the same prompts (r1's chat-templated 
 they decode to and checked to re-tokenise to the same ids), score with the same rewards (r1's accuracy + 0.1 format,
 as TRL reward functions), and take the same objective and optimiser: 32 prompts x 8 samples a step, temperature 1,
 48 new tokens ending at EOS, seq-mean-token-mean GRPO (TRL loss_type "grpo", group std scaling), clip 0.2, no KL,
-one update per batch, AdamW lr 3e-4 constant, betas (0.9, 0.95), no weight decay, gradient clip 1. Each run is its
+one update per batch, AdamW lr 3e-4 constant, betas (0.9, 0.95), no weight decay, gradient clip 1; like TRL, r1
+generates the step's samples in one call and trains on them in one forward (rollout.prompts_per_generate=32,
+train.micro_batch_size=256). Each run is its
 own process with `--threads` torch threads. Printed: median wall seconds a step (the first left out), completion
 tokens a second, and held-out pass@1 with its 95% bootstrap interval (`r1 eval`, 4 samples at temperature 1) before
 and after. The r1 variants: sync (the default loop), async (rollout.asynchronous with TIS; it generates in a second
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +31,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str], threads: int) -> None:
+    """A subprocess with `threads` torch threads, its output kept back unless it fails."""
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed:\n{proc.stderr[-3000:]}")
 PROMPTS, N, MAX_NEW, LR = 32, 8, 48, 3e-4
 R1_VARIANTS = {"sync": [], "async": ["rollout.asynchronous=true", "rollout.tis_cap=2.0"],
                "packed": ["train.max_tokens_per_micro_batch=4096"]}
@@ -37,10 +48,10 @@ def r1_run(a, variant: str, out: Path) -> dict:
     cmd = [sys.executable, "-m", "r1cli.cli", "rl", "--config", "configs/tiny/zero.yaml", f"model.path={a.model}",
            f"data.train={a.train}", "data.eval=", f"train.steps={a.steps}", f"train.output_dir={out}",
            "rollout.stop=[]", f"grpo.prompts_per_step={PROMPTS}", f"rollout.n={N}", f"rollout.max_new_tokens={MAX_NEW}",
-           f"optim.lr={LR}", "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0",
+           f"optim.lr={LR}", f"rollout.prompts_per_generate={PROMPTS}", f"train.micro_batch_size={PROMPTS * N}",
+           "logging.progress=false", "logging.tensorboard=false", "checkpoint.every=0",
            "--overwrite", *R1_VARIANTS[variant]]
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    _run(cmd, a.threads)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").open() if '"time/train_s"' in line]
     walls = [b["time"] - p["time"] for p, b in zip(rows[1:], rows[2:])]
     tokens = [b["response_len/mean"] * PROMPTS * N for b in rows[2:]]
@@ -104,10 +115,8 @@ def trl_worker(a) -> None:
 
 
 def trl_run(a, out: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    subprocess.run([sys.executable, __file__, "--model", str(a.model), "--train", str(a.train), "--eval", str(a.eval),
-                    "--steps", str(a.steps), "--threads", str(a.threads), "--trl-worker", str(out)], cwd=ROOT, env=env,
-                   check=True, stdout=subprocess.DEVNULL)
+    _run([sys.executable, __file__, "--model", str(a.model), "--train", str(a.train), "--eval", str(a.eval),
+          "--steps", str(a.steps), "--threads", str(a.threads), "--trl-worker", str(out)], a.threads)
     rec = json.loads((out / "times.json").read_text())
     t, lengths = rec["times"], rec["lengths"]
     walls = [b - p for p, b in zip(t[1:], t[2:])]
@@ -116,10 +125,10 @@ def trl_run(a, out: Path) -> dict:
 
 
 def held_out(a, model: Path, out: Path) -> dict:
-    subprocess.run([sys.executable, "-m", "r1cli.cli", "eval", "--model", str(model), "--benchmarks",
-                    f"jsonl={a.eval}", "--samples", "4", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens",
-                    str(MAX_NEW), "--out", str(out), "benchmark.limit=100"], cwd=ROOT, check=True,
-                   stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+    shutil.rmtree(out, ignore_errors=True)  # r1 eval keeps a folder's results for one model only
+    _run([sys.executable, "-m", "r1cli.cli", "eval", "--model", str(model), "--benchmarks", f"jsonl={a.eval}",
+          "--samples", "4", "--temperature", "1.0", "--top-p", "1.0", "--max-new-tokens", str(MAX_NEW), "--out",
+          str(out), "benchmark.limit=100"], a.threads)
     return json.loads((out / "summary.json").read_text())["jsonl"]["pass@1"]
 
 

@@ -223,6 +223,10 @@ class RolloutConfig:
     stop: list[str] = field(default_factory=lambda: ["</answer>"])
     # prompts handed to the engine in one call (memory); 0: the engine's choice (hf: 8, vllm: all of them)
     prompts_per_generate: int = bounded(0, 0)
+    # hf engine: size each generate call by tokens instead - as many prompts as keep rows x (longest prompt +
+    # max_new_tokens) within this budget (the KV cache a call holds), so short tasks take few large calls and long
+    # ones stay within memory; 0: prompts_per_generate. vLLM schedules by tokens itself
+    tokens_per_generate: int = bounded(0, 0)
     # every wait on the engine (generate, weight sync, sleep/wake) ends with a message after this long; 0: never
     timeout_s: float = bounded(1800.0, 0.0)
     start_timeout_s: float = bounded(1800.0, 0.0)  # building the engine (vLLM loads, profiles, compiles)

@@ -69,14 +69,21 @@ class TokenBatch:
             fields[name] = torch.cat(vs)
         return cls([b.input_ids[k] for b, k in rows], [b.targets[k] for b, k in rows], pos, fields)
 
-    def packed(self) -> "TokenBatch":
-        """All rows concatenated into one, each keeping its own positions (restarting at every sample, which is how
-        transformers and the Megatron backend tell the samples of a packed row apart: attention stays within each).
-        Scored tokens keep their order, so a loss reads them as it reads this batch's."""
-        pos = [list(self.position_ids[b]) if self.position_ids is not None else list(range(len(r)))
-               for b, r in enumerate(self.input_ids)]
-        return TokenBatch([[t for r in self.input_ids for t in r]], [[t for r in self.targets for t in r]],
-                          [[q for r in pos for q in r]])
+    def packed(self, width: int | None = None) -> "TokenBatch":
+        """The rows laid end to end, in order, into rows of at most `width` tokens (a new row where the next does not
+        fit; a longer one alone; None: all in one row), each keeping its own positions (restarting at every sample,
+        which is how transformers and the Megatron backend tell the samples of a packed row apart: attention stays
+        within each). Scored tokens keep their order, so a loss reads them as it reads this batch's."""
+        ids: list[list[int]] = []
+        tgt: list[list[int]] = []
+        pos: list[list[int]] = []
+        for b, row in enumerate(self.input_ids):
+            if not ids or (width is not None and len(ids[-1]) + len(row) > width):
+                ids.append([]), tgt.append([]), pos.append([])
+            ids[-1] += row
+            tgt[-1] += self.targets[b]
+            pos[-1] += self.position_ids[b] if self.position_ids is not None else range(len(row))
+        return TokenBatch(ids, tgt, pos)
 
     def tensors(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded input_ids and position_ids [B, L], the flat indices (b * L + t) of scored positions [N]
@@ -96,30 +103,38 @@ class TokenBatch:
         return ids.to(device), pos.to(device), index.to(device), flat[index].to(device)
 
 
-def token_budget_micro_batches(lengths: list[int], max_tokens: int, count: int = 1) -> list[list[int]]:
-    """The rows of each micro-batch when a micro-batch is one packed row of at most max_tokens tokens: first-fit
-    decreasing by length (a row longer than max_tokens goes alone), then the fullest micro-batches halved until
-    there are at least `count` (FSDP ranks must run equally many forwards). Deterministic in the lengths."""
+def _first_fit_decreasing(items: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of at most `capacity` tokens (an item longer than that alone), longest item first; each bin in the
+    order its items went in."""
     bins: list[list[int]] = []
     loads: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        k = next((k for k, load in enumerate(loads) if load + lengths[i] <= max_tokens), None)
+    for i in sorted(items, key=lambda i: (-lengths[i], i)):
+        k = next((k for k, load in enumerate(loads) if load + lengths[i] <= capacity), None)
         if k is None:
             bins.append([i])
             loads.append(lengths[i])
         else:
             bins[k].append(i)
             loads[k] += lengths[i]
+    return bins
+
+
+def token_budget_micro_batches(lengths: list[int], max_tokens: int, count: int = 1) -> list[list[int]]:
+    """The rows of each micro-batch when a micro-batch holds at most max_tokens tokens: first-fit decreasing by
+    length (a row longer than max_tokens goes alone), then the fullest micro-batches halved until there are at least
+    `count` (FSDP ranks must run equally many forwards). Within a micro-batch the rows are in the order that
+    TokenBatch.packed(width) fits into rows as wide as its longest: first-fit decreasing again. Deterministic in
+    the lengths, so every rank of a replica cuts the same micro-batches."""
     if count > len(lengths):
         raise ValueError(f"{len(lengths)} rows cannot make {count} micro-batches")
+    bins = _first_fit_decreasing(list(range(len(lengths))), lengths, max_tokens)
     while len(bins) < count:  # halve the fullest micro-batch of several rows, alternating by length
-        k = max((k for k in range(len(bins)) if len(bins[k]) > 1), key=lambda k: loads[k])
-        half = bins[k][1::2]
+        k = max((k for k in range(len(bins)) if len(bins[k]) > 1), key=lambda k: sum(lengths[i] for i in bins[k]))
+        bins.append(bins[k][1::2])
         bins[k] = bins[k][::2]
-        loads[k] = sum(lengths[i] for i in bins[k])
-        bins.append(half)
-        loads.append(sum(lengths[i] for i in half))
-    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
+    width = lambda b: max(lengths[i] for i in b)  # noqa: E731
+    return [[i for row in _first_fit_decreasing(b, lengths, width(b)) for i in row]
+            for b in sorted(bins, key=min)]
 
 
 def balanced_deal(lengths: list[list[int]]) -> list[list[tuple[int, int]]]:

@@ -111,9 +111,10 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
             rows.append(("vLLM KV cache", kv))
         else:
             frozen = _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
-            rows.append(("engine weights", m.params * frozen if shard > 1 else 0))  # shares the policy unless sharded
-            batch = (r.prompts_per_generate or 8) * r.n
-            rows.append(("engine KV cache", batch * seq * kv_token * pb))
+            # shares the policy unless sharded or generating beside the trainer (rollout.asynchronous)
+            rows.append(("engine weights", m.params * frozen if shard > 1 or r.asynchronous else 0))
+            tokens = r.tokens_per_generate or (r.prompts_per_generate or 8) * r.n * seq
+            rows.append(("engine KV cache", tokens * kv_token * pb))
     else:
         seq = cfg.data.max_seq_len
     # all 16-bit when the layers' weights are (FSDP's mixed-precision policy, a LoRA run's frozen base)
@@ -243,4 +244,4 @@ def check_generation_fits(c, prompts: int, n: int, tokens: int, elem_bytes: int,
         raise R1Error(f"generating {prompts} prompt{'s' if prompts > 1 else ''} x {n} samples of up to {tokens} "
                       f"tokens at once needs {need / GB:.3g} GB for the KV cache alone, and {free / GB:.3g} GB is "
                       f"free on {device}: lower the samples per prompt (rollout.n; r1 eval --samples), "
-                      "rollout.prompts_per_generate or the new tokens")
+                      "rollout.prompts_per_generate (or rollout.tokens_per_generate) or the new tokens")

@@ -193,3 +193,24 @@ def test_vllm_requests_are_seeded_on_the_cpu_only_by_default():
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     assert not seeds_requests("auto", gpu) and seeds_requests("auto", cpu)
     assert seeds_requests("always", gpu) and not seeds_requests("never", cpu)
+
+
+def test_a_token_budget_sizes_each_transformers_generate_call(tiny_model):
+    """rollout.tokens_per_generate: as many prompts a call as keep n x (longest prompt + new tokens) within the
+    budget - here 3 of 10 prompts (2 x (12 + 8) = 40 tokens each, budget 130), so 4 calls - sampling what
+    rollout.prompts_per_generate=3 samples (the per-call seeds follow the same chunks)."""
+    from r1cli.interfaces import SamplingParams, build_engine
+
+    def run(*extra):
+        cfg = load_config(None, [f"model.path={tiny_model}", "rollout.engine=hf", "train.device=cpu", *extra])
+        engine = build_engine(cfg.model, cfg.rollout)
+        calls = []
+        real = engine.model.generate
+        engine.model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw)
+        ids = [[5 + (i + j) % 20 for j in range(12 - i % 3)] for i in range(10)]
+        out = engine.generate(ids, SamplingParams(n=2, max_tokens=8, seed=7, stop=()))
+        return calls, [[c.completion_ids for c in g] for g in out]
+
+    calls, by_tokens = run("rollout.tokens_per_generate=130")
+    assert calls == [6, 6, 6, 2]  # rows: prompts x n
+    assert run("rollout.prompts_per_generate=3")[1] == by_tokens

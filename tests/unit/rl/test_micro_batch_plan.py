@@ -69,3 +69,15 @@ def test_concat_widens_grid_fields_and_keeps_row_order():
     assert c.fields["adv"].tolist() == [1.0, 0.0, 0.0]
     assert c.fields["logp"].tolist() == [[2, 2, 0], [2, 2, 2], [2, 0, 0]]
     assert torch.equal(c.scored_mask() * 2, c.fields["logp"])
+
+
+def test_a_micro_batch_packs_into_rows_as_wide_as_its_longest():
+    """The plan orders a micro-batch's rows so that packed(width of the longest) lays them first-fit decreasing:
+    4 rows of 10, 10, 10 and 5 tokens for these 35 tokens instead of 6 padded rows of 10."""
+    lengths = [10, 3, 7, 2, 8, 5]
+    (mb,) = token_budget_micro_batches(lengths, 100)
+    assert mb == [0, 4, 3, 2, 1, 5]
+    batch = TokenBatch([[i] * n for i, n in enumerate(lengths)], [[IGNORE] * n for n in lengths])
+    rows = batch.select(mb).packed(10)
+    assert [len(r) for r in rows.input_ids] == [10, 10, 10, 5]
+    assert rows.input_ids[1] == [4] * 8 + [3] * 2 and rows.position_ids[1] == list(range(8)) + [0, 1]
