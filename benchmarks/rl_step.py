@@ -139,7 +139,8 @@ def compare_packing(a) -> None:
         tokens = sum(len(r) for r in batch.input_ids)
         print(f"{a.samples} samples: completions of {min(lengths)}..{max(lengths)} tokens (median "
               f"{statistics.median(lengths):.0f}) after 40-token prompts, {tokens} tokens; padded: "
-              f"train.micro_batch_size={base.train.micro_batch_size} rows, packed: rows of <= {budget} tokens; "
+              f"train.micro_batch_size={base.train.micro_batch_size} rows, packed: micro-batches of <= {budget} "
+              "tokens; "
               f"one log-prob pass + one GRPO update, median of {a.repeat}")
         print(f"{'':<8}{'forwards':>9}{'fwd tokens':>12}{'padding':>9}{'s/step':>9}{'tokens/s':>10}")
         rate = {}

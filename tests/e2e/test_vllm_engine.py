@@ -84,9 +84,12 @@ def test_vllm_greedy_equals_transformers_before_and_after_a_weight_update(cold_s
 
 # with LoRA the engine receives the adapters merged into the base (named_weights) after every step
 @pytest.mark.parametrize("lora", [[], ["model.lora.rank=8", "model.lora.alpha=16", "optim.lr=3e-3"],
-                                  ["rollout.asynchronous=true"]], ids=["full", "lora", "async"])
+                                  ["rollout.asynchronous=true", "optim.lr=0"]], ids=["full", "lora", "async"])
 def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_start, tmp_path, lora):
-    """async: vLLM generates the next step's samples in a thread while the trainer updates, one update behind."""
+    """async: vLLM generates the next step's samples in a thread while the trainer runs its step, one update behind;
+    at lr 0 the versions hold equal weights, so its log-probs, taken beside the trainer's work, must still match
+    (the first updates of this cold start move single tokens' log-probs by up to ~100 nats, as the transformers
+    engine shows too: a learning run's mismatch measures that, not vLLM)."""
     out = tmp_path / "run"
     proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
                   f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3",
@@ -98,9 +101,9 @@ def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_s
     assert [m["step"] for m in steps] == [1, 2, 3]
     stale = "rollout.asynchronous=true" in lora
     assert [m["rollout/staleness"] for m in steps] == ([0.0, 1.0, 1.0] if stale else [0.0] * 3)
-    for m in steps:  # fp32 on both sides: other kernels, same distribution (and one update of lr 3e-4 apart)
-        assert m["rollout/mismatch_kl"] < 1e-4 and m["rollout/mismatch_kl_max"] < (0.1 if stale else 1e-2), m
-        assert abs(m["rollout/tis_weight"] - 1) < 1e-2 and m["rollout/tis_capped"] <= (0.01 if stale else 0)
+    for m in steps:  # fp32 on both sides: other kernels, same distribution
+        assert m["rollout/mismatch_kl"] < 1e-4 and m["rollout/mismatch_kl_max"] < 1e-2, m
+        assert abs(m["rollout/tis_weight"] - 1) < 1e-2 and m["rollout/tis_capped"] == 0
     assert (out / "hf" / "model.safetensors").is_file()
 
 
