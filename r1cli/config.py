@@ -237,6 +237,14 @@ class RolloutConfig:
     # weights one update behind) while step k trains; the update corrects for the stale samples with TIS against
     # the engine's log-probs (rollout.tis_cap); `r1 rl` only
     asynchronous: bool = False
+    # multi-turn rollouts with tools (r1cli.tools): names from the registry (python, calculator) or path.py:function;
+    # a turn that ends with a fenced block of a tool's name and "```output" gets the tool's output and goes on
+    tools: list[str] = field(default_factory=list)
+    max_turns: int = bounded(4, 1)  # model turns per sample
+    max_total_tokens: int = bounded(0, 0)  # completion tokens per sample, tool output included; 0: max_new_tokens
+    tool_timeout_s: float = bounded(10.0, 0.0, above=True)  # per call
+    tool_output_chars: int = bounded(1000, 1)  # a call's output is cut here, with a note
+    tool_state: Literal["persist", "fresh"] = "persist"  # python: a sample's earlier calls run again before each
     vllm: VLLMEngineConfig = owned(VLLMEngineConfig, "rollout.engine", ("vllm", "auto"))
 
 

@@ -58,6 +58,12 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (EOS or a stop string) or "length" (hit max_tokens)
     logprobs: list[float] | None = None  # the engine's own per-token log-probs, when it reports them
+    # multi-turn rollouts (r1cli.tools.turns): True for each completion token a tool wrote (context, not an action;
+    # logprobs then hold the model's tokens only), and the turns and tool calls it took
+    observation: list[bool] | None = None
+    turns: int = 1
+    tool_calls: int = 0
+    tool_errors: int = 0
 
     @property
     def truncated(self) -> bool:

@@ -25,9 +25,14 @@ class TokenBatch:
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
-    def from_completions(cls, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> "TokenBatch":
-        """Prompt + completion rows; completion token j is predicted at position len(prompt) - 1 + j."""
-        targets = [[IGNORE] * (len(p) - 1) + list(c) + [IGNORE] for p, c in zip(prompt_ids, completion_ids)]
+    def from_completions(cls, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                         observation: list[list[bool] | None] | None = None) -> "TokenBatch":
+        """Prompt + completion rows; completion token j is predicted at position len(prompt) - 1 + j. `observation`
+        marks the completion tokens a tool wrote (multi-turn rollouts): context the model reads, not tokens it chose,
+        so they are not scored - out of the loss, the KL, the entropy and the scored grid."""
+        obs = observation or [None] * len(prompt_ids)
+        targets = [[IGNORE] * (len(p) - 1) + [IGNORE if o and o[j] else t for j, t in enumerate(c)] + [IGNORE]
+                   for p, c, o in zip(prompt_ids, completion_ids, obs)]
         return cls([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], targets)
 
     def __len__(self) -> int:

@@ -41,6 +41,7 @@ from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
 from r1cli.seeds import minibatch_seed, refill_seed, sample_seed
 from r1cli.token_batch import TokenBatch, balance_ranks
+from r1cli.tools.turns import with_tools
 
 
 def validate(cfg: Config) -> None:
@@ -93,7 +94,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     trainer = build_trainer(cfg, need_reference=g.beta > 0)
     p = trainer.parallel
     validate_layout(cfg, p.dp_size)
-    engine = build_engine(cfg.model, cfg.rollout, trainer)
+    engine = with_tools(build_engine(cfg.model, cfg.rollout, trainer), trainer.tokenizer, cfg.rollout)
     prompts = encode_prompts(trainer.tokenizer, rows, cfg.data)
     limit = cfg.data.max_prompt_tokens or (context_length(cfg.model.path) or 1 << 62) - cfg.rollout.max_new_tokens
     rows, prompts, dropped = fit_prompts(rows, prompts, limit, cfg.data.long_prompts)
@@ -132,7 +133,8 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 pending = None
                 engine.sleep()  # the trainer's turn (vLLM on GPU frees its KV cache; the next generate wakes it)
             batch = TokenBatch.from_completions([c.prompt_ids for c in rollout.samples],
-                                                [c.completion_ids for c in rollout.samples])
+                                                [c.completion_ids for c in rollout.samples],
+                                                [c.observation for c in rollout.samples])  # tool output: unscored
             t1 = time.perf_counter()
             behaviour = add_logprobs(trainer, batch, rollout, scored, objective, cfg)  # 3. old / reference log-probs
             shaped = add_advantages(batch, scored, behaviour, cfg)  # 4. advantages and loss weights
@@ -154,6 +156,8 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                               f"{harness.run_dir}")
             last = _step_metrics(p, scored, shaped, train_out, rollout.seconds, t_train, cfg)
             last.update(sampling)
+            if cfg.rollout.tools:
+                last.update(tool_metrics(p, rollout, scored))
             last.update(_mismatch_metrics(p, behaviour.mismatch, shaped.tis, batch.scored_mask(),
                                           cfg.rollout.tis_cap))
             if p.is_main:
@@ -428,6 +432,18 @@ def _step_metrics(parallel, scored: Scored, shaped: Shaped, train_out: dict, t_r
         if k in train_out:
             out[k] = float(train_out[k])
     return out
+
+
+def tool_metrics(parallel, rollout: Rollout, scored: Scored) -> dict:
+    """Multi-turn rollouts over every rank: turns and tool calls per sample, the share of samples that called a tool,
+    failed calls, and the share of correct samples (accuracy reward > 0) that called one."""
+    acc = scored.scores.components.get("accuracy", [0.0] * len(rollout.samples))
+    local = [(c.turns, c.tool_calls, c.tool_errors, float(a) > 0) for c, a in zip(rollout.samples, acc)]
+    rows = [r for part in parallel.all_gather(local) for r in part]
+    n, correct = max(1, len(rows)), [r for r in rows if r[3]]
+    return {"tools/turns": sum(r[0] for r in rows) / n, "tools/calls": sum(r[1] for r in rows) / n,
+            "tools/call_share": sum(r[1] > 0 for r in rows) / n, "tools/errors": float(sum(r[2] for r in rows)),
+            "tools/correct_with_call": sum(r[1] > 0 for r in correct) / max(1, len(correct))}
 
 
 def _mismatch_metrics(parallel, mismatch: dict | None, tis: torch.Tensor | None, mask: torch.Tensor,
