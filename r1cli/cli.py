@@ -216,13 +216,16 @@ def sample_cmd(config_path, print_config, overwrite, overrides):
                                                                         "(benchmark.limit).")
 @click.option("--seed", default=None, type=int, help="benchmark.seed (0).")
 @click.option("--engine", default=None, help="Rollout engine, a registered name (rollout.engine).")
+@click.option("--tools", default=None, help="Comma-separated tools the model may call while it answers, e.g. python "
+                                            "(rollout.tools; multi-turn, see rollout.max_turns).")
 @click.argument("overrides", nargs=-1, metavar="[OVERRIDES]...")
 def eval_cmd(config_path, print_config, model, completions, benchmarks, data_dir, out, samples, temperature, top_p,
-             max_new_tokens, template, prefill, limit, seed, engine, overrides):
+             max_new_tokens, template, prefill, limit, seed, engine, tools, overrides):
     from r1cli.config import load_config
 
     flags = {"model": {"path": model}, "data": {"template": template, "prefill": prefill},
-             "rollout": {"engine": engine},
+             "rollout": {"engine": engine,
+                         "tools": None if tools is None else [t.strip() for t in tools.split(",") if t.strip()]},
              "benchmark": {"benchmarks": None if benchmarks is None else [b.strip() for b in benchmarks.split(",")
                                                                          if b.strip()],
                            "completions": completions, "data_dir": data_dir, "out": out, "samples": samples,

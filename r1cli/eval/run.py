@@ -216,10 +216,12 @@ def run_eval(req: EvalRequest) -> dict:
 def _engine(req: EvalRequest):
     from r1cli.interfaces import build_engine
     from r1cli.models.loading import load_tokenizer
+    from r1cli.tools.turns import with_tools
 
     rollout = replace(req.rollout or RolloutConfig(), engine=req.engine, n=req.samples, temperature=req.temperature,
                       top_p=req.top_p, max_new_tokens=req.max_new_tokens, stop=[])
-    return build_engine(ModelConfig(path=req.model), rollout), load_tokenizer(req.model)
+    tokenizer = load_tokenizer(req.model)
+    return with_tools(build_engine(ModelConfig(path=req.model), rollout), tokenizer, rollout), tokenizer
 
 
 def _generate(engine, tokenizer, problems: list[Problem], req: EvalRequest, first: int) -> list[list[str]]:

@@ -22,6 +22,7 @@ from r1cli.sample.judge import AnswerJudge, needs_judge
 from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput
 from r1cli.seeds import batch_seed
+from r1cli.tools.turns import with_tools
 
 
 def run_sample(cfg: Config, overwrite: bool = False) -> dict:
@@ -39,7 +40,8 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
                          {"model.path": cfg.model.path, "data.train": d.train, "sample.judge": s.judge,
                           "rewards.judge.path": cfg.rewards.judge.path})
     store = ResumableOutput(s.out, parallel, overwrite, identity, "sample.out")
-    engine, tokenizer = build_engine(cfg.model, cfg.rollout), load_tokenizer(cfg.model.path)
+    tokenizer = load_tokenizer(cfg.model.path)
+    engine = with_tools(build_engine(cfg.model, cfg.rollout), tokenizer, cfg.rollout)  # rollout.tools: multi-turn
     judge = (AnswerJudge.from_config(cfg) if s.judge else _reward_judge(cfg)) if unanswered else None
     prompts = encode_prompts(tokenizer, rows, d)
     ctx = RewardContext.from_config(d, cfg.rewards)

@@ -113,3 +113,47 @@ def test_hostile_tool_calls_during_a_run_cost_only_their_sample(prompts, tmp_pat
     texts = [r["completion"] for r in table if r["step"] == 1]
     assert len(texts) == 8 and sum(t.endswith("answer 777") for t in texts) == 2  # the benign calls' samples
     assert all("```output\n" in t and t.count("```python") == 1 for t in texts)  # each shows its turns
+
+
+@engine_factory(reports_logprobs=False)
+def adding_engine(model, rollout, trainer=None):
+    """Reads a+b from the prompt, asks the python tool for the sum, answers with the tool's output."""
+    import re
+
+    from r1cli.models.loading import load_tokenizer
+
+    tok = load_tokenizer(model.path)
+
+    class Engine:
+        def generate(self, batch_prompts, params):
+            out = []
+            for p in batch_prompts:
+                context = tok.decode(p)
+                if "```output" in context:
+                    text = "<answer>" + context.rsplit("```output\n", 1)[1].split("\n")[0] + "</answer>"
+                else:
+                    a, b = re.findall(r"(\d+)\s*\+\s*(\d+)", context)[-1]
+                    text = f"<think>the tool adds</think>```python\nprint({a} + {b})\n```\n```output"
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                out.append([Completion(list(p), ids, text, "stop")] * params.n)
+            return out
+
+    return Engine()
+
+
+def test_r1_eval_with_tools_scores_the_answers_the_tool_computed(tiny_model, arith_data, tmp_path):
+    """The same scripted model under `r1 eval`: with rollout.tools=[python] (--tools python) it reads the sum the
+    sandbox printed and answers it; without tools its turn ends at the call and nothing is answered."""
+    from r1cli.config import RolloutConfig
+    from r1cli.eval.run import EvalRequest, run_eval
+
+    ENGINES.register("adding", adding_engine)
+    try:
+        scores = {}
+        for name, rollout in (("tools", RolloutConfig(tools=["python"])), ("none", RolloutConfig())):
+            req = EvalRequest((f"jsonl={arith_data[1]}",), str(tmp_path / name), model=str(tiny_model), samples=1,
+                              limit=5, engine="adding", rollout=rollout)
+            scores[name] = run_eval(req)["jsonl"]["pass@1"]["value"]
+    finally:
+        ENGINES.unregister("adding")
+    assert scores == {"tools": 1.0, "none": 0.0}
