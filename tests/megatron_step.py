@@ -72,10 +72,13 @@ def main(src: Path, out: Path, backend: str, tp: int, pp: int, extra: list[str])
         trainer.save(save, {"step": 1})
     record["after_sft_logp"] = trainer.logprobs(sft).tolist()
 
-    # GRPO: completions after a 3-token prompt, advantages +-1, a reference and old log-probs
+    # GRPO: completions after a 3-token prompt, advantages +-1, a reference and old log-probs; in every other row
+    # completion tokens 1-2 are a tool's output (multi-turn rollouts): context, unscored
     prompts = [r[:3] for r in ids]
     completions = [r[3:] for r in ids]
-    batch = TokenBatch.from_completions([prompts[i] for i in mine], [completions[i] for i in mine])
+    tool = [[i % 2 == 1 and j in (1, 2) for j in range(len(completions[i]))] for i in range(8)]
+    batch = TokenBatch.from_completions([prompts[i] for i in mine], [completions[i] for i in mine],
+                                        [tool[i] for i in mine])
     mask = batch.scored_mask()
     batch.fields.update(advantages=torch.tensor([1.0 if i % 2 else -1.0 for i in mine]), mask=mask,
                         loss_weight=torch.ones(len(mine)))

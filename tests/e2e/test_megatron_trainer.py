@@ -59,7 +59,7 @@ LAYOUTS = {"tp1": (1, 1), "pp2-packed": (1, 2, "train.max_tokens_per_micro_batch
 def test_one_sft_and_one_grpo_step_equal_the_torch_backend(family, layout, tmp_path):
     """Tied embeddings and QKV biases: at PP=2 the output layer's copy of the embedding lives on the other stage
     and their gradients must be summed; at TP=2 the vocabulary, the heads and (SP) the sequence are split, and
-    every layer is recomputed in the backward."""
+    every layer is recomputed in the backward. Half the GRPO rows hold a tool's output (unscored context)."""
     model, torch_run = family
     tp, pp, *extra = LAYOUTS[layout]
     run = step_run(model, tmp_path / layout, "megatron", tp, pp, *extra)
