@@ -19,6 +19,9 @@ PANELS = [
     ("clip fraction / truncation", ["clip_frac", "truncation_rate", "zero_var_groups"]),
     ("loss", ["loss"]),
     ("grad norm", ["grad_norm"]),
+    ("tool use (share of samples)", ["tools/call_share", "tools/correct_with_call"]),
+    ("turns and tool calls per sample", ["tools/turns", "tools/calls"]),
+    ("engine vs trainer (off-policy)", ["rollout/mismatch_kl", "rollout/staleness"]),
 ]
 
 

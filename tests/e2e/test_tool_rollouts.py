@@ -113,6 +113,10 @@ def test_hostile_tool_calls_during_a_run_cost_only_their_sample(prompts, tmp_pat
     texts = [r["completion"] for r in table if r["step"] == 1]
     assert len(texts) == 8 and sum(t.endswith("answer 777") for t in texts) == 2  # the benign calls' samples
     assert all("```output\n" in t and t.count("```python") == 1 for t in texts)  # each shows its turns
+    from r1cli.run.report import write_report
+
+    page = write_report(str(tmp_path / "run")).read_text()
+    assert "tool use (share of samples)" in page and "turns and tool calls per sample" in page
 
 
 @engine_factory(reports_logprobs=False)
