@@ -55,9 +55,9 @@ def test_a_multi_turn_step_is_the_hand_computed_objective_with_the_observations_
     loss = hand(False)
     loss.backward()
     norm = torch.sqrt(sum((q.grad.double() ** 2).sum() for q in model.parameters() if q.grad is not None))
-    assert out["loss"] == pytest.approx(float(loss), rel=1e-4, abs=1e-6)
+    assert out["loss"] == pytest.approx(loss.item(), rel=1e-4, abs=1e-6)
     assert out["grad_norm"] == pytest.approx(float(norm), rel=1e-3)
-    assert abs(float(hand(True)) - out["loss"]) > 1e-3  # the masking is what makes them equal
+    assert abs(hand(True).item() - out["loss"]) > 1e-3  # the masking is what makes them equal
 
 
 HOSTILE = {0: "while True: pass", 1: "import os\nwhile True: os.fork()", 2: "print('7' * 50_000_000)",
