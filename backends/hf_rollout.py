@@ -21,7 +21,7 @@ from r1cli.run.memory_plan import check_generation_fits
 
 class GumbelSample:
     """A draw from softmax(scores) as argmax(scores + Gumbel noise) - the same distribution as transformers'
-    multinomial sampling, a third of its time on a CPU, and from a generator of the call's own (no global seed, so
+    multinomial sampling, cheaper on a CPU, and from a generator of the call's own (no global seed, so
     a generation thread beside the trainer leaves the trainer's random state alone)."""
 
     def __init__(self, generator: torch.Generator):
@@ -140,7 +140,7 @@ class HFGenerateEngine:
                                             "length" if truncated else "stop"))
                 out.append(group)
         if self.own_logprobs and params.logprobs:
-            self._score(out, params.temperature or 1.0)
+            self._score(out, params.temperature or 1.0, step * n)
         if was_training:
             self.model.train()
         return out
@@ -154,9 +154,10 @@ class HFGenerateEngine:
             return max(1, budget // (n * (max(len(p) for p in prompts) + max_tokens)))
         return self.cfg.prompts_per_generate or 8
 
-    def _score(self, groups: list[list[Completion]], temperature: float) -> None:
-        """Fill each completion's log-probs: one teacher-forced forward of this engine's weights, at the sampling
-        temperature, through the trainer's kernels (so that on the same weights the two agree to rounding)."""
+    def _score(self, groups: list[list[Completion]], temperature: float, rows: int) -> None:
+        """Fill each completion's log-probs: teacher-forced forwards of this engine's weights over `rows` sequences at a
+        time (as many as a generate call held), at the sampling temperature, through the trainer's kernels (so that
+        on the same weights the two agree to rounding)."""
         from r1cli import kernels
         from r1cli.token_batch import TokenBatch
 
@@ -165,7 +166,6 @@ class HFGenerateEngine:
         flat = [c for g in groups for c in g]
         batch = TokenBatch.from_completions([c.prompt_ids for c in flat], [c.completion_ids for c in flat])
         module, impl = HiddenLoss(self.model), kernels.pick_impl("auto", self.device)
-        rows = (self.cfg.prompts_per_generate or 8) * max(1, len(groups[0]) if groups else 1)  # as generate's rows
         for s in range(0, len(flat), rows):
             ids, pos, idx, tgt = batch.select(list(range(s, min(len(flat), s + rows)))).tensors(
                 self.tok.pad_token_id, self.device)

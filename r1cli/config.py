@@ -133,9 +133,9 @@ class TrainConfig:
     output_dir: str = "runs/run"
     steps: int = bounded(100, 1)
     micro_batch_size: int = bounded(8, 1)  # rows per forward (packed rows when data.pack)
-    # > 0: each forward is one packed row of at most this many tokens instead of micro_batch_size padded rows - the
-    # samples of a batch concatenated (positions restarting, attention within each sample), first-fit decreasing
-    # by length; a longer sample goes alone. For long-tailed RL completions, far fewer padding tokens
+    # > 0: each forward takes samples of at most this many tokens in all instead of micro_batch_size padded rows,
+    # laid back to back into rows as wide as its longest (Megatron: one row), positions restarting and attention
+    # within each sample; first-fit decreasing by length, a longer sample alone. Long-tailed RL: far less padding
     max_tokens_per_micro_batch: int = bounded(0, 0)
     grad_accum: int = bounded(1, 1)
     seed: int = 0

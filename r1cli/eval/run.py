@@ -54,6 +54,9 @@ class EvalRequest:
     @classmethod
     def from_config(cls, cfg: Config) -> "EvalRequest":
         lora.refuse(cfg.model.lora, "eval")
+        if cfg.rollout.asynchronous:
+            raise R1Error("rollout.asynchronous overlaps r1 rl's generation with its training; r1 eval only "
+                          "generates: drop it")
         b = cfg.benchmark
         return cls(tuple(b.benchmarks), b.out, model=cfg.model.path, completions=b.completions,
                    data_dir=b.data_dir, samples=b.samples, temperature=b.temperature, top_p=b.top_p,

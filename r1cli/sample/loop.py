@@ -27,6 +27,9 @@ from r1cli.tools.turns import with_tools
 
 def run_sample(cfg: Config, overwrite: bool = False) -> dict:
     lora.refuse(cfg.model.lora, "sample")
+    if cfg.rollout.asynchronous:
+        raise R1Error("rollout.asynchronous overlaps r1 rl's generation with its training; r1 sample only generates: "
+                      "drop it")
     d, s = cfg.data, cfg.sample
     rows = read_data(d.train, d, d.max_samples)
     unanswered = set(needs_judge(rows, d.answer_field))

@@ -38,7 +38,7 @@ class TurnSettings:
     workers: int = 8  # tool calls at once
 
 
-def parse_call(text: str, tools: tuple[str, ...]) -> tuple[str, str] | None:
+def parse_call(text: str) -> tuple[str, str] | None:
     """(tool, call) when a turn's text ends with a fenced block and CALL_END, else None."""
     body = text.rstrip()
     if not body.endswith(CALL_END):
@@ -62,7 +62,7 @@ class _Sample:
     finish: str = "stop"
     call: tuple[str, str] | None = None
 
-    def add_turn(self, c: Completion, tok, tools: tuple[str, ...], room: int) -> None:
+    def add_turn(self, c: Completion, tok, room: int) -> None:
         ids = c.completion_ids[:room]
         self.ids += ids
         self.observation += [False] * len(ids)
@@ -72,7 +72,7 @@ class _Sample:
             self.logprobs = None
         self.turns += 1
         self.finish = "length" if len(ids) < len(c.completion_ids) else c.finish_reason
-        self.call = parse_call(tok.decode(ids, skip_special_tokens=True), tools) if self.finish == "stop" else None
+        self.call = parse_call(tok.decode(ids, skip_special_tokens=True)) if self.finish == "stop" else None
 
     def add_observation(self, name: str, call: str, obs: Observation, tok, room: int) -> None:
         self.calls += 1
@@ -84,23 +84,27 @@ class _Sample:
         self.observation += [True] * len(ids)
 
 
+def fence_name(tool: str) -> str:
+    """What the model writes after ``` to call a tool: its registered name, or a `path.py:function`'s function."""
+    return tool.rsplit(":", 1)[-1]
+
+
 def run_call(name: str, call: str, history: list[str], settings: TurnSettings) -> Observation:
-    if name not in settings.tools:
-        return Observation(f"error: no tool '{name}' (tools: {', '.join(settings.tools)})", error=True)
-    return call_tool(name, call, history, settings.limits)
+    refs = {fence_name(t): t for t in settings.tools}
+    if name not in refs:
+        return Observation(f"error: no tool '{name}' (tools: {', '.join(refs)})", error=True)
+    return call_tool(refs[name], call, history, settings.limits)
 
 
 def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingParams,
                         settings: TurnSettings) -> list[list[Completion]]:
     """params.n multi-turn completions for each prompt, grouped per prompt as engine.generate returns them."""
-    for name in settings.tools:
-        TOOLS.check(name)
     stops = tuple(dict.fromkeys((*params.stop, CALL_END)))
     samples = [_Sample(list(p)) for p in prompts for _ in range(params.n)]
     budget = min(params.max_tokens, settings.max_tokens)
     first = engine.generate(prompts, replace(params, stop=stops, max_tokens=budget))
     for s, c in zip(samples, (c for group in first for c in group)):
-        s.add_turn(c, tok, settings.tools, settings.max_tokens)
+        s.add_turn(c, tok, settings.max_tokens)
     turn = 1
     with ThreadPoolExecutor(max(1, settings.workers)) as pool:
         while True:
@@ -124,7 +128,7 @@ def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingP
                                    replace(params, n=1, stop=stops, max_tokens=min(params.max_tokens, room),
                                            seed=params.seed + TURN_SEED_STRIDE * turn))
             for s, (c,) in zip(going, outs):
-                s.add_turn(c, tok, settings.tools, settings.max_tokens - len(s.ids))
+                s.add_turn(c, tok, settings.max_tokens - len(s.ids))
             turn += 1
     out = []
     for i in range(len(prompts)):
@@ -155,6 +159,8 @@ def with_tools(engine, tokenizer, rollout):
     """The engine itself, or a ToolEngine when rollout.tools names any."""
     if not rollout.tools:
         return engine
+    for name in rollout.tools:  # an unknown name is one line before anything generates
+        TOOLS.check(name)
     settings = TurnSettings(tuple(rollout.tools), rollout.max_turns, rollout.max_total_tokens or rollout.max_new_tokens,
                             ToolLimits(rollout.tool_timeout_s, rollout.tool_output_chars,
                                        rollout.tool_state == "persist"))

@@ -108,6 +108,16 @@ def test_calculator_is_exact_and_reads_only_arithmetic():
 
 
 def test_parse_call_reads_the_last_fenced_block_before_the_marker():
-    assert parse_call("a\n```python\nprint(1)\n```\n" + CALL_END, ("python",)) == ("python", "print(1)")
-    assert parse_call("no call here", ("python",)) is None
-    assert parse_call(CALL_END, ("python",)) == ("", "")
+    assert parse_call("a\n```python\nprint(1)\n```\n" + CALL_END) == ("python", "print(1)")
+    assert parse_call("no call here") is None
+    assert parse_call(CALL_END) == ("", "")
+
+
+def test_a_tool_of_your_own_from_a_file_is_called_by_its_function_name(tmp_path):
+    (tmp_path / "my_tools.py").write_text("def shout(call, history, limits):\n    return call.upper()\n")
+    ref = f"{tmp_path / 'my_tools.py'}:shout"
+    script = Scripted(lambda ctx, j: "<answer>" + ctx.rsplit("```output\n", 1)[1].split("\n")[0] + "</answer>"
+                      if "```output" in ctx else "```shout\nhello\n```\n```output")
+    (group,) = generate_with_tools(script, Chars(), [[81]], SamplingParams(n=1, max_tokens=100, stop=("</answer>",)),
+                                   TurnSettings(tools=(ref,), max_turns=2, max_tokens=200))
+    assert group[0].text.endswith("<answer>HELLO</answer>") and group[0].tool_errors == 0
