@@ -119,6 +119,9 @@ class DataConfig:
     chat_template: str = ""  # a Jinja chat template file of your own, used instead of the tokenizer's
     max_seq_len: int = bounded(1024, 1)
     pack: bool = True
+    # SFT: a tool's output inside a response (the contents of ```output blocks, as rollout.tools writes them) is
+    # context, not a target, as in RL
+    mask_tool_output: bool = True
     shuffle: bool = True
     max_samples: int = bounded(0, 0)  # 0: all
     max_line_mb: int = bounded(64, 1)  # longest JSONL line read
@@ -238,8 +241,11 @@ class RolloutConfig:
     # the engine's log-probs (rollout.tis_cap); `r1 rl` only
     asynchronous: bool = False
     # multi-turn rollouts with tools (r1cli.tools): names from the registry (python, calculator) or path.py:function;
-    # a turn that ends with a fenced block of a tool's name and "```output" gets the tool's output and goes on
+    # a turn that ends with a call gets the tool's output and goes on. tool_format: fenced (a block fenced with the
+    # tool's name, then "```output"; base models, the R1 template) or chat (the model's own <tool_call> JSON,
+    # the tools described by its chat template; instruct models)
     tools: list[str] = field(default_factory=list)
+    tool_format: Literal["fenced", "chat"] = "fenced"
     max_turns: int = bounded(4, 1)  # model turns per sample
     max_total_tokens: int = bounded(0, 0)  # completion tokens per sample, tool output included; 0: max_new_tokens
     tool_timeout_s: float = bounded(10.0, 0.0, above=True)  # per call

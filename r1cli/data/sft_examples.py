@@ -15,6 +15,7 @@ from r1cli.config import DataConfig
 from r1cli.data.templates import render_turns, row_messages
 from r1cli.errors import R1Error
 from r1cli.token_batch import IGNORE, TokenBatch
+from r1cli.tools.formats import fenced_observations
 
 
 @dataclass
@@ -32,9 +33,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], cfg: DataConfig) -> E
     ids: list[int] = []
     trainable: list[bool] = []
     for text, is_assistant in render_turns(tokenizer, messages, cfg):
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids += piece
-        trainable += [is_assistant] * len(piece)
+        # a tool's output inside a response (```output blocks) is context, as in RL: no loss on it
+        pieces = fenced_observations(text) if is_assistant and cfg.mask_tool_output else [(text, False)]
+        for piece_text, tool_output in pieces:
+            piece = tokenizer(piece_text, add_special_tokens=False)["input_ids"]
+            ids += piece
+            trainable += [is_assistant and not tool_output] * len(piece)
     ids, trainable = ids[: cfg.max_seq_len], trainable[: cfg.max_seq_len]
     targets = [ids[t + 1] if trainable[t + 1] else IGNORE for t in range(len(ids) - 1)] + [IGNORE]
     return Example(ids, targets, list(range(len(ids))))

@@ -38,10 +38,15 @@ def _template_file(path: str) -> str:
     return _TEMPLATE_FILES[path]
 
 
+def template_source(cfg: DataConfig) -> str | None:
+    """data.chat_template's text, or None for the tokenizer's own."""
+    return _template_file(cfg.chat_template) if cfg.chat_template else None
+
+
 def _chat(tokenizer, messages: list[dict], add_generation_prompt: bool, cfg: DataConfig | None = None) -> str:
     """The conversation through the chat template: data.chat_template's file when set, else the tokenizer's, with
     data.chat_template_kwargs as extra template variables (e.g. enable_thinking)."""
-    own = _template_file(cfg.chat_template) if cfg is not None and cfg.chat_template else None
+    own = template_source(cfg) if cfg is not None else None
     if own is None and not getattr(tokenizer, "chat_template", None):
         raise R1Error("the tokenizer has no chat template; use data.template=r1_zero or plain, or give one in "
                       "data.chat_template")

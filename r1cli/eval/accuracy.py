@@ -7,6 +7,8 @@ from r1cli.data.prompts import encode_prompts
 from r1cli.data.records import read_data
 from r1cli.interfaces import RolloutEngine, SamplingParams, build_engine
 from r1cli.rewards import RewardContext, score
+from r1cli.tools import with_tool_schemas
+from r1cli.tools.turns import with_tools
 
 
 def answer_accuracy(engine: RolloutEngine, tokenizer, rows, data: DataConfig, params: SamplingParams,
@@ -39,14 +41,16 @@ def held_out_evaluator(cfg: Config, trainer, engine=None):
     rows.require(cfg.data.answer_field, "data.answer_field")
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     params = SamplingParams.from_eval(cfg.eval, cfg.rollout.stop, seed=cfg.train.seed)
+    data = with_tool_schemas(cfg.data, cfg.rollout)
     box = [engine]
 
     def evaluate() -> dict:
-        if box[0] is None:
-            box[0] = build_engine(cfg.model, cfg.rollout, trainer)  # starts from the current weights
+        if box[0] is None:  # starts from the current weights
+            box[0] = with_tools(build_engine(cfg.model, cfg.rollout, trainer), trainer.tokenizer, cfg.rollout,
+                                cfg.data)
         else:
             box[0].load_weights(trainer.named_weights())
-        return held_out_accuracy(box[0], trainer.tokenizer, rows, cfg.data, params, ctx, trainer.parallel)
+        return held_out_accuracy(box[0], trainer.tokenizer, rows, data, params, ctx, trainer.parallel)
 
     return evaluate
 

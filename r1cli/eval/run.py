@@ -224,13 +224,15 @@ def _engine(req: EvalRequest):
     rollout = replace(req.rollout or RolloutConfig(), engine=req.engine, n=req.samples, temperature=req.temperature,
                       top_p=req.top_p, max_new_tokens=req.max_new_tokens, stop=[])
     tokenizer = load_tokenizer(req.model)
-    return with_tools(build_engine(ModelConfig(path=req.model), rollout), tokenizer, rollout), tokenizer
+    data = DataConfig(template=req.template, prefill=req.prefill)
+    return with_tools(build_engine(ModelConfig(path=req.model), rollout), tokenizer, rollout, data), tokenizer
 
 
 def _generate(engine, tokenizer, problems: list[Problem], req: EvalRequest, first: int) -> list[list[str]]:
     from r1cli.interfaces import SamplingParams
+    from r1cli.tools import with_tool_schemas
 
-    data = DataConfig(template=req.template, prefill=req.prefill)
+    data = with_tool_schemas(DataConfig(template=req.template, prefill=req.prefill), req.rollout or RolloutConfig())
     plain = DataConfig(template="plain")
     prompts = [render_prompt(tokenizer, p.prompt, plain if p.kind == "humaneval" else data) for p in problems]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompts]

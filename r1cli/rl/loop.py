@@ -41,6 +41,7 @@ from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
 from r1cli.seeds import minibatch_seed, refill_seed, sample_seed
 from r1cli.token_batch import TokenBatch, balance_ranks
+from r1cli.tools import with_tool_schemas
 from r1cli.tools.turns import with_tools
 
 
@@ -94,8 +95,8 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     trainer = build_trainer(cfg, need_reference=g.beta > 0)
     p = trainer.parallel
     validate_layout(cfg, p.dp_size)
-    engine = with_tools(build_engine(cfg.model, cfg.rollout, trainer), trainer.tokenizer, cfg.rollout)
-    prompts = encode_prompts(trainer.tokenizer, rows, cfg.data)
+    engine = with_tools(build_engine(cfg.model, cfg.rollout, trainer), trainer.tokenizer, cfg.rollout, cfg.data)
+    prompts = encode_prompts(trainer.tokenizer, rows, with_tool_schemas(cfg.data, cfg.rollout))
     limit = cfg.data.max_prompt_tokens or (context_length(cfg.model.path) or 1 << 62) - cfg.rollout.max_new_tokens
     rows, prompts, dropped = fit_prompts(rows, prompts, limit, cfg.data.long_prompts)
     if dropped and p.is_main:

@@ -22,6 +22,7 @@ from r1cli.sample.judge import AnswerJudge, needs_judge
 from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput
 from r1cli.seeds import batch_seed
+from r1cli.tools import with_tool_schemas
 from r1cli.tools.turns import with_tools
 
 
@@ -44,9 +45,9 @@ def run_sample(cfg: Config, overwrite: bool = False) -> dict:
                           "rewards.judge.path": cfg.rewards.judge.path})
     store = ResumableOutput(s.out, parallel, overwrite, identity, "sample.out")
     tokenizer = load_tokenizer(cfg.model.path)
-    engine = with_tools(build_engine(cfg.model, cfg.rollout), tokenizer, cfg.rollout)  # rollout.tools: multi-turn
+    engine = with_tools(build_engine(cfg.model, cfg.rollout), tokenizer, cfg.rollout, d)  # rollout.tools: multi-turn
     judge = (AnswerJudge.from_config(cfg) if s.judge else _reward_judge(cfg)) if unanswered else None
-    prompts = encode_prompts(tokenizer, rows, d)
+    prompts = encode_prompts(tokenizer, rows, with_tool_schemas(d, cfg.rollout))
     ctx = RewardContext.from_config(d, cfg.rewards)
     with store:
         for batch in store.pending(len(rows), s.prompts_per_batch):

@@ -12,11 +12,12 @@ from r1cli.eval.accuracy import held_out_evaluator
 from r1cli.interfaces import build_trainer
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.sft.loss import NLLLoss
+from r1cli.tools import with_tool_schemas
 
 
 def build_rows(cfg: Config, tokenizer, path: str):
     rows = read_data(path, cfg.data, cfg.data.max_samples)
-    examples = tokenize_rows(rows, tokenizer, cfg.data, path)
+    examples = tokenize_rows(rows, tokenizer, with_tool_schemas(cfg.data, cfg.rollout), path)
     return pack_examples(examples, cfg.data.max_seq_len) if cfg.data.pack else examples
 
 

@@ -7,7 +7,7 @@ for that sample, never the run's end. `path.py:function` in rollout.tools names 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from r1cli.registry import Registry
 
@@ -42,3 +42,37 @@ def call_tool(name: str, call: str, history: list[str], limits: ToolLimits) -> O
     if not isinstance(out, Observation):
         out = Observation(str(out))
     return Observation(clip(out.text, limits.output_chars), out.error)
+
+
+# what the chat format tells the model about a tool (its schema's one string argument, and a description)
+ARGUMENTS = {
+    "python": ("code", "Runs Python 3 code in a sandbox and returns what it prints (or the error). State carries "
+                       "over between a conversation's calls."),
+    "calculator": ("expression", "Evaluates an arithmetic expression exactly: + - * / // % ** and parentheses."),
+}
+
+
+def tool_name(ref: str) -> str:
+    """What the model calls a tool: its registered name, or a `path.py:function`'s function."""
+    return ref.rsplit(":", 1)[-1]
+
+
+def tool_schemas(refs) -> list[dict]:
+    """OpenAI-style function schemas, as chat templates take them (`tools=`): one string argument each - `code`,
+    `expression`, or `input` for a tool of your own, described by its docstring's first line."""
+    out = []
+    for ref in refs:
+        arg, doc = ARGUMENTS.get(ref) or ("input", ((TOOLS.get(ref).__doc__ or "").strip().splitlines() or
+                                                    [f"The tool {tool_name(ref)}."])[0])
+        out.append({"type": "function", "function": {
+            "name": tool_name(ref), "description": doc,
+            "parameters": {"type": "object", "properties": {arg: {"type": "string"}}, "required": [arg]}}})
+    return out
+
+
+def with_tool_schemas(data, rollout):
+    """data with the tools handed to the chat template (rollout.tool_format=chat), so that the prompts describe
+    them; else data itself."""
+    if not rollout.tools or rollout.tool_format != "chat":
+        return data
+    return replace(data, chat_template_kwargs={**data.chat_template_kwargs, "tools": tool_schemas(rollout.tools)})

@@ -1,52 +1,33 @@
 """Multi-turn rollouts: a sample that ends a turn with a tool call gets the tool's output appended as an observation
 and generation goes on, up to max_turns turns and max_tokens completion tokens in all.
 
-The fenced format (base models, the R1 template): the model writes a block fenced with the tool's name and then the
-marker CALL_END, at which the engine stops:
-
-    ```python
-    print(123456789 * 987654321)
-    ```
-    ```output
-
-and the observation closes the output block: "\\n121932631112635269\\n```\\n". Samples at different turns go to the
-engine together, one call per turn; each turn's calls run in parallel. Observation tokens are context, not actions:
+How a call and its answer look is the call format's (r1cli.tools.formats: fenced blocks, or the chat template's
+own tool calls). Samples at different turns go to the engine together, one call per turn (vLLM's prefix cache
+keeps each sample's earlier turns); each turn's calls run in parallel. Observation tokens are context, not actions:
 a Completion marks them (`observation`) so that training masks them out of the loss, the KL and the entropy, and
 its log-probs are the model's tokens' only.
 """
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from r1cli.interfaces import Completion, SamplingParams
-from r1cli.tools import TOOLS, Observation, ToolLimits, call_tool
+from r1cli.tools import TOOLS, Observation, ToolLimits, call_tool, tool_name
+from r1cli.tools.formats import Call, Fenced, call_format
 
-CALL_END = "```output"
-_BLOCK = re.compile(r"```([\w.:/-]+)[ \t]*\n(.*?)\n?```\s*$", re.S)
 TURN_SEED_STRIDE = 1_000_003  # turn t's continuations are seeded apart from every earlier turn's
 
 
 @dataclass(frozen=True)
 class TurnSettings:
     tools: tuple[str, ...]
-    max_turns: int = 4  # model turns per sample (so at most max_turns - 1 tool calls)
+    max_turns: int = 4  # model turns per sample (so at most max_turns - 1 turns with calls)
     max_tokens: int = 1024  # completion tokens per sample, model and observation tokens together
     limits: ToolLimits = ToolLimits()
-    workers: int = 8  # tool calls at once
-
-
-def parse_call(text: str) -> tuple[str, str] | None:
-    """(tool, call) when a turn's text ends with a fenced block and CALL_END, else None."""
-    body = text.rstrip()
-    if not body.endswith(CALL_END):
-        return None
-    m = _BLOCK.search(body[: -len(CALL_END)])
-    if m is None:
-        return ("", "")  # the marker without a block: an error observation says so
-    return m.group(1), m.group(2)
+    workers: int = 8  # samples' calls at once
+    fmt: object = field(default_factory=Fenced)  # the call format (r1cli.tools.formats)
 
 
 @dataclass
@@ -60,9 +41,10 @@ class _Sample:
     calls: int = 0
     errors: int = 0
     finish: str = "stop"
-    call: tuple[str, str] | None = None
+    pending: list[Call] = field(default_factory=list)  # the last turn's calls, not answered yet
+    ended_eos: bool = False
 
-    def add_turn(self, c: Completion, tok, room: int) -> None:
+    def add_turn(self, c: Completion, tok, fmt, room: int) -> None:
         ids = c.completion_ids[:room]
         self.ids += ids
         self.observation += [False] * len(ids)
@@ -72,25 +54,32 @@ class _Sample:
             self.logprobs = None
         self.turns += 1
         self.finish = "length" if len(ids) < len(c.completion_ids) else c.finish_reason
-        self.call = parse_call(tok.decode(ids, skip_special_tokens=True)) if self.finish == "stop" else None
+        self.ended_eos = bool(ids) and ids[-1] == getattr(tok, "eos_token_id", None)
+        self.pending = fmt.parse(tok.decode(ids, skip_special_tokens=True), self.ended_eos) \
+            if self.finish == "stop" else []
 
-    def add_observation(self, name: str, call: str, obs: Observation, tok, room: int) -> None:
-        self.calls += 1
-        self.errors += obs.error
-        if not obs.error:
-            self.history.setdefault(name, []).append(call)
-        ids = tok("\n" + obs.text.rstrip("\n") + "\n```\n", add_special_tokens=False)["input_ids"][:room]
+    def answer(self, settings: TurnSettings) -> list[tuple[Call, Observation]]:
+        """Run the pending calls in order (a python call sees the sample's earlier successful calls)."""
+        out = []
+        for name, call in self.pending:
+            obs = run_call(name, call, self.history.get(name, []), settings)
+            self.calls += 1
+            self.errors += obs.error
+            if not obs.error:
+                self.history.setdefault(name, []).append(call)
+            out.append(((name, call), obs))
+        return out
+
+    def add_observation(self, text: str, tok, room: int) -> None:
+        ids = tok(text, add_special_tokens=False)["input_ids"][:room]
         self.ids += ids
         self.observation += [True] * len(ids)
 
 
-def fence_name(tool: str) -> str:
-    """What the model writes after ``` to call a tool: its registered name, or a `path.py:function`'s function."""
-    return tool.rsplit(":", 1)[-1]
-
-
 def run_call(name: str, call: str, history: list[str], settings: TurnSettings) -> Observation:
-    refs = {fence_name(t): t for t in settings.tools}
+    refs = {tool_name(t): t for t in settings.tools}
+    if name == "" and call:  # a call the format could not read: the reason
+        return Observation(f"error: {call}", error=True)
     if name not in refs:
         return Observation(f"error: no tool '{name}' (tools: {', '.join(refs)})", error=True)
     return call_tool(refs[name], call, history, settings.limits)
@@ -99,28 +88,28 @@ def run_call(name: str, call: str, history: list[str], settings: TurnSettings) -
 def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingParams,
                         settings: TurnSettings) -> list[list[Completion]]:
     """params.n multi-turn completions for each prompt, grouped per prompt as engine.generate returns them."""
-    stops = tuple(dict.fromkeys((*params.stop, CALL_END)))
+    fmt = settings.fmt
+    stops = tuple(dict.fromkeys((*params.stop, *fmt.stops)))
     samples = [_Sample(list(p)) for p in prompts for _ in range(params.n)]
     budget = min(params.max_tokens, settings.max_tokens)
     first = engine.generate(prompts, replace(params, stop=stops, max_tokens=budget))
     for s, c in zip(samples, (c for group in first for c in group)):
-        s.add_turn(c, tok, settings.max_tokens)
+        s.add_turn(c, tok, fmt, settings.max_tokens)
     turn = 1
     with ThreadPoolExecutor(max(1, settings.workers)) as pool:
         while True:
             # a call is answered only where the sample may go on: another turn and room after the observation
-            live = [s for s in samples if s.call is not None and s.turns < settings.max_turns
+            live = [s for s in samples if s.pending and s.turns < settings.max_turns
                     and len(s.ids) < settings.max_tokens]
             if not live:
                 break
-            obs = list(pool.map(lambda s: run_call(s.call[0], s.call[1], s.history.get(s.call[0], []), settings),
-                                live))
-            for s, o in zip(live, obs):
-                s.add_observation(s.call[0], s.call[1], o, tok, settings.max_tokens - len(s.ids))
+            answers = list(pool.map(lambda s: s.answer(settings), live))
+            for s, a in zip(live, answers):
+                s.add_observation(fmt.observation(a, s.ended_eos), tok, settings.max_tokens - len(s.ids))
             going = [s for s in live if len(s.ids) < settings.max_tokens]
             for s in live:
                 if s not in going:
-                    s.finish, s.call = "length", None
+                    s.finish, s.pending = "length", []
             if not going:
                 break
             room = max(settings.max_tokens - len(s.ids) for s in going)
@@ -128,7 +117,7 @@ def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingP
                                    replace(params, n=1, stop=stops, max_tokens=min(params.max_tokens, room),
                                            seed=params.seed + TURN_SEED_STRIDE * turn))
             for s, (c,) in zip(going, outs):
-                s.add_turn(c, tok, settings.max_tokens - len(s.ids))
+                s.add_turn(c, tok, fmt, settings.max_tokens - len(s.ids))
             turn += 1
     out = []
     for i in range(len(prompts)):
@@ -155,13 +144,14 @@ class ToolEngine:
         return generate_with_tools(self.engine, self.tok, prompts, params, self.settings)
 
 
-def with_tools(engine, tokenizer, rollout):
-    """The engine itself, or a ToolEngine when rollout.tools names any."""
+def with_tools(engine, tokenizer, rollout, data=None):
+    """The engine itself, or a ToolEngine when rollout.tools names any (chat calls rendered with data's chat
+    template settings)."""
     if not rollout.tools:
         return engine
     for name in rollout.tools:  # an unknown name is one line before anything generates
         TOOLS.check(name)
     settings = TurnSettings(tuple(rollout.tools), rollout.max_turns, rollout.max_total_tokens or rollout.max_new_tokens,
                             ToolLimits(rollout.tool_timeout_s, rollout.tool_output_chars,
-                                       rollout.tool_state == "persist"))
+                                       rollout.tool_state == "persist"), fmt=call_format(rollout, tokenizer, data))
     return ToolEngine(engine, tokenizer, settings)

@@ -5,7 +5,8 @@ import pytest
 from r1cli.interfaces import Completion, SamplingParams
 from r1cli.token_batch import IGNORE, TokenBatch
 from r1cli.tools import ToolLimits, call_tool
-from r1cli.tools.turns import CALL_END, TurnSettings, generate_with_tools, parse_call
+from r1cli.tools.formats import CALL_END, Fenced
+from r1cli.tools.turns import TurnSettings, generate_with_tools
 
 
 class Chars:
@@ -107,10 +108,11 @@ def test_calculator_is_exact_and_reads_only_arithmetic():
         assert call_tool("calculator", bad, [], limits).error
 
 
-def test_parse_call_reads_the_last_fenced_block_before_the_marker():
-    assert parse_call("a\n```python\nprint(1)\n```\n" + CALL_END) == ("python", "print(1)")
-    assert parse_call("no call here") is None
-    assert parse_call(CALL_END) == ("", "")
+def test_a_fenced_call_is_the_last_fenced_block_before_the_marker():
+    parse = Fenced().parse
+    assert parse("a\n```python\nprint(1)\n```\n" + CALL_END, False) == [("python", "print(1)")]
+    assert parse("no call here", True) == []
+    assert parse(CALL_END, False) == [("", "")]
 
 
 def test_a_tool_of_your_own_from_a_file_is_called_by_its_function_name(tmp_path):
@@ -121,3 +123,20 @@ def test_a_tool_of_your_own_from_a_file_is_called_by_its_function_name(tmp_path)
     (group,) = generate_with_tools(script, Chars(), [[81]], SamplingParams(n=1, max_tokens=100, stop=("</answer>",)),
                                    TurnSettings(tools=(ref,), max_turns=2, max_tokens=200))
     assert group[0].text.endswith("<answer>HELLO</answer>") and group[0].tool_errors == 0
+
+
+def test_sft_on_a_response_with_tool_calls_has_no_loss_on_the_tools_output(tiny_model):
+    from r1cli.config import DataConfig
+    from r1cli.data.sft_examples import tokenize_conversation
+    from r1cli.models.loading import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model))
+    response = ("<think>```python\nprint(4821*7306)\n```\n```output\n35222226\n```\nso</think>"
+                "<answer>35222226</answer>")
+    convo = [{"role": "user", "content": "4821*7306=?"}, {"role": "assistant", "content": response}]
+    ex = tokenize_conversation(tok, convo, DataConfig(template="chat"))
+    targets = [t for t in ex.targets if t != IGNORE]
+    trained = tok.decode(targets, skip_special_tokens=False)
+    assert trained == response.replace("\n35222226\n```\n", "") + "<|im_end|>\n"  # the template's turn end
+    whole = tokenize_conversation(tok, convo, DataConfig(template="chat", mask_tool_output=False))
+    assert sum(t != IGNORE for t in whole.targets) > len(targets)
