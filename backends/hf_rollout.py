@@ -112,7 +112,7 @@ class HFGenerateEngine:
         self.model.eval()
         out: list[list[Completion]] = []
         n = params.n
-        step = self.prompts_per_call(prompts, n, params.max_tokens)
+        step = self.prompts_per_call(prompts, n, params.max_tokens, params.rows_per_call)
         for s in range(0, len(prompts), step):
             chunk = prompts[s: s + step]
             width = max(len(p) for p in chunk)
@@ -145,13 +145,16 @@ class HFGenerateEngine:
             self.model.train()
         return out
 
-    def prompts_per_call(self, prompts: list[list[int]], n: int, max_tokens: int) -> int:
+    def prompts_per_call(self, prompts: list[list[int]], n: int, max_tokens: int, rows: int = 0) -> int:
         """rollout.tokens_per_generate: as many prompts as keep n x (longest prompt + max_tokens) tokens within the
-        budget (at least one); else rollout.prompts_per_generate (0: 8). The same for the whole call, so the
-        per-call seeds are a function of the config and the prompts."""
+        budget (at least one); else `rows` rows (SamplingParams.rows_per_call) when given; else
+        rollout.prompts_per_generate (0: 8). The same for the whole call, so the per-call seeds are a function of the
+        config and the prompts."""
         budget = self.cfg.tokens_per_generate
         if budget and prompts:
             return max(1, budget // (n * (max(len(p) for p in prompts) + max_tokens)))
+        if rows:
+            return max(1, rows // n)
         return self.cfg.prompts_per_generate or 8
 
     def _score(self, groups: list[list[Completion]], temperature: float, rows: int) -> None:

@@ -1,6 +1,7 @@
 """How fast the sandbox scores code: the 164 HumanEval canonical solutions (all pass) and 164 empty bodies (all
-fail) through `run_many`, from this process as it is and after importing torch and transformers (each program
-starts from a fork of the caller, so a larger caller costs more per program).
+fail), from this process as it is, after importing torch and transformers, and holding 2 GB of tensors as a trainer
+does - each program started from a fork of the caller (`run_many`) and from the small launcher processes
+(`launch_many`, what r1 uses), side by side.
 
     python benchmarks/sandbox_throughput.py
 """
@@ -12,18 +13,20 @@ import platform
 import time
 
 
-def score_sets() -> list[tuple[str, int, int, float]]:
+def score_sets() -> list[tuple[str, str, int, int, float]]:
     from r1cli.eval.benchmarks import humaneval_problems, program_jobs
     from r1cli.sandbox import Limits, run_many
+    from r1cli.sandbox.launcher import launch_many
 
     problems = humaneval_problems()
     out = []
     for name, completion in (("canonical", lambda p: p.program["canonical_solution"]),
                              ("empty", lambda p: "    pass\n")):
         jobs = [j for p in problems for j in program_jobs(p, completion(p))]
-        t0 = time.perf_counter()
-        results = run_many(jobs, Limits(wall_s=10, cpu_s=6))
-        out.append((name, len(jobs), sum(r.ok for r in results), time.perf_counter() - t0))
+        for how, run in (("fork of caller", run_many), ("launchers", launch_many)):
+            t0 = time.perf_counter()
+            results = run(jobs, Limits(wall_s=10, cpu_s=6))
+            out.append((name, how, len(jobs), sum(r.ok for r in results), time.perf_counter() - t0))
     return out
 
 
@@ -31,13 +34,20 @@ def main() -> None:
     from r1cli.sandbox import isolation
 
     print(f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores; isolation {isolation()}")
-    print(f"{'caller':<22}{'set':<11}{'programs':>9}{'passed':>8}{'seconds':>9}{'programs/s':>12}")
-    for caller in ("plain", "torch + transformers"):
+    print(f"{'caller':<30}{'set':<11}{'started by':<16}{'programs':>9}{'passed':>8}{'seconds':>9}{'programs/s':>12}")
+    held = []
+    for caller in ("plain", "torch + transformers", "torch + transformers + 2 GB"):
         if caller != "plain":
-            import torch  # noqa: F401
+            import torch
             import transformers  # noqa: F401
-        for name, n, ok, s in score_sets():
-            print(f"{caller:<22}{name:<11}{n:>9}{ok:>8}{s:>9.1f}{n / s:>12.0f}")
+        if caller.endswith("2 GB"):
+            held.append(torch.ones(512 * 1024 * 1024))  # touched: resident, as a trainer's weights and states are
+        rate = {}
+        for name, how, n, ok, s in score_sets():
+            rate[name, how] = n / s
+            print(f"{caller:<30}{name:<11}{how:<16}{n:>9}{ok:>8}{s:>9.1f}{n / s:>12.0f}")
+        print(f"{'':<30}launchers / fork of caller: " + ", ".join(
+            f"{name} {rate[name, 'launchers'] / rate[name, 'fork of caller']:.2f}x" for name in ("canonical", "empty")))
 
 
 if __name__ == "__main__":

@@ -319,7 +319,10 @@ def data_group():
               help="countdown: largest number.")
 @click.option("--answer-noise", default=0.0, show_default=True,
               help="arithmetic: share of worked responses that end in a wrong answer (a noisy cold start).")
-def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_number, answer_noise):
+@click.option("--tool-share", default=0.0, show_default=True,
+              help="arithmetic: share of worked responses that call the python tool (rollout.tools' fenced format) "
+                   "instead of working it out.")
+def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_number, answer_noise, tool_share):
     """Write a synthetic verifiable task as JSONL (prompt, answer, task, worked response)."""
     from r1cli.data.records import write_jsonl
     from r1cli.data.synth import generate, split_held_out
@@ -330,8 +333,10 @@ def synth_cmd(task, out, n, eval_out, eval_n, seed, digits, ops, count, max_numb
         raise R1Error(f"--ops takes characters from '+-*', got '{ops}'")
     if not 0 <= answer_noise < 1:
         raise R1Error(f"--answer-noise must be in [0, 1), got {answer_noise}")
+    if not 0 <= tool_share <= 1:
+        raise R1Error(f"--tool-share must be in [0, 1], got {tool_share}")
     rows = generate(task, n + eval_n, seed=seed, digits=digits, ops=ops, count=count, max_number=max_number,
-                    answer_noise=answer_noise)
+                    answer_noise=answer_noise, tool_share=tool_share)
     train, held = split_held_out(rows, eval_n)
     click.echo(f"wrote {write_jsonl(train, out)} rows to {out}")
     if eval_n:

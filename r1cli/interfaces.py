@@ -39,6 +39,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int = 0  # prompt i of a generate call samples with seed + i
     logprobs: bool = False  # ask the engine for its log-prob of each sampled token (if it can give them)
+    # engines that batch generate calls by prompts (transformers without rollout.tokens_per_generate): rows per
+    # call instead of their prompts_per_generate x n; multi-turn continuations (n = 1) keep the first turn's rows
+    rows_per_call: int = 0
 
     @classmethod
     def from_rollout(cls, r: "RolloutConfig", seed: int) -> "SamplingParams":

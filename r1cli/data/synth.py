@@ -89,11 +89,20 @@ def corrupt_answer(rng: random.Random, row: dict) -> dict:
     return {**row, "response": f"{head}<answer>{wrong}</answer>"}
 
 
+def with_tool_call(row: dict) -> dict:
+    """The row answered by running the expression in the python tool (rollout.tools' fenced format: the call, then
+    the tool's output block) and copying what it printed."""
+    expr, value = row["prompt"].removesuffix("=?"), row["answer"]
+    return {**row, "response": f"<think>```python\nprint({expr})\n```\n```output\n{value}\n```\n</think>"
+                               f"<answer>{value}</answer>"}
+
+
 def generate(task: str, n: int, seed: int = 0, digits: int = 2, ops: str = "+",
-             count: int = 3, max_number: int = 20, answer_noise: float = 0.0) -> list[dict]:
+             count: int = 3, max_number: int = 20, answer_noise: float = 0.0, tool_share: float = 0.0) -> list[dict]:
     """n distinct rows of a task; the same seed gives the same rows.
 
     answer_noise: the share of arithmetic rows whose worked response ends in a wrong answer.
+    tool_share: the share of arithmetic rows whose worked response calls the python tool instead.
     """
     rng = random.Random(seed)
     rows, seen = [], set()
@@ -104,7 +113,9 @@ def generate(task: str, n: int, seed: int = 0, digits: int = 2, ops: str = "+",
         if row["prompt"] in seen and attempts < 20 * n:
             continue
         seen.add(row["prompt"])
-        if answer_noise and task == "arithmetic" and rng.random() < answer_noise:
+        if tool_share and task == "arithmetic" and rng.random() < tool_share:
+            row = with_tool_call(row)
+        elif answer_noise and task == "arithmetic" and rng.random() < answer_noise:
             row = corrupt_answer(rng, row)
         rows.append(row)
     return rows

@@ -102,7 +102,8 @@ def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardCon
     """Verdict records per problem and sample; programs of all problems run together in the sandbox pool, and a
     judged problem's samples go to the judge together."""
     from r1cli.sample.filters import final_answer_of
-    from r1cli.sandbox import Limits, run_many
+    from r1cli.sandbox import Limits
+    from r1cli.sandbox.launcher import launch_many
 
     records = [[{} for _ in c] for c in completions]
     jobs, owners = [], []
@@ -127,7 +128,7 @@ def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardCon
                 records[i][j] = {"extracted": ans, "correct": ok, "reason": "right" if ok else "wrong answer"
                                  if ans is not None else "no final answer"}
     if jobs:
-        results = run_many(jobs, Limits(wall_s=10, cpu_s=6), workers=workers or None)
+        results = launch_many(jobs, Limits(wall_s=10, cpu_s=6), workers=workers or None)
         for i, j, start, n in owners:
             ok, reason = score_code(problems[i], results[start: start + n])
             records[i][j] = {"extracted": None, "correct": ok, "reason": reason}

@@ -274,14 +274,15 @@ def code_of(completion: str) -> str:
 def code_reward(completion: str, row: dict, ctx: RewardContext) -> float:
     """1 if the program passes every stdin/stdout test of the row (its answer field, or "tests"), run in the
     sandbox (r1cli.sandbox); a crash, a timeout or a wrong line is that sample's 0."""
-    from r1cli.sandbox import Limits, run_program
+    from r1cli.sandbox import Limits
+    from r1cli.sandbox.launcher import launch
 
     tests = row.get("tests", row.get(ctx.answer_field))
     if isinstance(tests, str):
         tests = json.loads(tests)
     program = code_of(ctx.full(completion).split("</think>")[-1])
     for t in tests:
-        r = run_program(program, str(t["input"]), Limits(wall_s=10, cpu_s=5))
+        r = launch(program, str(t["input"]), Limits(wall_s=10, cpu_s=5))
         if not r.ok or r.stdout.split() != str(t["output"]).split():
             return 0.0
     return 1.0

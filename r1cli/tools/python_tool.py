@@ -25,9 +25,10 @@ def program(call: str, history: list[str], persist: bool) -> str:
 
 
 def python(call: str, history: list[str], limits: ToolLimits) -> Observation:
-    from r1cli.sandbox.run import Limits, run_program
+    from r1cli.sandbox.launcher import launch
+    from r1cli.sandbox.run import Limits
 
-    res = run_program(program(call, history, limits.persist),
+    res = launch(program(call, history, limits.persist),
                       limits=Limits(wall_s=limits.timeout_s, cpu_s=max(1, int(limits.timeout_s))))
     if res.ok:
         return Observation(res.stdout)

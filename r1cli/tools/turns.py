@@ -93,6 +93,9 @@ def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingP
     samples = [_Sample(list(p)) for p in prompts for _ in range(params.n)]
     budget = min(params.max_tokens, settings.max_tokens)
     first = engine.generate(prompts, replace(params, stop=stops, max_tokens=budget))
+    # continuations go one row per prompt: as many rows a call as the first turn's (the transformers engine)
+    per_call = getattr(engine, "prompts_per_call", None)
+    rows = per_call(prompts, params.n, budget) * params.n if per_call and prompts else 0
     for s, c in zip(samples, (c for group in first for c in group)):
         s.add_turn(c, tok, fmt, settings.max_tokens)
     turn = 1
@@ -115,7 +118,7 @@ def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingP
             room = max(settings.max_tokens - len(s.ids) for s in going)
             outs = engine.generate([s.prompt + s.ids for s in going],
                                    replace(params, n=1, stop=stops, max_tokens=min(params.max_tokens, room),
-                                           seed=params.seed + TURN_SEED_STRIDE * turn))
+                                           seed=params.seed + TURN_SEED_STRIDE * turn, rows_per_call=rows))
             for s, (c,) in zip(going, outs):
                 s.add_turn(c, tok, fmt, settings.max_tokens - len(s.ids))
             turn += 1

@@ -107,6 +107,88 @@ def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_s
     assert (out / "hf" / "model.safetensors").is_file()
 
 
+@pytest.fixture(scope="module")
+def tool_caller(tiny_model, tmp_path_factory):
+    """The tiny model after a short SFT on products answered through the python tool (every row calls it): it
+    calls the tool in the fenced format; its answers need not be right."""
+    from r1cli.config import load_config
+    from r1cli.data.records import write_jsonl
+    from r1cli.data.synth import generate
+    from r1cli.sft.loop import run_sft
+
+    d = tmp_path_factory.mktemp("tools32")
+    write_jsonl(generate("arithmetic", 1000, seed=0, digits=3, ops="*", tool_share=1.0), d / "train.jsonl")
+    run_sft(load_config("configs/tiny/tools-sft.yaml", [
+        f"model.path={tiny_model}", f"data.train={d / 'train.jsonl'}", "data.eval=", f"train.output_dir={d / 'sft'}",
+        "train.steps=300", "logging.progress=false", "logging.tensorboard=false"]))
+    return d
+
+
+TOOL_TURNS = """
+import json, sys
+from dataclasses import replace
+from r1cli.config import load_config
+from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+from r1cli.token_batch import TokenBatch
+from r1cli.tools.turns import with_tools
+
+cfg = load_config("configs/tiny/tools.yaml", [f"model.path={sys.argv[1]}", "rollout.engine=vllm",
+                  "rollout.vllm.kv_cache_gb=0.25"])
+trainer = build_trainer(cfg)
+tok = trainer.tokenizer
+engines = {name: with_tools(build_engine(cfg.model, replace(cfg.rollout, engine=name), trainer), tok, cfg.rollout,
+                            cfg.data) for name in ("vllm", "hf")}
+prompts = [tok.apply_chat_template([{"role": "user", "content": f"{a}*{b}=?"}], add_generation_prompt=True,
+                                   tokenize=True, return_dict=False) for a, b in [(123, 456), (907, 311), (555, 102)]]
+greedy = SamplingParams(n=1, temperature=0.0, max_tokens=64, stop=("</answer>",), logprobs=True)
+out = {}
+for name, engine in engines.items():
+    cs = [g[0] for g in engine.generate(prompts, greedy)]
+    out[name] = [{"ids": c.completion_ids, "observation": c.observation, "calls": c.tool_calls, "text": c.text}
+                 for c in cs]
+# sampled multi-turn completions: vLLM's log-probs against the trainer's over the interleaved sequences
+sampled = [c for g in engines["vllm"].generate(prompts, SamplingParams(n=2, temperature=1.0, max_tokens=64,
+           stop=("</answer>",), seed=3, logprobs=True)) for c in g]
+batch = TokenBatch.from_completions([c.prompt_ids for c in sampled], [c.completion_ids for c in sampled],
+                                    [c.observation for c in sampled])
+lp = trainer.logprobs(batch)
+out["calls_sampled"] = sum(c.tool_calls for c in sampled)
+out["lengths_ok"] = all(len(c.logprobs) == sum(not o for o in c.observation) for c in sampled)
+out["max_diff"] = max(abs(a - b) for i, c in enumerate(sampled) for a, b in zip(c.logprobs, lp[i].tolist()))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_multi_turn_tool_rollouts_on_vllm_equal_the_transformers_engines(tool_caller):
+    """Greedy, the two engines write the same calls, get the same answers and continue alike token for token;
+    sampled, vLLM's log-probs (its prefix cache holding the earlier turns) are the model tokens' only and equal the
+    trainer's over the interleaved sequences."""
+    proc = subprocess.run([sys.executable, "-c", TOOL_TURNS, str(tool_caller / "sft" / "hf")], capture_output=True,
+                          text=True, cwd=ROOT, timeout=900)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-4000:]
+    out = json.loads(line[0][len("RESULT "):])
+    for v, h in zip(out["vllm"], out["hf"]):
+        assert v["calls"] == 1 and "```output" in v["text"], v["text"]
+        assert v["ids"] == h["ids"] and v["observation"] == h["observation"]
+    assert out["calls_sampled"] >= 3 and out["lengths_ok"]
+    assert out["max_diff"] < 1e-3
+
+
+def test_grpo_with_tools_on_vllm_completes_and_the_logprob_mismatch_is_small(tool_caller, tmp_path):
+    out = tmp_path / "run"
+    proc = run_r1("rl", "--config", "configs/tiny/tools.yaml", f"model.path={tool_caller / 'sft' / 'hf'}",
+                  f"data.train={tool_caller / 'train.jsonl'}", "data.eval=", "train.steps=2",
+                  "grpo.prompts_per_step=8", "rollout.engine=vllm", "rollout.vllm.kv_cache_gb=0.25",
+                  f"train.output_dir={out}", "logging.progress=false", "logging.tensorboard=false", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "step" in m]
+    assert [m["step"] for m in steps] == [1, 2]
+    for m in steps:  # the mismatch counts model tokens only: tool output would be far off
+        assert m["tools/calls"] > 0.5 and m["tools/turns"] > 1.5, m
+        assert m["rollout/mismatch_kl"] < 1e-4 and m["rollout/mismatch_kl_max"] < 1e-2, m
+
+
 STALL = """
 import sys, time
 import vllm
