@@ -140,3 +140,17 @@ def test_sft_on_a_response_with_tool_calls_has_no_loss_on_the_tools_output(tiny_
     assert trained == response.replace("\n35222226\n```\n", "") + "<|im_end|>\n"  # the template's turn end
     whole = tokenize_conversation(tok, convo, DataConfig(template="chat", mask_tool_output=False))
     assert sum(t != IGNORE for t in whole.targets) > len(targets)
+
+
+def test_continuations_take_as_many_rows_a_generate_call_as_the_first_turn():
+    """A batching engine (transformers) sizes its calls by prompts; continuations are one row per prompt, so they
+    are asked for the first turn's rows per call rather than n times fewer."""
+    engine = Scripted(mult_script)
+    engine.prompts_per_call = lambda prompts, n, max_tokens: 3
+    seen = []
+    generate = engine.generate
+    engine.generate = lambda prompts, params: seen.append(params.rows_per_call) or generate(prompts, params)
+    generate_with_tools(engine, Chars(), [[ord(c) for c in "Q: 1*2?"]] * 4,
+                        SamplingParams(n=8, max_tokens=200, stop=("</answer>",)),
+                        TurnSettings(tools=("calculator",), max_turns=3, max_tokens=400))
+    assert seen == [0, 24]
