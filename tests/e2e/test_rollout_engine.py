@@ -201,16 +201,18 @@ def test_a_token_budget_sizes_each_transformers_generate_call(tiny_model):
     rollout.prompts_per_generate=3 samples (the per-call seeds follow the same chunks)."""
     from r1cli.interfaces import SamplingParams, build_engine
 
-    def run(*extra):
+    def run(*extra, rows_per_call=0):
         cfg = load_config(None, [f"model.path={tiny_model}", "rollout.engine=hf", "train.device=cpu", *extra])
         engine = build_engine(cfg.model, cfg.rollout)
         calls = []
         real = engine.model.generate
         engine.model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or real(**kw)
         ids = [[5 + (i + j) % 20 for j in range(12 - i % 3)] for i in range(10)]
-        out = engine.generate(ids, SamplingParams(n=2, max_tokens=8, seed=7, stop=()))
+        out = engine.generate(ids, SamplingParams(n=2, max_tokens=8, seed=7, stop=(), rows_per_call=rows_per_call))
         return calls, [[c.completion_ids for c in g] for g in out]
 
     calls, by_tokens = run("rollout.tokens_per_generate=130")
     assert calls == [6, 6, 6, 2]  # rows: prompts x n
     assert run("rollout.prompts_per_generate=3")[1] == by_tokens
+    # SamplingParams.rows_per_call (multi-turn continuations) sizes the calls by rows instead of prompts
+    assert run("rollout.prompts_per_generate=3", rows_per_call=8)[0] == [8, 8, 4]

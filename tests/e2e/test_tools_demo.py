@@ -35,5 +35,5 @@ def test_the_tools_demo_learns_to_call_the_tool(tmp_path):
 
     with_tool, without = pass1(True), pass1(False)
     assert with_tool - without >= 0.5, (with_tool, without)
-    share = [m["tools/call_share"] for m in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "step" in m]
+    share = [m["tools/call_share"] for m in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "tools/call_share" in m]
     assert sum(share[-10:]) / 10 - share[0] >= 0.3, share
