@@ -281,12 +281,15 @@ def convert_group():
 @click.argument("dst", type=str)
 @click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1), help="Tensor-parallel size.")
 @click.option("--pp", default=1, show_default=True, type=click.IntRange(min=1), help="Pipeline-parallel size.")
+@click.option("--ep", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Expert-parallel size (mixtures of experts: the experts split over EP ranks).")
 @click.option("--overwrite", is_flag=True, help="Replace DST if it exists.")
-def hf_to_megatron_cmd(src, dst, tp, pp, overwrite):
+def hf_to_megatron_cmd(src, dst, tp, pp, ep, overwrite):
     from r1cli.interfaces import CONVERTERS
 
-    out = CONVERTERS.get("hf-to-megatron")(src, dst, tp, pp, overwrite)
-    click.echo(f"wrote {tp} x {pp} (TP x PP) megatron shards to {out}")
+    out = CONVERTERS.get("hf-to-megatron")(src, dst, tp, pp, overwrite, ep=ep)
+    click.echo(f"wrote {tp} x {pp} (TP x PP) megatron shards to {out}" if ep == 1 else
+               f"wrote {tp} x {pp} x {ep} (TP x PP x EP) megatron shards to {out}")
 
 
 @convert_group.command("megatron-to-hf")

@@ -9,8 +9,11 @@
       embed / lm_head -> rows t of the vocabulary padded to a multiple of 128 x TP (zeros in the padding)
       layer L  -> stage L // (layers / PP), local index L % (layers / PP)
       norms (and Qwen3's q/k norms) are whole on every TP rank of their stage
+      mixtures of experts (EP ranks e): the router whole everywhere; expert i on EP rank i // (E / EP) as its
+                  local expert i % (E / EP), its gate/up/down split over TP as the dense MLP's
 
-A converted folder holds mp_rank_{t:02d}_{p:03d}/model.safetensors, megatron.json (layout, padded
+A converted folder holds mp_rank_{t:02d}_{p:03d}/model.safetensors (mp_rank_{t:02d}_{p:03d}_{e:03d} with expert
+parallelism, each holding its experts and a copy of everything else), megatron.json (layout, padded
 vocabulary, the HF config) and the HF config and tokenizer files for the way back. Reading goes
 through safetensors' lazy handles and writing one rank (or one HF shard) at a time, so peak memory
 is one rank's shard, never the model.
@@ -93,8 +96,9 @@ def _chunk(w: torch.Tensor, tp: int, t: int, dim: int) -> torch.Tensor:
     return w.chunk(tp, dim=dim)[t]
 
 
-def rank_state(hf: TensorFolder, s: Shape, tp: int, pp: int, t: int, p: int) -> dict[str, torch.Tensor]:
-    """One (TP rank, stage)'s megatron state dict, read from the HF tensors it needs."""
+def rank_state(hf: TensorFolder, s: Shape, tp: int, pp: int, t: int, p: int, ep: int = 1, e: int = 0
+               ) -> dict[str, torch.Tensor]:
+    """One (TP rank, stage, expert rank)'s megatron state dict, read from the HF tensors it needs."""
     f, m, vp = s.family, MEGATRON, padded_vocab(s.vocab, tp)
     out: dict[str, torch.Tensor] = {}
     if p == 0:
@@ -114,8 +118,17 @@ def rank_state(hf: TensorFolder, s: Shape, tp: int, pp: int, t: int, p: int) -> 
             out[dst + m["q_norm"]] = get(f.q_norm)
             out[dst + m["k_norm"]] = get(f.k_norm)
         out[dst + m["proj"]] = _chunk(get(f.o), tp, t, 1)
-        out[dst + m["fc1"]] = torch.cat([_chunk(get(f.gate), tp, t, 0), _chunk(get(f.up), tp, t, 0)])
-        out[dst + m["fc2"]] = _chunk(get(f.down), tp, t, 1)
+        if s.is_moe(layer):
+            out[dst + m["router"]] = get(f.router)
+            local = s.experts.count // ep
+            for j in range(local):
+                i = e * local + j
+                out[dst + m["expert_fc1"].format(j=j)] = torch.cat([_chunk(get(f.expert_gate.format(e=i)), tp, t, 0),
+                                                                    _chunk(get(f.expert_up.format(e=i)), tp, t, 0)])
+                out[dst + m["expert_fc2"].format(j=j)] = _chunk(get(f.expert_down.format(e=i)), tp, t, 1)
+        else:
+            out[dst + m["fc1"]] = torch.cat([_chunk(get(f.gate), tp, t, 0), _chunk(get(f.up), tp, t, 0)])
+            out[dst + m["fc2"]] = _chunk(get(f.down), tp, t, 1)
         out[dst + m["attn_norm"]] = get(f.attn_norm)
         out[dst + m["mlp_norm"]] = get(f.mlp_norm)
     if p == pp - 1:
@@ -127,8 +140,9 @@ def rank_state(hf: TensorFolder, s: Shape, tp: int, pp: int, t: int, p: int) -> 
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def rank_dir(t: int, p: int) -> str:
-    return f"mp_rank_{t:02d}_{p:03d}"
+def rank_dir(t: int, p: int, e: int | None = None) -> str:
+    """A rank's folder: TP rank t, stage p, and (with expert parallelism) expert rank e."""
+    return f"mp_rank_{t:02d}_{p:03d}" + (f"_{e:03d}" if e is not None else "")
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -170,36 +184,40 @@ def staging_for(dst: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def hf_to_megatron(src: str | Path, dst: str | Path, tp: int, pp: int, overwrite: bool = False) -> Path:
+def hf_to_megatron(src: str | Path, dst: str | Path, tp: int, pp: int, overwrite: bool = False, ep: int = 1) -> Path:
     src, dst = Path(src), Path(dst)
     cfg = read_hf_config(src)
     s = Shape.from_hf(cfg)
-    check_layout(s, tp, pp)
+    check_layout(s, tp, pp, ep=ep)
     hf = TensorFolder(src)
     check_not_source(src, dst)
     tmp = staging_for(dst, overwrite)
     for p in range(pp):
         for t in range(tp):
-            (tmp / rank_dir(t, p)).mkdir()
-            save_file(rank_state(hf, s, tp, pp, t, p), tmp / rank_dir(t, p) / "model.safetensors")
+            for e in range(ep):
+                d = tmp / rank_dir(t, p, e if ep > 1 else None)
+                d.mkdir()
+                save_file(rank_state(hf, s, tp, pp, t, p, ep, e), d / "model.safetensors")
     (tmp / "hf").mkdir()
     copy_hf_side_files(src, tmp / "hf")
-    layout = {"tensor_parallel": tp, "pipeline_parallel": pp, "model_type": s.model_type,
+    layout = {"tensor_parallel": tp, "pipeline_parallel": pp, "expert_parallel": ep, "model_type": s.model_type,
               "padded_vocab_size": padded_vocab(s.vocab, tp), "hf_config": cfg}
     (tmp / LAYOUT_FILE).write_text(json.dumps(layout, indent=1))
     publish(tmp, dst)
     return dst
 
 
-def _hf_tensors(src: Path, s: Shape, tp: int, pp: int) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_tensors(src: Path, s: Shape, tp: int, pp: int, ep: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) in HF order, each gathered from the rank files that hold its pieces."""
-    ranks = {(t, p): TensorFolder(src / rank_dir(t, p)) for t in range(tp) for p in range(pp)}
-    return hf_tensors_from(lambda t, p, name: ranks[t, p].get(name), s, tp, pp)
+    ranks = {(t, p, e): TensorFolder(src / rank_dir(t, p, e if ep > 1 else None))
+             for t in range(tp) for p in range(pp) for e in range(ep)}
+    return hf_tensors_from(lambda t, p, name, e=0: ranks[t, p, e].get(name), s, tp, pp, ep)
 
 
-def hf_tensors_from(get, s: Shape, tp: int, pp: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) in HF order from `get(t, p, megatron_name)`: the piece (TP rank t, stage p) holds.
-    Pieces are asked for name by name, t = 0..TP-1 in a row, so a live model can gather each one on demand."""
+def hf_tensors_from(get, s: Shape, tp: int, pp: int, ep: int = 1) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) in HF order from `get(t, p, megatron_name, e)`: the piece (TP rank t, stage p, expert
+    rank e) holds (e only for experts' weights). Pieces are asked for name by name, t = 0..TP-1 in a row, so a live
+    model can gather each one on demand."""
     f, m = s.family, MEGATRON
     vocab_cat = lambda p, name: torch.cat([get(t, p, name) for t in range(tp)])[:s.vocab]  # noqa: E731
     yield f.embed, vocab_cat(0, m["embed"])
@@ -220,10 +238,21 @@ def hf_tensors_from(get, s: Shape, tp: int, pp: int) -> Iterator[tuple[str, torc
             yield dst + f.q_norm, get(0, p, src_ + m["q_norm"])
             yield dst + f.k_norm, get(0, p, src_ + m["k_norm"])
         yield dst + f.o, torch.cat(per_rank(m["proj"]), dim=1)
-        halves = [w.chunk(2) for w in per_rank(m["fc1"])]
-        yield dst + f.gate, torch.cat([g for g, _ in halves])
-        yield dst + f.up, torch.cat([u for _, u in halves])
-        yield dst + f.down, torch.cat(per_rank(m["fc2"]), dim=1)
+        if s.is_moe(layer):
+            yield dst + f.router, get(0, p, src_ + m["router"])
+            local = s.experts.count // ep
+            for i in range(s.experts.count):
+                e, j = divmod(i, local)
+                halves = [get(t, p, src_ + m["expert_fc1"].format(j=j), e).chunk(2) for t in range(tp)]
+                yield dst + f.expert_gate.format(e=i), torch.cat([g for g, _ in halves])
+                yield dst + f.expert_up.format(e=i), torch.cat([u for _, u in halves])
+                yield dst + f.expert_down.format(e=i), torch.cat(
+                    [get(t, p, src_ + m["expert_fc2"].format(j=j), e) for t in range(tp)], dim=1)
+        else:
+            halves = [w.chunk(2) for w in per_rank(m["fc1"])]
+            yield dst + f.gate, torch.cat([g for g, _ in halves])
+            yield dst + f.up, torch.cat([u for _, u in halves])
+            yield dst + f.down, torch.cat(per_rank(m["fc2"]), dim=1)
         yield dst + f.attn_norm, get(0, p, src_ + m["attn_norm"])
         yield dst + f.mlp_norm, get(0, p, src_ + m["mlp_norm"])
     yield f.final_norm, get(0, pp - 1, m["final_norm"])
@@ -266,10 +295,10 @@ def megatron_to_hf(src: str | Path, dst: str | Path, overwrite: bool = False, sh
         raise R1Error(f"{src}: no {LAYOUT_FILE} (not a folder written by `r1 convert hf-to-megatron`)")
     layout = json.loads(layout_path.read_text())
     s = Shape.from_hf(layout["hf_config"])
-    tp, pp = layout["tensor_parallel"], layout["pipeline_parallel"]
+    tp, pp, ep = layout["tensor_parallel"], layout["pipeline_parallel"], layout.get("expert_parallel", 1)
     check_not_source(src, dst)
     tmp = staging_for(dst, overwrite)
-    write_hf_shards(_hf_tensors(src, s, tp, pp), tmp, shard_gb)
+    write_hf_shards(_hf_tensors(src, s, tp, pp, ep), tmp, shard_gb)
     for f in (src / "hf").iterdir():
         shutil.copy2(f, tmp / f.name)
     publish(tmp, dst)

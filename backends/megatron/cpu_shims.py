@@ -4,7 +4,9 @@ Loaded only by the megatron backend when there is no GPU. Measured with megatron
   - tensors made with device="cuda" / torch.cuda.current_device() (rotary frequencies, pipeline p2p buffers,
     the global memory buffer): a TorchFunctionMode maps every CUDA device argument to the CPU, and
     torch.cuda.current_device() answers "cpu";
-  - torch.cuda.synchronize() and stream waits: no-ops;
+  - torch.cuda.synchronize() and stream waits: no-ops; the MoE all-to-all dispatcher's side stream (made with
+    torch.cuda.Stream, entered with torch.cuda.stream) is one that does nothing, as the CPU runs all in order,
+    and its split sizes become numpy arrays as its copy to the host makes them on a GPU;
   - its optimizers and gradient clipping sort parameters by `tensor.type()` name and accept only
     "torch.cuda.*Tensor": `Tensor.type()` (no argument) answers the CUDA name of a CPU tensor's type;
   - its RNG tracker forks the CUDA RNG state: `model_parallel_cuda_manual_seed` is replaced by a tracker
@@ -48,6 +50,22 @@ class CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _InOrderStream:
+    """A CUDA stream's interface for code that overlaps copies on a side stream: on the CPU all work is in order."""
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return self  # an event that is already done: synchronize() returns at once
+
+    def synchronize(self) -> None:
+        pass
+
+
 def install() -> None:
     """Once per process, before megatron builds anything."""
     global _installed
@@ -56,14 +74,19 @@ def install() -> None:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     CudaToCpu().__enter__()  # for the life of the process
     from megatron.core.tensor_parallel import random as mrandom
 
     def cpu_seed(seed: int, *args, **kwargs) -> None:
+        from megatron.core import parallel_state as ps
+
         tracker = mrandom.get_cuda_rng_tracker()
         tracker.reset()
         torch.manual_seed(seed)
         tracker.add(mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718)
+        ep_rank = ps.get_expert_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+        tracker.add(mrandom._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank)
 
     class CpuForkTracker(mrandom.CudaRNGStatesTracker):
         def add(self, name, seed):
@@ -80,6 +103,19 @@ def install() -> None:
             finally:
                 self.states_[name] = torch.get_rng_state()
                 torch.set_rng_state(saved)
+
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _InOrderStream()  # its side stream to the host
+    to_host = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def splits_to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        """The split sizes the all-to-all takes as numpy arrays: what the GPU path's copy to the host makes them."""
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy, record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = splits_to_host
 
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as mutils

@@ -33,13 +33,28 @@ class Family:
     embed = "model.embed_tokens.weight"
     final_norm = "model.norm.weight"
     lm_head = "lm_head.weight"
+    # mixtures of experts: the router, and expert {e}'s SwiGLU (per-layer HF names)
+    router = "mlp.gate.weight"
+    expert_gate = "mlp.experts.{e}.gate_proj.weight"
+    expert_up = "mlp.experts.{e}.up_proj.weight"
+    expert_down = "mlp.experts.{e}.down_proj.weight"
+
+
+@dataclass(frozen=True)
+class Mixtral(Family):
+    router = "block_sparse_moe.gate.weight"
+    expert_gate = "block_sparse_moe.experts.{e}.w1.weight"
+    expert_up = "block_sparse_moe.experts.{e}.w3.weight"
+    expert_down = "block_sparse_moe.experts.{e}.w2.weight"
 
 
 # Megatron's local-spec names (prefix decoder.layers.{i}.) for the same weights
 MEGATRON = dict(
     qkv="self_attention.linear_qkv", proj="self_attention.linear_proj.weight",
     q_norm="self_attention.q_layernorm.weight", k_norm="self_attention.k_layernorm.weight",
-    fc1="mlp.linear_fc1.weight", fc2="mlp.linear_fc2.weight",
+    fc1="mlp.linear_fc1.weight", fc2="mlp.linear_fc2.weight", router="mlp.router.weight",
+    expert_fc1="mlp.experts.local_experts.{j}.linear_fc1.weight",
+    expert_fc2="mlp.experts.local_experts.{j}.linear_fc2.weight",
     attn_norm="input_layernorm.weight", mlp_norm="pre_mlp_layernorm.weight",
     embed="embedding.word_embeddings.weight", final_norm="decoder.final_layernorm.weight",
     output="output_layer.weight",
@@ -50,6 +65,34 @@ FAMILIES.register("llama", Family())
 FAMILIES.register("mistral", Family())
 FAMILIES.register("qwen2", Family(qkv_bias=True))
 FAMILIES.register("qwen3", Family(qk_norm=True))
+FAMILIES.register("qwen3_moe", Family(qk_norm=True))
+FAMILIES.register("mixtral", Mixtral())
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A mixture of experts as an HF config describes it (what megatron-core's MoE layer is told)."""
+
+    count: int  # routed experts
+    topk: int
+    ffn: int  # each expert's hidden size
+    renormalize: bool  # softmax over the top-k logits (top-k weights sum to 1) vs top-k of the full softmax
+    aux_coef: float
+    moe_layers: tuple[bool, ...]  # per layer: experts (True) or a dense MLP
+
+    @classmethod
+    def from_hf(cls, cfg: dict) -> "Experts | None":
+        kind, layers = cfg.get("model_type"), cfg["num_hidden_layers"]
+        if kind == "qwen3_moe":
+            step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+            count = cfg.get("num_experts") or cfg.get("num_local_experts")
+            return cls(count, cfg["num_experts_per_tok"], cfg["moe_intermediate_size"],
+                       bool(cfg.get("norm_topk_prob", False)), float(cfg.get("router_aux_loss_coef", 0.0)),
+                       tuple(i not in dense and (i + 1) % step == 0 for i in range(layers)))
+        if kind == "mixtral":
+            return cls(cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["intermediate_size"], True,
+                       float(cfg.get("router_aux_loss_coef", 0.0)), (True,) * layers)
+        return None
 
 
 @dataclass(frozen=True)
@@ -66,6 +109,7 @@ class Shape:
     head_dim: int
     vocab: int
     tied: bool
+    experts: Experts | None = None  # a mixture of experts
 
     @classmethod
     def from_hf(cls, cfg: dict) -> "Shape":
@@ -73,7 +117,10 @@ class Shape:
         heads = cfg["num_attention_heads"]
         return cls(family, cfg["model_type"], cfg["num_hidden_layers"], cfg["hidden_size"], cfg["intermediate_size"],
                    heads, cfg.get("num_key_value_heads") or heads, cfg.get("head_dim") or cfg["hidden_size"] // heads,
-                   cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)))
+                   cfg["vocab_size"], bool(cfg.get("tie_word_embeddings", False)), Experts.from_hf(cfg))
+
+    def is_moe(self, layer: int) -> bool:
+        return self.experts is not None and self.experts.moe_layers[layer]
 
 
 def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
@@ -82,9 +129,18 @@ def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
     return -(-vocab // step) * step
 
 
-def check_layout(shape: Shape, tp: int, pp: int, world: int | None = None) -> None:
-    """An impossible TP x PP layout is one line, before any model or weight is touched."""
+def check_layout(shape: Shape, tp: int, pp: int, world: int | None = None, ep: int = 1) -> None:
+    """An impossible TP x PP (x EP) layout is one line, before any model or weight is touched."""
     problems = []
+    if ep > 1 and shape.experts is None:
+        problems.append(f"expert_parallel={ep} needs a mixture of experts; {shape.model_type} has none")
+    if shape.experts is not None:
+        if shape.experts.count % ep:
+            problems.append(f"{shape.experts.count} experts are not divisible by expert_parallel={ep}")
+        if shape.experts.ffn % tp:
+            problems.append(f"expert hidden size {shape.experts.ffn} is not divisible by tensor_parallel={tp}")
+        if world is not None and (world // max(1, tp * pp)) % ep:
+            problems.append(f"expert_parallel={ep} must divide the data-parallel size {world // max(1, tp * pp)}")
     if shape.heads % tp:
         problems.append(f"{shape.heads} attention heads are not divisible by tensor_parallel={tp}")
     if shape.kv_heads % tp:

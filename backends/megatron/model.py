@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from r1cli.backends.megatron.convert import TensorFolder, rank_dir
+from r1cli.backends.megatron.convert import LAYOUT_FILE, TensorFolder, rank_dir
 from r1cli.backends.megatron.families import Shape, padded_vocab
 
 
@@ -69,6 +69,10 @@ def import_megatron():
         from r1cli.errors import missing_extra
 
         raise missing_extra("megatron-core", "megatron") from None
+    from megatron.core.transformer.moe import moe_utils
+
+    if not moe_utils.HAVE_TE:  # megatron-core 0.16.1's router asks `te_general_gemm is not None` without defining it
+        moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
     if not torch.cuda.is_available():
         from r1cli.backends.megatron import cpu_shims
 
@@ -87,8 +91,22 @@ def rope_theta(cfg: dict) -> float:
     return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
 
 
+def moe_options(s: Shape, ep: int) -> dict:
+    """megatron-core's MoE settings for the HF config's experts: softmax routing, top-k renormalised or not (Qwen3-MoE's
+    norm_topk_prob), the auxiliary load-balancing loss at the HF coefficient, dropless all-to-all dispatch, experts
+    split over `ep` ranks; the router in fp32 as transformers runs it."""
+    e = s.experts
+    if e is None:
+        return {}
+    return dict(num_moe_experts=e.count, moe_router_topk=e.topk, moe_ffn_hidden_size=e.ffn,
+                moe_router_score_function="softmax", moe_router_pre_softmax=not e.renormalize,
+                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=e.aux_coef,
+                moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_router_dtype="fp32",
+                moe_layer_freq=[int(x) for x in e.moe_layers], expert_model_parallel_size=ep)
+
+
 def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, *,
-                       sequence_parallel: bool = False, recompute: bool = False, fp8: str | None = None):
+                       sequence_parallel: bool = False, recompute: bool = False, fp8: str | None = None, ep: int = 1):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     s = Shape.from_hf(cfg)
@@ -106,7 +124,8 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         persist_layer_norm=False, gradient_accumulation_fusion=False, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None, sequence_parallel=sequence_parallel,
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}),
-        **(dict(fp8="hybrid", fp8_recipe={"delayed": "delayed", "current": "tensorwise"}[fp8]) if fp8 else {}))
+        **(dict(fp8="hybrid", fp8_recipe={"delayed": "delayed", "current": "tensorwise"}[fp8]) if fp8 else {}),
+        **moe_options(s, ep))
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -119,42 +138,51 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def layer_spec(cfg: dict, layers: int, te: bool = False):
-    """The block spec: megatron's local GPT layer (plain torch layers) with our RMSNorm everywhere, or (te) its
-    Transformer Engine layer, whose linear layers run FP8 and carry the norms before them (families.te_name)."""
+def layer_spec(cfg: dict, layers: range, te: bool = False):
+    """The block spec of these (global) layers: megatron's local GPT layer (plain torch layers) with our RMSNorm
+    everywhere, or (te) its Transformer Engine layer, whose linear layers run FP8 and carry the norms before them
+    (families.te_name); a mixture of experts' layers get megatron's MoE layer (SequentialMLP experts)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
-    qk_norm = Shape.from_hf(cfg).family.qk_norm
+    s = Shape.from_hf(cfg)
+    qk_norm = s.family.qk_norm
+    experts = {False: None, True: s.experts.count if s.experts else None}
     if te:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-        return ModuleSpec(module=TransformerBlock,
-                          submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=TENorm))
+        specs = {moe: get_gpt_layer_with_transformer_engine_spec(num_experts=n, moe_grouped_gemm=n is not None,
+                                                                 qk_layernorm=qk_norm) for moe, n in experts.items()}
+        return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+            layer_specs=[specs[s.is_moe(i)] for i in layers], layer_norm=TENorm))
 
-    layer = get_gpt_layer_local_spec(qk_layernorm=qk_norm)
-    sub = layer.submodules
-    sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
-    if qk_norm:
-        sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
-    return ModuleSpec(module=TransformerBlock,
-                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=RMSNorm))
+    specs = {}
+    for moe, n in experts.items():
+        layer = get_gpt_layer_local_spec(num_experts=n, moe_grouped_gemm=False, qk_layernorm=qk_norm)
+        sub = layer.submodules
+        sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
+        if qk_norm:
+            sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
+        specs[moe] = layer
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
+        layer_specs=[specs[s.is_moe(i)] for i in layers], layer_norm=RMSNorm))
 
 
 def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, te: bool = False, **options):
-    """This rank's GPTModel (its pipeline stage, its tensor shards), with Transformer Engine layers when `te`;
-    options: sequence_parallel, recompute, fp8 (None, "delayed" or "current": the TE layers with that FP8 scaling
-    recipe)."""
+    """This rank's GPTModel (its pipeline stage, its tensor shards, its experts), with Transformer Engine layers
+    when `te`; options: sequence_parallel, recompute, fp8 (None, "delayed" or "current": the TE layers with that FP8
+    scaling recipe), ep (expert parallel ranks)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 
     s = Shape.from_hf(cfg)
+    per, stage = s.layers // pp, ps.get_pipeline_model_parallel_rank()
     return GPTModel(
         config=transformer_config(cfg, tp, pp, dtype, **options),
-        transformer_layer_spec=layer_spec(cfg, s.layers // pp, te=te or options.get("fp8") is not None),
+        transformer_layer_spec=layer_spec(cfg, range(stage * per, (stage + 1) * per),
+                                          te=te or options.get("fp8") is not None),
         vocab_size=padded_vocab(s.vocab, tp), max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=s.tied, position_embedding_type="rope",
@@ -200,8 +228,11 @@ def load_converted(model, folder: Path, rename=lambda name: name) -> None:
     """Load this rank's shard of a `r1 convert hf-to-megatron` folder (strict: every weight, nothing else)."""
     from megatron.core import parallel_state as ps
 
+    layout = Path(folder) / LAYOUT_FILE
+    ep = json.loads(layout.read_text()).get("expert_parallel", 1) if layout.is_file() else 1
     files = TensorFolder(Path(folder) / rank_dir(ps.get_tensor_model_parallel_rank(),
-                                                 ps.get_pipeline_model_parallel_rank()))
+                                                 ps.get_pipeline_model_parallel_rank(),
+                                                 ps.get_expert_model_parallel_rank() if ep > 1 else None))
     missing, unexpected = model.load_state_dict({rename(n): files.get(n) for n in files.where}, strict=False)
     missing = [m for m in missing if not m.endswith("_extra_state")]
     if missing or unexpected:

@@ -414,7 +414,7 @@ class MegatronTrainer:
         local = self.model.state_dict()
         cache: dict = {}
 
-        def get(t: int, stage: int, name: str) -> torch.Tensor:
+        def get(t: int, stage: int, name: str, e: int = 0) -> torch.Tensor:
             if cache.get("key") != (stage, name):
                 cache["key"], own = (stage, name), self._name(name)
                 shape, dtype = self._shapes[stage][own]

@@ -1,4 +1,5 @@
-"""Load Llama / Qwen2 / Qwen3-family models from local Hugging Face folders."""
+"""Load Llama / Qwen2 / Qwen3-family models and the mixtures of experts Qwen3-MoE, Mixtral and DeepSeek-V3 from
+local Hugging Face folders."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from r1cli.config import ModelConfig
 from r1cli.errors import R1Error
 
-SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe", "mixtral", "deepseek_v3")  # the last three: experts
 
 
 def quiet_transformers() -> None:

@@ -26,9 +26,13 @@ CHATML = (
 )
 
 
+FAMILIES = ("qwen2", "llama", "qwen3", "qwen3_moe", "mixtral", "deepseek_v3")
+MOE = ("qwen3_moe", "mixtral", "deepseek_v3")
+
+
 @dataclass
 class TinySpec:
-    family: str = "qwen2"  # qwen2 | llama | qwen3
+    family: str = "qwen2"  # one of FAMILIES; qwen3_moe, mixtral, deepseek_v3 are mixtures of experts
     hidden_size: int = 64
     intermediate_size: int = 256
     num_hidden_layers: int = 2
@@ -39,6 +43,18 @@ class TinySpec:
     tie_word_embeddings: bool = True
     seed: int = 0
     extra_corpus: list[str] = field(default_factory=list)
+    # mixtures of experts (the MoE families): routed experts, experts per token, each expert's hidden size
+    num_experts: int = 4
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 64
+    norm_topk_prob: bool = True  # the top-k routing weights renormalised to sum to 1 (Qwen3-MoE, DeepSeek-V3)
+    n_shared_experts: int = 1  # deepseek_v3: always-on experts beside the routed ones
+    first_k_dense_replace: int = 1  # deepseek_v3: the first layers keep a dense MLP
+    kv_lora_rank: int = 32  # deepseek_v3's multi-head latent attention
+    q_lora_rank: int = 0  # 0: no low-rank query (DeepSeek-V2-Lite style)
+    qk_rope_head_dim: int = 8
+    qk_nope_head_dim: int = 16
+    v_head_dim: int = 16
 
 
 def load_spec(path: str | None) -> TinySpec:
@@ -87,6 +103,29 @@ def build_tokenizer(spec: TinySpec):
     return fast
 
 
+def moe_config(spec: TinySpec) -> dict:
+    """The HF config keys of a MoE family's experts and router (each family names them its own way)."""
+    if spec.family not in MOE:
+        return {}
+    if spec.num_experts_per_tok > spec.num_experts:
+        raise R1Error(f"num_experts_per_tok={spec.num_experts_per_tok} is more than num_experts={spec.num_experts}")
+    if spec.family == "qwen3_moe":
+        return dict(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                    moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
+                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+    if spec.family == "mixtral":  # every expert as large as the dense MLP would be; top-k weights renormalised
+        return dict(num_local_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                    intermediate_size=spec.moe_intermediate_size, router_aux_loss_coef=0.001)
+    return dict(n_routed_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
+                n_shared_experts=spec.n_shared_experts, first_k_dense_replace=spec.first_k_dense_replace,
+                n_group=1, topk_group=1, routed_scaling_factor=1.0, kv_lora_rank=spec.kv_lora_rank,
+                q_lora_rank=spec.q_lora_rank or None, qk_rope_head_dim=spec.qk_rope_head_dim,
+                qk_nope_head_dim=spec.qk_nope_head_dim, v_head_dim=spec.v_head_dim,
+                head_dim=spec.qk_rope_head_dim, rope_interleave=True,
+                num_key_value_heads=spec.num_attention_heads)  # latent attention: no grouped key/value heads
+
+
 def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, overwrite: bool = False) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -105,10 +144,11 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, overwrit
         tie_word_embeddings=spec.tie_word_embeddings, bos_token_id=None,
         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, rope_theta=10000.0,
     )
-    if spec.family == "qwen3":
+    if spec.family not in FAMILIES:
+        raise R1Error(f"tiny model family '{spec.family}' is not one of {', '.join(FAMILIES)}")
+    if spec.family in ("qwen3", "qwen3_moe"):
         kw["head_dim"] = head_dim
-    if spec.family not in ("qwen2", "llama", "qwen3"):
-        raise R1Error(f"tiny model family '{spec.family}' is not one of qwen2, llama, qwen3")
+    kw.update(moe_config(spec))
     config = AutoConfig.for_model(spec.family, **kw)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -1,0 +1,121 @@
+"""Mixtures of experts through megatron-core: tiny Qwen3-MoE and Mixtral models (`r1 data tiny-model --spec`),
+their conversion over TP x PP x EP, and megatron-core's MoE layer (router, all-to-all token dispatch over gloo,
+SequentialMLP experts) on the converted shards against transformers' own MoE modules."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_r1
+from safetensors import safe_open
+
+from r1cli.backends.megatron.convert import TensorFolder, hf_to_megatron, megatron_to_hf, rank_dir
+
+MOE_SPECS = {"qwen3_moe": dict(family="qwen3_moe", tie_word_embeddings=False),
+             "mixtral": dict(family="mixtral")}
+
+
+@pytest.fixture(scope="module")
+def moe_models(tmp_path_factory):
+    """Tiny MoE folders (4 experts, top 2) with random non-zero norms, so that a mixed-up copy cannot pass."""
+    from safetensors.torch import save_file
+
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    built = {}
+
+    def get(name):
+        if name not in built:
+            path = build_tiny_model(tmp_path_factory.mktemp(name) / "hf", TinySpec(**MOE_SPECS[name]))
+            files = TensorFolder(path)
+            tensors = {n: files.get(n) for n in files.where}
+            g = torch.Generator().manual_seed(1)
+            for n, t in tensors.items():
+                if "norm" in n:
+                    tensors[n] = torch.randn(t.shape, generator=g)
+            save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+            built[name] = path
+        return built[name]
+
+    return get
+
+
+def _all(folder):
+    f = TensorFolder(folder)
+    return {n: f.get(n) for n in f.where}
+
+
+@pytest.mark.parametrize("name", list(MOE_SPECS))
+def test_moe_round_trip_is_bit_identical_at_tp2_pp2_ep2(moe_models, name, tmp_path):
+    model = moe_models(name)
+    meg = hf_to_megatron(model, tmp_path / "meg", tp=2, pp=2, ep=2)
+    assert sorted(p.name for p in meg.glob("mp_rank_*")) == [rank_dir(t, p, e) for t in range(2) for p in range(2)
+                                                            for e in range(2)]
+    back = megatron_to_hf(meg, tmp_path / "back")
+    a, b = _all(model), _all(back)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[n], b[n]) for n in a), [n for n in a if not torch.equal(a[n], b[n])]
+
+
+def test_each_expert_rank_holds_its_experts_split_over_tp_and_the_whole_router(moe_models, tmp_path):
+    """4 experts over EP=2: rank e holds experts 2e, 2e+1 as its local experts 0, 1; each expert's gate and up
+    rows are split over TP like the dense MLP's, [gate rows t | up rows t]; the router is whole everywhere."""
+    model = moe_models("qwen3_moe")
+    hf = _all(model)
+    meg = hf_to_megatron(model, tmp_path / "meg", tp=2, pp=1, ep=2)
+    pre = "model.layers.1.mlp."
+    for t in range(2):
+        for e in range(2):
+            with safe_open(meg / rank_dir(t, 0, e) / "model.safetensors", "pt") as h:
+                names = [n for n in h.keys() if "local_experts" in n and "layers.1." in n]
+                assert len(names) == 4  # 2 experts x (fc1, fc2)
+                for j in range(2):
+                    i = 2 * e + j
+                    fc1 = h.get_tensor(f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc1.weight")
+                    gate, up = hf[pre + f"experts.{i}.gate_proj.weight"], hf[pre + f"experts.{i}.up_proj.weight"]
+                    half = gate.shape[0] // 2
+                    assert torch.equal(fc1, torch.cat([gate[t * half:(t + 1) * half], up[t * half:(t + 1) * half]]))
+                    fc2 = h.get_tensor(f"decoder.layers.1.mlp.experts.local_experts.{j}.linear_fc2.weight")
+                    down = hf[pre + f"experts.{i}.down_proj.weight"]
+                    assert torch.equal(fc2, down.chunk(2, dim=1)[t])
+                assert torch.equal(h.get_tensor("decoder.layers.1.mlp.router.weight"), hf[pre + "gate.weight"])
+
+
+def test_impossible_expert_layouts_are_one_line(moe_models, tmp_path):
+    proc = run_r1("convert", "hf-to-megatron", str(moe_models("qwen3_moe")), str(tmp_path / "x"), "--ep", "3")
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "4 experts are not divisible by expert_parallel=3" in lines[0]
+    from r1cli.models.tiny import build_tiny_model
+
+    dense = build_tiny_model(tmp_path / "dense")
+    proc = run_r1("convert", "hf-to-megatron", str(dense), str(tmp_path / "y"), "--ep", "2")
+    assert proc.returncode == 2 and "expert_parallel=2 needs a mixture of experts; qwen2 has none" in proc.stderr
+    proc = run_r1("convert", "hf-to-megatron", str(moe_models("mixtral")), str(tmp_path / "z"), "--ep", "2")
+    assert proc.returncode == 0 and "wrote 1 x 1 x 2 (TP x PP x EP) megatron shards" in proc.stdout, proc.stderr
+
+
+def logits(model, tmp_path, tp: int, pp: int, ep: int) -> dict:
+    """TP x PP x EP processes: the expert ranks are the data-parallel ones (EP data-parallel replicas)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={tp * pp * ep}", "--standalone",
+           str(ROOT / "tests" / "megatron_logits.py"), str(model), str(tmp_path / "meg"), str(tp), str(pp), str(ep)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    return json.loads(line[0][len("RESULT "):])
+
+
+@pytest.mark.parametrize("name,tp,pp,ep", [
+    ("qwen3_moe", 1, 1, 2), ("qwen3_moe", 2, 1, 1), ("mixtral", 1, 1, 2),
+    *(pytest.param(*case, marks=pytest.mark.slow) for case in
+      [("qwen3_moe", 2, 1, 2), ("qwen3_moe", 1, 2, 2), ("mixtral", 2, 1, 1)])])
+def test_megatron_core_moe_logits_equal_transformers(moe_models, name, tp, pp, ep, tmp_path):
+    """megatron-core's MoE layer on the converted shards - softmax router with the top-k weights renormalised,
+    dropless all-to-all dispatch over gloo when EP > 1, experts split over TP - gives transformers' logits: the
+    expert placement, the router and the expert SwiGLU fusion agree with megatron's own layers."""
+    out = logits(moe_models(name), tmp_path, tp, pp, ep)
+    assert out["max_diff"] < 1e-5 * max(1.0, out["scale"]), out
