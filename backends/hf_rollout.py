@@ -57,15 +57,13 @@ class HFGenerateEngine:
         self.offloaded = False  # asleep: the own copy is in host memory
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (HF name, tensor) pairs into the engine's own copy, in place; a shared module needs nothing."""
+        """Copy (HF checkpoint name, tensor) pairs into the engine's own copy, in place (a mixture of experts'
+        per-expert tensors into its fused ones); a shared module needs nothing."""
         if self.shared:
             return
-        params = self.model.state_dict()
-        with torch.no_grad():
-            for name, t in weights:
-                if name not in params:
-                    raise KeyError(f"load_weights: the engine's model has no weight named {name!r}")
-                params[name].copy_(t)
+        from r1cli.models.weight_names import load_checkpoint_named
+
+        load_checkpoint_named(self.model, weights)
 
     def sleep(self) -> None:
         """An own copy on an accelerator goes to host memory while the trainer runs (a sharded trainer's step

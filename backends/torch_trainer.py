@@ -25,6 +25,7 @@ from r1cli.interfaces import LossInput, choose_loss_input
 from r1cli.lr_schedule import lr_factor
 from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
+from r1cli.models.weight_names import to_checkpoint_names
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch, token_budget_micro_batches
 
@@ -70,10 +71,12 @@ class TorchTrainer:
 
     def __init__(self, model: ModelConfig, train: TrainConfig, optim: OptimConfig, parallel: ParallelConfig,
                  need_reference: bool = False):
-        if not self.model_parallel and (parallel.tensor_parallel > 1 or parallel.pipeline_parallel > 1):
+        if not self.model_parallel and (parallel.tensor_parallel > 1 or parallel.pipeline_parallel > 1 or
+                                        parallel.expert_parallel > 1):
             raise R1Error(f"parallel.backend={parallel.backend} is data parallel only: parallel.tensor_parallel="
-                          f"{parallel.tensor_parallel} and parallel.pipeline_parallel={parallel.pipeline_parallel} "
-                          "need a model-parallel backend (megatron)")
+                          f"{parallel.tensor_parallel}, parallel.pipeline_parallel={parallel.pipeline_parallel} and "
+                          f"parallel.expert_parallel={parallel.expert_parallel} need a model-parallel backend "
+                          "(megatron)")
         if model.precision == "fp8":
             raise R1Error("model.precision=fp8 needs parallel.backend=megatron (Transformer Engine layers)")
         self.model_cfg, self.train_cfg, self.optim_cfg, self.parallel_cfg = model, train, optim, parallel
@@ -315,13 +318,14 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ weights and state
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) one at a time; a sharded parameter is gathered alone (a collective: every rank
-        iterates in the same order)."""
+        """(HF checkpoint name, full tensor) one at a time; a sharded parameter is gathered alone (a collective: every
+        rank iterates in the same order). A mixture of experts' fused tensors go out per expert, as its files name
+        them (r1cli.models.weight_names)."""
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if self.lora:  # the adapters folded in, under the base model's names (what an engine and the export take)
-            yield from lora.merged_weights(self.model, _full)
+            yield from to_checkpoint_names(base, lora.merged_weights(self.model, _full))
             return
-        for name, t in self.model.state_dict().items():
-            yield name, _full(t)
+        yield from to_checkpoint_names(base, ((name, _full(t)) for name, t in self.model.state_dict().items()))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded policy weights on CPU, on rank 0 only (a collective: every rank calls it)."""

@@ -188,6 +188,9 @@ class ParallelConfig:
     backend: str = named("torch", "r1cli.interfaces:TRAINERS")  # trainer backend
     tensor_parallel: int = bounded(1, 1)  # model-parallel backends (megatron)
     pipeline_parallel: int = bounded(1, 1)
+    # mixtures of experts on megatron: the experts split over this many of the data-parallel ranks (all-to-all
+    # token dispatch); every other weight stays replicated over data parallelism
+    expert_parallel: int = bounded(1, 1)
     # how long a collective waits for the slowest rank before the run stops (NCCL's default is 10 min; rank 0
     # writing a 7B model's optimizer state, or one rank's long generations, can take longer)
     timeout_min: float = bounded(30.0, 0.0, above=True)

@@ -2,6 +2,7 @@
 distributed optimizer and distributed checkpoints, behind the same door as the torch backend.
 
     parallel.backend: megatron      parallel.tensor_parallel / pipeline_parallel (DP = world / (TP x PP))
+    parallel.expert_parallel        mixtures of experts: the experts over EP of the DP ranks (all-to-all dispatch)
     parallel.megatron.sequence_parallel  parallel.megatron.distributed_optimizer
     model.gradient_checkpointing (full recompute)
 
@@ -135,16 +136,19 @@ class MegatronTrainer:
     def __init__(self, model: ModelConfig, train: TrainConfig, optim: OptimConfig, parallel: ParallelConfig,
                  need_reference: bool = False):
         self.model_cfg, self.train_cfg, self.optim_cfg, self.parallel_cfg = model, train, optim, parallel
-        tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+        tp, pp, ep = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.expert_parallel
+        self.ep = ep
         self.hf_cfg, self.hf_folder, layout = _source(model.path)
         self.shape = Shape.from_hf(self.hf_cfg)
-        check_layout(self.shape, tp, pp, int(os.environ.get("WORLD_SIZE", "1")))
+        check_layout(self.shape, tp, pp, int(os.environ.get("WORLD_SIZE", "1")), ep=ep)
         if parallel.megatron.sequence_parallel and tp == 1:
             raise R1Error("parallel.megatron.sequence_parallel needs parallel.tensor_parallel > 1")
-        if layout is not None and (layout["tensor_parallel"], layout["pipeline_parallel"]) != (tp, pp):
-            raise R1Error(f"{model.path} was converted for tensor_parallel={layout['tensor_parallel']} x "
-                          f"pipeline_parallel={layout['pipeline_parallel']}, not {tp} x {pp}: convert the HF folder "
-                          "again or point model.path at the HF folder (each rank then reads its own shard)")
+        converted = layout and (layout["tensor_parallel"], layout["pipeline_parallel"],
+                                layout.get("expert_parallel", 1))
+        if layout is not None and converted != (tp, pp, ep):
+            raise R1Error(f"{model.path} was converted for tensor_parallel x pipeline_parallel x expert_parallel = "
+                          f"{' x '.join(map(str, converted))}, not {tp} x {pp} x {ep}: convert the HF folder again or "
+                          "point model.path at the HF folder (each rank then reads its own shard)")
         self.fp8 = model.fp8_recipe if model.precision == "fp8" else None
         if self.fp8:
             check_fp8()
@@ -181,7 +185,8 @@ class MegatronTrainer:
         ps = self.ps
         if ps.model_parallel_is_initialized():  # a second trainer in this process (tests, r1 pipeline)
             ps.destroy_model_parallel()
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     expert_model_parallel_size=self.ep)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local, tp, pp,
                                  dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group(),
@@ -197,15 +202,23 @@ class MegatronTrainer:
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
-                                recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te)
+                                recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te, ep=self.ep)
         if layout is not None:
             load_converted(model, Path(m.path), rename=self._name)
         else:  # straight from the HF folder: this rank's shard only
-            state = rank_state(TensorFolder(self.hf_folder), self.shape, p.tp_size, p.pp_size, p.tp_rank, p.pp_rank)
+            state = rank_state(TensorFolder(self.hf_folder), self.shape, p.tp_size, p.pp_size, p.tp_rank, p.pp_rank,
+                               self.ep, self.ps.get_expert_model_parallel_rank())
             missing, unexpected = model.load_state_dict({self._name(k): v for k, v in state.items()}, strict=False)
             missing = [k for k in missing if not k.endswith("_extra_state")]
             if missing or unexpected:
                 raise RuntimeError(f"megatron state from {m.path}: missing {missing}, unexpected {unexpected}")
+        if self.shape.experts is not None:
+            # experts count as expert parallel at EP=1 too (reduced over the expert data-parallel group, which is
+            # then the whole data-parallel one): the optimizer is [dense, experts] at every EP, so a checkpoint's
+            # Adam state loads at another EP
+            for name, q in model.named_parameters():
+                if ".experts." in name:
+                    q.allreduce = False
         if self.device.type == "cuda":
             model = model.to(self.device)
         follow_position_ids(model)
@@ -414,6 +427,13 @@ class MegatronTrainer:
         local = self.model.state_dict()
         cache: dict = {}
 
+        def gather(piece: torch.Tensor, size: int, group) -> list[torch.Tensor]:
+            if size == 1:
+                return [piece]
+            pieces = [p.on_group_device(torch.empty_like(piece)) for _ in range(size)]
+            dist.all_gather(pieces, piece, group=group)
+            return pieces
+
         def get(t: int, stage: int, name: str, e: int = 0) -> torch.Tensor:
             if cache.get("key") != (stage, name):
                 cache["key"], own = (stage, name), self._name(name)
@@ -423,14 +443,17 @@ class MegatronTrainer:
                 if p.pp_size > 1:
                     src = dist.get_process_group_ranks(p.pp_group)[stage]
                     dist.broadcast(piece, src=src, group=p.pp_group)
-                pieces = [piece]
-                if p.tp_size > 1:
-                    pieces = [p.on_group_device(torch.empty_like(piece)) for _ in range(p.tp_size)]
-                    dist.all_gather(pieces, piece, group=p.tp_group)
-                cache["pieces"] = pieces
-            return cache["pieces"][t]
+                if ".local_experts." in name:  # an expert's piece: expert rank e's local expert, then its TP shards
+                    ps = self.ps
+                    cache["pieces"] = [gather(q, ps.get_expert_tensor_parallel_world_size(),
+                                              ps.get_expert_tensor_parallel_group())
+                                       for q in gather(piece, self.ep, ps.get_expert_model_parallel_group())]
+                else:
+                    cache["pieces"] = [gather(piece, p.tp_size, p.tp_group)]
+            pieces = cache["pieces"]
+            return pieces[e if len(pieces) > 1 else 0][t]
 
-        yield from hf_tensors_from(get, self.shape, p.tp_size, p.pp_size)
+        yield from hf_tensors_from(get, self.shape, p.tp_size, p.pp_size, self.ep)
 
     def _sharded_state(self, loading: bool) -> dict:
         if loading:

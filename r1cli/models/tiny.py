@@ -48,6 +48,7 @@ class TinySpec:
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 64
     norm_topk_prob: bool = True  # the top-k routing weights renormalised to sum to 1 (Qwen3-MoE, DeepSeek-V3)
+    router_aux_loss_coef: float = 0.001  # the load-balancing loss's weight (qwen3_moe, mixtral)
     n_shared_experts: int = 1  # deepseek_v3: always-on experts beside the routed ones
     first_k_dense_replace: int = 1  # deepseek_v3: the first layers keep a dense MLP
     kv_lora_rank: int = 32  # deepseek_v3's multi-head latent attention
@@ -112,10 +113,10 @@ def moe_config(spec: TinySpec) -> dict:
     if spec.family == "qwen3_moe":
         return dict(num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
                     moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
-                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001)
+                    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=spec.router_aux_loss_coef)
     if spec.family == "mixtral":  # every expert as large as the dense MLP would be; top-k weights renormalised
         return dict(num_local_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
-                    intermediate_size=spec.moe_intermediate_size, router_aux_loss_coef=0.001)
+                    intermediate_size=spec.moe_intermediate_size, router_aux_loss_coef=spec.router_aux_loss_coef)
     return dict(n_routed_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
                 moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
                 n_shared_experts=spec.n_shared_experts, first_k_dense_replace=spec.first_k_dense_replace,

@@ -1,6 +1,7 @@
 """Mixtures of experts through megatron-core: tiny Qwen3-MoE and Mixtral models (`r1 data tiny-model --spec`),
-their conversion over TP x PP x EP, and megatron-core's MoE layer (router, all-to-all token dispatch over gloo,
-SequentialMLP experts) on the converted shards against transformers' own MoE modules."""
+their conversion over TP x PP x EP, megatron-core's MoE layer (router, all-to-all token dispatch over gloo,
+SequentialMLP experts) on the converted shards against transformers' own MoE modules, the Megatron trainer at
+parallel.expert_parallel=2 against the torch backend, and its checkpoints across EP."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, run_r1
 from safetensors import safe_open
+from test_megatron_trainer import assert_same_steps, step_run
 
 from r1cli.backends.megatron.convert import TensorFolder, hf_to_megatron, megatron_to_hf, rank_dir
 
@@ -119,3 +121,47 @@ def test_megatron_core_moe_logits_equal_transformers(moe_models, name, tp, pp, e
     expert placement, the router and the expert SwiGLU fusion agree with megatron's own layers."""
     out = logits(moe_models(name), tmp_path, tp, pp, ep)
     assert out["max_diff"] < 1e-5 * max(1.0, out["scale"]), out
+
+
+@pytest.fixture(scope="module")
+def moe_steps(tmp_path_factory):
+    """A tiny Qwen3-MoE without the auxiliary loss (the torch backend trains through transformers' MoE modules,
+    which add it only to their own causal-LM loss) and the torch backend's SFT + GRPO steps on it."""
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    d = tmp_path_factory.mktemp("moe-steps")
+    model = build_tiny_model(d / "hf", TinySpec(family="qwen3_moe", tie_word_embeddings=False,
+                                                router_aux_loss_coef=0.0))
+    return model, step_run(model, d / "torch", "torch", 1, 1)
+
+
+@pytest.mark.parametrize("layout", ["ep1", "ep2"])
+def test_one_sft_and_one_grpo_step_at_ep2_equal_the_torch_backend(moe_steps, layout, tmp_path):
+    """megatron-core's MoE layer against transformers' own: at EP=2 each rank holds two of the four experts and
+    its tokens reach the others by all-to-all; the losses, the gradient norm and the weights after both Adam
+    steps (expert by expert, gathered back to HF names) equal the torch backend's single process."""
+    model, reference = moe_steps
+    extra = ["dp2", "parallel.expert_parallel=2"] if layout == "ep2" else []
+    run = step_run(model, tmp_path / layout, "megatron", 1, 1, *extra)
+    # log-probs: megatron sums the top-k experts' outputs in another order than transformers (fp32 rounding)
+    assert_same_steps(reference, run, logp=layout == "ep1", logp_atol=1e-4)
+
+
+def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_logprobs(moe_steps, tmp_path):
+    """megatron's distributed checkpoint holds each expert once, whichever rank saved it: loaded by one process
+    at EP=1 it gives the log-probs the EP=2 run had after its SFT step, and the GRPO step after loading equals
+    the one the EP=2 run took; the EP=2 run's Hugging Face export loads in transformers."""
+    model, _ = moe_steps
+    saved = step_run(model, tmp_path / "save", "megatron", 1, 1, "dp2", "parallel.expert_parallel=2",
+                     "--save", str(tmp_path / "ckpt"), "--export", str(tmp_path / "hf"))
+    loaded = step_run(model, tmp_path / "load", "megatron", 1, 1, "--load", str(tmp_path / "ckpt"))
+    before = torch.tensor(saved[0]["after_sft_logp"])  # rank 0's rows 0, 2, 4, 6
+    after = torch.tensor(loaded[0]["after_sft_logp"])[::2, :before.shape[1]]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert_same_steps(saved, loaded, logp=False)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    exported = _all(tmp_path / "hf")
+    assert exported.keys() == saved[1].keys() and all(torch.equal(exported[n], saved[1][n]) for n in exported)
+    assert hf.config.model_type == "qwen3_moe"
