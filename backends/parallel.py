@@ -86,6 +86,14 @@ class DistributedContext:
             dist.all_reduce(t, op=op, group=self.dp_group)
         return float(t)
 
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor summed elementwise over the data-parallel group (float64, on the CPU)."""
+        t = t.detach().to(torch.float64)
+        if self.distributed and self.dp_size > 1:
+            t = self.on_group_device(t.clone())
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return t.cpu()
+
     def reduce_metric_sums(self, sums: dict) -> dict[str, float]:
         """A step's metric sums over the data-parallel group: keys ending in _max by maximum, the rest by sum (the
         order is fixed, so every rank issues the same collectives)."""

@@ -25,6 +25,7 @@ from r1cli.interfaces import LossInput, choose_loss_input
 from r1cli.lr_schedule import lr_factor
 from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
+from r1cli.models.router_stats import RouterStats, hook_transformers_routers
 from r1cli.models.weight_names import to_checkpoint_names
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch, token_budget_micro_batches
@@ -93,6 +94,8 @@ class TorchTrainer:
         self.lora = lora.enabled(model.lora)
         self.adapters = None  # the peft wrapper under LoRA (its config writes the adapter folder)
         self.model, self.loss_module = self._load(model)
+        self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
+        hook_transformers_routers(self.model, self.router_stats)
         self.wrapped = self._parallelize(self.loss_module)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.loss_module.parameters() if p.requires_grad], lr=optim.lr,
@@ -271,6 +274,7 @@ class TorchTrainer:
         takes = choose_loss_input(loss, self.loss_inputs, self.parallel_cfg.torch.fused_linear == "one_pass", "torch")
         chunks = self._micro_batches(batch)
         sums: dict[str, float] = {}
+        self.router_stats.start()
         for ci, rows in enumerate(chunks):
             mb = batch.select(rows)
             ids, pos, idx, tgt = self._tensors(mb)
@@ -294,6 +298,7 @@ class TorchTrainer:
             add_metric_sums(sums, part)
         out = self._optimizer_step()
         out.update(loss.finish(self.parallel.reduce_metric_sums(sums)))
+        out.update(self.router_stats.metrics(self.parallel.sum_tensor))
         return out
 
     def update_reference(self) -> None:

@@ -31,6 +31,7 @@ from r1cli.interfaces import LossInput, choose_loss_input
 from r1cli.kernels import pick_impl
 from r1cli.lr_schedule import lr_factor
 from r1cli.models.loading import load_tokenizer, resolve_device
+from r1cli.models.router_stats import RouterStats
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch, token_budget_micro_batches
 
@@ -94,6 +95,22 @@ def thd_params(pos: torch.Tensor) -> dict:
     cu = torch.cat([flat.nonzero().reshape(-1), torch.tensor([flat.numel()], device=pos.device)]).to(torch.int32)
     longest = int((cu[1:] - cu[:-1]).max())
     return dict(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def hook_routers(model, stats: RouterStats) -> None:
+    """Record each megatron-core router's logits (its gating) and routing map into `stats`."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    for name, module in model.named_modules():
+        if isinstance(module, TopKRouter):
+            gating = module.gating
+
+            def keep_logits(x, _gating=gating, _m=module):
+                _m.r1_logits = _gating(x)
+                return _m.r1_logits
+
+            module.gating = keep_logits
+            module.register_forward_hook(lambda m, args, out, _n=name: stats.add(_n, out[1], m.r1_logits))
 
 
 def _source(path: str) -> tuple[dict, Path, dict | None]:
@@ -173,6 +190,8 @@ class MegatronTrainer:
         self.vocab_shard = padded_vocab(self.shape.vocab, tp) // tp
         self.vocab_start = self.parallel.tp_rank * self.vocab_shard
         self.model = self._build(layout)
+        self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
+        hook_routers(self.model, self.router_stats)
         self.wrapped, self.optimizer = self._wrap(self.model)
         self.reference = self._build(layout).eval().requires_grad_(False) if need_reference else None
         self.impl = pick_impl(train.kernels, self.device)
@@ -390,6 +409,7 @@ class MegatronTrainer:
             value, part = loss(logp, ent, mb)
             return value * scale, part
 
+        self.router_stats.start()
         _, parts = self._schedule(self.wrapped, batch, head, forward_only=False)
         grad_norm = float(self._grad_norm())
         skipped = not math.isfinite(grad_norm)
@@ -409,7 +429,25 @@ class MegatronTrainer:
             dist.broadcast_object_list(box, src=self._last_stage_rank(), group=self.parallel.pp_group)
             metrics = box[0]
         out.update(metrics)
+        out.update(self._router_metrics())
         return out
+
+    def _router_metrics(self) -> dict:
+        """The step's routing over every layer (each pipeline stage holds some) and data-parallel rank (each routes
+        its own tokens; TP ranks route the same ones)."""
+        st = self.router_stats
+        if self.shape.experts is None:
+            st.active = False
+            return {}
+        if self.parallel.pp_size > 1:
+            mine = {f"{self.parallel.pp_rank}.{k}": (st.counts[k], st.probs[k], st.tokens[k]) for k in st.counts}
+            every = [None] * self.parallel.pp_size
+            dist.all_gather_object(every, mine, group=self.parallel.pp_group)
+            merged = {k: v for part in every for k, v in part.items()}
+            st.counts = {k: v[0] for k, v in merged.items()}
+            st.probs = {k: v[1] for k, v in merged.items()}
+            st.tokens = {k: v[2] for k, v in merged.items()}
+        return st.metrics(self.parallel.sum_tensor)
 
     def _grad_norm(self) -> float:
         self.optimizer.prepare_grads()

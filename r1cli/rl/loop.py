@@ -106,7 +106,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     refill = RowSchedule(len(rows), g.prompts_per_step, refill_seed(t.seed), cfg.data.shuffle)
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     keys = [("reward/total", "reward"), ("reward/accuracy", "acc"), ("response_len/mean", "len"), ("kl", "kl"),
-            ("rollout_tokens_per_s", "tok/s")]
+            ("rollout_tokens_per_s", "tok/s"), ("moe/load_imbalance", "moe imb")]
     ahead = ThreadPoolExecutor(1, thread_name_prefix="r1-rollout") if cfg.rollout.asynchronous else None
     with RunHarness(cfg, trainer, resume=resume, overwrite=overwrite, progress_keys=keys, eval_before=True,
                     evaluate=held_out_evaluator(cfg, trainer, engine)) as harness, ahead or nullcontext():
@@ -432,6 +432,7 @@ def _step_metrics(parallel, scored: Scored, shaped: Shaped, train_out: dict, t_r
               "rollout/mismatch_kl_max"):
         if k in train_out:
             out[k] = float(train_out[k])
+    out.update({k: float(v) for k, v in train_out.items() if k.startswith("moe/")})  # a mixture of experts' routing
     return out
 
 

@@ -22,6 +22,7 @@ PANELS = [
     ("tool use (share of samples)", ["tools/call_share", "tools/correct_with_call"]),
     ("turns and tool calls per sample", ["tools/turns", "tools/calls"]),
     ("engine vs trainer (off-policy)", ["rollout/mismatch_kl", "rollout/staleness"]),
+    ("expert routing (1 = even)", ["moe/load_imbalance", "moe/load_min_share", "moe/balance"]),
 ]
 
 

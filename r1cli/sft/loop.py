@@ -32,7 +32,8 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, loss_for
     schedule = RowSchedule(len(rows), t.micro_batch_size * t.grad_accum * p.dp_size, t.seed, cfg.data.shuffle)
     last: dict = {}
     with RunHarness(cfg, trainer, resume=resume, overwrite=overwrite, evaluate=held_out_evaluator(cfg, trainer),
-                    progress_keys=[("loss", "loss"), ("lr", "lr"), ("tokens_per_s", "tok/s")]) as harness:
+                    progress_keys=[("loss", "loss"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
+                                   ("moe/load_imbalance", "moe imb")]) as harness:
         for step in range(harness.start, t.steps):
             t0 = time.perf_counter()
             mine = rank_share(schedule.rows_for_step(step), p.dp_rank, p.dp_size)

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from test_megatron_trainer import assert_same_steps, step_run
 
 from r1cli.backends.megatron.convert import TensorFolder, hf_to_megatron, megatron_to_hf, rank_dir
+from r1cli.run.metrics import read_metrics
 
 MOE_SPECS = {"qwen3_moe": dict(family="qwen3_moe", tie_word_embeddings=False),
              "mixtral": dict(family="mixtral")}
@@ -165,3 +166,33 @@ def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_logprobs(moe_ste
     exported = _all(tmp_path / "hf")
     assert exported.keys() == saved[1].keys() and all(torch.equal(exported[n], saved[1][n]) for n in exported)
     assert hf.config.model_type == "qwen3_moe"
+
+
+@pytest.mark.slow
+def test_tiny_r1_zero_learns_with_a_moe_model_at_ep2(tmp_path):
+    """The tiny R1-Zero run with a tiny Qwen3-MoE (4 experts, top 2, the auxiliary loss at 0.001): a cold start
+    on the torch backend (configs/tiny/sft.yaml), then configs/tiny/zero.yaml on megatron at EP=2 under torchrun
+    clears the dense runs' learning bar."""
+    from conftest import assert_learns, torchrun
+
+    from r1cli.data.records import write_jsonl
+    from r1cli.data.synth import generate, split_held_out
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "moe", TinySpec(family="qwen3_moe"))
+    train, held = split_held_out(generate("arithmetic", 4200, seed=0, digits=2, ops="+", answer_noise=0.5), 200)
+    write_jsonl(train, tmp_path / "train.jsonl")
+    write_jsonl(held, tmp_path / "eval.jsonl")
+    data = [f"data.train={tmp_path / 'train.jsonl'}", f"data.eval={tmp_path / 'eval.jsonl'}",
+            "logging.progress=false", "logging.tensorboard=false"]
+    proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={model}", *data,
+                  f"train.output_dir={tmp_path / 'sft'}", timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = tmp_path / "rl"
+    proc = torchrun(2, "rl", "--config", "configs/tiny/zero.yaml", f"model.path={tmp_path / 'sft' / 'hf'}", *data,
+                    "parallel.backend=megatron", "parallel.expert_parallel=2", f"train.output_dir={out}",
+                    timeout=3600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_learns(out)
+    moe = [m for m in read_metrics(out / "metrics.jsonl") if "moe/load_imbalance" in m]
+    assert len(moe) == 80 and all(m["moe/load_imbalance"] >= 1.0 for m in moe)

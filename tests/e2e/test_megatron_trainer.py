@@ -36,6 +36,8 @@ def assert_same_steps(a, b, logp=True, logp_atol=2e-5):
         if step not in rb:
             continue
         for key, value in ra[step].items():
+            if key.startswith("moe/"):  # routing figures count the padding positions, which the backends pad apart
+                continue
             assert rb[step][key] == pytest.approx(value, rel=2e-5, abs=1e-7), (step, key)
     assert wa.keys() == wb.keys()
     for name in wa:  # two Adam steps at lr 0.01: a lost gradient piece moves a weight by ~0.01, noise by < 1e-4
