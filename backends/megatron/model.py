@@ -153,7 +153,8 @@ def layer_spec(cfg: dict, layers: range, te: bool = False):
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        specs = {moe: get_gpt_layer_with_transformer_engine_spec(num_experts=n, moe_grouped_gemm=n is not None,
+        # experts as a SequentialMLP of TE linear layers: grouped GEMM is not wired (moe_options sets it off)
+        specs = {moe: get_gpt_layer_with_transformer_engine_spec(num_experts=n, moe_grouped_gemm=False,
                                                                  qk_layernorm=qk_norm) for moe, n in experts.items()}
         return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
             layer_specs=[specs[s.is_moe(i)] for i in layers], layer_norm=TENorm))
