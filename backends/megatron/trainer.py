@@ -160,6 +160,9 @@ class MegatronTrainer:
         check_layout(self.shape, tp, pp, int(os.environ.get("WORLD_SIZE", "1")), ep=ep)
         if parallel.megatron.sequence_parallel and tp == 1:
             raise R1Error("parallel.megatron.sequence_parallel needs parallel.tensor_parallel > 1")
+        if self.shape.experts is not None and tp > 1 and not parallel.megatron.sequence_parallel:
+            raise R1Error(f"a mixture of experts at tensor_parallel={tp} trains with sequence parallelism "
+                          "(megatron-core requires it): set parallel.megatron.sequence_parallel=true")
         converted = layout and (layout["tensor_parallel"], layout["pipeline_parallel"],
                                 layout.get("expert_parallel", 1))
         if layout is not None and converted != (tp, pp, ep):
@@ -434,7 +437,7 @@ class MegatronTrainer:
 
     def _router_metrics(self) -> dict:
         """The step's routing over every layer (each pipeline stage holds some) and data-parallel rank (each routes
-        its own tokens; TP ranks route the same ones)."""
+        its own tokens; TP ranks route the same ones, or under sequence parallelism each its slice of them)."""
         st = self.router_stats
         if self.shape.experts is None:
             st.active = False
@@ -447,7 +450,16 @@ class MegatronTrainer:
             st.counts = {k: v[0] for k, v in merged.items()}
             st.probs = {k: v[1] for k, v in merged.items()}
             st.tokens = {k: v[2] for k, v in merged.items()}
-        return st.metrics(self.parallel.sum_tensor)
+        p = self.parallel
+
+        def total(t: torch.Tensor) -> torch.Tensor:
+            t = p.sum_tensor(t)
+            if self.parallel_cfg.megatron.sequence_parallel and p.tp_size > 1:
+                t = p.on_group_device(t)
+                dist.all_reduce(t, group=p.tp_group)
+            return t.cpu()
+
+        return st.metrics(total)
 
     def _grad_norm(self) -> float:
         self.optimizer.prepare_grads()

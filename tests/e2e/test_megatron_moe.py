@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_r1
+from conftest import ROOT, run_r1, torchrun
 from safetensors import safe_open
 from test_megatron_trainer import assert_same_steps, step_run
 
@@ -136,16 +136,22 @@ def moe_steps(tmp_path_factory):
     return model, step_run(model, d / "torch", "torch", 1, 1)
 
 
-@pytest.mark.parametrize("layout", ["ep1", "ep2"])
-def test_one_sft_and_one_grpo_step_at_ep2_equal_the_torch_backend(moe_steps, layout, tmp_path):
+MOE_LAYOUTS = {"ep1": (1, []), "ep2": (1, ["dp2", "parallel.expert_parallel=2"]),
+               "tp2-sp": (2, ["parallel.megatron.sequence_parallel=true"])}
+
+
+@pytest.mark.parametrize("layout", list(MOE_LAYOUTS))
+def test_one_sft_and_one_grpo_step_at_ep2_and_tp2_equal_the_torch_backend(moe_steps, layout, tmp_path):
     """megatron-core's MoE layer against transformers' own: at EP=2 each rank holds two of the four experts and
-    its tokens reach the others by all-to-all; the losses, the gradient norm and the weights after both Adam
-    steps (expert by expert, gathered back to HF names) equal the torch backend's single process."""
+    its tokens reach the others by all-to-all; at TP=2 (with sequence parallelism, which megatron-core requires for
+    MoE training) every expert is split over both ranks; the losses, the
+    gradient norm and the weights after both Adam steps (expert by expert, gathered back to HF names) equal the
+    torch backend's single process."""
     model, reference = moe_steps
-    extra = ["dp2", "parallel.expert_parallel=2"] if layout == "ep2" else []
-    run = step_run(model, tmp_path / layout, "megatron", 1, 1, *extra)
+    tp, extra = MOE_LAYOUTS[layout]
+    run = step_run(model, tmp_path / layout, "megatron", tp, 1, *extra)
     # log-probs: megatron sums the top-k experts' outputs in another order than transformers (fp32 rounding)
-    assert_same_steps(reference, run, logp=layout == "ep1", logp_atol=1e-4)
+    assert_same_steps(reference, run, logp=layout != "ep2", logp_atol=1e-4)
 
 
 def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_logprobs(moe_steps, tmp_path):
@@ -173,7 +179,7 @@ def test_tiny_r1_zero_learns_with_a_moe_model_at_ep2(tmp_path):
     """The tiny R1-Zero run with a tiny Qwen3-MoE (4 experts, top 2, the auxiliary loss at 0.001): a cold start
     on the torch backend (configs/tiny/sft.yaml), then configs/tiny/zero.yaml on megatron at EP=2 under torchrun
     clears the dense runs' learning bar."""
-    from conftest import assert_learns, torchrun
+    from conftest import assert_learns
 
     from r1cli.data.records import write_jsonl
     from r1cli.data.synth import generate, split_held_out
@@ -208,3 +214,14 @@ def test_deepseek_v3_on_megatron_is_refused_in_one_line(tmp_path):
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "deepseek_v3 on the megatron backend is not built yet" in \
         lines[0], proc.stderr
+
+
+def test_moe_at_tp2_without_sequence_parallelism_is_one_line(moe_steps, arith_data, tmp_path):
+    model, _ = moe_steps
+    proc = torchrun(2, "sft", "--config", "configs/tiny/sft.yaml", f"model.path={model}",
+                    f"data.train={arith_data[0]}", "data.eval=", f"train.output_dir={tmp_path / 'run'}",
+                    "parallel.backend=megatron", "parallel.tensor_parallel=2", timeout=300)
+    # each rank's one line (torchrun then reports the failed processes itself)
+    assert proc.returncode != 0 and ("error: a mixture of experts at tensor_parallel=2 trains with sequence "
+                                     "parallelism (megatron-core requires it): set "
+                                     "parallel.megatron.sequence_parallel=true") in proc.stderr, proc.stderr[-3000:]
