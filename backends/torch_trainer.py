@@ -25,7 +25,7 @@ from r1cli.interfaces import LossInput, choose_loss_input
 from r1cli.lr_schedule import lr_factor
 from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
-from r1cli.models.router_stats import RouterStats, hook_transformers_routers
+from r1cli.models.router_stats import RouterStats, hook_transformers_routers, load_balancing
 from r1cli.models.weight_names import to_checkpoint_names
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch, token_budget_micro_batches
@@ -95,7 +95,9 @@ class TorchTrainer:
         self.adapters = None  # the peft wrapper under LoRA (its config writes the adapter folder)
         self.model, self.loss_module = self._load(model)
         self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
-        hook_transformers_routers(self.model, self.router_stats)
+        hooked = hook_transformers_routers(self.model, self.router_stats)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.balance = load_balancing(base) if hooked else None
         self.wrapped = self._parallelize(self.loss_module)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.loss_module.parameters() if p.requires_grad], lr=optim.lr,
@@ -274,10 +276,15 @@ class TorchTrainer:
         takes = choose_loss_input(loss, self.loss_inputs, self.parallel_cfg.torch.fused_linear == "one_pass", "torch")
         chunks = self._micro_batches(batch)
         sums: dict[str, float] = {}
+        aux_sum = 0.0
         self.router_stats.start()
         for ci, rows in enumerate(chunks):
             mb = batch.select(rows)
             ids, pos, idx, tgt = self._tensors(mb)
+            real = self._real_tokens(mb, ids)  # routing figures and the balancing loss leave padding out
+            self.router_stats.mask = real.reshape(-1)
+            if self.balance is not None:
+                self.router_stats.gate_logits = []
 
             def loss_fn(hidden, weight, mb=mb, tgt=tgt):
                 if takes is LossInput.HIDDEN:  # a loss over whole distributions (logit distillation)
@@ -294,12 +301,27 @@ class TorchTrainer:
 
             with self._no_sync(ci == len(chunks) - 1), self.autocast:
                 value, part = self.wrapped(ids, pos, idx, loss_fn)
-            (value * self.parallel.dp_size).backward()  # DDP averages over ranks; the loss is already global
+            total = value * self.parallel.dp_size  # DDP averages over ranks; the loss is already global
+            if self.balance is not None:  # the MoE load-balancing loss, averaged over micro-batches and ranks
+                coef, aux = self.balance(self.router_stats.gate_logits, real)
+                total = total + coef * aux / len(chunks)
+                aux_sum += float(aux.detach()) / len(chunks)
+                self.router_stats.gate_logits = None
+            total.backward()
             add_metric_sums(sums, part)
         out = self._optimizer_step()
         out.update(loss.finish(self.parallel.reduce_metric_sums(sums)))
         out.update(self.router_stats.metrics(self.parallel.sum_tensor))
+        if self.balance is not None:  # the load-balancing term before its coefficient, mean over ranks
+            out["moe/aux_loss"] = self.parallel.all_reduce_sum(aux_sum) / self.parallel.dp_size
+        self.router_stats.mask = None
         return out
+
+    def _real_tokens(self, mb: TokenBatch, ids: torch.Tensor) -> torch.Tensor:
+        """[B, L] True at each row's tokens, False at its right padding (rows as _tensors lays them)."""
+        rows = mb.packed(ids.shape[1]).input_ids if self.train_cfg.max_tokens_per_micro_batch else mb.input_ids
+        lengths = torch.tensor([len(r) for r in rows], device=ids.device)
+        return torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None]
 
     def update_reference(self) -> None:
         """The reference becomes the policy, one tensor at a time (never a whole state dict at once), each rank

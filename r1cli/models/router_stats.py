@@ -11,6 +11,7 @@ data-parallel ranks (each routes its own tokens) into the figures a user watches
                          before its coefficient: 1 when balanced, up to E when one expert takes all
 
 Routing is dropless (no capacity factor): no token is dropped, so there is no dropped-token figure to report.
+`mask` (the torch backend sets it per micro-batch) leaves padding positions out; megatron's routers count them.
 """
 
 from __future__ import annotations
@@ -24,14 +25,22 @@ class RouterStats:
         self.probs: dict[str, torch.Tensor] = {}  # layer -> summed router probabilities per expert
         self.tokens: dict[str, float] = {}
         self.active = False
+        self.mask: torch.Tensor | None = None  # [tokens] True for real tokens of the forward that runs
+        self.gate_logits: list[torch.Tensor] | None = None  # when a list: each router's logits, autograd intact
 
     def add(self, layer: str, experts_of_token: torch.Tensor, logits: torch.Tensor) -> None:
         """experts_of_token: [tokens, k] expert indices (or a [tokens, E] routing map); logits [tokens, E]."""
+        if self.gate_logits is not None:
+            self.gate_logits.append(logits)
         if not self.active:
             return
         with torch.no_grad():
             n = logits.shape[-1]
             logits = logits.reshape(-1, n).float()
+            experts_of_token = experts_of_token.reshape(logits.shape[0], -1)
+            if self.mask is not None and self.mask.numel() == logits.shape[0]:
+                keep = self.mask.to(logits.device)
+                logits, experts_of_token = logits[keep], experts_of_token[keep]
             if experts_of_token.dtype == torch.bool:
                 counts = experts_of_token.reshape(-1, n).sum(0).double().cpu()
             else:
@@ -75,3 +84,23 @@ def hook_transformers_routers(model, stats: RouterStats) -> int:
             module.register_forward_hook(lambda m, args, out, _n=name: stats.add(_n, out[2], out[0]))
             hooked += 1
     return hooked
+
+
+def load_balancing(model):
+    """`(gate_logits, real_tokens) -> (coefficient, loss)` with transformers' own load-balancing loss of the model's
+    family (Switch style, over every layer's router logits, padding left out) at its config's router_aux_loss_coef;
+    None when the family has none or the coefficient is 0 (DeepSeek-V3 balances by its expert bias instead)."""
+    import sys
+
+    config = getattr(model, "config", None)
+    coef = float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
+    loss = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if not coef or loss is None or not experts:
+        return None
+    top_k = config.num_experts_per_tok
+
+    def balance(gate_logits: list[torch.Tensor], real: torch.Tensor):
+        return coef, loss(tuple(g.float() for g in gate_logits), experts, top_k, real)
+
+    return balance
