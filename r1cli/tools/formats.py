@@ -86,8 +86,8 @@ class ChatCalls:
                           "with tool support (data.chat_template)")
 
     def parse(self, text: str, ended_turn: bool) -> list[Call]:
-        """Every <tool_call> of a turn that ended (end-of-turn token); a call that is not JSON naming a tool is
-        ("", reason), answered with an error observation."""
+        """Every <tool_call> of a turn that ended (not cut by the token budget); a call that is not JSON naming a
+        tool is ("", reason), answered with an error observation."""
         if not ended_turn:
             return []
         calls = []
@@ -108,8 +108,8 @@ class ChatCalls:
         return calls
 
     def observation(self, answers: list[tuple[Call, Observation]], ended_turn: bool) -> str:
-        """What the chat template puts after the assistant's turn: its end (less the end-of-turn token the model
-        wrote), the tool messages, the next assistant header."""
+        """What the chat template puts after the assistant's turn: its end (less the end-of-turn token when the
+        model's ids hold it: ended_turn), the tool messages, the next assistant header."""
         text = self._render([{"role": "tool", "name": name or "error", "content": obs.text}
                              for (name, _), obs in answers])
         return text[len(self.eos):] if ended_turn and self.eos and text.startswith(self.eos) else text

@@ -55,8 +55,9 @@ class _Sample:
         self.turns += 1
         self.finish = "length" if len(ids) < len(c.completion_ids) else c.finish_reason
         self.ended_eos = bool(ids) and ids[-1] == getattr(tok, "eos_token_id", None)
-        self.pending = fmt.parse(tok.decode(ids, skip_special_tokens=True), self.ended_eos) \
-            if self.finish == "stop" else []
+        # a turn that ended (its end-of-turn token, or a stop string; an engine may leave the token out of the ids)
+        # is parsed; one cut by the token budget is not
+        self.pending = fmt.parse(tok.decode(ids, skip_special_tokens=True), True) if self.finish == "stop" else []
 
     def answer(self, settings: TurnSettings) -> list[tuple[Call, Observation]]:
         """Run the pending calls in order (a python call sees the sample's earlier successful calls)."""

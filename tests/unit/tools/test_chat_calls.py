@@ -22,15 +22,15 @@ QWEN = str(Path(__file__).parents[2] / "data" / "qwen2_5_tools.jinja")
 class ScriptedChat:
     """Answers each prompt with script(context text) + the end-of-turn token, as an instruct model does."""
 
-    def __init__(self, tok, script):
-        self.tok, self.script, self.calls = tok, script, 0
+    def __init__(self, tok, script, eos=True):
+        self.tok, self.script, self.calls, self.eos = tok, script, 0, eos
 
     def generate(self, prompts, params):
         self.calls += 1
         out = []
         for p in prompts:
             text = self.script(self.tok.decode(p, skip_special_tokens=False))
-            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+            ids = self.tok(text, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id] * self.eos
             out.append([Completion(list(p), ids, text, "stop", [-0.5] * len(ids)) for _ in range(params.n)])
         return out
 
@@ -118,3 +118,16 @@ def test_a_chat_template_without_tool_messages_is_refused_in_one_line(qwen):
     tok, rollout, _ = qwen
     with pytest.raises(R1Error, match="ignores the tools.*tool_format=fenced"):
         with_tools(ScriptedChat(tok, str), tok, rollout, DataConfig(template="chat"))  # the tiny model's own
+
+
+def test_an_engine_that_leaves_the_end_of_turn_token_out_still_gets_its_calls_answered(qwen):
+    """The turn ended (finish_reason stop) but its ids lack <|im_end|>: the call is answered and the observation
+    carries the template's end of turn itself, so the sequence is still the template's conversation."""
+    tok, rollout, data = qwen
+    engine = with_tools(ScriptedChat(tok, two_calls_then_answer, eos=False), tok, rollout, data)
+    (group,) = engine.generate([tok(render_prompt(tok, "Q?", with_tool_schemas(data, rollout)),
+                                    add_special_tokens=False)["input_ids"]], SamplingParams(n=1, max_tokens=600))
+    c = group[0]
+    assert c.tool_calls == 2 and c.text.endswith(f"<answer>121932631112635269,{2 ** 100}</answer>")
+    obs = tok.decode([t for t, o in zip(c.completion_ids, c.observation) if o], skip_special_tokens=False)
+    assert obs.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>\n121932631112635269\n")
