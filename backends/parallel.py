@@ -79,20 +79,18 @@ class DistributedContext:
         return self._all_reduce(value, dist.ReduceOp.MAX)
 
     def _all_reduce(self, value: float | torch.Tensor, op) -> float:
-        t = value.detach().to(torch.float64) if isinstance(value, torch.Tensor) else \
-            torch.tensor(float(value), dtype=torch.float64)
-        if self.distributed and self.dp_size > 1:
-            t = self.on_group_device(t.clone())
-            dist.all_reduce(t, op=op, group=self.dp_group)
-        return float(t)
+        return float(self._reduce(value if isinstance(value, torch.Tensor) else torch.tensor(float(value)), op))
 
     def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor summed elementwise over the data-parallel group (float64, on the CPU)."""
+        return self._reduce(t, dist.ReduceOp.SUM).cpu()
+
+    def _reduce(self, t: torch.Tensor, op) -> torch.Tensor:
         t = t.detach().to(torch.float64)
         if self.distributed and self.dp_size > 1:
             t = self.on_group_device(t.clone())
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.dp_group)
-        return t.cpu()
+            dist.all_reduce(t, op=op, group=self.dp_group)
+        return t
 
     def reduce_metric_sums(self, sums: dict) -> dict[str, float]:
         """A step's metric sums over the data-parallel group: keys ending in _max by maximum, the rest by sum (the

@@ -96,8 +96,7 @@ class TorchTrainer:
         self.model, self.loss_module = self._load(model)
         self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
         hooked = hook_transformers_routers(self.model, self.router_stats)
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.balance = load_balancing(base) if hooked else None
+        self.balance = load_balancing(self._hf_model()) if hooked else None
         self.wrapped = self._parallelize(self.loss_module)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.loss_module.parameters() if p.requires_grad], lr=optim.lr,
@@ -348,11 +347,15 @@ class TorchTrainer:
         """(HF checkpoint name, full tensor) one at a time; a sharded parameter is gathered alone (a collective: every
         rank iterates in the same order). A mixture of experts' fused tensors go out per expert, as its files name
         them (r1cli.models.weight_names)."""
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if self.lora:  # the adapters folded in, under the base model's names (what an engine and the export take)
-            yield from to_checkpoint_names(base, lora.merged_weights(self.model, _full))
+            yield from to_checkpoint_names(self._hf_model(), lora.merged_weights(self.model, _full))
             return
-        yield from to_checkpoint_names(base, ((name, _full(t)) for name, t in self.model.state_dict().items()))
+        yield from to_checkpoint_names(self._hf_model(),
+                                       ((name, _full(t)) for name, t in self.model.state_dict().items()))
+
+    def _hf_model(self):
+        """The transformers model itself (under LoRA, the one peft wraps)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Unsharded policy weights on CPU, on rank 0 only (a collective: every rank calls it)."""

@@ -15,7 +15,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from r1cli.sandbox.run import MAX_SLOTS, Limits, Result, not_enforced_here, run_program
+from r1cli.sandbox.run import MAX_SLOTS, Limits, Result, not_enforced_here, run_many, run_program
 
 _POOL: ProcessPoolExecutor | None = None
 _LOCK = threading.Lock()
@@ -59,8 +59,4 @@ def launch(code: str, stdin: str = "", limits: Limits = Limits()) -> Result:
 
 def launch_many(jobs: list[tuple[str, str]], limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
     """(code, stdin) jobs, at most `workers` at once, results in order."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    workers = max(1, min(workers or (os.cpu_count() or 1) * 2, MAX_SLOTS))
-    with ThreadPoolExecutor(workers) as threads:
-        return list(threads.map(lambda job: launch(job[0], job[1], limits), jobs))
+    return run_many(jobs, limits, workers, runner=launch)

@@ -535,10 +535,13 @@ def _verdict(code: int, stderr: str, limits: Limits) -> tuple[str, str]:
     return "error", f"exit {code}: {last[:200]}"
 
 
-def run_many(jobs: list[tuple[str, str]], limits: Limits = Limits(), workers: int | None = None) -> list[Result]:
-    """(code, stdin) jobs in a bounded pool, results in order."""
+def run_many(jobs: list[tuple[str, str]], limits: Limits = Limits(), workers: int | None = None,
+             runner=None) -> list[Result]:
+    """(code, stdin) jobs in a bounded pool, results in order; each run by `runner(code, stdin, limits)`
+    (run_program, or the launchers' launch)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    run = runner or run_program
     workers = max(1, min(workers or (os.cpu_count() or 1) * 2, MAX_SLOTS))
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda job: run_program(job[0], job[1], limits), jobs))
+        return list(pool.map(lambda job: run(job[0], job[1], limits), jobs))

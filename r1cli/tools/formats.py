@@ -22,7 +22,7 @@ import json
 import re
 
 from r1cli.errors import R1Error
-from r1cli.tools import Observation, tool_name, tool_schemas
+from r1cli.tools import Observation, tool_schemas
 
 CALL_END = "```output"
 _BLOCK = re.compile(r"```([\w.:/-]+)[ \t]*\n(.*?)\n?```\s*$", re.S)
@@ -35,7 +35,7 @@ Call = tuple[str, str]  # (tool name as the model wrote it, what to run)
 class Fenced:
     stops = (CALL_END,)
 
-    def parse(self, text: str, ended_turn: bool) -> list[Call]:
+    def parse(self, text: str) -> list[Call]:
         """The call when a turn's text ends with a fenced block and CALL_END; [("", "")] for the marker alone (an
         error observation says so)."""
         body = text.rstrip()
@@ -85,11 +85,9 @@ class ChatCalls:
                           else "does not show tool messages") + "; use rollout.tool_format=fenced or a template "
                           "with tool support (data.chat_template)")
 
-    def parse(self, text: str, ended_turn: bool) -> list[Call]:
-        """Every <tool_call> of a turn that ended (not cut by the token budget); a call that is not JSON naming a
-        tool is ("", reason), answered with an error observation."""
-        if not ended_turn:
-            return []
+    def parse(self, text: str) -> list[Call]:
+        """Every <tool_call> of a turn that ended (turns cut by the token budget are not parsed); a call that is not
+        JSON naming a tool is ("", reason), answered with an error observation."""
         calls = []
         for raw in _TOOL_CALL.findall(text):
             try:
@@ -133,4 +131,4 @@ def call_format(rollout, tokenizer, data=None):
                      template_source(data) if data else None)
 
 
-__all__ = ["CALL_END", "ChatCalls", "Fenced", "call_format", "tool_name"]
+__all__ = ["CALL_END", "ChatCalls", "Fenced", "call_format"]

@@ -57,7 +57,7 @@ class _Sample:
         self.ended_eos = bool(ids) and ids[-1] == getattr(tok, "eos_token_id", None)
         # a turn that ended (its end-of-turn token, or a stop string; an engine may leave the token out of the ids)
         # is parsed; one cut by the token budget is not
-        self.pending = fmt.parse(tok.decode(ids, skip_special_tokens=True), True) if self.finish == "stop" else []
+        self.pending = fmt.parse(tok.decode(ids, skip_special_tokens=True)) if self.finish == "stop" else []
 
     def answer(self, settings: TurnSettings) -> list[tuple[Call, Observation]]:
         """Run the pending calls in order (a python call sees the sample's earlier successful calls)."""

@@ -110,9 +110,9 @@ def test_calculator_is_exact_and_reads_only_arithmetic():
 
 def test_a_fenced_call_is_the_last_fenced_block_before_the_marker():
     parse = Fenced().parse
-    assert parse("a\n```python\nprint(1)\n```\n" + CALL_END, False) == [("python", "print(1)")]
-    assert parse("no call here", True) == []
-    assert parse(CALL_END, False) == [("", "")]
+    assert parse("a\n```python\nprint(1)\n```\n" + CALL_END) == [("python", "print(1)")]
+    assert parse("no call here") == []
+    assert parse(CALL_END) == [("", "")]
 
 
 def test_a_tool_of_your_own_from_a_file_is_called_by_its_function_name(tmp_path):
