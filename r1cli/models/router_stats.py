@@ -28,8 +28,10 @@ class RouterStats:
         self.mask: torch.Tensor | None = None  # [tokens] True for real tokens of the forward that runs
         self.gate_logits: list[torch.Tensor] | None = None  # when a list: each router's logits, autograd intact
 
-    def add(self, layer: str, experts_of_token: torch.Tensor, logits: torch.Tensor) -> None:
-        """experts_of_token: [tokens, k] expert indices (or a [tokens, E] routing map); logits [tokens, E]."""
+    def add(self, layer: str, experts_of_token: torch.Tensor, logits: torch.Tensor, score: str = "softmax") -> None:
+        """experts_of_token: [tokens, k] expert indices (or a [tokens, E] routing map); logits [tokens, E]; score:
+        the router's score function (DeepSeek-V3's "sigmoid" scores count normalised to sum 1 per token, as its
+        sequence-wise balance loss takes them)."""
         if self.gate_logits is not None:
             self.gate_logits.append(logits)
         if not self.active:
@@ -45,7 +47,11 @@ class RouterStats:
                 counts = experts_of_token.reshape(-1, n).sum(0).double().cpu()
             else:
                 counts = torch.bincount(experts_of_token.reshape(-1).cpu(), minlength=n).double()
-            probs = torch.softmax(logits, -1).sum(0).double().cpu()
+            if score == "sigmoid":
+                scores = torch.sigmoid(logits)
+                probs = (scores / scores.sum(-1, keepdim=True).clamp_min(1e-20)).sum(0).double().cpu()
+            else:
+                probs = torch.softmax(logits, -1).sum(0).double().cpu()
         self.counts[layer] = self.counts.get(layer, 0) + counts
         self.probs[layer] = self.probs.get(layer, 0) + probs
         self.tokens[layer] = self.tokens.get(layer, 0.0) + logits.shape[0]
@@ -76,12 +82,13 @@ class RouterStats:
 
 
 def hook_transformers_routers(model, stats: RouterStats) -> int:
-    """Forward hooks on transformers' top-k routers (Qwen3-MoE, Mixtral: (logits, scores, indices)); the number
-    hooked."""
+    """Forward hooks on transformers' top-k routers (Qwen3-MoE, Mixtral, DeepSeek-V3 - whose sigmoid router carries
+    the expert bias: (logits, weights, indices)); the number hooked."""
     hooked = 0
     for name, module in model.named_modules():
-        if type(module).__name__.endswith("TopKRouter"):
-            module.register_forward_hook(lambda m, args, out, _n=name: stats.add(_n, out[2], out[0]))
+        if type(module).__name__.lower().endswith("topkrouter"):
+            score = "sigmoid" if hasattr(module, "e_score_correction_bias") else "softmax"
+            module.register_forward_hook(lambda m, args, out, _n=name, _s=score: stats.add(_n, out[2], out[0], _s))
             hooked += 1
     return hooked
 

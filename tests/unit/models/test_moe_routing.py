@@ -35,7 +35,43 @@ def test_a_routing_map_and_data_parallel_ranks_add_up():
     assert m["moe/load_imbalance"] == pytest.approx(2 / (4 / 3)) and m["moe/load_min_share"] == pytest.approx(0.75)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_sigmoid_scores_count_normalised_per_token():
+    """DeepSeek-V3's router scores each expert by a sigmoid; the balance term takes them normalised to sum 1 per
+    token (its sequence-wise balance loss's s'), so equal logits give 1 whatever their value, and scores that
+    follow the load give E * sum f^2 as softmax probabilities would."""
+    stats = RouterStats()
+    top2 = torch.tensor([[0, 1], [0, 1], [0, 2], [0, 1], [0, 2], [0, 1]])
+    for level in (-3.0, 0.0, 2.0):
+        stats.start()
+        stats.add("layer0", top2, torch.full((6, 4), level), "sigmoid")
+        assert stats.metrics()["moe/balance"] == pytest.approx(1.0)
+    stats.start()
+    f = torch.tensor([1 / 2, 1 / 3, 1 / 6, 1e-9])
+    stats.add("layer0", top2, torch.logit(f / 2).expand(6, 4), "sigmoid")  # sigmoid(logit(f/2)) = f/2
+    assert stats.metrics()["moe/balance"] == pytest.approx(4 * 14 / 36, rel=1e-6)
+
+
+def test_the_torch_backend_hooks_deepseek_v3_routers(tmp_path):
+    """transformers' DeepSeek-V3 router (DeepseekV3TopkRouter: sigmoid scores with the expert bias) is hooked in
+    every MoE layer (not the dense first one): each token's top-k experts are counted."""
+    from transformers import AutoModelForCausalLM
+
+    from r1cli.models.router_stats import hook_transformers_routers
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", TinySpec(family="deepseek_v3", num_hidden_layers=3))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    stats = RouterStats()
+    assert hook_transformers_routers(model, stats) == 2
+    stats.start()
+    model(torch.randint(0, 400, (2, 9), generator=torch.Generator().manual_seed(0)))
+    assert sorted(stats.counts) == ["model.layers.1.mlp.gate", "model.layers.2.mlp.gate"]
+    assert all(float(c.sum()) == 2 * 9 * 2 for c in stats.counts.values())  # 18 tokens x top 2
+    m = stats.metrics()
+    assert 1.0 <= m["moe/load_imbalance"] <= 4.0 and 1.0 <= m["moe/balance"] <= 4.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3"])
 def test_weights_go_out_per_expert_and_load_back_into_the_fused_modules(family, tmp_path):
     """transformers 5 fuses a layer's experts into gate_up_proj / down_proj; the torch backend hands them out under
     the checkpoint's names (the files' own, so vLLM and the converter read them), and the transformers engine's
@@ -94,9 +130,9 @@ def test_the_torch_backend_adds_transformers_own_load_balancing_loss(tmp_path):
     assert trainer.router_stats.tokens == {}  # reset by the step's metrics; count through a fresh step instead
     seen, add = [], trainer.router_stats.add
 
-    def counting(layer, experts, logits):
+    def counting(layer, experts, logits, score):
         seen.append(int(trainer.router_stats.mask.sum()))
-        add(layer, experts, logits)
+        add(layer, experts, logits, score)
 
     trainer.router_stats.add = counting
     trainer.train_step(ragged, NLLLoss(15))
