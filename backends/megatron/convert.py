@@ -9,8 +9,11 @@
       embed / lm_head -> rows t of the vocabulary padded to a multiple of 128 x TP (zeros in the padding)
       layer L  -> stage L // (layers / PP), local index L % (layers / PP)
       norms (and Qwen3's q/k norms) are whole on every TP rank of their stage
-      mixtures of experts (EP ranks e): the router whole everywhere; expert i on EP rank i // (E / EP) as its
-                  local expert i % (E / EP), its gate/up/down split over TP as the dense MLP's
+      mixtures of experts (EP ranks e): the router (and DeepSeek's expert bias) whole everywhere; expert i on EP
+                  rank i // (E / EP) as its local expert i % (E / EP), its gate/up/down split over TP as the dense
+                  MLP's; DeepSeek's shared experts as a dense MLP on every EP rank
+      latent attention (DeepSeek): q_proj or q_b, kv_b -> linear_q_proj / linear_q_up_proj, linear_kv_up_proj
+                  split over TP by heads; the down projections q_a, kv_a and the latent norms whole on every rank
 
 A converted folder holds mp_rank_{t:02d}_{p:03d}/model.safetensors (mp_rank_{t:02d}_{p:03d}_{e:03d} with expert
 parallelism, each holding its experts and a copy of everything else), megatron.json (layout, padded
@@ -96,6 +99,33 @@ def _chunk(w: torch.Tensor, tp: int, t: int, dim: int) -> torch.Tensor:
     return w.chunk(tp, dim=dim)[t]
 
 
+def _latent_shard(get, s: Shape, tp: int, t: int) -> dict[str, torch.Tensor]:
+    """Latent attention's weights on TP rank t: the up projections split over TP by heads, the down projections
+    and latent norms whole (every rank computes the latents, as Transformer Engine's MLA spec does)."""
+    f, m = s.family, MEGATRON
+    out = {m["kv_down"]: get(f.kv_a), m["kv_lnorm"]: get(f.kv_a_norm), m["kv_up"]: _chunk(get(f.kv_b), tp, t, 0)}
+    if s.latent.q_rank:
+        out.update({m["q_down"]: get(f.q_a), m["q_lnorm"]: get(f.q_a_norm), m["q_up"]: _chunk(get(f.q_b), tp, t, 0)})
+    else:
+        out[m["q_proj"]] = _chunk(get(f.q + ".weight"), tp, t, 0)
+    return out
+
+
+def _latent_unshard(per_rank, get0, s: Shape) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name less the layer prefix, tensor) of latent attention from its TP pieces (per_rank(name): the TP
+    ranks' pieces, get0(name): a whole one)."""
+    f, m = s.family, MEGATRON
+    if s.latent.q_rank:
+        yield f.q_a, get0(m["q_down"])
+        yield f.q_a_norm, get0(m["q_lnorm"])
+        yield f.q_b, torch.cat(per_rank(m["q_up"]))
+    else:
+        yield f.q + ".weight", torch.cat(per_rank(m["q_proj"]))
+    yield f.kv_a, get0(m["kv_down"])
+    yield f.kv_a_norm, get0(m["kv_lnorm"])
+    yield f.kv_b, torch.cat(per_rank(m["kv_up"]))
+
+
 def rank_state(hf: TensorFolder, s: Shape, tp: int, pp: int, t: int, p: int, ep: int = 1, e: int = 0
                ) -> dict[str, torch.Tensor]:
     """One (TP rank, stage, expert rank)'s megatron state dict, read from the HF tensors it needs."""
@@ -109,8 +139,11 @@ def rank_state(hf: TensorFolder, s: Shape, tp: int, pp: int, t: int, p: int, ep:
             continue
         src, dst = f"model.layers.{layer}.", f"decoder.layers.{local}."
         get = lambda name: hf.get(src + name)  # noqa: E731
-        out[dst + m["qkv"] + ".weight"] = _qkv_shard(get(f.q + ".weight"), get(f.k + ".weight"),
-                                                     get(f.v + ".weight"), s, tp, t)
+        if s.latent is not None:
+            out.update({dst + k: v for k, v in _latent_shard(get, s, tp, t).items()})
+        else:
+            out[dst + m["qkv"] + ".weight"] = _qkv_shard(get(f.q + ".weight"), get(f.k + ".weight"),
+                                                         get(f.v + ".weight"), s, tp, t)
         if f.qkv_bias:
             out[dst + m["qkv"] + ".bias"] = _qkv_shard(get(f.q + ".bias"), get(f.k + ".bias"), get(f.v + ".bias"),
                                                        s, tp, t)
@@ -120,6 +153,12 @@ def rank_state(hf: TensorFolder, s: Shape, tp: int, pp: int, t: int, p: int, ep:
         out[dst + m["proj"]] = _chunk(get(f.o), tp, t, 1)
         if s.is_moe(layer):
             out[dst + m["router"]] = get(f.router)
+            if s.experts.bias:
+                out[dst + m["router_bias"]] = get(f.router_bias)
+            if s.experts.shared_ffn:
+                out[dst + m["shared_fc1"]] = torch.cat([_chunk(get(f.shared_gate), tp, t, 0),
+                                                        _chunk(get(f.shared_up), tp, t, 0)])
+                out[dst + m["shared_fc2"]] = _chunk(get(f.shared_down), tp, t, 1)
             local = s.experts.count // ep
             for j in range(local):
                 i = e * local + j
@@ -225,10 +264,14 @@ def hf_tensors_from(get, s: Shape, tp: int, pp: int, ep: int = 1) -> Iterator[tu
         p, local = stage_of(layer, s.layers, pp)
         src_, dst = f"decoder.layers.{local}.", f"model.layers.{layer}."
         per_rank = lambda name: [get(t, p, src_ + name) for t in range(tp)]  # noqa: E731
-        q, k, v = _qkv_unshard(per_rank(m["qkv"] + ".weight"), s)
-        yield dst + f.q + ".weight", q
-        yield dst + f.k + ".weight", k
-        yield dst + f.v + ".weight", v
+        if s.latent is not None:
+            for name, w in _latent_unshard(per_rank, lambda name: get(0, p, src_ + name), s):  # noqa: B023
+                yield dst + name, w
+        else:
+            q, k, v = _qkv_unshard(per_rank(m["qkv"] + ".weight"), s)
+            yield dst + f.q + ".weight", q
+            yield dst + f.k + ".weight", k
+            yield dst + f.v + ".weight", v
         if f.qkv_bias:
             qb, kb, vb = _qkv_unshard(per_rank(m["qkv"] + ".bias"), s)
             yield dst + f.q + ".bias", qb
@@ -240,6 +283,8 @@ def hf_tensors_from(get, s: Shape, tp: int, pp: int, ep: int = 1) -> Iterator[tu
         yield dst + f.o, torch.cat(per_rank(m["proj"]), dim=1)
         if s.is_moe(layer):
             yield dst + f.router, get(0, p, src_ + m["router"])
+            if s.experts.bias:
+                yield dst + f.router_bias, get(0, p, src_ + m["router_bias"])
             local = s.experts.count // ep
             for i in range(s.experts.count):
                 e, j = divmod(i, local)
@@ -248,6 +293,11 @@ def hf_tensors_from(get, s: Shape, tp: int, pp: int, ep: int = 1) -> Iterator[tu
                 yield dst + f.expert_up.format(e=i), torch.cat([u for _, u in halves])
                 yield dst + f.expert_down.format(e=i), torch.cat(
                     [get(t, p, src_ + m["expert_fc2"].format(j=j), e) for t in range(tp)], dim=1)
+            if s.experts.shared_ffn:
+                halves = [w.chunk(2) for w in per_rank(m["shared_fc1"])]
+                yield dst + f.shared_gate, torch.cat([g for g, _ in halves])
+                yield dst + f.shared_up, torch.cat([u for _, u in halves])
+                yield dst + f.shared_down, torch.cat(per_rank(m["shared_fc2"]), dim=1)
         else:
             halves = [w.chunk(2) for w in per_rank(m["fc1"])]
             yield dst + f.gate, torch.cat([g for g, _ in halves])

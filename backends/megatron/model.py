@@ -73,22 +73,46 @@ def import_megatron():
 
     if not moe_utils.HAVE_TE:  # megatron-core 0.16.1's router asks `te_general_gemm is not None` without defining it
         moe_utils.te_general_gemm = getattr(moe_utils, "te_general_gemm", None)
+        from megatron.core.transformer import multi_latent_attention
+
+        # without transformer_engine megatron's TE module hands out MagicMocks, which MLA's isinstance() rejects
+        multi_latent_attention.HAVE_TE = False
     if not torch.cuda.is_available():
         from r1cli.backends.megatron import cpu_shims
 
         cpu_shims.install()
 
 
-def rope_theta(cfg: dict) -> float:
+def rope_theta(cfg: dict, allow: tuple[str, ...] = ()) -> float:
     """RoPE's base from an HF config: `rope_theta` (transformers 4 files) or `rope_parameters` (transformers 5);
-    a scaled RoPE (linear, dynamic, yarn, llama3) is refused, since megatron's plain RoPE would silently differ."""
+    a scaled RoPE (linear, dynamic, yarn, llama3) is refused, since megatron's plain RoPE would silently differ
+    (latent attention `allow`s yarn: its own YaRN embedding)."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or params
-    if scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+    if scaling.get("rope_type", scaling.get("type")) not in (None, "default", *allow):
         from r1cli.errors import R1Error
 
         raise R1Error(f"RoPE scaling {scaling} is not supported by the megatron backend yet")
     return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+
+
+def latent_options(cfg: dict, s: Shape) -> dict:
+    """megatron-core's MLATransformerConfig fields for DeepSeek's latent attention: its sizes, and its RoPE (plain,
+    or YaRN with the HF config's factor, original length, betas and mscales; the softmax scale then carries
+    mscale_all_dim as transformers' does). Megatron's defaults are DeepSeek-V3's YaRN: every field is set."""
+    lat = s.latent
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type")) or "default"
+    base = dict(multi_latent_attention=True, q_lora_rank=lat.q_rank, kv_lora_rank=lat.kv_rank, qk_head_dim=lat.nope,
+                qk_pos_emb_head_dim=lat.rope, v_head_dim=lat.v, rotary_base=rope_theta(cfg, allow=("yarn",)),
+                qk_layernorm=True)  # the latent norms are megatron's q/kv layernorms
+    if kind == "default":
+        return dict(base, rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
+    return dict(base, rope_type="yarn", rotary_scaling_factor=float(params["factor"]),
+                original_max_position_embeddings=int(params.get("original_max_position_embeddings")
+                                                     or cfg["max_position_embeddings"]),
+                beta_fast=float(params.get("beta_fast", 32)), beta_slow=float(params.get("beta_slow", 1)),
+                mscale=float(params.get("mscale", 1)), mscale_all_dim=float(params.get("mscale_all_dim", 0)))
 
 
 def moe_options(s: Shape, ep: int) -> dict:
@@ -98,26 +122,33 @@ def moe_options(s: Shape, ep: int) -> dict:
     e = s.experts
     if e is None:
         return {}
+    deepseek = dict(  # sigmoid scores + the expert bias for the choice, kept as the checkpoint has it (rate 0, as
+        # transformers trains it), group-limited top-k, scaled weights, shared experts
+        moe_router_enable_expert_bias=e.bias, moe_router_bias_update_rate=0.0, moe_router_num_groups=e.groups,
+        moe_router_group_topk=e.group_topk, moe_router_topk_scaling_factor=e.scale if e.scale != 1.0 else None,
+        moe_shared_expert_intermediate_size=e.shared_ffn or None) if e.score == "sigmoid" else {}
     return dict(num_moe_experts=e.count, moe_router_topk=e.topk, moe_ffn_hidden_size=e.ffn,
-                moe_router_score_function="softmax", moe_router_pre_softmax=not e.renormalize,
-                moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=e.aux_coef,
+                moe_router_score_function=e.score, moe_router_pre_softmax=not e.renormalize and e.score == "softmax",
+                moe_router_load_balancing_type="aux_loss" if e.aux_coef else "none", moe_aux_loss_coeff=e.aux_coef,
                 moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_router_dtype="fp32",
-                moe_layer_freq=[int(x) for x in e.moe_layers], expert_model_parallel_size=ep)
+                moe_layer_freq=[int(x) for x in e.moe_layers], expert_model_parallel_size=ep, **deepseek)
 
 
 def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, *,
                        sequence_parallel: bool = False, recompute: bool = False, fp8: str | None = None, ep: int = 1):
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     s = Shape.from_hf(cfg)
-    rope_theta(cfg)  # an unsupported RoPE scaling is one line before anything is built
+    latent = latent_options(cfg, s) if s.latent else {}
+    if not latent:
+        rope_theta(cfg)  # an unsupported RoPE scaling is one line before anything is built
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    return (MLATransformerConfig if latent else TransformerConfig)(
         num_layers=s.layers, hidden_size=s.hidden, num_attention_heads=s.heads, num_query_groups=s.kv_heads,
         ffn_hidden_size=s.ffn, kv_channels=s.head_dim, normalization="RMSNorm",
         layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=s.family.qkv_bias,
-        qk_layernorm=s.family.qk_norm, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        qk_layernorm=s.family.qk_norm or bool(latent), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         use_cpu_initialization=not on_gpu, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
         masked_softmax_fusion=False,  # the fused causal kernel would ignore the explicit mask of packed rows
@@ -125,7 +156,7 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None, sequence_parallel=sequence_parallel,
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}),
         **(dict(fp8="hybrid", fp8_recipe={"delayed": "delayed", "current": "tensorwise"}[fp8]) if fp8 else {}),
-        **moe_options(s, ep))
+        **moe_options(s, ep), **{k: v for k, v in latent.items() if k != "qk_layernorm"})
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -138,34 +169,64 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
+def latent_core_attention():
+    """megatron's local DotProductAttention for latent attention, whose values are narrower than its queries and
+    keys (v_head_dim against qk_nope + qk_rope): megatron-core 0.16.1 builds MLA's core attention with k_channels
+    and v_channels, which only Transformer Engine's attention takes. The scores and the softmax are the local
+    module's; the context is reshaped by the value width."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class LatentDotProductAttention(DotProductAttention):
+        def __init__(self, *args, k_channels: int | None = None, v_channels: int | None = None, **kwargs):
+            super().__init__(*args, **kwargs)  # (megatron's Attention builds one without the widths first)
+            if v_channels is not None:
+                self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+    return LatentDotProductAttention
+
+
 def layer_spec(cfg: dict, layers: range, te: bool = False):
     """The block spec of these (global) layers: megatron's local GPT layer (plain torch layers) with our RMSNorm
     everywhere, or (te) its Transformer Engine layer, whose linear layers run FP8 and carry the norms before them
-    (families.te_name); a mixture of experts' layers get megatron's MoE layer (SequentialMLP experts)."""
+    (families.te_name); a mixture of experts' layers get megatron's MoE layer (SequentialMLP experts), DeepSeek's
+    its latent attention (MLASelfAttention)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
     s = Shape.from_hf(cfg)
-    qk_norm = s.family.qk_norm
+    latent = s.latent is not None
+    qk_norm = s.family.qk_norm or latent
     experts = {False: None, True: s.experts.count if s.experts else None}
+    options = dict(moe_grouped_gemm=False, qk_layernorm=qk_norm, multi_latent_attention=latent)
     if te:
         from megatron.core.extensions.transformer_engine import TENorm
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         # experts as a SequentialMLP of TE linear layers: grouped GEMM is not wired (moe_options sets it off)
-        specs = {moe: get_gpt_layer_with_transformer_engine_spec(num_experts=n, moe_grouped_gemm=False,
-                                                                 qk_layernorm=qk_norm) for moe, n in experts.items()}
+        specs = {moe: get_gpt_layer_with_transformer_engine_spec(num_experts=n, **options)
+                 for moe, n in experts.items()}
         return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
             layer_specs=[specs[s.is_moe(i)] for i in layers], layer_norm=TENorm))
 
     specs = {}
     for moe, n in experts.items():
-        layer = get_gpt_layer_local_spec(num_experts=n, moe_grouped_gemm=False, qk_layernorm=qk_norm)
+        layer = get_gpt_layer_local_spec(num_experts=n, **options)
         sub = layer.submodules
         sub.input_layernorm = sub.pre_mlp_layernorm = RMSNorm
-        if qk_norm:
-            sub.self_attention.submodules.q_layernorm = sub.self_attention.submodules.k_layernorm = RMSNorm
+        attention = sub.self_attention.submodules
+        if latent:
+            from megatron.core.post_training.modelopt.layers import Linear
+
+            attention.q_layernorm = attention.kv_layernorm = RMSNorm
+            attention.core_attention = latent_core_attention()
+            # the down projections whole on every TP rank, as TE's MLA spec has them (TELinear, "duplicated"):
+            # megatron's column-parallel choice gathers their outputs, whose backward leaves the shared rotary
+            # key's gradient with the last rank's heads only; duplicated, its sequence-parallel gather sums all
+            # heads and the weights' gradients sum over TP like a norm's (marked sequence_parallel)
+            attention.linear_q_down_proj = attention.linear_kv_down_proj = Linear
+        elif qk_norm:
+            attention.q_layernorm = attention.k_layernorm = RMSNorm
         specs[moe] = layer
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(
         layer_specs=[specs[s.is_moe(i)] for i in layers], layer_norm=RMSNorm))
@@ -187,7 +248,7 @@ def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.floa
         vocab_size=padded_vocab(s.vocab, tp), max_sequence_length=cfg["max_position_embeddings"],
         pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=s.tied, position_embedding_type="rope",
-        rotary_base=rope_theta(cfg))
+        rotary_base=rope_theta(cfg, allow=("yarn",) if s.latent else ()))
 
 
 def follow_position_ids(model) -> None:
@@ -195,18 +256,26 @@ def follow_position_ids(model) -> None:
 
     megatron-core's RoPE always counts positions 0..S-1; packed SFT rows restart their positions at every sample
     (as the torch backend feeds transformers), so the angles are looked up per row: [S, B, 1, D] broadcasts over
-    the heads exactly like megatron's own [S, 1, 1, D]."""
-    rope = model.rotary_pos_emb
+    the heads exactly like megatron's own [S, 1, 1, D]. Latent attention keeps a RoPE in each layer (plain or
+    YaRN, which also hands back its mscale): each follows the model's position_ids."""
     model.position_ids = None
+    ropes = [model.rotary_pos_emb] if hasattr(model, "rotary_pos_emb") else [
+        m.rotary_pos_emb for m in model.modules() if hasattr(m, "rotary_pos_emb") and m is not model]
+    for rope in ropes:
+        rope.forward = _rope_at_positions(model, rope, rope.forward)
 
+
+def _rope_at_positions(model, rope, own):
     def forward(max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None):
         pos = model.position_ids
         if pos is None or packed_seq:  # THD sequences: megatron restarts the angles at each cu_seqlens boundary
-            return rope.get_emb(max_seq_len, offset)
-        table = rope.get_emb(max(int(pos.max()) + 1, max_seq_len))[:, 0, 0, :]  # [positions, D]
-        return table[pos.t()].unsqueeze(2)  # [S, B, 1, D]
+            return own(max_seq_len, offset=offset, packed_seq=packed_seq)
+        out = own(max(int(pos.max()) + 1, max_seq_len))
+        table, extra = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())  # YaRN: (angles, mscale)
+        angles = table[:, 0, 0, :][pos.t()].unsqueeze(2)  # [S, B, 1, D]
+        return (angles, *extra) if extra else angles
 
-    rope.forward = forward
+    return forward
 
 
 def output_hidden_states(model) -> None:

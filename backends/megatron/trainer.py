@@ -110,7 +110,8 @@ def hook_routers(model, stats: RouterStats) -> None:
                 return _m.r1_logits
 
             module.gating = keep_logits
-            module.register_forward_hook(lambda m, args, out, _n=name: stats.add(_n, out[1], m.r1_logits))
+            module.register_forward_hook(lambda m, args, out, _n=name: stats.add(_n, out[1], m.r1_logits,
+                                                                                 m.score_function))
 
 
 def _source(path: str) -> tuple[dict, Path, dict | None]:
@@ -226,11 +227,14 @@ class MegatronTrainer:
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
                                 recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te, ep=self.ep)
         if layout is not None:
-            load_converted(model, Path(m.path), rename=self._name)
+            load_converted(model, Path(m.path), rename=lambda name, known=model.state_dict().keys(): self._name(
+                name, known))
         else:  # straight from the HF folder: this rank's shard only
             state = rank_state(TensorFolder(self.hf_folder), self.shape, p.tp_size, p.pp_size, p.tp_rank, p.pp_rank,
                                self.ep, self.ps.get_expert_model_parallel_rank())
-            missing, unexpected = model.load_state_dict({self._name(k): v for k, v in state.items()}, strict=False)
+            known = model.state_dict().keys()
+            missing, unexpected = model.load_state_dict({self._name(k, known): v for k, v in state.items()},
+                                                        strict=False)
             missing = [k for k in missing if not k.endswith("_extra_state")]
             if missing or unexpected:
                 raise RuntimeError(f"megatron state from {m.path}: missing {missing}, unexpected {unexpected}")
@@ -248,9 +252,9 @@ class MegatronTrainer:
             output_hidden_states(model)
         return model
 
-    def _name(self, name: str) -> str:
-        """A local-spec megatron name (the converter's) as this model calls it."""
-        return te_name(name) if self.te else name
+    def _name(self, name: str, known) -> str:
+        """A local-spec megatron name (the converter's) as this model, whose tensors are `known`, calls it."""
+        return te_name(name, known) if self.te else name
 
     def _wrap(self, model):
         from megatron.core.distributed import (
@@ -486,7 +490,7 @@ class MegatronTrainer:
 
         def get(t: int, stage: int, name: str, e: int = 0) -> torch.Tensor:
             if cache.get("key") != (stage, name):
-                cache["key"], own = (stage, name), self._name(name)
+                cache["key"], own = (stage, name), self._name(name, self._shapes[stage])
                 shape, dtype = self._shapes[stage][own]
                 piece = local[own].detach() if stage == p.pp_rank else torch.empty(shape, dtype=dtype)
                 piece = p.on_group_device(piece.contiguous())

@@ -53,6 +53,9 @@ class TinySpec:
     first_k_dense_replace: int = 1  # deepseek_v3: the first layers keep a dense MLP
     kv_lora_rank: int = 32  # deepseek_v3's multi-head latent attention
     q_lora_rank: int = 0  # 0: no low-rank query (DeepSeek-V2-Lite style)
+    n_group: int = 1  # deepseek_v3: group-limited routing, the experts in n_group groups of which ...
+    topk_group: int = 1  # ... the best topk_group are open to each token
+    routed_scaling_factor: float = 1.0  # deepseek_v3: the routing weights' scale
     qk_rope_head_dim: int = 8
     qk_nope_head_dim: int = 16
     v_head_dim: int = 16
@@ -120,7 +123,8 @@ def moe_config(spec: TinySpec) -> dict:
     return dict(n_routed_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
                 moe_intermediate_size=spec.moe_intermediate_size, norm_topk_prob=spec.norm_topk_prob,
                 n_shared_experts=spec.n_shared_experts, first_k_dense_replace=spec.first_k_dense_replace,
-                n_group=1, topk_group=1, routed_scaling_factor=1.0, kv_lora_rank=spec.kv_lora_rank,
+                n_group=spec.n_group, topk_group=spec.topk_group, routed_scaling_factor=spec.routed_scaling_factor,
+                kv_lora_rank=spec.kv_lora_rank,
                 q_lora_rank=spec.q_lora_rank or None, qk_rope_head_dim=spec.qk_rope_head_dim,
                 qk_nope_head_dim=spec.qk_nope_head_dim, v_head_dim=spec.v_head_dim,
                 head_dim=spec.qk_rope_head_dim, rope_interleave=True,
@@ -153,6 +157,9 @@ def build_tiny_model(out_dir: str | Path, spec: TinySpec | None = None, overwrit
     config = AutoConfig.for_model(spec.family, **kw)
     torch.manual_seed(spec.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):  # as a trained model's aux-free balancing leaves it
+            buffer.copy_(0.1 * torch.randn(buffer.shape))
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return publish_model_folder(model, tok, out_dir, overwrite)

@@ -18,7 +18,14 @@ from r1cli.backends.megatron.convert import TensorFolder, hf_to_megatron, megatr
 from r1cli.run.metrics import read_metrics
 
 MOE_SPECS = {"qwen3_moe": dict(family="qwen3_moe", tie_word_embeddings=False),
-             "mixtral": dict(family="mixtral")}
+             "mixtral": dict(family="mixtral"),
+             # DeepSeek-V3 as its config has it, shrunk: a low-rank query, the first layer dense, group-limited
+             # routing (2 groups, 1 open to each token), scaled weights, one shared expert, a non-zero expert bias
+             # (tiny.py draws one) and YaRN RoPE (set in the fixture)
+             "deepseek_v3": dict(family="deepseek_v3", num_hidden_layers=4, tie_word_embeddings=False,
+                                 q_lora_rank=16, n_group=2, topk_group=1, routed_scaling_factor=2.5)}
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0, "original_max_position_embeddings": 4,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +47,9 @@ def moe_models(tmp_path_factory):
                 if "norm" in n:
                     tensors[n] = torch.randn(t.shape, generator=g)
             save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+            if name == "deepseek_v3":
+                cfg = json.loads((path / "config.json").read_text())
+                (path / "config.json").write_text(json.dumps({**cfg, "rope_parameters": YARN}))
             built[name] = path
         return built[name]
 
@@ -112,15 +122,18 @@ def logits(model, tmp_path, tp: int, pp: int, ep: int) -> dict:
     return json.loads(line[0][len("RESULT "):])
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", [  # the default run keeps EP=2; the step tests cover TP=2
-    ("qwen3_moe", 1, 1, 2),
+@pytest.mark.parametrize("name,tp,pp,ep", [  # the default run keeps EP=2 and TP=2 x EP=2; the step tests cover TP=2
+    ("qwen3_moe", 1, 1, 2), ("deepseek_v3", 2, 1, 2),
     *(pytest.param(*case, marks=pytest.mark.slow) for case in
       [("qwen3_moe", 2, 1, 1), ("mixtral", 1, 1, 2), ("qwen3_moe", 2, 1, 2), ("qwen3_moe", 1, 2, 2),
-       ("mixtral", 2, 1, 1)])])
+       ("mixtral", 2, 1, 1), ("deepseek_v3", 1, 1, 2), ("deepseek_v3", 2, 1, 1), ("deepseek_v3", 2, 2, 2)])])
 def test_megatron_core_moe_logits_equal_transformers(moe_models, name, tp, pp, ep, tmp_path):
     """megatron-core's MoE layer on the converted shards - softmax router with the top-k weights renormalised,
     dropless all-to-all dispatch over gloo when EP > 1, experts split over TP - gives transformers' logits: the
-    expert placement, the router and the expert SwiGLU fusion agree with megatron's own layers."""
+    expert placement, the router and the expert SwiGLU fusion agree with megatron's own layers. DeepSeek-V3:
+    megatron's latent attention (low-rank query and key/value latents split over TP, interleaved YaRN RoPE with
+    its mscales), its sigmoid router (expert bias for the choice, group-limited top-k, scaled weights), the shared
+    expert and the dense first layer."""
     out = logits(moe_models(name), tmp_path, tp, pp, ep)
     assert out["max_diff"] < 1e-5 * max(1.0, out["scale"]), out
 
@@ -155,6 +168,30 @@ def test_one_sft_and_one_grpo_step_at_ep2_and_tp2_equal_the_torch_backend(moe_st
     assert_same_steps(reference, run, logp=layout != "ep2", logp_atol=1e-4)
 
 
+@pytest.fixture(scope="module")
+def deepseek_steps(tmp_path_factory):
+    """A tiny DeepSeek-V3 (latent attention with a low-rank query, a dense first layer, group-limited sigmoid
+    routing with the expert bias, one shared expert) and the torch backend's SFT + GRPO steps on it."""
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    d = tmp_path_factory.mktemp("deepseek-steps")
+    model = build_tiny_model(d / "hf", TinySpec(**MOE_SPECS["deepseek_v3"]))
+    return model, step_run(model, d / "torch", "torch", 1, 1)
+
+
+@pytest.mark.parametrize("layout", ["ep2", "tp2-sp"])
+def test_deepseek_v3_sft_and_grpo_steps_equal_the_torch_backend(deepseek_steps, layout, tmp_path):
+    """megatron's latent attention and sigmoid-routed experts train as transformers' DeepSeek-V3 modules do: at
+    EP=2 over the all-to-all, at TP=2 with the latent projections and the shared expert split over both ranks.
+    The expert bias stays as the checkpoint has it (no aux-free update, as transformers trains), so the weights
+    after both Adam steps match name by name, the bias among them."""
+    model, reference = deepseek_steps
+    tp, extra = MOE_LAYOUTS[layout]
+    run = step_run(model, tmp_path / layout, "megatron", tp, 1, *extra)
+    assert_same_steps(reference, run, logp=layout != "ep2", logp_atol=1e-4)  # EP=2: each rank's half
+    assert any(n.endswith("e_score_correction_bias") for n in run[1])
+
+
 def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_logprobs(moe_steps, tmp_path):
     """megatron's distributed checkpoint holds each expert once, whichever rank saved it: loaded by one process
     at EP=1 it gives the log-probs the EP=2 run had after its SFT step, and the GRPO step after loading equals
@@ -176,8 +213,10 @@ def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_logprobs(moe_ste
 
 
 @pytest.mark.slow
-def test_tiny_r1_zero_learns_with_a_moe_model_at_ep2(tmp_path):
-    """The tiny R1-Zero run with a tiny Qwen3-MoE (4 experts, top 2, the auxiliary loss at 0.001): a cold start
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_tiny_r1_zero_learns_with_a_moe_model_at_ep2(family, tmp_path):
+    """The tiny R1-Zero run with a tiny Qwen3-MoE (4 experts, top 2, the auxiliary loss at 0.001) or DeepSeek-V3
+    (latent attention, a dense first layer, sigmoid routing with the expert bias, a shared expert): a cold start
     on the torch backend (configs/tiny/sft.yaml), then configs/tiny/zero.yaml on megatron at EP=2 under torchrun
     clears the dense runs' learning bar."""
     from conftest import assert_learns
@@ -186,7 +225,7 @@ def test_tiny_r1_zero_learns_with_a_moe_model_at_ep2(tmp_path):
     from r1cli.data.synth import generate, split_held_out
     from r1cli.models.tiny import TinySpec, build_tiny_model
 
-    model = build_tiny_model(tmp_path / "moe", TinySpec(family="qwen3_moe"))
+    model = build_tiny_model(tmp_path / "moe", TinySpec(family=family))
     train, held = split_held_out(generate("arithmetic", 4200, seed=0, digits=2, ops="+", answer_noise=0.5), 200)
     write_jsonl(train, tmp_path / "train.jsonl")
     write_jsonl(held, tmp_path / "eval.jsonl")
@@ -205,16 +244,52 @@ def test_tiny_r1_zero_learns_with_a_moe_model_at_ep2(tmp_path):
     assert len(moe) == 80 and all(m["moe/load_imbalance"] >= 1.0 for m in moe)
 
 
-def test_deepseek_v3_on_megatron_is_refused_in_one_line(tmp_path):
-    """What megatron's layers are not wired to express yet is refused, not approximated; the torch backend trains
-    the same folder (tests/e2e/test_moe.py runs Qwen3-MoE there; DeepSeek-V3 goes the same way)."""
-    from r1cli.models.tiny import TinySpec, build_tiny_model
+DEEPSEEK_REFUSALS = [
+    (dict(rope_interleave=False), "megatron-core's latent attention always de-interleaves the rotary dimensions"),
+    (dict(norm_topk_prob=False), "megatron-core's sigmoid router always renormalises the top-k weights"),
+    (dict(n_group=2, topk_group=1, num_experts_per_tok=3), "megatron-core ranks it by its best top-k / "
+                                                           "topk_group = 3"),
+    (dict(attention_bias=True), "no biases on its down projections"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0}), "is not supported by the megatron backend")]
 
-    model = build_tiny_model(tmp_path / "ds", TinySpec(family="deepseek_v3"))
+
+def test_what_megatron_cannot_express_of_deepseek_v3_is_refused(moe_models, tmp_path):
+    """DeepSeek-V3 variants megatron-core's layers would compute differently are refused, not approximated (the
+    torch backend trains them through transformers' own modules); `r1 convert` says so in one line."""
+    from r1cli.backends.megatron.model import transformer_config
+    from r1cli.errors import R1Error
+
+    cfg = json.loads((moe_models("deepseek_v3") / "config.json").read_text())
+    for change, message in DEEPSEEK_REFUSALS:
+        with pytest.raises(R1Error, match=message):
+            transformer_config({**cfg, **change}, 1, 1)
+    model = tmp_path / "variant"
+    model.mkdir()
+    for f in moe_models("deepseek_v3").iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f)
+    (model / "config.json").write_text(json.dumps({**cfg, "norm_topk_prob": False}))
     proc = run_r1("convert", "hf-to-megatron", str(model), str(tmp_path / "x"))
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "deepseek_v3 on the megatron backend is not built yet" in \
-        lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and DEEPSEEK_REFUSALS[1][1] in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_a_deepseek_v3_checkpoint_saved_at_tp2_resumes_at_ep2(deepseek_steps, tmp_path):
+    """Latent attention's duplicated down projections, the shared expert's TP shards and the routers' expert
+    bias reshard: saved by TP=2 (sequence parallel), loaded by two EP ranks, the log-probs after the SFT step and
+    the GRPO step after loading equal the saving run's; its Hugging Face export is that run's weights."""
+    model, _ = deepseek_steps
+    saved = step_run(model, tmp_path / "save", "megatron", 2, 1, "parallel.megatron.sequence_parallel=true",
+                     "--save", str(tmp_path / "ckpt"), "--export", str(tmp_path / "hf"))
+    loaded = step_run(model, tmp_path / "load", "megatron", 1, 1, "dp2", "parallel.expert_parallel=2",
+                      "--load", str(tmp_path / "ckpt"))
+    after = torch.tensor(loaded[0]["after_sft_logp"])  # rank 0's rows 0, 2, 4, 6
+    before = torch.tensor(saved[0]["after_sft_logp"])[::2, :after.shape[1]]
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+    assert_same_steps(saved, loaded, logp=False)
+    exported = _all(tmp_path / "hf")
+    assert exported.keys() == saved[1].keys() and all(torch.equal(exported[n], saved[1][n]) for n in exported)
 
 
 def test_moe_at_tp2_without_sequence_parallelism_is_one_line(moe_steps, arith_data, tmp_path):

@@ -150,22 +150,30 @@ def test_fp8_without_transformer_engine_or_a_hopper_gpu_is_one_line(tiny_model, 
 
 
 def test_te_names_are_megatron_core_own_map_of_the_local_spec():
-    """The Transformer Engine spec fuses the per-layer norms into the next linear layer; megatron-core's local
-    spec carries the map to those names for its checkpoints, and families.te_name must agree with it."""
+    """The Transformer Engine spec fuses a norm into the next linear layer where that is a plain one;
+    megatron-core's local spec carries the map to those names for its (dense) checkpoints, and families.te_name must
+    agree with it. A norm the TE model keeps as its own (before experts, before latent attention) keeps its name."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from r1cli.backends.megatron.families import MEGATRON, te_name
 
     keys_map = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
-    names = [f"decoder.layers.3.{n}" for k, n in MEGATRON.items() if k not in ("embed", "final_norm", "output")]
-    names += [MEGATRON["embed"], MEGATRON["final_norm"], MEGATRON["output"]]
+    dense = ("qkv", "proj", "q_norm", "k_norm", "fc1", "fc2", "attn_norm", "mlp_norm")
+    names = [f"decoder.layers.3.{MEGATRON[k]}" for k in dense] + [MEGATRON[k] for k in ("embed", "final_norm",
+                                                                                          "output")]
+    expected = []
     for name in names:
-        expected = name
         for local, te in keys_map.items():
-            expected = expected.replace("." + local, "." + te)
-        assert te_name(name) == expected, name
-    assert (te_name("decoder.layers.0.input_layernorm.weight")
-            == "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight")
+            name = name.replace("." + local, "." + te)
+        expected.append(name)
+    for name, te in zip(names, expected):
+        assert te_name(name, set(expected)) == te, name
+    assert te_name("decoder.layers.0.input_layernorm.weight", set()) == \
+        "decoder.layers.0.self_attention.linear_qkv.layer_norm_weight"
+    moe_norm = "decoder.layers.1.pre_mlp_layernorm.weight"  # a TENorm of its own before the experts
+    assert te_name(moe_norm, {moe_norm, "decoder.layers.1.input_layernorm.weight"}) == moe_norm
+    assert te_name("decoder.layers.0.self_attention.kv_layernorm.weight", set()) == \
+        "decoder.layers.0.self_attention.linear_kv_up_proj.layer_norm_weight"
 
 
 @pytest.mark.slow
