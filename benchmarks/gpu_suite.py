@@ -335,12 +335,26 @@ def part_bench_rollout(tiny: bool, work: Path) -> tuple[list[dict], str]:
                    needs="vllm")
 
 
+MOE_SPECS = {  # (tiny, 0.3B-class) shapes of each MoE family the megatron backend expresses
+    "qwen3_moe": (dict(family="qwen3_moe", num_attention_heads=2, num_key_value_heads=1),
+                  dict(family="qwen3_moe", hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                       num_key_value_heads=4, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=512,
+                       max_position_embeddings=4096)),
+    "deepseek_v3": (dict(family="deepseek_v3", num_hidden_layers=3, q_lora_rank=16, n_group=2, topk_group=1),
+                    dict(family="deepseek_v3", hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                         num_experts=16, num_experts_per_tok=4, moe_intermediate_size=512, kv_lora_rank=256,
+                         q_lora_rank=384, qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_group=4,
+                         topk_group=2, routed_scaling_factor=2.5, max_position_embeddings=4096)),
+}
+
+
 def part_moe(tiny: bool, work: Path) -> list[dict]:
-    """A Qwen3-MoE through megatron-core on the GPU: what the CPU runs only through shims - the all-to-all token
-    dispatcher's CUDA side stream and copies of the split sizes to the host - on the real CUDA path. The log-probs
-    of the Megatron trainer (local layers, SequentialMLP experts) against the torch backend's (transformers' MoE
-    modules) on the same rows, in the GPU's compute dtype, then one train step and its routing figures. Grouped
-    GEMM experts need Transformer Engine's layers (parallel.megatron.layers=te), which the lent machine lacks."""
+    """Qwen3-MoE and DeepSeek-V3 through megatron-core on the GPU: what the CPU runs only through shims - the
+    all-to-all token dispatcher's CUDA side stream and copies of the split sizes to the host - on the real CUDA
+    path, and with Transformer Engine where it imports, its layers (DeepSeek-V3: TE's latent attention, whose core
+    attention takes the narrower values, and its duplicated down projections). The log-probs of the Megatron
+    trainer against the torch backend's (transformers' MoE modules) on the same rows, in the GPU's compute dtype,
+    then one train step and its routing figures. Grouped GEMM experts are not wired."""
     try:
         import megatron.core  # noqa: F401
     except ImportError:
@@ -354,33 +368,35 @@ def part_moe(tiny: bool, work: Path) -> list[dict]:
     from r1cli.sft.loss import NLLLoss
     from r1cli.token_batch import TokenBatch
 
-    out = work / ("moe-tiny" if tiny else "moe-0.3b")
-    if not (out / "config.json").is_file():
-        spec = TinySpec(family="qwen3_moe", num_attention_heads=2, num_key_value_heads=1) if tiny else TinySpec(
-            family="qwen3_moe", hidden_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
-            num_experts=16, num_experts_per_tok=4, moe_intermediate_size=512, max_position_embeddings=4096)
-        build_tiny_model(out, spec)
-    S = 64 if tiny else 2048
-    g = torch.Generator().manual_seed(0)
-    rows_ = [torch.randint(0, 400, (S,), generator=g).tolist() for _ in range(2)]
-    batch = TokenBatch.from_completions([r[:8] for r in rows_], [r[8:] for r in rows_])
-    logp = {}
-    for backend in ("torch", "megatron"):
-        cfg = load_config("configs/tiny/sft.yaml", [f"model.path={out}", f"parallel.backend={backend}",
-                                                    "train.micro_batch_size=2", "model.gradient_checkpointing=false"])
-        trainer = build_trainer(cfg)
-        logp[backend] = trainer.logprobs(batch).float().cpu()
-        if backend == "megatron":
-            t0 = time.perf_counter()
-            stats = trainer.train_step(batch, NLLLoss(sum(len(r) - 8 for r in rows_)))
-            dt = time.perf_counter() - t0
-        del trainer
-    rel = _rel(logp["megatron"], logp["torch"])
-    figures = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in stats.items() if k.startswith("moe/"))
-    return [row("moe", f"megatron-core MoE log-probs vs transformers', {2 * S} tokens",
-                f"relative difference {rel:.2e}", "ok" if rel < 2e-2 else "FAIL"),
-            row("moe", "one megatron MoE train step", f"{dt * 1e3:.0f} ms, loss {stats['loss']:.3f}; {figures}",
-                "measured" if torch.isfinite(torch.tensor(stats["loss"])).item() else "FAIL")]
+    rows = []
+    for family, (small, large) in MOE_SPECS.items():
+        out = work / (f"{family}-tiny" if tiny else f"{family}-0.3b")
+        if not (out / "config.json").is_file():
+            build_tiny_model(out, TinySpec(**(small if tiny else large)))
+        S = 64 if tiny else 2048
+        g = torch.Generator().manual_seed(0)
+        rows_ = [torch.randint(0, 400, (S,), generator=g).tolist() for _ in range(2)]
+        batch = TokenBatch.from_completions([r[:8] for r in rows_], [r[8:] for r in rows_])
+        logp = {}
+        for backend in ("torch", "megatron"):
+            cfg = load_config("configs/tiny/sft.yaml", [f"model.path={out}", f"parallel.backend={backend}",
+                                                        "train.micro_batch_size=2",
+                                                        "model.gradient_checkpointing=false"])
+            trainer = build_trainer(cfg)
+            logp[backend] = trainer.logprobs(batch).float().cpu()
+            if backend == "megatron":
+                t0 = time.perf_counter()
+                stats = trainer.train_step(batch, NLLLoss(sum(len(r) - 8 for r in rows_)))
+                dt = time.perf_counter() - t0
+            del trainer
+        rel = _rel(logp["megatron"], logp["torch"])
+        figures = ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in stats.items() if k.startswith("moe/"))
+        rows += [row("moe", f"{family}: megatron-core log-probs vs transformers', {2 * S} tokens",
+                     f"relative difference {rel:.2e}", "ok" if rel < 2e-2 else "FAIL"),
+                 row("moe", f"{family}: one megatron train step",
+                     f"{dt * 1e3:.0f} ms, loss {stats['loss']:.3f}; {figures}",
+                     "measured" if torch.isfinite(torch.tensor(stats["loss"])).item() else "FAIL")]
+    return rows
 
 
 # part: (function, seconds allowed on a GPU, environment)
@@ -389,7 +405,7 @@ PARTS = {
     "kernels": (part_kernels, 150, {}),
     "vllm": (part_vllm, 150, {}),
     "megatron": (part_megatron, 120, {}),
-    "moe": (part_moe, 90, {}),
+    "moe": (part_moe, 150, {}),
     "rl": (part_rl, 120, {}),
     "bench_kernels": (part_bench_kernels, 120, {}),
     "bench_rollout": (part_bench_rollout, 90, {}),
