@@ -179,7 +179,7 @@ def deepseek_steps(tmp_path_factory):
     return model, step_run(model, d / "torch", "torch", 1, 1)
 
 
-@pytest.mark.parametrize("layout", ["ep2", "tp2-sp"])
+@pytest.mark.parametrize("layout", [pytest.param("ep2", marks=pytest.mark.slow), "tp2-sp"])
 def test_deepseek_v3_sft_and_grpo_steps_equal_the_torch_backend(deepseek_steps, layout, tmp_path):
     """megatron's latent attention and sigmoid-routed experts train as transformers' DeepSeek-V3 modules do: at
     EP=2 over the all-to-all, at TP=2 with the latent projections and the shared expert split over both ranks.

@@ -107,6 +107,27 @@ def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_s
     assert (out / "hf" / "model.safetensors").is_file()
 
 
+def test_grpo_with_a_mixture_of_experts_on_vllm(tmp_path):
+    """A tiny Qwen3-MoE (4 experts, top 2) cold-started on the torch backend, then GRPO with vLLM generating: the
+    trainer hands its experts out one by one under the checkpoint's names, which vLLM's fused MoE layers load
+    after every step; its log-probs then equal the trainer's (fp32 both sides)."""
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "moe", TinySpec(family="qwen3_moe", num_attention_heads=2,
+                                                         num_key_value_heads=1))
+    d = make_cold_start(model, tmp_path / "cold")
+    out = tmp_path / "run"
+    proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={d / 'sft' / 'hf'}",
+                  f"data.train={d / 'train.jsonl'}", "data.eval=", "train.steps=3", "rollout.engine=vllm",
+                  "rollout.vllm.kv_cache_gb=0.25", f"train.output_dir={out}", "logging.progress=false",
+                  "logging.tensorboard=false", timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if "step" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3] and all("moe/load_imbalance" in m for m in steps)
+    for m in steps:  # steps 2 and 3 sample from the weights vLLM loaded after steps 1 and 2
+        assert m["rollout/mismatch_kl"] < 1e-4 and m["rollout/mismatch_kl_max"] < 1e-2, m
+
+
 @pytest.fixture(scope="module")
 def tool_caller(tiny_model, tmp_path_factory):
     """The tiny model after a short SFT on products answered through the python tool (every row calls it): it
