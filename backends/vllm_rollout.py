@@ -204,6 +204,20 @@ def _check_cpu_head_size(path: str) -> None:
                       "(use rollout.engine=hf on CPU, or a model with a supported head size)")
 
 
+def _check_cpu_reload(path: str) -> None:
+    """vLLM 0.32's CPU build reloads a mixture of experts' weights wrongly: after an in-place reload of the
+    checkpoint's own tensors a tiny Qwen3-MoE's greedy output collapses to one repeated token (it generated exactly
+    transformers' tokens before). A trainer reloads the engine every step, so that pairing is refused; generation
+    alone (r1 eval, r1 sample) loads once and is right."""
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if any(cfg.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        raise R1Error(f"{path} is a mixture of experts: vLLM's CPU build corrupts its experts when the trainer "
+                      "reloads the weights (use rollout.engine=hf on CPU; r1 eval and r1 sample may use vLLM)")
+
+
 @engine_factory(reports_logprobs=True)
 def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> VLLMEngine:
     """A vLLM engine for this process: alone, or one per torchrun rank with engine TP over consecutive ranks."""
@@ -214,6 +228,8 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> V
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
         _check_cpu_head_size(model.path)
+        if trainer is not None:
+            _check_cpu_reload(model.path)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = rollout.vllm.tensor_parallel
     if world % tp:
