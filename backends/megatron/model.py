@@ -115,16 +115,16 @@ def latent_options(cfg: dict, s: Shape) -> dict:
                 mscale=float(params.get("mscale", 1)), mscale_all_dim=float(params.get("mscale_all_dim", 0)))
 
 
-def moe_options(s: Shape, ep: int) -> dict:
+def moe_options(s: Shape, ep: int, bias_rate: float = 0.0) -> dict:
     """megatron-core's MoE settings for the HF config's experts: softmax routing, top-k renormalised or not (Qwen3-MoE's
     norm_topk_prob), the auxiliary load-balancing loss at the HF coefficient, dropless all-to-all dispatch, experts
     split over `ep` ranks; the router in fp32 as transformers runs it."""
     e = s.experts
     if e is None:
         return {}
-    deepseek = dict(  # sigmoid scores + the expert bias for the choice, kept as the checkpoint has it (rate 0, as
-        # transformers trains it), group-limited top-k, scaled weights, shared experts
-        moe_router_enable_expert_bias=e.bias, moe_router_bias_update_rate=0.0, moe_router_num_groups=e.groups,
+    deepseek = dict(  # sigmoid scores + the expert bias for the choice (moved by bias_rate after each step; 0 keeps
+        # the checkpoint's, as transformers trains it), group-limited top-k, scaled weights, shared experts
+        moe_router_enable_expert_bias=e.bias, moe_router_bias_update_rate=bias_rate, moe_router_num_groups=e.groups,
         moe_router_group_topk=e.group_topk, moe_router_topk_scaling_factor=e.scale if e.scale != 1.0 else None,
         moe_shared_expert_intermediate_size=e.shared_ffn or None) if e.score == "sigmoid" else {}
     return dict(num_moe_experts=e.count, moe_router_topk=e.topk, moe_ffn_hidden_size=e.ffn,
@@ -135,7 +135,8 @@ def moe_options(s: Shape, ep: int) -> dict:
 
 
 def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, *,
-                       sequence_parallel: bool = False, recompute: bool = False, fp8: str | None = None, ep: int = 1):
+                       sequence_parallel: bool = False, recompute: bool = False, fp8: str | None = None, ep: int = 1,
+                       bias_rate: float = 0.0):
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     s = Shape.from_hf(cfg)
@@ -156,7 +157,7 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None, sequence_parallel=sequence_parallel,
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}),
         **(dict(fp8="hybrid", fp8_recipe={"delayed": "delayed", "current": "tensorwise"}[fp8]) if fp8 else {}),
-        **moe_options(s, ep), **{k: v for k, v in latent.items() if k != "qk_layernorm"})
+        **moe_options(s, ep, bias_rate), **{k: v for k, v in latent.items() if k != "qk_layernorm"})
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -235,7 +236,7 @@ def layer_spec(cfg: dict, layers: range, te: bool = False):
 def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, te: bool = False, **options):
     """This rank's GPTModel (its pipeline stage, its tensor shards, its experts), with Transformer Engine layers
     when `te`; options: sequence_parallel, recompute, fp8 (None, "delayed" or "current": the TE layers with that FP8
-    scaling recipe), ep (expert parallel ranks)."""
+    scaling recipe), ep (expert parallel ranks), bias_rate (DeepSeek-V3's expert bias update per step)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 

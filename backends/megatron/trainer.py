@@ -164,6 +164,9 @@ class MegatronTrainer:
         if self.shape.experts is not None and tp > 1 and not parallel.megatron.sequence_parallel:
             raise R1Error(f"a mixture of experts at tensor_parallel={tp} trains with sequence parallelism "
                           "(megatron-core requires it): set parallel.megatron.sequence_parallel=true")
+        if parallel.megatron.expert_bias_update_rate and not (self.shape.experts and self.shape.experts.bias):
+            raise R1Error(f"parallel.megatron.expert_bias_update_rate moves DeepSeek-V3's expert bias; "
+                          f"{self.shape.model_type} routes without one")
         converted = layout and (layout["tensor_parallel"], layout["pipeline_parallel"],
                                 layout.get("expert_parallel", 1))
         if layout is not None and converted != (tp, pp, ep):
@@ -225,7 +228,8 @@ class MegatronTrainer:
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
-                                recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te, ep=self.ep)
+                                recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te, ep=self.ep,
+                                bias_rate=self.parallel_cfg.megatron.expert_bias_update_rate)
         if layout is not None:
             load_converted(model, Path(m.path), rename=lambda name, known=model.state_dict().keys(): self._name(
                 name, known))

@@ -192,6 +192,26 @@ def test_deepseek_v3_sft_and_grpo_steps_equal_the_torch_backend(deepseek_steps, 
     assert any(n.endswith("e_score_correction_bias") for n in run[1])
 
 
+def test_the_aux_free_expert_bias_update_moves_each_bias_by_the_rate(deepseek_steps, moe_models, arith_data, tmp_path):
+    """parallel.megatron.expert_bias_update_rate: after each of the two steps megatron-core moves every MoE layer's
+    expert bias by +-rate (toward the experts that got fewer tokens than the mean, 0 where exactly even); the
+    moved bias is what the weights hand out (to the engine, the export) under transformers' name. A model without
+    an expert bias refuses the option in one line."""
+    model, reference = deepseek_steps
+    rate = 0.01
+    run = step_run(model, tmp_path / "bias", "megatron", 1, 1, f"parallel.megatron.expert_bias_update_rate={rate}")
+    names = [n for n in run[1] if n.endswith("e_score_correction_bias")]
+    assert names
+    for name in names:
+        moved = (run[1][name] - reference[1][name]) / rate
+        assert torch.allclose(moved, moved.round(), atol=1e-3) and moved.abs().max() <= 2 + 1e-3, (name, moved)
+        assert moved.abs().sum() > 0, name
+    proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={moe_models('qwen3_moe')}",
+                  f"data.train={arith_data[0]}", "data.eval=", "parallel.backend=megatron",
+                  "parallel.megatron.expert_bias_update_rate=0.01", f"train.output_dir={tmp_path / 'qwen3'}")
+    assert proc.returncode == 2 and "qwen3_moe routes without one" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_logprobs(moe_steps, tmp_path):
     """megatron's distributed checkpoint holds each expert once, whichever rank saved it: loaded by one process
     at EP=1 it gives the log-probs the EP=2 run had after its SFT step, and the GRPO step after loading equals
