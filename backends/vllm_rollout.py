@@ -187,35 +187,29 @@ class VLLMEngine:
         self.asleep -= todo
 
 
-def _check_cpu_head_size(path: str) -> None:
-    """vLLM's CPU attention has kernels for some head sizes only; say so before the engine fails deep inside."""
+def _check_cpu_model(path: str, reloads: bool) -> None:
+    """What vLLM's CPU build cannot run, said before the engine fails deep inside (or worse, runs wrongly):
+    - its CPU attention has kernels for some head sizes only;
+    - vLLM 0.32's CPU build reloads a mixture of experts' weights wrongly: after an in-place reload of the
+      checkpoint's own tensors a tiny Qwen3-MoE's greedy output collapses to one repeated token (it generated
+      exactly transformers' tokens before). A trainer `reloads` the engine every step, so that pairing is refused;
+      generation alone (r1 eval, r1 sample) loads once and is right."""
     import json
     from pathlib import Path
 
+    cfg = json.loads((Path(path) / "config.json").read_text())
+    if reloads and any(cfg.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
+        raise R1Error(f"{path} is a mixture of experts: vLLM's CPU build corrupts its experts when the trainer "
+                      "reloads the weights (use rollout.engine=hf on CPU; r1 eval and r1 sample may use vLLM)")
     try:
         from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
     except ImportError:  # a vLLM without this module: let the engine judge
         return
-    cfg = json.loads((Path(path) / "config.json").read_text())
     head = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     sizes = CPUAttentionBackend.get_supported_head_sizes()
     if head not in sizes:
         raise R1Error(f"{path}: head size {head}; vLLM's CPU attention supports {', '.join(map(str, sizes))} "
                       "(use rollout.engine=hf on CPU, or a model with a supported head size)")
-
-
-def _check_cpu_reload(path: str) -> None:
-    """vLLM 0.32's CPU build reloads a mixture of experts' weights wrongly: after an in-place reload of the
-    checkpoint's own tensors a tiny Qwen3-MoE's greedy output collapses to one repeated token (it generated exactly
-    transformers' tokens before). A trainer reloads the engine every step, so that pairing is refused; generation
-    alone (r1 eval, r1 sample) loads once and is right."""
-    import json
-    from pathlib import Path
-
-    cfg = json.loads((Path(path) / "config.json").read_text())
-    if any(cfg.get(k) for k in ("num_experts", "num_local_experts", "n_routed_experts")):
-        raise R1Error(f"{path} is a mixture of experts: vLLM's CPU build corrupts its experts when the trainer "
-                      "reloads the weights (use rollout.engine=hf on CPU; r1 eval and r1 sample may use vLLM)")
 
 
 @engine_factory(reports_logprobs=True)
@@ -227,9 +221,7 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> V
     check_model_folder(model.path)
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
-        _check_cpu_head_size(model.path)
-        if trainer is not None:
-            _check_cpu_reload(model.path)
+        _check_cpu_model(model.path, reloads=trainer is not None)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tp = rollout.vllm.tensor_parallel
     if world % tp:

@@ -83,17 +83,23 @@ def import_megatron():
         cpu_shims.install()
 
 
+def rope_scaling(cfg: dict) -> tuple[str, dict]:
+    """(kind, parameters) of an HF config's RoPE: `rope_scaling` (transformers 4 files) or `rope_parameters`
+    (transformers 5); kind "default" when unscaled."""
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    return scaling.get("rope_type", scaling.get("type")) or "default", scaling
+
+
 def rope_theta(cfg: dict, allow: tuple[str, ...] = ()) -> float:
     """RoPE's base from an HF config: `rope_theta` (transformers 4 files) or `rope_parameters` (transformers 5);
     a scaled RoPE (linear, dynamic, yarn, llama3) is refused, since megatron's plain RoPE would silently differ
     (latent attention `allow`s yarn: its own YaRN embedding)."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or params
-    if scaling.get("rope_type", scaling.get("type")) not in (None, "default", *allow):
+    kind, scaling = rope_scaling(cfg)
+    if kind not in ("default", *allow):
         from r1cli.errors import R1Error
 
         raise R1Error(f"RoPE scaling {scaling} is not supported by the megatron backend yet")
-    return float(cfg.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    return float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0)
 
 
 def latent_options(cfg: dict, s: Shape) -> dict:
@@ -101,11 +107,9 @@ def latent_options(cfg: dict, s: Shape) -> dict:
     or YaRN with the HF config's factor, original length, betas and mscales; the softmax scale then carries
     mscale_all_dim as transformers' does). Megatron's defaults are DeepSeek-V3's YaRN: every field is set."""
     lat = s.latent
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type")) or "default"
+    kind, params = rope_scaling(cfg)
     base = dict(multi_latent_attention=True, q_lora_rank=lat.q_rank, kv_lora_rank=lat.kv_rank, qk_head_dim=lat.nope,
-                qk_pos_emb_head_dim=lat.rope, v_head_dim=lat.v, rotary_base=rope_theta(cfg, allow=("yarn",)),
-                qk_layernorm=True)  # the latent norms are megatron's q/kv layernorms
+                qk_pos_emb_head_dim=lat.rope, v_head_dim=lat.v, rotary_base=rope_theta(cfg, allow=("yarn",)))
     if kind == "default":
         return dict(base, rope_type="rope", rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
     return dict(base, rope_type="yarn", rotary_scaling_factor=float(params["factor"]),
@@ -149,7 +153,8 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         ffn_hidden_size=s.ffn, kv_channels=s.head_dim, normalization="RMSNorm",
         layernorm_epsilon=cfg.get("rms_norm_eps", 1e-6), gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=s.family.qkv_bias,
-        qk_layernorm=s.family.qk_norm or bool(latent), tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        qk_layernorm=s.family.qk_norm or bool(latent),  # (the latent norms are megatron's q/kv layernorms)
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         use_cpu_initialization=not on_gpu, params_dtype=dtype, hidden_dropout=0.0, attention_dropout=0.0,
         bias_dropout_fusion=on_gpu, apply_rope_fusion=False,
         masked_softmax_fusion=False,  # the fused causal kernel would ignore the explicit mask of packed rows
@@ -157,7 +162,7 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None, sequence_parallel=sequence_parallel,
         **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}),
         **(dict(fp8="hybrid", fp8_recipe={"delayed": "delayed", "current": "tensorwise"}[fp8]) if fp8 else {}),
-        **moe_options(s, ep, bias_rate), **{k: v for k, v in latent.items() if k != "qk_layernorm"})
+        **moe_options(s, ep, bias_rate), **latent)
 
 
 class RMSNorm(torch.nn.RMSNorm):

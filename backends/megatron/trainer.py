@@ -230,13 +230,12 @@ class MegatronTrainer:
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
                                 recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te, ep=self.ep,
                                 bias_rate=self.parallel_cfg.megatron.expert_bias_update_rate)
+        known = model.state_dict().keys()
         if layout is not None:
-            load_converted(model, Path(m.path), rename=lambda name, known=model.state_dict().keys(): self._name(
-                name, known))
+            load_converted(model, Path(m.path), rename=lambda name: self._name(name, known))
         else:  # straight from the HF folder: this rank's shard only
             state = rank_state(TensorFolder(self.hf_folder), self.shape, p.tp_size, p.pp_size, p.tp_rank, p.pp_rank,
                                self.ep, self.ps.get_expert_model_parallel_rank())
-            known = model.state_dict().keys()
             missing, unexpected = model.load_state_dict({self._name(k, known): v for k, v in state.items()},
                                                         strict=False)
             missing = [k for k in missing if not k.endswith("_extra_state")]

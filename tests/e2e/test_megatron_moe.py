@@ -131,9 +131,9 @@ def test_megatron_core_moe_logits_equal_transformers(moe_models, name, tp, pp, e
     """megatron-core's MoE layer on the converted shards - softmax router with the top-k weights renormalised,
     dropless all-to-all dispatch over gloo when EP > 1, experts split over TP - gives transformers' logits: the
     expert placement, the router and the expert SwiGLU fusion agree with megatron's own layers. DeepSeek-V3:
-    megatron's latent attention (low-rank query and key/value latents split over TP, interleaved YaRN RoPE with
-    its mscales), its sigmoid router (expert bias for the choice, group-limited top-k, scaled weights), the shared
-    expert and the dense first layer."""
+    megatron's latent attention (its up projections split over TP, the down projections whole, interleaved YaRN
+    RoPE with its mscales), its sigmoid router (expert bias for the choice, group-limited top-k, scaled weights),
+    the shared expert and the dense first layer."""
     out = logits(moe_models(name), tmp_path, tp, pp, ep)
     assert out["max_diff"] < 1e-5 * max(1.0, out["scale"]), out
 
@@ -182,7 +182,7 @@ def deepseek_steps(tmp_path_factory):
 @pytest.mark.parametrize("layout", [pytest.param("ep2", marks=pytest.mark.slow), "tp2-sp"])
 def test_deepseek_v3_sft_and_grpo_steps_equal_the_torch_backend(deepseek_steps, layout, tmp_path):
     """megatron's latent attention and sigmoid-routed experts train as transformers' DeepSeek-V3 modules do: at
-    EP=2 over the all-to-all, at TP=2 with the latent projections and the shared expert split over both ranks.
+    EP=2 over the all-to-all, at TP=2 with the up projections and the shared expert split over both ranks.
     The expert bias stays as the checkpoint has it (no aux-free update, as transformers trains), so the weights
     after both Adam steps match name by name, the bias among them."""
     model, reference = deepseek_steps
