@@ -2,7 +2,6 @@
 that need shipped files, and every module of it imports (those of an optional extra fail only for lack of it)."""
 
 import importlib
-import pkgutil
 import subprocess
 from pathlib import Path
 
@@ -29,14 +28,19 @@ listed = r1("configs").split()
 for name in ("configs/zero.yaml", "configs/tiny/r1.yaml", "configs/students/qwen-7b.yaml"):
     assert name in listed, f"{name} not among the shipped configs: {listed}"
 
+# every module file: pkgutil's walk would skip backends/, kernels/ and configs/, which are namespace folders
+modules = sorted("r1cli." + ".".join(p.relative_to(home).with_suffix("").parts).removesuffix(".__init__")
+                 for p in home.rglob("*.py"))
+for folder in ("backends", "kernels", "configs"):
+    assert (home / folder).is_dir(), f"the wheel lacks r1cli/{folder}"
 bad = []
-for mod in pkgutil.walk_packages([str(home)], "r1cli."):
+for name in modules:
     try:
-        importlib.import_module(mod.name)
+        importlib.import_module(name)
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in OPTIONAL:
-            bad.append(f"{mod.name}: {e}")
+            bad.append(f"{name}: {e}")
     except ImportError as e:
-        bad.append(f"{mod.name}: {e}")
+        bad.append(f"{name}: {e}")
 assert not bad, "modules of the installed copy that do not import:\n" + "\n".join(bad)
-print(f"installed r1 at {home}: commands and {sum(1 for _ in pkgutil.walk_packages([str(home)], 'r1cli.'))} modules ok")
+print(f"installed r1 at {home}: commands and {len(modules)} modules ok")

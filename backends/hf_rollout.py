@@ -159,7 +159,7 @@ class HFGenerateEngine:
         """Fill each completion's log-probs: teacher-forced forwards of this engine's weights over `rows` sequences at a
         time (as many as a generate call held), at the sampling temperature, through the trainer's kernels (so that
         on the same weights the two agree to rounding)."""
-        from r1cli import kernels
+        from r1cli.kernels import ops as kernels
         from r1cli.token_batch import TokenBatch
 
         from .torch_trainer import HiddenLoss

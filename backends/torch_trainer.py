@@ -18,10 +18,10 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from r1cli import kernels
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.interfaces import LossInput, choose_loss_input
+from r1cli.kernels import ops as kernels
 from r1cli.lr_schedule import lr_factor
 from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device

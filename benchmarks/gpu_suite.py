@@ -99,7 +99,7 @@ def part_kernels(tiny: bool, work: Path) -> list[dict]:
     autocast and bf16 parameters (under TRITON_INTERPRET=1 on a CPU)."""
     import torch
 
-    from r1cli.kernels import fused_linear_grpo_loss, fused_linear_grpo_objective
+    from r1cli.kernels.ops import fused_linear_grpo_loss, fused_linear_grpo_objective
     from r1cli.rl.objective import GRPOObjective
 
     device = _device()

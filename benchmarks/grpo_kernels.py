@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from r1cli.kernels import fused_linear_grpo_loss, fused_linear_grpo_objective, grpo_loss
+from r1cli.kernels.ops import fused_linear_grpo_loss, fused_linear_grpo_objective, grpo_loss
 from r1cli.kernels.reference import fused_linear_grpo_loss_ref, grpo_loss_ref
 from r1cli.rl.objective import GRPOObjective
 

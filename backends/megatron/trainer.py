@@ -28,7 +28,7 @@ import torch.distributed as dist
 from r1cli.config import ModelConfig, OptimConfig, ParallelConfig, TrainConfig
 from r1cli.errors import R1Error
 from r1cli.interfaces import LossInput, choose_loss_input
-from r1cli.kernels import pick_impl
+from r1cli.kernels.ops import pick_impl
 from r1cli.lr_schedule import lr_factor
 from r1cli.models.loading import load_tokenizer, resolve_device
 from r1cli.models.router_stats import RouterStats

@@ -54,7 +54,7 @@ class DistillLoss:
     def from_hidden(self, hidden, weight, batch, targets):
         import torch
 
-        from r1cli import kernels
+        from r1cli.kernels import ops as kernels
 
         ids, pos, idx, _ = batch.tensors(self.pad_id, hidden.device)
         with torch.no_grad():

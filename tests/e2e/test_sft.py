@@ -57,7 +57,7 @@ def test_packed_loss_equals_unpacked(tiny_model):
     from r1cli.config import DataConfig, ModelConfig
     from r1cli.data.sft_examples import pack_examples, to_token_batch, tokenize_rows
     from r1cli.data.synth import generate
-    from r1cli.kernels import fused_linear_logprobs
+    from r1cli.kernels.ops import fused_linear_logprobs
     from r1cli.models.loading import load_model, load_tokenizer
 
     tok = load_tokenizer(str(tiny_model))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from r1cli.kernels import fused_linear_distill
+from r1cli.kernels.ops import fused_linear_distill
 from r1cli.kernels.reference import fused_linear_distill_ref
 
 

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from r1cli import kernels  # noqa: E402
+from r1cli.kernels import ops as kernels  # noqa: E402
 from r1cli.kernels.fused_linear import fused_linear_logprobs_impl  # noqa: E402
 from r1cli.rl.objective import GRPOObjective  # noqa: E402
 

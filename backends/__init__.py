@@ -1,1 +1,0 @@
-"""How a model trains and generates: the torch trainer, rollout engines (imported lazily)."""
