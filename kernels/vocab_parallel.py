@@ -36,7 +36,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 
 def _use_triton(impl: str, device: torch.device) -> bool:
-    from . import pick_impl
+    from .ops import pick_impl
 
     return pick_impl(impl, device) == "triton"
 
