@@ -1,9 +1,12 @@
 """The process layout of a run: global, data-, tensor- and pipeline-parallel ranks and their groups.
 
 Ranks are laid out as Megatron does: tensor-parallel ranks are neighbours, then
-data-parallel, then pipeline stages (rank = (pp * dp_size + dp) * tp_size + tp).
-The ranks of one model replica (same dp rank) must see the same data; data shards
-and metric reductions therefore go over the data-parallel group, never the world.
+context-parallel, then data-parallel, then pipeline stages
+(rank = ((pp * dp_size + dp) * cp_size + cp) * tp_size + tp).
+The ranks of one model replica (same dp rank: its TP, CP and PP ranks) must see the
+same data; data shards and metric reductions therefore go over the data-parallel
+group, never the world. Gradients are averaged over the data- and context-parallel
+ranks together (grad_group): each CP rank holds a slice of every sequence.
 gloo on CPU, NCCL on GPU; one process without torchrun needs no process group.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import itertools
 import os
 import sys
 import weakref
@@ -33,26 +37,33 @@ class DistributedContext:
     dp_group: Any = None  # None: the default group (or no group in one process)
     tp_group: Any = None
     pp_group: Any = None
-    mp_group: Any = None  # the ranks of this model replica (its TP x PP ranks); None: a replica of one rank
+    mp_group: Any = None  # the ranks of this model replica (its TP x CP x PP ranks); None: a replica of one rank
+    cp_size: int = 1  # context parallelism: the ranks that split one sequence (backends/context_parallel.py)
+    cp_group: Any = None
+    grad_group: Any = None  # data x context parallel: where gradients are averaged (None: the default group)
     # where the groups' collectives read tensors: the rank's GPU under NCCL (which serves CUDA tensors only), the
     # CPU under gloo
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def dp_size(self) -> int:
-        return self.world_size // (self.tp_size * self.pp_size)
+        return self.world_size // (self.tp_size * self.cp_size * self.pp_size)
 
     @property
     def tp_rank(self) -> int:
         return self.rank % self.tp_size
 
     @property
+    def cp_rank(self) -> int:
+        return (self.rank // self.tp_size) % self.cp_size
+
+    @property
     def dp_rank(self) -> int:
-        return (self.rank // self.tp_size) % self.dp_size
+        return (self.rank // (self.tp_size * self.cp_size)) % self.dp_size
 
     @property
     def pp_rank(self) -> int:
-        return self.rank // (self.tp_size * self.dp_size)
+        return self.rank // (self.tp_size * self.cp_size * self.dp_size)
 
     @property
     def is_main(self) -> bool:
@@ -108,8 +119,8 @@ class DistributedContext:
 
     @property
     def is_replica_leader(self) -> bool:
-        """The replica's first rank (TP rank 0 of the first pipeline stage): the one that generates for it."""
-        return self.tp_rank == 0 and self.pp_rank == 0
+        """The replica's first rank (TP and CP rank 0 of the first pipeline stage): the one that generates for it."""
+        return self.tp_rank == 0 and self.cp_rank == 0 and self.pp_rank == 0
 
     def share_in_replica(self, obj):
         """The replica leader's `obj` on every rank of its replica: what one rank generated, the others use, so
@@ -215,15 +226,16 @@ def _free_port() -> int:
 
 
 def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                  timeout_min: float = 30.0) -> DistributedContext:
-    """Join torchrun's process group (when launched by torchrun) and build the dp / tp / pp groups."""
+                  timeout_min: float = 30.0, context_parallel: int = 1) -> DistributedContext:
+    """Join torchrun's process group (when launched by torchrun) and build the dp / tp / cp / pp groups."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    model_parallel = tensor_parallel * pipeline_parallel
-    if tensor_parallel < 1 or pipeline_parallel < 1:
-        raise R1Error("parallel.tensor_parallel and parallel.pipeline_parallel must be at least 1")
+    model_parallel = tensor_parallel * context_parallel * pipeline_parallel
+    if min(tensor_parallel, pipeline_parallel, context_parallel) < 1:
+        raise R1Error("parallel.tensor_parallel, parallel.pipeline_parallel and parallel.context_parallel must be at "
+                      "least 1")
     if world % model_parallel:
-        raise R1Error(f"{world} processes do not split into tensor_parallel={tensor_parallel} x "
-                      f"pipeline_parallel={pipeline_parallel} replicas")
+        raise R1Error(f"{world} processes do not split into tensor_parallel={tensor_parallel} x context_parallel="
+                      f"{context_parallel} x pipeline_parallel={pipeline_parallel} replicas")
     if world == 1:
         return DistributedContext()
     start_process_group(device, timeout_min)
@@ -231,28 +243,28 @@ def init_parallel(device: torch.device, tensor_parallel: int = 1, pipeline_paral
     if device.type == "cuda":
         torch.cuda.set_device(local)
     ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local, tensor_parallel, pipeline_parallel,
-                             device=group_device(device, local))
+                             device=group_device(device, local), cp_size=context_parallel)
     if model_parallel == 1:
         return ctx  # data parallel only: the default group is the dp group
-    tp, dp, pp = tensor_parallel, ctx.dp_size, pipeline_parallel
-    rank_of = lambda t, d, p: (p * dp + d) * tp + t  # noqa: E731
-    # every rank must create every group, in the same order
-    for p in range(pp):
-        for t in range(tp):
-            g = dist.new_group([rank_of(t, d, p) for d in range(dp)])
-            if (ctx.pp_rank, ctx.tp_rank) == (p, t):
-                ctx.dp_group = g
-        for d in range(dp):
-            g = dist.new_group([rank_of(t, d, p) for t in range(tp)])
-            if (ctx.pp_rank, ctx.dp_rank) == (p, d):
-                ctx.tp_group = g
-    for d in range(dp):
-        for t in range(tp):
-            g = dist.new_group([rank_of(t, d, p) for p in range(pp)])
-            if (ctx.dp_rank, ctx.tp_rank) == (d, t):
-                ctx.pp_group = g
-    for d in range(dp):
-        g = dist.new_group([rank_of(t, d, p) for p in range(pp) for t in range(tp)])
-        if ctx.dp_rank == d:
-            ctx.mp_group = g
+    tp, cp, dp, pp = tensor_parallel, context_parallel, ctx.dp_size, pipeline_parallel
+    coords = list(itertools.product(range(tp), range(cp), range(dp), range(pp)))  # (t, c, d, p) of every rank
+    me = (ctx.tp_rank, ctx.cp_rank, ctx.dp_rank, ctx.pp_rank)
+
+    def group_of(same: tuple[int, ...]) -> Any:
+        """One group per value of the coordinates `same` (indices into (t, c, d, p)), every rank creating every
+        group in the same order; returns this rank's."""
+        mine = None
+        for key in sorted({tuple(x[i] for i in same) for x in coords}):
+            g = dist.new_group(sorted(((x[3] * dp + x[2]) * cp + x[1]) * tp + x[0] for x in coords
+                                      if tuple(x[i] for i in same) == key))
+            if tuple(me[i] for i in same) == key:
+                mine = g
+        return mine
+
+    ctx.dp_group = group_of((0, 1, 3))  # the ranks that differ in dp only
+    ctx.tp_group = group_of((1, 2, 3))
+    ctx.cp_group = group_of((0, 2, 3))
+    ctx.pp_group = group_of((0, 1, 2))
+    ctx.mp_group = group_of((2,))  # one replica
+    ctx.grad_group = group_of((0, 3)) if tp * pp > 1 else None  # data x context parallel (TP = PP = 1: the world)
     return ctx

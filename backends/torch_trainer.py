@@ -1,4 +1,6 @@
-"""The plain-torch trainer backend: transformers models, DDP or FSDP2, AdamW, atomic checkpoints.
+"""The plain-torch trainer backend: transformers models, replicated (gradients averaged over the ranks after each
+step's micro-batches) or sharded by FSDP2, context parallelism (backends/context_parallel.py), AdamW, atomic
+checkpoints.
 
 Losses are computed from the final hidden states and the lm_head weight through
 r1cli.kernels, so the [tokens x vocab] logits are only materialised by the
@@ -33,6 +35,27 @@ from r1cli.token_batch import TokenBatch, token_budget_micro_batches
 from .parallel import add_metric_sums, init_parallel
 
 ADAPTER_FILE = "adapter.safetensors"  # a LoRA run's checkpointed weights: the adapters only
+GRAD_BUCKET_BYTES = 64 << 20  # gradients averaged over the ranks this many bytes at a time
+
+
+class _OutOfMemory(Exception):
+    """A micro-batch ran out of memory and can be split (its index in the step's plan)."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
+
+
+def _injected_oom(rank: int) -> tuple[int, int] | None:
+    """R1_FAULT_OOM=STEP:MICRO_BATCH[:RANK]: the (train step, micro-batch) at which this rank raises an out-of-memory
+    once, after the forward (tests of the split; steps count from 1 in this process)."""
+    import os
+
+    spec = os.environ.get("R1_FAULT_OOM")
+    if not spec:
+        return None
+    step, index, *who = (int(x) for x in spec.split(":"))
+    return (step, index) if not who or who[0] == rank else None
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -50,8 +73,8 @@ def _plain_model(cfg: ModelConfig) -> nn.Module:
 class HiddenLoss(nn.Module):
     """Runs the decoder and hands the chosen positions' hidden states + lm_head weight to `fn`.
 
-    Wrapping this (not the bare model) in DDP/FSDP keeps the loss inside the wrapped
-    forward, so gradient hooks and parameter unsharding see every parameter used.
+    Wrapping this (not the bare model) in FSDP keeps the loss inside the wrapped
+    forward, so parameter unsharding sees every parameter used.
     """
 
     def __init__(self, model: nn.Module):
@@ -59,6 +82,7 @@ class HiddenLoss(nn.Module):
         self.model = model
 
     def forward(self, input_ids, position_ids, token_index, fn):
+        """fn(hidden [N, H] of the positions `token_index` picks, lm_head weight) -> the loss (or log-probs)."""
         body = getattr(self.model, self.model.base_model_prefix)
         hidden = body(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, token_index)
@@ -81,13 +105,21 @@ class TorchTrainer:
         if model.precision == "fp8":
             raise R1Error("model.precision=fp8 needs parallel.backend=megatron (Transformer Engine layers)")
         self.model_cfg, self.train_cfg, self.optim_cfg, self.parallel_cfg = model, train, optim, parallel
+        if parallel.context_parallel > 1:  # what it cannot split, before any process group or model
+            from transformers import AutoConfig
+
+            from .context_parallel import check_model
+
+            check_model(AutoConfig.from_pretrained(model.path, local_files_only=True), parallel.context_parallel,
+                        model.path)
         device = resolve_device(train.device)
         self.parallel = init_parallel(device, parallel.tensor_parallel, parallel.pipeline_parallel,
-                                      parallel.timeout_min)
+                                      parallel.timeout_min, parallel.context_parallel)
         if device.type == "cuda":
             device = torch.device("cuda", self.parallel.local_rank)
         self.device = device
         torch.manual_seed(train.seed)
+        self.cp = self._context_parallel()  # None without context parallelism
         self.tokenizer = load_tokenizer(model.path)
         self.impl = kernels.pick_impl(train.kernels, device)
         self.autocast = autocast(model.dtype, device)
@@ -95,9 +127,13 @@ class TorchTrainer:
         self.adapters = None  # the peft wrapper under LoRA (its config writes the adapter folder)
         self.model, self.loss_module = self._load(model)
         self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
-        hooked = hook_transformers_routers(self.model, self.router_stats)
-        self.balance = load_balancing(self._hf_model()) if hooked else None
-        self.wrapped = self._parallelize(self.loss_module)
+        self.moe = hook_transformers_routers(self.model, self.router_stats)
+        self.balance = load_balancing(self._hf_model()) if self.moe else None
+        # replicated: the gradients are averaged by _average_gradients after each step's micro-batches (no DDP,
+        # whose gradient collectives run inside the last backward, where an out-of-memory could not be retried)
+        self.wrapped = self.loss_module
+        self.train_steps = 0
+        self._fault, self._fault_fired = _injected_oom(self.parallel.rank), False
         self.optimizer = torch.optim.AdamW(
             [p for p in self.loss_module.parameters() if p.requires_grad], lr=optim.lr,
             betas=(optim.beta1, optim.beta2), eps=optim.eps, weight_decay=optim.weight_decay,
@@ -111,15 +147,35 @@ class TorchTrainer:
 
     # ------------------------------------------------------------------ set-up
     @property
+    def _grad_ranks(self) -> int:
+        """The ranks gradients are averaged over (and FSDP shards over): data x context parallel."""
+        return self.parallel.dp_size * self.parallel.cp_size
+
+    @property
     def _sharded(self) -> bool:
-        return self.parallel.dp_size > 1 and self.parallel_cfg.torch.data_parallel == "fsdp"
+        return self._grad_ranks > 1 and self.parallel_cfg.torch.data_parallel == "fsdp"
+
+    def _context_parallel(self):
+        """parallel.context_parallel > 1: the group that splits each sequence, its attention registered for the
+        trainer's models before any of them loads."""
+        if self.parallel.cp_size == 1:
+            return None
+        from .context_parallel import ContextParallel
+
+        cp = ContextParallel(self.parallel.cp_size, self.parallel.cp_rank, self.parallel.cp_group,
+                             self.parallel.on_group_device)
+        cp.register()
+        return cp
+
+    def _cp_active(self, layout):
+        return self.cp.active(layout) if self.cp is not None else nullcontext()
 
     def _fully_shard(self, model: nn.Module, root: nn.Module, mp_policy: bool = True) -> None:
         """FSDP2 over the data-parallel ranks: each decoder layer, then the root (the rest)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh(self.device.type, (self.parallel.dp_size,))
+        mesh = init_device_mesh(self.device.type, (self._grad_ranks,))
         kw = {}
         low = compute_dtype(self.model_cfg.dtype, self.device)
         if mp_policy and low is not None:  # fp32 master weights, bf16 compute, fp32 gradient reduction
@@ -145,6 +201,10 @@ class TorchTrainer:
         adapted = lora.enabled(cfg.lora)
         if adapted:  # the base is frozen: held as a frozen copy is (bf16 under mixed precision)
             cfg = replace(cfg, dtype=frozen_dtype(cfg.dtype, self.device))
+        if self.cp is not None:  # attention across the ranks that split each sequence
+            from .context_parallel import ATTENTION
+
+            cfg = replace(cfg, attn_implementation=ATTENTION)
 
         def build(device: torch.device, weights: bool = True) -> nn.Module:
             m = load_model(cfg, device, weights=weights)
@@ -180,14 +240,6 @@ class TorchTrainer:
             dist.broadcast(t, src=0)
             buf.copy_(t)
 
-    def _parallelize(self, module: nn.Module) -> nn.Module:
-        if self.parallel.dp_size == 1 or self._sharded:  # sharded already by _load
-            return module
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DDP(module, device_ids=ids, process_group=self.parallel.dp_group)
-
     @property
     def generation_model(self) -> nn.Module | None:
         """The live policy for a colocated rollout engine, or None when its parameters are sharded
@@ -210,11 +262,6 @@ class TorchTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return {"grad_norm": grad_norm, "lr": lr, "skipped": 0.0}
 
-    def _no_sync(self, last: bool):
-        if last or self.parallel.dp_size == 1 or not hasattr(self.wrapped, "no_sync"):
-            return nullcontext()
-        return self.wrapped.no_sync()
-
     def _micro_batches(self, batch: TokenBatch) -> list[list[int]]:
         """The rows of each forward: micro_batch_size padded rows, or under train.max_tokens_per_micro_batch rows of
         at most that many tokens in all, packed into rows as wide as the longest (as many forwards on every rank when
@@ -230,12 +277,16 @@ class TorchTrainer:
         return [list(range(s, min(len(batch), s + mbs))) for s in range(0, len(batch), mbs)]
 
     def _tensors(self, mb: TokenBatch):
-        """A micro-batch's forward inputs: padded rows, or under train.max_tokens_per_micro_batch its rows packed into
-        rows as wide as its longest (a dense attention's cost stays that of the padded rows; flash-attention on a
-        GPU would take one row of everything)."""
+        """A micro-batch's forward inputs and its context-parallel layout (None without): padded rows, or under
+        train.max_tokens_per_micro_batch its rows packed into rows as wide as its longest (a dense attention's cost
+        stays that of the padded rows; flash-attention on a GPU would take one row of everything). Under context
+        parallelism one packed row, of which this rank takes its slice."""
+        if self.cp is not None:
+            ids, pos, idx, tgt = mb.packed().tensors(self.tokenizer.pad_token_id, self.device)
+            return self.cp.split(ids, pos, idx, tgt, self.tokenizer.pad_token_id)
         if self.train_cfg.max_tokens_per_micro_batch:
             mb = mb.packed(max(len(r) for r in mb.input_ids))
-        return mb.tensors(self.tokenizer.pad_token_id, self.device)
+        return (*mb.tensors(self.tokenizer.pad_token_id, self.device), None)
 
     # ------------------------------------------------------------------ the two doors
     @torch.no_grad()
@@ -257,11 +308,26 @@ class TorchTrainer:
         module.eval()
         mask = batch.scored_mask()
         out = torch.zeros_like(mask)
-        for rows in self._micro_batches(batch):
-            ids, pos, idx, tgt = self._tensors(batch.select(rows))
-            with self.autocast:
-                logp = module(ids, pos, idx, lambda h, w: kernels.fused_linear_logprobs(
-                    h, w, tgt, temperature=temperature, impl=self.impl)[0])
+        plan = self._micro_batches(batch)
+        while plan:  # a micro-batch that runs out of memory is halved (rows are independent here)
+            rows = plan.pop(0)
+            ids, pos, idx, tgt, layout = self._tensors(batch.select(rows))
+            failed = False
+            try:
+                with self.autocast, self._cp_active(layout):
+                    logp = module(ids, pos, idx, lambda h, w: kernels.fused_linear_logprobs(
+                        h, w, tgt, temperature=temperature, impl=self.impl)[0])
+            except torch.OutOfMemoryError:
+                failed = True
+            if failed:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not self._splittable:
+                    raise R1Error(self._out_of_memory(batch, rows, splittable=False))
+                plan = self._split(batch, [rows], 0) + plan
+                continue
+            if layout is not None:  # every rank's slice of the row
+                logp = self.cp.gather(logp, layout)
             sub = mask[rows]
             grid = torch.zeros_like(sub)
             grid[sub.bool()] = logp.float().cpu()
@@ -270,51 +336,159 @@ class TorchTrainer:
 
     def train_step(self, batch: TokenBatch, loss) -> dict:
         """One optimizer step over this rank's rows in micro-batches; `loss` gives each micro-batch's share of
-        the global loss, so every split (micro-batches, ranks) takes the same step."""
+        the global loss, so every split (micro-batches, ranks) takes the same step.
+
+        A micro-batch that runs out of memory costs a split, not the run: its gradients so far are dropped, it is
+        halved, and this rank's micro-batches run again (the step's value is the unsplit one up to summation order;
+        train/oom_splits counts the splits). The forward and backward of a replicated model hold no collective, so
+        one rank can redo its share while the others wait at one flag per round; the gradients are averaged over
+        the ranks once every rank is through. Under FSDP or context parallelism the other ranks would be waiting
+        inside the failed micro-batch's collectives: there an out-of-memory is one line naming what to change."""
         self.wrapped.train()
         takes = choose_loss_input(loss, self.loss_inputs, self.parallel_cfg.torch.fused_linear == "one_pass", "torch")
-        chunks = self._micro_batches(batch)
-        sums: dict[str, float] = {}
-        aux_sum = 0.0
-        self.router_stats.start()
-        for ci, rows in enumerate(chunks):
-            mb = batch.select(rows)
-            ids, pos, idx, tgt = self._tensors(mb)
-            real = self._real_tokens(mb, ids)  # routing figures and the balancing loss leave padding out
-            self.router_stats.mask = real.reshape(-1)
-            if self.balance is not None:
-                self.router_stats.gate_logits = []
-
-            def loss_fn(hidden, weight, mb=mb, tgt=tgt):
-                if takes is LossInput.HIDDEN:  # a loss over whole distributions (logit distillation)
-                    return loss.from_hidden(hidden, weight, mb, tgt)
-                if takes is LossInput.WEIGHTED_TERMS:  # the aggregation as weights known before the forward
-                    w, per_token, to_sums = loss.weighted_terms(mb, hidden.device)
-                    value, _, rec = kernels.fused_linear_weighted_loss(
-                        hidden, weight, tgt, w, per_token, temperature=loss.temperature,
-                        with_entropy=loss.wants_entropy, impl=self.impl)
-                    return value, to_sums(value, rec)
-                logp, ent = kernels.fused_linear_logprobs(hidden, weight, tgt, temperature=loss.temperature,
-                                                          with_entropy=loss.wants_entropy, impl=self.impl)
-                return loss(logp, ent, mb)
-
-            with self._no_sync(ci == len(chunks) - 1), self.autocast:
-                value, part = self.wrapped(ids, pos, idx, loss_fn)
-            total = value * self.parallel.dp_size  # DDP averages over ranks; the loss is already global
-            if self.balance is not None:  # the MoE load-balancing loss, averaged over micro-batches and ranks
-                coef, aux = self.balance(self.router_stats.gate_logits, real)
-                total = total + coef * aux / len(chunks)
-                aux_sum += float(aux.detach()) / len(chunks)
-                self.router_stats.gate_logits = None
-            total.backward()
-            add_metric_sums(sums, part)
+        plan = self._micro_batches(batch)
+        self.train_steps += 1
+        splits, done, sums, aux_sum = 0, False, {}, 0.0
+        while True:  # one round: this rank's micro-batches, again after a split
+            if not done:
+                try:
+                    sums, aux_sum = self._accumulate(batch, plan, loss, takes)
+                    done = True
+                except _OutOfMemory as oom:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    plan = self._split(batch, plan, oom.index)
+                    splits += 1
+            if self._grad_ranks == 1 or not self._splittable or self.parallel.all_reduce_max(float(not done)) == 0:
+                if done:
+                    break
+        self._average_gradients()
+        if self.cp is not None and takes is not LossInput.LOGPROBS:  # each rank's sums are of its own range
+            sums = self.cp.sum_over_ranks(sums)
         out = self._optimizer_step()
         out.update(loss.finish(self.parallel.reduce_metric_sums(sums)))
         out.update(self.router_stats.metrics(self.parallel.sum_tensor))
         if self.balance is not None:  # the load-balancing term before its coefficient, mean over ranks
             out["moe/aux_loss"] = self.parallel.all_reduce_sum(aux_sum) / self.parallel.dp_size
         self.router_stats.mask = None
+        out["train/oom_splits"] = self.parallel.all_reduce_sum(splits)
+        if self.train_cfg.max_tokens_per_micro_batch:
+            out["train/token_budget"] = float(self.train_cfg.max_tokens_per_micro_batch)
         return out
+
+    def _accumulate(self, batch: TokenBatch, plan: list[list[int]], loss, takes) -> tuple[dict, float]:
+        """Forward and backward of every micro-batch of `plan`, gradients added up; (metric sums, MoE aux sum).
+        Raises _OutOfMemory(index) when one runs out of memory and can be split (else a one-line R1Error)."""
+        sums: dict[str, float] = {}
+        aux_sum = 0.0
+        self.router_stats.start()
+        for ci, rows in enumerate(plan):
+            failed = False
+            try:
+                part, aux = self._micro_step(batch.select(rows), loss, takes, len(plan), ci)
+            except torch.OutOfMemoryError:  # handled outside this block, once the failed step's tensors are gone
+                failed = True
+            if failed:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                if not self._splittable:
+                    raise R1Error(self._out_of_memory(batch, rows, splittable=False))
+                raise _OutOfMemory(ci)
+            add_metric_sums(sums, part)
+            aux_sum += aux
+        return sums, aux_sum
+
+    def _micro_step(self, mb: TokenBatch, loss, takes, n_micro: int, index: int) -> tuple[dict, float]:
+        """One micro-batch's forward and backward; (its metric sums, its MoE aux term)."""
+        ids, pos, idx, tgt, layout = self._tensors(mb)
+        real = self._real_tokens(mb, ids) if self.moe else None  # routing figures leave padding out
+        self.router_stats.mask = None if real is None else real.reshape(-1)
+        if self.balance is not None:
+            self.router_stats.gate_logits = []
+
+        def loss_fn(hidden, weight):
+            if takes is LossInput.HIDDEN:  # a loss over whole distributions (logit distillation)
+                return loss.from_hidden(hidden, weight, mb, tgt, (ids, pos, idx))
+            if takes is LossInput.WEIGHTED_TERMS:  # the aggregation as weights known before the forward
+                mine = slice(None) if layout is None else slice(layout.first, layout.first + layout.count)
+                w, per_token, to_sums = loss.weighted_terms(mb, hidden.device, mine)
+                value, _, rec = kernels.fused_linear_weighted_loss(
+                    hidden, weight, tgt, w, per_token, temperature=loss.temperature,
+                    with_entropy=loss.wants_entropy, impl=self.impl)
+                return value, to_sums(value, rec)
+            logp, ent = kernels.fused_linear_logprobs(hidden, weight, tgt, temperature=loss.temperature,
+                                                      with_entropy=loss.wants_entropy, impl=self.impl)
+            if layout is not None:  # the whole rows' log-probs, the same loss on every rank of the group
+                logp, ent = self.cp.gather(logp, layout), None if ent is None else self.cp.gather(ent, layout)
+            return loss(logp, ent, mb)
+
+        with self.autocast, self._cp_active(layout):
+            value, part = self.wrapped(ids, pos, idx, loss_fn)
+        # gradients are averaged over the data (x context) parallel ranks and the loss is already global; under
+        # context parallelism the ranks' gradients (each from its own tokens) add up to the micro-batch's
+        total = value * self._grad_ranks
+        aux = 0.0
+        if self.balance is not None:  # the MoE load-balancing loss, averaged over micro-batches and ranks
+            coef, aux_t = self.balance(self.router_stats.gate_logits, real)
+            total = total + coef * aux_t / n_micro
+            aux = float(aux_t.detach()) / n_micro
+            self.router_stats.gate_logits = None
+        if self._fault == (self.train_steps, index) and not self._fault_fired:  # R1_FAULT_OOM: a test's injection
+            self._fault_fired = True
+            raise torch.OutOfMemoryError(f"injected by R1_FAULT_OOM at step {self.train_steps}, micro-batch {index}")
+        with self._cp_active(layout):  # checkpointed layers run their forward again, attention included
+            total.backward()
+        return part, aux
+
+    @property
+    def _splittable(self) -> bool:
+        """Whether an out-of-memory can be retried: no collective inside a forward or backward (a replicated
+        model, one rank per sequence)."""
+        return not self._sharded and self.cp is None
+
+    def _split(self, batch: TokenBatch, plan: list[list[int]], index: int) -> list[list[int]]:
+        """`plan` with micro-batch `index` halved (its rows alternately, longest first: about half the tokens each)."""
+        rows = plan[index]
+        if len(rows) == 1:
+            raise R1Error(self._out_of_memory(batch, rows, splittable=True))
+        order = sorted(rows, key=lambda b: -len(batch.input_ids[b]))
+        return plan[:index] + [sorted(order[::2]), sorted(order[1::2])] + plan[index + 1:]
+
+    def _out_of_memory(self, batch: TokenBatch, rows: list[int], splittable: bool) -> str:
+        """The one line for an out-of-memory that cannot be split further: the length, and what would make it fit."""
+        tokens = sum(len(batch.input_ids[b]) for b in rows)
+        what = (f"a sample of {tokens} tokens does not fit in memory on {self.device} even alone" if splittable else
+                f"out of memory on {self.device} in a micro-batch of {len(rows)} rows, {tokens} tokens (under FSDP or "
+                "context parallelism the other ranks wait inside its collectives: it is not split and retried)")
+        options = [] if splittable else ["a smaller train.max_tokens_per_micro_batch or train.micro_batch_size"]
+        if not self.model_cfg.gradient_checkpointing:
+            options.append("model.gradient_checkpointing=true (a layer keeps only its input)")
+        options.append(f"parallel.context_parallel={2 * self.parallel.cp_size} (each rank holds 1/N of a sequence)")
+        options.append("shorter samples (rollout.max_new_tokens; data.max_seq_len)")
+        return f"{what}; to make it fit: {'; '.join(options)}"
+
+    def _average_gradients(self) -> None:
+        """The mean of every gradient over the data (x context) parallel ranks of a replicated model (FSDP reduces
+        its own), in flat buckets per dtype; once per step, after every rank's micro-batches are through."""
+        if self._grad_ranks == 1 or self._sharded:
+            return
+        import torch.distributed as dist
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        params = [p for p in self.loss_module.parameters() if p.requires_grad]
+        for p in params:  # a parameter none of this rank's rows reached still takes part
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        buckets: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+        for p in params:
+            group = buckets.setdefault(p.grad.dtype, [[]])
+            if sum(g.numel() for g in group[-1]) * p.grad.element_size() > GRAD_BUCKET_BYTES:
+                group.append([])
+            group[-1].append(p.grad)
+        for grads in (b for group in buckets.values() for b in group if b):
+            flat = self.parallel.on_group_device(_flatten_dense_tensors(grads).div_(self._grad_ranks))
+            dist.all_reduce(flat, group=self.parallel.grad_group)
+            for g, mean in zip(grads, _unflatten_dense_tensors(flat.to(grads[0].device), grads)):
+                g.copy_(mean)
 
     def _real_tokens(self, mb: TokenBatch, ids: torch.Tensor) -> torch.Tensor:
         """[B, L] True at each row's tokens, False at its right padding (rows as _tensors lays them)."""

@@ -54,10 +54,11 @@ def _plan_options(fn):
 def _dry_run(cfg, command: str, gpus: int | None, gpu_gb: float, **sizes) -> None:
     import os
 
-    from r1cli.run.memory_plan import GB, plan, render
+    from r1cli.run.memory_plan import GB, long_answer_table, plan, render
 
     n = gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    text, fits = render(plan(cfg, command, n, gpu_bytes=int(gpu_gb * GB), **sizes), gpu_gb, n, command)
+    text, fits = render(plan(cfg, command, n, gpu_bytes=int(gpu_gb * GB), **sizes), gpu_gb, n, command,
+                        long_answer_table(cfg, n, **sizes))
     click.echo(text)
     if not fits:
         raise R1Error(f"this config does not fit {n} GPU{'s' if n > 1 else ''} of {gpu_gb:g} GB (plan above)")

@@ -139,7 +139,9 @@ class TrainConfig:
     # > 0: each forward takes samples of at most this many tokens in all instead of micro_batch_size padded rows,
     # laid back to back into rows as wide as its longest (Megatron: one row), positions restarting and attention
     # within each sample; first-fit decreasing by length, a longer sample alone. Long-tailed RL: far less padding
-    max_tokens_per_micro_batch: int = bounded(0, 0)
+    # auto: the most the memory plan says one micro-batch's activations may take on this device (GPU: its memory
+    # less the resident rows; CPU: the memory available), printed at start and logged as train/token_budget
+    max_tokens_per_micro_batch: int | Literal["auto"] = bounded(0, 0)
     grad_accum: int = bounded(1, 1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -195,6 +197,10 @@ class ParallelConfig:
     # mixtures of experts on megatron: the experts split over this many of the data-parallel ranks (all-to-all
     # token dispatch); every other weight stays replicated over data parallelism
     expert_parallel: int = bounded(1, 1)
+    # long sequences: each sequence's tokens split over this many ranks (world = data x context parallel); torch
+    # backend: Ulysses attention (heads split by an all-to-all), the micro-batch one packed row; megatron: needs
+    # Transformer Engine's attention
+    context_parallel: int = bounded(1, 1)
     # how long a collective waits for the slowest rank before the run stops (NCCL's default is 10 min; rank 0
     # writing a 7B model's optimizer state, or one rank's long generations, can take longer)
     timeout_min: float = bounded(30.0, 0.0, above=True)
@@ -722,6 +728,8 @@ def _leaves(obj: Any, prefix: str = ""):
 def check_ranges(cfg: Any) -> None:
     """Every bounded number lies in its range (declared with the field)."""
     for key, f, value in _leaves(cfg):
+        if isinstance(value, str):  # a number's named alternative (train.max_tokens_per_micro_batch: auto)
+            continue
         low, high, above = f.metadata.get("low"), f.metadata.get("high"), f.metadata.get("above")
         if low is not None and (value <= low if above else value < low):
             raise R1Error(f"config key '{key}': {value!r} is out of range (must be {'>' if above else '>='} {low})")

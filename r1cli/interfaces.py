@@ -106,8 +106,10 @@ class LossInput(str, Enum):
     """What a loss consumes; a loss lists the inputs it can take and the trainer hands it one of them."""
 
     LOGPROBS = "logprobs"  # __call__(logp, entropy, batch): the scored tokens' log-probs (and entropies)
-    # weighted_terms(batch, device) -> (token weights [N], per_token(logp, ent, a, b), to_sums): the aggregation
-    # known before the forward, so a one-pass fused kernel forms the gradient in the forward
+    # weighted_terms(batch, device, tokens=slice(None)) -> (token weights [N], per_token(logp, ent, a, b), to_sums):
+    # the aggregation known before the forward, so a one-pass fused kernel forms the gradient in the forward;
+    # `tokens`: a range of the batch's scored tokens (a context-parallel rank's own), the weights staying the whole
+    # batch's
     WEIGHTED_TERMS = "weighted_terms"
     HIDDEN = "hidden"  # from_hidden(hidden, lm_head_weight, batch, targets): whole distributions (logit distillation)
 
@@ -241,9 +243,23 @@ def build_parallel(device: str = "cpu") -> ParallelContext:
     return LAYOUTS.get("torch")(torch.device(device))
 
 
-def build_trainer(cfg: "Config", need_reference: bool = False) -> TrainerBackend:
+def build_trainer(cfg: "Config", need_reference: bool = False, command: str = "sft") -> TrainerBackend:
+    """The configured trainer backend; train.max_tokens_per_micro_batch=auto becomes the memory plan's budget for
+    `command` (rl, sft, distill) on this machine, printed once."""
+    train = cfg.train
+    if train.max_tokens_per_micro_batch == "auto":
+        import os
+        import sys
+        from dataclasses import replace
+
+        from r1cli.run.memory_plan import auto_token_budget
+
+        budget, note = auto_token_budget(cfg, command)
+        if os.environ.get("RANK", "0") == "0":
+            print(note, file=sys.stderr)
+        train = replace(train, max_tokens_per_micro_batch=budget)
     cls = TRAINERS.get(cfg.parallel.backend)
-    return cls(cfg.model, cfg.train, cfg.optim, cfg.parallel, need_reference=need_reference)
+    return cls(cfg.model, train, cfg.optim, cfg.parallel, need_reference=need_reference)
 
 
 def pick_engine(name: str) -> str:

@@ -81,8 +81,8 @@ def assert_learns(run_dir: Path, gain: float = 0.25) -> None:
     assert after - before >= gain, (before, after)
 
 
-def torchrun(nproc: int, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun(nproc: int, *args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            "-m", "r1cli.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)

@@ -1,5 +1,5 @@
 """Logit distillation through the trainer door: the student's hidden states and lm_head weight against a frozen
-teacher's, for the same tokens (r1cli.kernels.fused_linear_distill)."""
+teacher's, for the same tokens (r1cli.kernels.ops.fused_linear_distill)."""
 
 from __future__ import annotations
 
@@ -51,12 +51,14 @@ class DistillLoss:
         sharded = isinstance(teacher.model.lm_head.weight, DTensor)  # FSDP: gathered only inside its forward
         self._grab = _hidden_and_weight_copy if sharded else _hidden_and_weight
 
-    def from_hidden(self, hidden, weight, batch, targets):
+    def from_hidden(self, hidden, weight, batch, targets, inputs):
+        """`inputs`: the (input ids, positions, scored indices) of the student's forward, which the teacher takes
+        too - the same rows, packed or split over context-parallel ranks as the student's are."""
         import torch
 
         from r1cli.kernels import ops as kernels
 
-        ids, pos, idx, _ = batch.tensors(self.pad_id, hidden.device)
+        ids, pos, idx = inputs
         with torch.no_grad():
             th, tw = self.teacher(ids, pos, idx, self._grab)
         d = self.cfg

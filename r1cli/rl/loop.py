@@ -92,7 +92,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
         check_task_rows(rows, cfg.data.task_field, cfg.data.answer_field)
     g, t = cfg.grpo, cfg.train
     objective = GRPOObjective.from_config(g, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
-    trainer = build_trainer(cfg, need_reference=g.beta > 0)
+    trainer = build_trainer(cfg, need_reference=g.beta > 0, command="rl")
     p = trainer.parallel
     validate_layout(cfg, p.dp_size)
     engine = with_tools(build_engine(cfg.model, cfg.rollout, trainer), trainer.tokenizer, cfg.rollout, cfg.data)

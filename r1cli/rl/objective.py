@@ -185,15 +185,16 @@ class GRPOLoss:
             sums.update({f"mismatch_{k}": v for k, v in terms.items()})
         return value, sums
 
-    def weighted_terms(self, batch, device):
-        """(token weights [N], per-token loss of tokens a..b, sums) for a one-pass fused kernel (elementwise
-        objectives only: see `inputs`)."""
+    def weighted_terms(self, batch, device, tokens: slice = slice(None)):
+        """(token weights, per-token loss of tokens a..b, sums) over the scored tokens `tokens` of the batch, for a
+        one-pass fused kernel (elementwise objectives only: see `inputs`)."""
         present, t = self._flat(batch, device)
         if t["old"] is None:
             raise ValueError("a one-pass fused loss needs the old policy's log-probs (batch field old_logp)")
+        t = {k: None if v is None else v[tokens] for k, v in t.items()}
         w = self.objective.token_weights(batch.fields["mask"], self.num_seqs, self.num_tokens)
         per_token = self.objective.chunked(t["old"], t["ref"], t["adv"], t["mask"])
-        return w[present].to(device), per_token, lambda value, rec: self._sums(value, rec, t["mask"])
+        return w[present][tokens].to(device), per_token, lambda value, rec: self._sums(value, rec, t["mask"])
 
     def finish(self, sums: dict[str, float]) -> dict[str, float]:
         tok = max(1.0, sums["tokens"])

@@ -117,10 +117,26 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
             rows.append(("engine KV cache", tokens * kv_token * pb))
     else:
         seq = cfg.data.max_seq_len
-    # all 16-bit when the layers' weights are (FSDP's mixed-precision policy, a LoRA run's frozen base)
-    rows.append(("activations (estimate)", activation_bytes(cfg, m, seq, torch.device(device),
-                                                            low_weights=shard > 1 or adapters > 0)))
+    low = low_weights(cfg, gpus)
+    budget = cfg.train.max_tokens_per_micro_batch
+    if budget == "auto":  # the largest the device holds after the resident rows
+        budget = token_budget(cfg, m, torch.device(device), gpu_bytes - sum(v for _, v in rows), low)
+    tokens = budget or cfg.train.micro_batch_size * seq
+    rows.append(("activations (estimate)", activation_bytes(cfg, m, tokens, torch.device(device), low_weights=low)))
     return rows
+
+
+def low_weights(cfg: Config, gpus: int) -> bool:
+    """Whether the layers compute with 16-bit weights under mixed precision (so every activation is 16-bit): FSDP's
+    mixed-precision policy hands them bf16 parameters, and a LoRA run's frozen base is bf16."""
+    return (gpus > 1 and cfg.parallel.torch.data_parallel == "fsdp") or bool(cfg.model.lora.rank)
+
+
+def long_answer_table(cfg: Config, gpus: int, size: ModelSize | None = None, device: str = "cuda", **_):
+    """long_answer_rows for `r1 <command> --dry-run`: the model at model.path (or `size`) on `gpus` GPUs."""
+    import torch
+
+    return long_answer_rows(cfg, size or model_size(cfg.model.path), torch.device(device), low_weights(cfg, gpus))
 
 
 def lora_parameters(m: ModelSize, cfg: LoraConfig) -> int:
@@ -138,36 +154,102 @@ def lora_parameters(m: ModelSize, cfg: LoraConfig) -> int:
     return layers * cfg.rank * sum(sum(shapes[t]) for t in set(targets))
 
 
-def activation_bytes(cfg: Config, m: ModelSize, seq: int, device: torch.device, low_weights: bool = False) -> int:
-    """The activation peak of one micro-batch's forward and backward, counted from the decoder's shapes: each
-    layer keeps, per token, its two norms' inputs and outputs, q / k / v, the attention output (flash attention:
-    no [s x s] scores; torch's CPU attention does the same) and the SwiGLU MLP's gate, up, activation and
-    product - 6h + 2·kv_heads·head_dim + 4·intermediate values in the compute dtype; with gradient checkpointing
-    only each layer's input is kept. On top: the loss's working set (the fused Triton kernels: fp32 d(hidden) and
-    one logits chunk; the torch reference: fp32 logits and their log-softmax) and one layer's backward working
-    set. With low_weights (FSDP's mixed-precision policy hands the layers bf16 parameters; LoRA's frozen base is
-    bf16) everything is 16-bit (no fp32 residual stream). Checked against torch's MemTracker on the CPU
+def activation_bytes(cfg: Config, m: ModelSize, tokens: int, device: torch.device, low_weights: bool = False,
+                     cp: int | None = None, checkpointing: bool | None = None) -> int:
+    """The activation peak on one rank of one micro-batch of `tokens` tokens (forward and backward), counted from the
+    decoder's shapes: each layer keeps, per token, its two norms' inputs and outputs, q / k / v, the attention output
+    (flash attention: no [s x s] scores; torch's CPU attention does the same) and the SwiGLU MLP's gate, up,
+    activation and product - 6h + 2·kv_heads·head_dim + 4·intermediate values in the compute dtype; with gradient
+    checkpointing only each layer's input is kept. On top: the loss's working set (the fused Triton kernels: fp32
+    d(hidden) and one logits chunk; the torch reference: fp32 logits and their log-softmax) and one layer's backward
+    working set. With low_weights (FSDP's mixed-precision policy hands the layers bf16 parameters; LoRA's frozen base
+    is bf16) everything is 16-bit (no fp32 residual stream). Under context parallelism over `cp` ranks (default:
+    parallel.context_parallel) a rank holds tokens / cp of everything, plus one layer's query, key, value and output
+    in the other layout (the all-to-all's buffers). Checked against torch's MemTracker on the CPU
     (tests/e2e/test_memory_plan.py)."""
     from r1cli.kernels.fused_linear import LOGITS_BUDGET_BYTES
     from r1cli.models.loading import compute_dtype
 
+    cp = cfg.parallel.context_parallel if cp is None else cp
+    checkpointing = cfg.model.gradient_checkpointing if checkpointing is None else checkpointing
     low = compute_dtype(cfg.model.dtype, device) is not None
     mixed = low and not low_weights  # bf16 autocast over fp32 parameters
     c = 2 if low or _param_bytes(cfg.model.dtype) == 2 else 4
-    tokens = cfg.train.micro_batch_size * seq
+    tokens = -(-tokens // cp)  # this rank's
     qkv_mlp = 2 * m.kv_heads * m.head_dim + 4 * m.intermediate
     if mixed:  # the residual stream and the norms stay fp32; each norm's output is cast to bf16 for its matmuls
         per_layer = tokens * (4 * m.hidden * 4 + (4 * m.hidden + qkv_mlp) * 2)
     else:
         per_layer = tokens * (6 * m.hidden + qkv_mlp) * c
-    kept = m.layers * tokens * m.hidden * (4 if mixed else c) if cfg.model.gradient_checkpointing else \
-        m.layers * per_layer
+    kept = m.layers * tokens * m.hidden * (4 if mixed else c) if checkpointing else m.layers * per_layer
     triton = device.type == "cuda" and cfg.train.kernels != "torch"
     if triton:
         loss = tokens * m.hidden * 4 + LOGITS_BUDGET_BYTES
     else:  # the logits (in the compute dtype, then fp32) and their fp32 log-softmax
         loss = tokens * m.vocab * (8 + (2 if c == 2 else 0))
-    return kept + loss + per_layer
+    exchange = tokens * 2 * (m.heads + m.kv_heads) * m.head_dim * c if cp > 1 else 0
+    return kept + loss + per_layer + exchange
+
+
+def token_budget(cfg: Config, m: ModelSize, device: torch.device, free: int, low_weights: bool = False,
+                 headroom: float = 0.85) -> int:
+    """train.max_tokens_per_micro_batch=auto: the most tokens of one micro-batch (over its context-parallel ranks)
+    whose activation estimate fits `headroom` of the `free` bytes, in steps of 256 (at least 256). The estimate is
+    affine in the tokens (a constant working set plus bytes per token), so this is one division."""
+    span = 1 << 14
+    fixed = activation_bytes(cfg, m, 0, device, low_weights)
+    per_token = (activation_bytes(cfg, m, span, device, low_weights) - fixed) / span
+    tokens = int((headroom * free - fixed) / per_token)
+    return max(256, tokens // 256 * 256)
+
+
+# rows of the plan that are not held while the trainer runs: vLLM sleeps (its KV cache freed, its weights freed or
+# in host memory), a transformers engine's KV cache lives only during generate
+NOT_HELD_WHILE_TRAINING = ("vLLM weights (bf16)", "vLLM KV cache", "engine KV cache")
+
+
+def auto_token_budget(cfg: Config, command: str) -> tuple[int, str]:
+    """train.max_tokens_per_micro_batch=auto on this machine: the budget and the line that says how it was found.
+    The capacity is a GPU's memory (the CPU's available memory, shared by the processes on it) less the plan's rows
+    held while the trainer runs."""
+    import os
+
+    import torch
+
+    from r1cli.models.loading import resolve_device
+
+    if cfg.parallel.backend != "torch":
+        raise R1Error("train.max_tokens_per_micro_batch=auto reads the memory plan, which counts parallel.backend="
+                      f"torch; {cfg.parallel.backend} is not counted yet: give the budget in tokens")
+    device = resolve_device(cfg.train.device)
+    gpus = int(os.environ.get("WORLD_SIZE", "1"))
+    if device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory
+        where = f"a GPU of {capacity / GB:.1f} GB"
+    else:
+        capacity = available_bytes(device) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        where = f"{capacity / GB:.1f} GB of the CPU's available memory per process"
+    teacher = model_size(cfg.distill.teacher) if command == "distill" and cfg.distill.teacher else None
+    rows = plan(cfg, command, gpus, device=device.type, gpu_bytes=capacity, teacher=teacher)
+    held = sum(v for k, v in rows if not k.startswith("activations") and k not in NOT_HELD_WHILE_TRAINING)
+    m = model_size(cfg.model.path)
+    budget = token_budget(cfg, m, device, capacity - held, low_weights(cfg, gpus))
+    cp = cfg.parallel.context_parallel
+    note = (f"train.max_tokens_per_micro_batch=auto: {budget} tokens per micro-batch"
+            f"{f' ({budget // cp} per rank of context_parallel={cp})' if cp > 1 else ''} - the memory plan's "
+            f"activation estimate within 85% of what {where} leaves after {held / GB:.2f} GB of resident state")
+    return budget, note
+
+
+LONG_ANSWERS = (8192, 16384, 32768)
+
+
+def long_answer_rows(cfg: Config, m: ModelSize, device: torch.device, low_weights: bool = False,
+                     cps: tuple[int, ...] = (1, 2, 4, 8)) -> list[tuple[int, int, bool, int]]:
+    """(tokens, context-parallel ranks, checkpointing, activation bytes per rank) of one micro-batch holding one
+    answer of 8k, 16k and 32k tokens: what decides whether a long answer fits, and what each choice buys."""
+    return [(n, cp, ck, activation_bytes(cfg, m, n, device, low_weights, cp=cp, checkpointing=ck))
+            for n in LONG_ANSWERS for ck in (False, True) for cp in cps if m.heads % cp == 0]
 
 
 def check_fits(cfg: Config, command: str, gpus: int, gpu_bytes: int) -> str | None:
@@ -205,13 +287,23 @@ def check_gpu_fits(cfg: Config, command: str) -> None:
         print(note, file=sys.stderr)
 
 
-def render(rows: list[tuple[str, int]], gpu_gb: float, gpus: int, command: str) -> tuple[str, bool]:
+def render(rows: list[tuple[str, int]], gpu_gb: float, gpus: int, command: str,
+           long: list[tuple[int, int, bool, int]] = ()) -> tuple[str, bool]:
     total = sum(v for _, v in rows)
     fits = total <= gpu_gb * GB
     lines = [f"memory per GPU for r1 {command} on {gpus} GPU{'s' if gpus > 1 else ''} of {gpu_gb:g} GB "
              "(torch backend; counted from config.json on the meta device)"]
     lines += [f"  {k:24s} {v / GB:9.2f} GB" for k, v in rows]
     lines.append(f"  {'total':24s} {total / GB:9.2f} GB  {'fits' if fits else 'DOES NOT FIT'}")
+    if long:
+        cps = sorted({cp for _, cp, _, _ in long})
+        lines.append("activations per GPU of one long answer (estimate, GB), by parallel.context_parallel:")
+        lines.append(f"  {'tokens':>8s} {'checkpointing':>14s}" + "".join(f" {'CP=' + str(c):>8s}" for c in cps))
+        for n in sorted({n for n, *_ in long}):
+            for ck in (False, True):
+                by = {cp: v for m, cp, k, v in long if m == n and k == ck}
+                lines.append(f"  {n:>8d} {'on' if ck else 'off':>14s}" +
+                             "".join(f" {by[c] / GB:8.2f}" if c in by else f" {'-':>8s}" for c in cps))
     return "\n".join(lines), fits
 
 

@@ -25,7 +25,7 @@ def run_sft(cfg: Config, resume: bool = False, overwrite: bool = False, loss_for
     """`loss_for(trainer)` gives the loss of a step from its global token count (default: the NLL)."""
     check_run_dir(cfg, resume, overwrite)
     read_records(cfg.data.train, 1, cfg.data.max_line_mb << 20)  # a missing file fails before a model loads
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, command="distill" if cfg.distill.teacher else "sft")
     make_loss = loss_for(trainer) if loss_for else NLLLoss
     p, t = trainer.parallel, cfg.train
     rows = build_rows(cfg, trainer.tokenizer, cfg.data.train)

@@ -21,13 +21,13 @@ class NLLLoss:
         nll = -logp.sum()
         return nll * self.scale, {"nll": nll.detach().double()}  # read once per step, not per micro-batch
 
-    def weighted_terms(self, batch, device):
-        """Every token weighs 1 / global tokens: the one-pass kernel applies."""
+    def weighted_terms(self, batch, device, tokens: slice = slice(None)):
+        """Every token weighs 1 / global tokens: the one-pass kernel applies (to the scored tokens `tokens`)."""
         import torch
 
         from r1cli.kernels.records import TokenRecord
 
-        n = sum(batch.counts)
+        n = len(range(sum(batch.counts))[tokens])
         zero = torch.zeros(n, device=device)
 
         def per_token(logp, ent, a, b):

@@ -139,3 +139,74 @@ def test_a_gpu_run_that_cannot_hold_its_weights_is_refused_before_loading(tiny_m
     assert "warning: the memory plan estimates" in check_fits(cfg, "rl", 2, resident + 1)
     with pytest.raises(R1Error, match=r"this config needs .* GB per GPU before any activation on 2 GPUs"):
         check_fits(cfg, "rl", 2, resident - 1)
+
+
+@pytest.fixture(scope="module")
+def model_8k(tmp_path_factory):
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("long") / "model", TinySpec(max_position_embeddings=8192))
+
+
+def test_the_long_answer_rows_are_within_25_percent_of_the_measured_peak(model_8k):
+    """The activations of one 8k-token answer per rank, planned against MemTracker's peak of a real step, at
+    context parallelism 1 and 2, with and without checkpointing; and what CP=2 buys: at most 0.6x per rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    measured = {}
+    for cp in (1, 2):
+        for ck in (False, True):
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cp}",
+                                   "--standalone", str(ROOT / "tests" / "activation_peak_worker.py"), str(model_8k),
+                                   "8192", f"parallel.context_parallel={cp}",
+                                   f"model.gradient_checkpointing={str(ck).lower()}"],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=900,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            assert 0.75 * got["measured"] <= got["planned"] <= 1.25 * got["measured"], (cp, ck, got)
+            measured[cp, ck] = got["measured"]
+    for ck in (False, True):
+        assert measured[2, ck] <= 0.6 * measured[1, ck], (ck, measured)
+
+
+def test_an_auto_token_budget_is_the_largest_the_plan_fits(tiny_model):
+    import torch
+
+    from r1cli.run.memory_plan import activation_bytes, token_budget
+
+    cfg = load_config("configs/tiny/sft.yaml", [f"model.path={tiny_model}", "train.max_tokens_per_micro_batch=auto"])
+    m, cpu = model_size(str(tiny_model)), torch.device("cpu")
+    for free in (1 << 28, 1 << 31, 3 << 32):
+        n = token_budget(cfg, m, cpu, free)
+        assert n % 256 == 0 and activation_bytes(cfg, m, n, cpu) <= 0.85 * free
+        assert activation_bytes(cfg, m, n + 256, cpu) > 0.85 * free
+    two = load_config("configs/tiny/sft.yaml", [f"model.path={tiny_model}", "parallel.context_parallel=2"])
+    assert token_budget(two, m, cpu, 1 << 31) > 1.9 * token_budget(cfg, m, cpu, 1 << 31)  # each rank holds half
+
+
+def test_an_auto_token_budget_is_printed_used_and_logged(tiny_model, arith_data, tmp_path):
+    proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}", f"data.train={arith_data[0]}",
+                  "data.eval=", "train.steps=2", "logging.every=1", "logging.progress=false",
+                  "logging.tensorboard=false", "train.max_tokens_per_micro_batch=auto",
+                  f"train.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    from r1cli.run.metrics import read_metrics
+
+    found = re.search(r"train.max_tokens_per_micro_batch=auto: (\d+) tokens per micro-batch - the memory plan's "
+                      r"activation estimate within 85% of what [\d.]+ GB of the CPU's available memory", proc.stderr)
+    assert found, proc.stderr[-2000:]
+    logged = [m["train/token_budget"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+    assert logged == [float(found.group(1))] * 2
+    megatron = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}",
+                      f"data.train={arith_data[0]}", "parallel.backend=megatron",
+                      "train.max_tokens_per_micro_batch=auto", f"train.output_dir={tmp_path / 'm'}")
+    assert megatron.returncode == 2 and "train.max_tokens_per_micro_batch=auto reads the memory plan, which counts " \
+                                       "parallel.backend=torch" in megatron.stderr, megatron.stderr[-2000:]
