@@ -1,6 +1,7 @@
 """Context parallelism on the torch backend (parallel.context_parallel, Ulysses): a GRPO, an SFT and a logit
-distillation step at CP=2 equal CP=1 on ~1k-token samples packed ~4k tokens to a micro-batch - through the log-prob path, the
-one-pass fused terms, LoRA, FSDP with gradient checkpointing; what it cannot split is one line before a model loads."""
+distillation step at CP=2 equal CP=1 on ~1k-token samples packed ~4k tokens to a micro-batch - through the log-prob
+path, the one-pass fused terms, LoRA, FSDP with gradient checkpointing; what it cannot split is one line before a
+model loads."""
 
 import json
 import os
