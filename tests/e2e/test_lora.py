@@ -35,9 +35,10 @@ def _curve(run_dir, key):
 
 @pytest.fixture(scope="module")
 def lora_run(cold_start, tmp_path_factory):
-    """20 GRPO steps with rank-8 adapters and a KL to the base (beta 0.02), exported to hf/ and hf-adapter/."""
+    """30 GRPO steps with rank-8 adapters and a KL to the base (beta 0.02), exported to hf/ and hf-adapter/ (20 steps
+    gained only +0.15 on an AMD EPYC with transformers 5.25; 30 gained +0.25, +0.30, +0.36 at train.seed 0, 1, 2)."""
     out = tmp_path_factory.mktemp("lora") / "rl"
-    run_rl(rl_config(cold_start, out, "train.steps=20", "grpo.beta=0.02"))
+    run_rl(rl_config(cold_start, out, "train.steps=30", "grpo.beta=0.02"))
     return out
 
 
