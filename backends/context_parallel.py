@@ -46,45 +46,53 @@ def check_model(hf_config, n: int, where: str) -> None:
         raise R1Error(f"parallel.context_parallel={n}: {where} uses sliding-window attention, which the split "
                       "attention does not apply")
     heads = hf_config.num_attention_heads
-    if heads % n:
-        raise R1Error(f"parallel.context_parallel={n} splits the attention heads over {n} ranks: {where} has {heads} "
-                      f"query heads, not a multiple of {n}")
+    if heads < n:
+        raise R1Error(f"parallel.context_parallel={n} splits the attention heads over {n} ranks: {where} has only "
+                      f"{heads} query heads")
+
+
+def head_counts(heads: int, n: int) -> list[int]:
+    """Heads per rank: as even as can be (9 heads over 2 ranks: 5 and 4), in rank order."""
+    return [heads // n + (1 if r < heads % n else 0) for r in range(n)]
 
 
 class _AllToAll(torch.autograd.Function):
-    """all_to_all_single over dim 0 of [n * k, ...] (chunk j goes to rank j); its backward is the same exchange."""
+    """all_to_all_single over dim 0: `send[j]` rows go to rank j, `receive[j]` rows come from it; the backward is the
+    exchange the other way."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _exchange(x, group)
+    def forward(ctx, x, send, receive, group):
+        ctx.send, ctx.receive, ctx.group = send, receive, group
+        return _exchange(x, send, receive, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return _exchange(grad, ctx.group), None
+        return _exchange(grad, ctx.receive, ctx.send, ctx.group), None, None, None
 
 
-def _exchange(x: torch.Tensor, group) -> torch.Tensor:
+def _exchange(x: torch.Tensor, send: list[int], receive: list[int], group) -> torch.Tensor:
     x = x.contiguous()  # the collective reads and writes storage in order: no permuted strides on either side
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dist.all_to_all_single(out, x, group=group)
+    out = torch.empty((sum(receive), *x.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.all_to_all_single(out, x, output_split_sizes=receive, input_split_sizes=send, group=group)
     return out
 
 
-def heads_to_sequence(x: torch.Tensor, n: int, group) -> torch.Tensor:
-    """[B, H, S/n, D] (every head of this rank's tokens) -> [B, H/n, S, D] (this rank's heads of every token)."""
+def heads_to_sequence(x: torch.Tensor, n: int, rank: int, group) -> torch.Tensor:
+    """[B, H, S/n, D] (every head of this rank's tokens) -> [B, H_r, S, D] (this rank's heads, head_counts, of every
+    token)."""
     b, h, s, d = x.shape
-    x = x.reshape(b, n, h // n, s, d).permute(1, 0, 2, 3, 4)  # [n, B, H/n, S/n, D]: chunk j to rank j
-    x = _AllToAll.apply(x.reshape(n * b, h // n, s, d), group)  # now chunk j: rank j's tokens of my heads
-    return x.reshape(n, b, h // n, s, d).permute(1, 2, 0, 3, 4).reshape(b, h // n, n * s, d)
+    counts = head_counts(h, n)
+    mine = counts[rank]
+    x = _AllToAll.apply(x.permute(1, 0, 2, 3), counts, [mine] * n, group)  # heads first: head group j to rank j
+    return x.reshape(n, mine, b, s, d).permute(2, 1, 0, 3, 4).reshape(b, mine, n * s, d)  # rank j's tokens j-th
 
 
-def sequence_to_heads(x: torch.Tensor, n: int, group) -> torch.Tensor:
-    """[B, H/n, S, D] -> [B, H, S/n, D]: the inverse of heads_to_sequence."""
-    b, h, s, d = x.shape
-    x = x.reshape(b, h, n, s // n, d).permute(2, 0, 1, 3, 4)  # [n, B, H/n, S/n, D]: token chunk j to rank j
-    x = _AllToAll.apply(x.reshape(n * b, h, s // n, d), group)  # chunk j: my tokens of rank j's heads
-    return x.reshape(n, b, h, s // n, d).permute(1, 0, 2, 3, 4).reshape(b, n * h, s // n, d)
+def sequence_to_heads(x: torch.Tensor, n: int, heads: int, group) -> torch.Tensor:
+    """[B, H_r, S, D] -> [B, H, S/n, D]: the inverse of heads_to_sequence."""
+    b, mine, s, d = x.shape
+    x = x.reshape(b, mine, n, s // n, d).permute(2, 1, 0, 3, 4).reshape(n * mine, b, s // n, d)  # token chunk j
+    x = _AllToAll.apply(x, [mine] * n, head_counts(heads, n), group)  # rank j's heads of my tokens, in head order
+    return x.permute(1, 0, 2, 3)
 
 
 @dataclass
@@ -156,9 +164,9 @@ class ContextParallel:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
         n, heads, kv = self.size, query.shape[1], key.shape[1]
-        if kv % n:  # fewer key/value heads than ranks can split: each query head gets its own copy
+        if kv % n or heads % n:  # key/value heads that do not split as the query heads do: one per query head
             key, value = repeat_kv(key, heads // kv), repeat_kv(value, heads // kv)
-        q, k, v = (heads_to_sequence(t, n, self.group) for t in (query, key, value))
+        q, k, v = (heads_to_sequence(t, n, self.rank, self.group) for t in (query, key, value))
         k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
         out = torch.empty_like(q)
         for b, spans in enumerate(layout.spans):
@@ -166,7 +174,7 @@ class ContextParallel:
                 out[b, :, start:end] = torch.nn.functional.scaled_dot_product_attention(
                     q[b:b + 1, :, start:end], k[b:b + 1, :, start:end], v[b:b + 1, :, start:end],
                     dropout_p=dropout, scale=scaling, is_causal=True)[0]
-        return sequence_to_heads(out, n, self.group).transpose(1, 2).contiguous(), None
+        return sequence_to_heads(out, n, heads, self.group).transpose(1, 2).contiguous(), None
 
     def register(self) -> None:
         """Make ATTENTION name this group's attention for transformers (and its mask: none under CP, sdpa's

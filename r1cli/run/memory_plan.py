@@ -249,7 +249,7 @@ def long_answer_rows(cfg: Config, m: ModelSize, device: torch.device, low_weight
     """(tokens, context-parallel ranks, checkpointing, activation bytes per rank) of one micro-batch holding one
     answer of 8k, 16k and 32k tokens: what decides whether a long answer fits, and what each choice buys."""
     return [(n, cp, ck, activation_bytes(cfg, m, n, device, low_weights, cp=cp, checkpointing=ck))
-            for n in LONG_ANSWERS for ck in (False, True) for cp in cps if m.heads % cp == 0]
+            for n in LONG_ANSWERS for ck in (False, True) for cp in cps if m.heads >= cp]
 
 
 def check_fits(cfg: Config, command: str, gpus: int, gpu_bytes: int) -> str | None:

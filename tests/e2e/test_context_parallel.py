@@ -46,6 +46,8 @@ def assert_same_steps(a, b):
     wa, wb = (load_file(str(d / "weights.safetensors")) for d in (a, b))
     assert wa.keys() == wb.keys()
     for k in wa:  # after three AdamW steps
+        if k.endswith("k_proj.bias"):  # softmax ignores a shift shared by all keys: this gradient is rounding
+            continue  # alone, which Adam scales up to a full step
         assert (wb[k] - wa[k]).norm() <= 1e-5 * wa[k].norm() + 1e-7, k
 
 
@@ -54,6 +56,17 @@ def test_cp2_steps_equal_cp1(long_model, tmp_path):
     worker(2, long_model, tmp_path / "cp2", VARIANTS, "parallel.context_parallel=2")
     for name in VARIANTS:
         assert_same_steps(tmp_path / "cp1" / name, tmp_path / "cp2" / name)
+
+
+def test_heads_that_do_not_split_evenly_still_split(tmp_path):
+    """3 query heads and 1 key/value head over 2 ranks (SmolLM2-135M has 9 and 3): 2 heads on one rank, 1 on the
+    other, the key/value head copied to each query head's rank."""
+    model = build_tiny_model(tmp_path / "model", TinySpec(hidden_size=48, num_attention_heads=3,
+                                                          num_key_value_heads=1, max_position_embeddings=4096))
+    variants = {"logprobs": ""}
+    worker(1, model, tmp_path / "cp1", variants)
+    worker(2, model, tmp_path / "cp2", variants, "parallel.context_parallel=2")
+    assert_same_steps(tmp_path / "cp1" / "logprobs", tmp_path / "cp2" / "logprobs")
 
 
 @pytest.mark.slow  # four processes on the CPU
@@ -68,7 +81,7 @@ def test_dp2_by_cp2_steps_equal_dp2(long_model, tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    (dict(num_attention_heads=6, num_key_value_heads=2, hidden_size=48), "has 6 query heads, not a multiple of 4"),
+    (dict(num_attention_heads=2, num_key_value_heads=1, hidden_size=32), "has only 2 query heads"),
     (dict(family="qwen3_moe"), "is a qwen3_moe model .*mixture of experts"),
 ])
 def test_what_context_parallelism_cannot_split_is_one_line(tmp_path, arith_data, spec, message):
