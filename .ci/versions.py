@@ -25,13 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # own Triton (bounded in pyproject.toml instead); the project itself; the installers
 LEFT_OUT = {"torch", "triton", "r1", "pip", "setuptools", "wheel"}
 HEADER = """\
-# The exact versions of the environment in which CI last passed (Python {py}, {platform}), written by
-# `python .ci/versions.py freeze` from `pip install torch==2.13.0 && pip install -e ".[dev]"`. The README's install
-# uses it: pip install -e ".[dev]" -c constraints.txt. torch and Triton are left out: torch is installed first, by its
-# own command, and its CUDA builds pin their own Triton.
-# To move to newer versions: see README, "Tested versions".
+# The exact versions of the environment in which CI last passed (Python {py}, {platform}), written there by
+# `python .ci/versions.py freeze {name}`. The README's install commands and .ci/run use it (pip install ... -c {name}).
+# torch and Triton are left out: torch is installed first, by its own command, and its CUDA builds pin their own
+# Triton. To move to newer versions: README, "Tested versions".
 """
-
 
 def _name(dist_name: str) -> str:
     return re.sub(r"[-_.]+", "-", dist_name).lower()
@@ -55,7 +53,8 @@ def freeze(path: Path) -> None:
     import platform
 
     rows = sorted((n, v) for n, v in installed().items() if n not in LEFT_OUT)
-    text = HEADER.format(py=platform.python_version(), platform=f"{platform.system()} {platform.machine()}")
+    text = HEADER.format(py=platform.python_version(), platform=f"{platform.system()} {platform.machine()}",
+                         name=path.name)
     path.write_text(text + "".join(f"{n}=={v}\n" for n, v in rows))
     print(f"{path}: {len(rows)} exact versions")
 
