@@ -183,6 +183,10 @@ class MegatronBackendConfig:
     # megatron's plain torch layers (attention materialises [heads, S, S] scores: CPU and small runs); auto: te on a
     # GPU where transformer_engine imports, else local
     layers: Literal["auto", "te", "local"] = "auto"
+    # what model.gradient_checkpointing recomputes in the backward: full = every layer from its input (the least
+    # memory); selective = the attention's core alone (its softmax and, with the local layers, the [S x S] scores;
+    # megatron-core's core_attn), keeping the rest
+    recompute: Literal["full", "selective"] = "full"
     # DeepSeek-V3's aux-free balancing: after each step every router's expert bias moves by this much toward the
     # experts that got fewer tokens than the mean (megatron-core's update; DeepSeek-V3's pre-training used 0.001).
     # 0 keeps the checkpoint's bias, as transformers (parallel.backend=torch) trains it

@@ -138,8 +138,14 @@ def moe_options(s: Shape, ep: int, bias_rate: float = 0.0) -> dict:
                 moe_layer_freq=[int(x) for x in e.moe_layers], expert_model_parallel_size=ep, **deepseek)
 
 
+# model.gradient_checkpointing on megatron, by parallel.megatron.recompute
+RECOMPUTE = {"full": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1),
+             "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn"])}
+
+
 def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, *,
-                       sequence_parallel: bool = False, recompute: bool = False, fp8: str | None = None, ep: int = 1,
+                       sequence_parallel: bool = False, recompute: str | None = None, fp8: str | None = None,
+                       ep: int = 1, cp: int = 1,
                        bias_rate: float = 0.0):
     from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
@@ -160,7 +166,8 @@ def transformer_config(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.f
         masked_softmax_fusion=False,  # the fused causal kernel would ignore the explicit mask of packed rows
         persist_layer_norm=False, gradient_accumulation_fusion=False, bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16, pipeline_dtype=dtype if pp > 1 else None, sequence_parallel=sequence_parallel,
-        **(dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1) if recompute else {}),
+        **RECOMPUTE.get(recompute, {}),
+        **(dict(context_parallel_size=cp, cp_comm_type="p2p") if cp > 1 else {}),
         **(dict(fp8="hybrid", fp8_recipe={"delayed": "delayed", "current": "tensorwise"}[fp8]) if fp8 else {}),
         **moe_options(s, ep, bias_rate), **latent)
 
@@ -240,8 +247,9 @@ def layer_spec(cfg: dict, layers: range, te: bool = False):
 
 def build_gpt_model(cfg: dict, tp: int, pp: int, dtype: torch.dtype = torch.float32, te: bool = False, **options):
     """This rank's GPTModel (its pipeline stage, its tensor shards, its experts), with Transformer Engine layers
-    when `te`; options: sequence_parallel, recompute, fp8 (None, "delayed" or "current": the TE layers with that FP8
-    scaling recipe), ep (expert parallel ranks), bias_rate (DeepSeek-V3's expert bias update per step)."""
+    when `te`; options: sequence_parallel, recompute (None, "full" or "selective"), fp8 (None, "delayed" or
+    "current": the TE layers with that FP8 scaling recipe), ep (expert parallel ranks), cp (context parallel ranks:
+    TE's ring attention), bias_rate (DeepSeek-V3's expert bias update per step)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
 

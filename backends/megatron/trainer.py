@@ -4,7 +4,7 @@ distributed optimizer and distributed checkpoints, behind the same door as the t
     parallel.backend: megatron      parallel.tensor_parallel / pipeline_parallel (DP = world / (TP x PP))
     parallel.expert_parallel        mixtures of experts: the experts over EP of the DP ranks (all-to-all dispatch)
     parallel.megatron.sequence_parallel  parallel.megatron.distributed_optimizer
-    model.gradient_checkpointing (full recompute)
+    model.gradient_checkpointing (full or selective recompute: parallel.megatron.recompute)
 
 The model is built from the HF config of model.path (or a `r1 convert hf-to-megatron` folder) and each rank
 reads only its own shard. Losses run on the last pipeline stage from the final hidden states and this TP rank's
@@ -36,6 +36,7 @@ from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch, token_budget_micro_batches
 
 from ..parallel import DistributedContext, add_metric_sums, group_device, start_process_group
+from .context_parallel import check_context_parallel, split_row
 from .convert import (
     LAYOUT_FILE,
     TensorFolder,
@@ -158,7 +159,11 @@ class MegatronTrainer:
         self.ep = ep
         self.hf_cfg, self.hf_folder, layout = _source(model.path)
         self.shape = Shape.from_hf(self.hf_cfg)
-        check_layout(self.shape, tp, pp, int(os.environ.get("WORLD_SIZE", "1")), ep=ep)
+        cp = parallel.context_parallel
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world % cp:
+            raise R1Error(f"{world} processes do not split into context_parallel={cp} groups")
+        check_layout(self.shape, tp, pp, world // cp, ep=ep)
         if parallel.megatron.sequence_parallel and tp == 1:
             raise R1Error("parallel.megatron.sequence_parallel needs parallel.tensor_parallel > 1")
         if self.shape.experts is not None and tp > 1 and not parallel.megatron.sequence_parallel:
@@ -178,11 +183,14 @@ class MegatronTrainer:
             check_fp8()
         device = resolve_device(train.device)
         self.te = use_te_layers(parallel.megatron.layers, self.fp8 is not None, device.type == "cuda")
+        if cp > 1:
+            check_context_parallel(cp, self.te, pp, self.shape)
         import_megatron()
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import random as mrandom
 
         self.ps = ps
+        self.cp = None  # the context-parallel group's gather, under parallel.context_parallel > 1
         self.parallel = self._layout(device, tp, pp)
         self.device = torch.device("cuda", self.parallel.local_rank) if device.type == "cuda" else device
         if device.type == "cuda":
@@ -211,24 +219,36 @@ class MegatronTrainer:
         ps = self.ps
         if ps.model_parallel_is_initialized():  # a second trainer in this process (tests, r1 pipeline)
             ps.destroy_model_parallel()
+        cp = self.parallel_cfg.context_parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                     expert_model_parallel_size=self.ep)
+                                     expert_model_parallel_size=self.ep, context_parallel_size=cp)
         local = int(os.environ.get("LOCAL_RANK", "0"))
         ctx = DistributedContext(dist.get_rank(), dist.get_world_size(), local, tp, pp,
                                  dp_group=ps.get_data_parallel_group(), tp_group=ps.get_tensor_model_parallel_group(),
                                  pp_group=ps.get_pipeline_model_parallel_group(),
                                  mp_group=ps.get_model_parallel_group() if tp * pp > 1 else None,
-                                 device=group_device(device, local))
+                                 device=group_device(device, local), cp_size=cp,
+                                 cp_group=ps.get_context_parallel_group() if cp > 1 else None)
         assert (ctx.tp_rank, ctx.dp_rank, ctx.pp_rank) == (ps.get_tensor_model_parallel_rank(),
                                                             ps.get_data_parallel_rank(),
                                                             ps.get_pipeline_model_parallel_rank())
+        if cp > 1:  # a replica is its TP x CP (x PP) ranks: megatron's model-parallel group leaves CP out
+            assert ctx.cp_rank == ps.get_context_parallel_rank()
+            for d in range(ctx.dp_size):
+                g = dist.new_group([r for r in range(ctx.world_size) if (r // (tp * cp)) % ctx.dp_size == d])
+                if ctx.dp_rank == d:
+                    ctx.mp_group = g
+            from ..context_parallel import ContextParallel
+
+            self.cp = ContextParallel(cp, ctx.cp_rank, ctx.cp_group, ctx.on_group_device)
         return ctx
 
     def _build(self, layout):
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
-                                recompute=m.gradient_checkpointing, fp8=self.fp8, te=self.te, ep=self.ep,
+                                recompute=self.parallel_cfg.megatron.recompute if m.gradient_checkpointing else None,
+                                fp8=self.fp8, te=self.te, ep=self.ep, cp=self.parallel.cp_size,
                                 bias_rate=self.parallel_cfg.megatron.expert_bias_update_rate)
         known = model.state_dict().keys()
         if layout is not None:
@@ -307,6 +327,8 @@ class MegatronTrainer:
         return [list(range(s, min(len(batch), s + mbs))) for s in range(0, len(batch), mbs)], mbs
 
     def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
+        if self.cp is not None:
+            return self._context_parallel_micro_batches(batch)
         plan, mbs = self._plan(batch)
         packing = bool(self.train_cfg.max_tokens_per_micro_batch)
         longest = max(sum(len(batch.input_ids[b]) for b in rows) for rows in plan) if packing else \
@@ -330,13 +352,13 @@ class MegatronTrainer:
                 full_ids, full_pos = full_ids.reshape(1, -1), full_pos.reshape(1, -1)
             elif several:
                 mask = sample_mask(full_pos).to(d)
-            out.append((rows, mb, full_ids.to(d), full_pos.to(d), mask, thd, idx.to(d), tgt.to(d)))
+            out.append((rows, mb, full_ids.to(d), full_pos.to(d), mask, thd, idx.to(d), tgt.to(d), None))
         if self.te and (packing or batch.position_ids is not None):
             return out, width * mbs, 1
         return out, width, mbs
 
     def _schedule(self, module, batch: TokenBatch, head, forward_only: bool) -> tuple[list, list]:
-        """Run `head(hidden, weight, mb, idx, tgt) -> (loss, dict)` on every micro-batch through megatron's
+        """Run `head(hidden, weight, mb, tgt, gather) -> (loss, dict)` (_head) on every micro-batch through megatron's
         schedule (1F1B under PP); returns the micro-batches and, on the last stage, the heads' dicts."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -344,7 +366,7 @@ class MegatronTrainer:
         model = module.module if hasattr(module, "module") else module
 
         def step(data, m):
-            rows, mb, ids, pos, mask, thd, idx, tgt = next(data)
+            rows, mb, ids, pos, mask, thd, idx, tgt, split = next(data)
             model.position_ids = pos
             if thd is not None:
                 from megatron.core.packed_seq_params import PackedSeqParams
@@ -352,18 +374,49 @@ class MegatronTrainer:
                 hidden = m(ids, pos, None, packed_seq_params=PackedSeqParams(**thd))
             else:
                 hidden = m(ids, pos, mask)
-            return hidden, functools.partial(self._head, head=head, mb=mb, idx=idx, tgt=tgt, model=model)
+            return hidden, functools.partial(self._head, head=head, mb=mb, idx=idx, tgt=tgt, model=model,
+                                             split=split)
 
         out = get_forward_backward_func()(forward_step_func=step, data_iterator=iter(chunks), model=[module],
                                           num_microbatches=len(chunks), seq_length=width, micro_batch_size=mbs,
                                           forward_only=forward_only)
         return chunks, out
 
-    def _head(self, hidden, *, head, mb, idx, tgt, model):
+    def _head(self, hidden, *, head, mb, idx, tgt, model, split):
+        """head(hidden of the scored tokens, this rank's vocabulary shard of the output weight, mb, targets,
+        gather): `gather` puts a per-token vector of this rank's scored tokens into the micro-batch's whole [N]
+        (every context-parallel rank's, in order; the identity without context parallelism)."""
         weight = model.shared_embedding_or_output_weight() if self.shape.tied else model.output_layer.weight
         valid = max(0, min(self.vocab_shard, self.shape.vocab - self.vocab_start))
         h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, idx)
-        return head(h, weight[:valid], mb, tgt)
+        return head(h, weight[:valid], mb, tgt, self._gather(split))
+
+    def _gather(self, split):
+        if split is None:
+            return lambda x: x
+        from ..context_parallel import Layout
+
+        r = self.parallel.cp_rank
+        layout = Layout([], sum(split.counts[:r]), split.counts[r], split.counts)
+        order = split.order.to(self.device)
+        return lambda x: None if x is None else self.cp.gather(x, layout)[order]
+
+    def _context_parallel_micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
+        """Under context parallelism (Transformer Engine's THD attention): each micro-batch one packed row, of which
+        this rank holds its chunks of every sample (backends/megatron/context_parallel.py)."""
+        plan, _ = self._plan(batch)
+        p, d = self.parallel, self.device
+        multiple = (p.tp_size if self.parallel_cfg.megatron.sequence_parallel else 1) * \
+            (FP8_TOKEN_MULTIPLE if self.fp8 is not None else 1)
+        out = []
+        for rows in plan:
+            mb = batch.select(rows)
+            ids, pos, idx, tgt = mb.packed().tensors(self.tokenizer.pad_token_id, "cpu")
+            split = split_row(ids, pos, idx, tgt, self.tokenizer.pad_token_id, p.cp_size, p.cp_rank, multiple)
+            thd = {k: v.to(d) if isinstance(v, torch.Tensor) else v for k, v in split.thd.items()}
+            out.append((rows, mb, split.ids.to(d), split.pos.to(d), None, thd, split.idx.to(d), split.tgt.to(d),
+                        split))
+        return out, max(c[2].shape[1] for c in out), 1
 
     def _vocab_logprobs(self, h, w, tgt, temperature, with_entropy):
         from r1cli.kernels.vocab_parallel import vocab_parallel_fused_linear_logprobs
@@ -385,9 +438,9 @@ class MegatronTrainer:
             raise RuntimeError("no reference model is loaded (grpo.beta == 0)")
         module.eval()
 
-        def head(h, w, mb, tgt):
+        def head(h, w, mb, tgt, gather):
             logp, _ = self._vocab_logprobs(h, w, tgt, temperature, False)
-            return logp.sum() * 0, {"logp": logp.float().cpu()}
+            return logp.sum() * 0, {"logp": gather(logp).float().cpu()}
 
         chunks, parts = self._schedule(module, batch, head, forward_only=True)
         mask = batch.scored_mask()
@@ -412,11 +465,13 @@ class MegatronTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         n_micro = len(self._plan(batch)[0])
-        scale = n_micro * self.parallel.dp_size  # the schedule averages over micro-batches, DDP over ranks
+        # the schedule averages over micro-batches, DDP over the data (x context) parallel ranks; each context-parallel
+        # rank computes the whole micro-batch's loss from the gathered log-probs, its gradient reaching its own tokens
+        scale = n_micro * self.parallel.dp_size * self.parallel.cp_size
 
-        def head(h, w, mb, tgt):
+        def head(h, w, mb, tgt, gather):
             logp, ent = self._vocab_logprobs(h, w, tgt, loss.temperature, loss.wants_entropy)
-            value, part = loss(logp, ent, mb)
+            value, part = loss(gather(logp), gather(ent), mb)
             return value * scale, part
 
         self.router_stats.start()

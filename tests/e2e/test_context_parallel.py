@@ -91,3 +91,16 @@ def test_what_context_parallelism_cannot_split_is_one_line(tmp_path, arith_data,
     assert proc.returncode != 0
     assert re.search(message, proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_megatron_backend_without_transformer_engine_refuses_in_one_line(tiny_model, arith_data, tmp_path):
+    """megatron-core splits a sequence only inside Transformer Engine's attention (THD ring attention); its local
+    layers cannot. (The split itself is held to TE's layout in tests/unit/backends.)"""
+    from conftest import torchrun
+
+    proc = torchrun(2, "sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}",
+                    f"data.train={arith_data[0]}", "data.eval=", f"train.output_dir={tmp_path}",
+                    "parallel.backend=megatron", "parallel.context_parallel=2")
+    assert proc.returncode != 0
+    assert "parallel.context_parallel=2 on parallel.backend=megatron needs Transformer Engine's attention" \
+           in proc.stderr, proc.stderr[-3000:]

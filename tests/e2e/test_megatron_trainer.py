@@ -38,6 +38,8 @@ def assert_same_steps(a, b, logp=True, logp_atol=2e-5):
         for key, value in ra[step].items():
             if key.startswith("moe/"):  # routing figures count the padding positions, which the backends pad apart
                 continue
+            if key.startswith("train/"):  # a backend's own bookkeeping (the torch backend's out-of-memory splits)
+                continue
             assert rb[step][key] == pytest.approx(value, rel=2e-5, abs=1e-7), (step, key)
     assert wa.keys() == wb.keys()
     for name in wa:  # two Adam steps at lr 0.01: a lost gradient piece moves a weight by ~0.01, noise by < 1e-4
@@ -54,7 +56,9 @@ def family(request, tmp_path_factory):
 # pp2-packed: each micro-batch one packed row of at most 40 tokens (the rows hold 6..27 tokens), against the torch
 # backend's padded micro-batches
 LAYOUTS = {"tp1": (1, 1), "pp2-packed": (1, 2, "train.max_tokens_per_micro_batch=40"),
-           "tp2-sp-recompute": (2, 1, "parallel.megatron.sequence_parallel=true", "model.gradient_checkpointing=true")}
+           "tp2-sp-recompute": (2, 1, "parallel.megatron.sequence_parallel=true", "model.gradient_checkpointing=true"),
+           "tp1-selective-recompute": (1, 1, "model.gradient_checkpointing=true",
+                                       "parallel.megatron.recompute=selective")}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
