@@ -12,6 +12,7 @@ Every configuration uses all the cores: CP=1 one process of N threads, CP=2 two 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,8 +26,8 @@ MB = 1 << 20
 
 
 def worker(model: str, length: int, overrides: list[str]) -> None:
-    """Under torchrun: build the trainer, take one warm-up update, then one timed update and one under MemTracker;
-    rank 0 prints the figures as JSON."""
+    """Under torchrun: build the trainer, take one short warm-up update, then one timed update and one under
+    MemTracker; rank 0 prints the figures as JSON."""
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -45,21 +46,21 @@ def worker(model: str, length: int, overrides: list[str]) -> None:
     answer = torch.randint(10, vocab, (length - 64,), generator=g).tolist()
     objective = GRPOObjective.from_config(cfg.grpo, 1.0, length)
 
-    def update() -> float:
+    def update(tracker=None, tokens: int = length) -> float:
         t0 = time.perf_counter()
-        batch = TokenBatch.from_completions([prompt], [answer])
+        batch = TokenBatch.from_completions([prompt], [answer[: tokens - len(prompt)]])
         mask = batch.scored_mask()
-        old = trainer.logprobs(batch)
+        old = trainer.logprobs(batch)  # (its no-grad forward peaks below the update's)
         batch.fields.update(advantages=torch.ones(1), mask=mask, old_logp=old)
-        trainer.train_step(batch, GRPOLoss(objective, 1, float(mask.sum())))
+        with tracker or contextlib.nullcontext():
+            trainer.train_step(batch, GRPOLoss(objective, 1, float(mask.sum())))
         return time.perf_counter() - t0
 
-    update()  # warm-up (and the AdamW state exists from here on)
+    update(tokens=256)  # warm-up (and the AdamW state exists from here on)
     seconds = update()
     tracker = MemTracker()
     tracker.track_external(trainer.loss_module, trainer.optimizer)
-    with tracker:
-        update()
+    update(tracker)
     peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
     rows = dict(plan(cfg, "rl", 1, device="cpu"))
     resident = rows["parameters"] + rows["gradients"] + rows["AdamW state"]
@@ -70,8 +71,8 @@ def worker(model: str, length: int, overrides: list[str]) -> None:
 def run(model: str, length: int, cp: int, checkpointing: bool, threads: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, threads // cp))}
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={cp}", "--standalone", __file__,
-           "--worker", "--model", model, "--lengths", str(length), "parallel.context_parallel=" + str(cp),
-           f"model.gradient_checkpointing={str(checkpointing).lower()}"]
+           "--worker", "--model", model, f"parallel.context_parallel={cp}",
+           f"model.gradient_checkpointing={str(checkpointing).lower()}", "--lengths", str(length)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"L={length} CP={cp} checkpointing={checkpointing} failed:\n{proc.stderr[-3000:]}")
