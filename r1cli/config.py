@@ -165,6 +165,8 @@ class OptimConfig:
 class TorchBackendConfig:
     """parallel.backend=torch only (transformers models, DDP / FSDP2)."""
 
+    # ddp: every rank a whole replica, gradients averaged over the ranks after each step's micro-batches (by r1, not
+    # torch's DDP hooks, so that an out-of-memory micro-batch can be split and redone); fsdp: FSDP2 shards
     data_parallel: Literal["ddp", "fsdp"] = "ddp"
     # GRPO loss from hidden states: "recompute" keeps the least memory (logits recomputed in the backward),
     # "one_pass" forms the gradient in the forward (a quarter fewer matmul flops, an fp32 [V x H] accumulator)

@@ -252,11 +252,17 @@ def extract_choice(completion: str) -> str | None:
 
 
 def program_jobs(problem: Problem, completion: str) -> list[tuple[str, str]]:
-    """(code, stdin) runs whose all passing means the completion is right."""
-    if problem.kind == "humaneval":
-        p = problem.program
-        return [(p["prompt"] + completion + "\n\n" + p["test"] + f"\ncheck({p['entry_point']})\n", "")]
+    """(code, stdin) runs of a stdin/stdout problem, one per test: its output decides (score_code)."""
     return [(code_of(completion), t["input"]) for t in problem.tests]
+
+
+def call_test(problem: Problem, completion: str):
+    """A HumanEval-style problem as the harness judges it (r1cli.sandbox.harness): the prompt's helpers and the
+    test run in the caller; the prompt + completion, in the sandbox, only answers the test's calls."""
+    from r1cli.sandbox.harness import CallTest
+
+    p = problem.program
+    return CallTest(p["prompt"], p["prompt"] + completion, p["entry_point"], p["test"])
 
 
 def score_text(problem: Problem, completion: str, ctx: RewardContext) -> tuple[bool, str | None]:
@@ -279,12 +285,12 @@ def score_text(problem: Problem, completion: str, ctx: RewardContext) -> tuple[b
 
 
 def score_code(problem: Problem, results) -> tuple[bool, str]:
-    """All runs passed (stdout equal to the expected output, line by line, for stdin tests)."""
+    """Every stdin/stdout test's output equal to the expected one, word by word, compared here (the program's exit
+    status alone decides nothing)."""
     for i, r in enumerate(results):
         if not r.ok:
             return False, f"test {i + 1}: {r.status}: {r.reason}"
-        if problem.kind == "stdio":
-            want = problem.tests[i]["output"]
-            if r.stdout.strip().split() != str(want).strip().split():
-                return False, f"test {i + 1}: wrong output"
+        want = problem.tests[i]["output"]
+        if r.stdout.strip().split() != str(want).strip().split():
+            return False, f"test {i + 1}: wrong output"
     return True, "passed"

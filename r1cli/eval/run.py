@@ -18,7 +18,15 @@ from r1cli.config import Config, DataConfig, JudgeRewardConfig, ModelConfig, Rol
 from r1cli.data.records import read_records, write_jsonl
 from r1cli.data.templates import render_prompt
 from r1cli.errors import R1Error
-from r1cli.eval.benchmarks import Problem, load_benchmark, normalise, program_jobs, score_code, score_text
+from r1cli.eval.benchmarks import (
+    Problem,
+    call_test,
+    load_benchmark,
+    normalise,
+    program_jobs,
+    score_code,
+    score_text,
+)
 from r1cli.eval.metrics import summarise
 from r1cli.models import lora
 from r1cli.rewards import RewardContext
@@ -103,6 +111,7 @@ def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardCon
     judged problem's samples go to the judge together."""
     from r1cli.sample.filters import final_answer_of
     from r1cli.sandbox import Limits
+    from r1cli.sandbox.harness import judge_many
     from r1cli.sandbox.launcher import launch_many
 
     records = [[{} for _ in c] for c in completions]
@@ -115,11 +124,15 @@ def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardCon
         for (i, j), text, v in zip(judged, texts, scores):
             records[i][j] = {"extracted": final_answer_of(text) or None, "correct": v >= 0.5, "score": v,
                              "reason": "judged right" if v >= 0.5 else "judged wrong"}
+    calls, callers = [], []
     for i, (p, comps) in enumerate(zip(problems, completions)):
         for j, text in enumerate(comps):
             if p.kind == "judge":
                 continue
-            if p.kind in ("humaneval", "stdio"):
+            if p.kind == "humaneval":  # the test runs here; the program only answers its calls
+                calls.append(call_test(p, text))
+                callers.append((i, j))
+            elif p.kind == "stdio":
                 runs = program_jobs(p, text)
                 owners.append((i, j, len(jobs), len(runs)))
                 jobs += runs
@@ -127,10 +140,15 @@ def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardCon
                 ok, ans = score_text(p, text, ctx)
                 records[i][j] = {"extracted": ans, "correct": ok, "reason": "right" if ok else "wrong answer"
                                  if ans is not None else "no final answer"}
+    limits = Limits(wall_s=10, cpu_s=6)
     if jobs:
-        results = launch_many(jobs, Limits(wall_s=10, cpu_s=6), workers=workers or None)
+        results = launch_many(jobs, limits, workers=workers or None)
         for i, j, start, n in owners:
             ok, reason = score_code(problems[i], results[start: start + n])
+            records[i][j] = {"extracted": None, "correct": ok, "reason": reason}
+    if calls:
+        verdicts = judge_many(calls, lambda js: launch_many(js, limits, workers=workers or None))
+        for (i, j), (ok, reason) in zip(callers, verdicts):
             records[i][j] = {"extracted": None, "correct": ok, "reason": reason}
     return records
 

@@ -61,6 +61,10 @@ def _countdown_row(row: dict, answer_field: str) -> str | None:
 
 
 def _code_row(row: dict, answer_field: str) -> str | None:
+    if "entry_point" in row or "test" in row:  # function-call tests (HumanEval's form)
+        if not (isinstance(row.get("entry_point"), str) and isinstance(row.get("test"), str)):
+            return "function-call tests need entry_point (the function's name) and test (code defining check)"
+        return None
     tests = row.get("tests", row.get(answer_field))
     if isinstance(tests, str):
         try:
@@ -124,7 +128,9 @@ def extract_answer(text: str) -> str | None:
     open). There: the single <answer>…</answer> block (a single \\boxed{} inside it wins), or else, without answer
     tags, the single \\boxed{}. Anything else that states another answer makes it no answer: a second block or
     box, a box outside the block, text beside the block's box or after the block that names another number.
-    Each would let a policy hedge."""
+    Each would let a policy hedge - so would a second <answer> block anywhere, after a second <think> included."""
+    if len(_ANSWER.findall(text)) > 1:
+        return None
     text = _outside_reasoning(text)
     blocks = list(_ANSWER.finditer(text))
     if len(blocks) > 1:
@@ -272,15 +278,24 @@ def code_of(completion: str) -> str:
 
 @task("code")
 def code_reward(completion: str, row: dict, ctx: RewardContext) -> float:
-    """1 if the program passes every stdin/stdout test of the row (its answer field, or "tests"), run in the
-    sandbox (r1cli.sandbox); a crash, a timeout or a wrong line is that sample's 0."""
+    """1 if the program passes every test of the row, run in the sandbox (r1cli.sandbox); a crash, a timeout or a
+    wrong line is that sample's 0. Tests: stdin/stdout pairs (the answer field, or "tests"), each output compared
+    here; or function-call tests (entry_point, test defining check(candidate), optional setup: trusted helpers),
+    which run here against the program's answers (r1cli.sandbox.harness): the program's exit decides nothing."""
     from r1cli.sandbox import Limits
-    from r1cli.sandbox.launcher import launch
+    from r1cli.sandbox.launcher import launch, launch_many
 
+    program = code_of(ctx.full(completion).split("</think>")[-1])
+    if "entry_point" in row:
+        from r1cli.sandbox.harness import CallTest, judge_many
+
+        setup = row.get("setup", "")
+        test = CallTest(setup, setup + "\n" + program, row["entry_point"], row["test"])
+        [(passed, _)] = judge_many([test], lambda jobs: launch_many(jobs, Limits(wall_s=10, cpu_s=5)))
+        return float(passed)
     tests = row.get("tests", row.get(ctx.answer_field))
     if isinstance(tests, str):
         tests = json.loads(tests)
-    program = code_of(ctx.full(completion).split("</think>")[-1])
     for t in tests:
         r = launch(program, str(t["input"]), Limits(wall_s=10, cpu_s=5))
         if not r.ok or r.stdout.split() != str(t["output"]).split():

@@ -22,9 +22,10 @@ def reasoning_of(text: str) -> str:
 
 
 def final_answer_of(text: str) -> str:
-    """The text of the last <answer>…</answer>, stripped ('' when there is none)."""
+    """The text of the one <answer>…</answer>, stripped ('' when there is none, or more than one: a second answer
+    block anywhere is no answer, as for every checker)."""
     found = _ANSWER.findall(text)
-    return found[-1].strip() if found else ""
+    return found[0].strip() if len(found) == 1 else ""
 
 
 def rejection(text: str, row: dict, ctx: RewardContext, cfg: FilterConfig, n_tokens: int = 0) -> str | None:

@@ -11,9 +11,10 @@ Isolation, strongest first (what this machine allows is probed once, see `isolat
   killed at the end; new namespaces: network (no interface but a downed loopback: no connection
   anywhere), IPC (SysV shared memory, queues and semaphores die with it), PID (with a /proc of its
   own showing only its processes: no host process or command line is visible) and mounts, where
-  one tmpfs of limits.disk_mb holds every place it may write -- its working folder and each
-  world-writable folder of the host (/tmp, /var/tmp, /dev/shm, /run with /run/lock, ...) -- so
-  nothing it writes outlives it and all its files together stay under that size; its processes
+  one tmpfs of limits.disk_mb holds its whole filesystem view, into which it is chrooted: the
+  interpreter's folders read-only, a few device files, a minimal /etc, and its only writable places
+  (/tmp with its working folder, /dev/shm) -- the project, run folders, data files, /home and /root
+  are not there; nothing it writes outlives it and all its files together stay under that size; its processes
   together stay under limits.memory_mb through a memory cgroup (v2, or v1's memory controller)
   where one is writable. What a machine cannot enforce is said once, on stderr, at the first run.
 * not root (the documented weaker fallback): resource limits, the session and the directory
@@ -117,33 +118,6 @@ def _probe_isolation() -> dict[str, bool]:
     mntns = bool(mask & 2)
     return {"uid": bool(mask & 4), "netns": bool(mask & 1), "mntns": mntns, "ipcns": bool(mask & 8),
             "pidns": mntns and bool(mask & 16)}  # a PID namespace needs its own /proc, so a mount namespace
-
-
-def writable_places() -> list[str]:
-    """World-writable folders a program could leave something in for the next one or for the host (/tmp,
-    /var/tmp, /dev/shm, /run/lock, ...): each top-level folder and its children are looked at; a folder inside
-    one already listed is covered with it."""
-    found = []
-    for top in (Path("/"), Path("/var"), Path("/run"), Path("/dev")):
-        try:
-            children = list(top.iterdir())
-        except OSError:
-            continue
-        for d in children:
-            try:
-                if d.is_symlink() or not d.is_dir() or str(d) in ("/proc", "/sys"):
-                    continue
-                if d.stat().st_mode & 0o002:
-                    found.append(str(d))
-            except OSError:
-                continue
-    if os.path.isdir("/run"):
-        found.append("/run")  # the whole of it: /run/lock, /run/user, ... and whatever is world-writable inside
-    out: list[str] = []
-    for d in sorted(set(found), key=len):
-        if not any(d == o or d.startswith(o.rstrip("/") + "/") for o in out):
-            out.append(d)
-    return out
 
 
 _PROBING = threading.Lock()  # the probes below run once even when the pool's threads ask at the same moment
@@ -251,9 +225,10 @@ def _say_not_enforced() -> str:
     iso, missing = isolation(), []
     if os.geteuid() != 0:
         missing.append("not root: no uid of its own, no namespaces (network, mounts, IPC, processes), no total "
-                       "disk limit")
+                       "disk limit, the host's files in view")
     else:
-        for key, what in (("netns", "network"), ("mntns", "private writable places and a total disk limit"),
+        for key, what in (("netns", "network"), ("mntns", "minimal filesystem view, private writable places and "
+                                                           "total disk limit"),
                           ("ipcns", "IPC"), ("pidns", "hidden host processes")):
             if not iso[key]:
                 missing.append(f"no {what} namespace" if key != "mntns" else f"no {what}")
@@ -389,24 +364,12 @@ def _preexec(workdir: str, limits: Limits, uid: int | None, iso: dict[str, bool]
             libc.unshare(flags)
         if iso["mntns"] and libc.unshare(CLONE_NEWNS | (CLONE_NEWPID if iso["pidns"] else 0)) == 0:
             libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-            # one size-capped tmpfs holds every place it may write: the working folder and each world-writable
-            # folder of the host (covered by a folder of this tmpfs), so its total is limits.disk_mb
-            places = [p for p in writable_places() if p != "/tmp"]
+            # one size-capped tmpfs holds the program's whole filesystem view (_minimal_root): its root, its
+            # working folder and its only writable places (/tmp, /dev/shm), so all it writes stays under
+            # limits.disk_mb, and of the host it sees the interpreter's read-only folders and nothing else
             libc.mount(b"tmpfs", b"/tmp", b"tmpfs", MS_NOSUID | MS_NODEV,
                        f"size={limits.disk_mb}m,mode=1777".encode())
-            os.mkdir("/tmp/work")
-            with open("main.py", "rb") as src, open("/tmp/work/main.py", "wb") as dst:
-                dst.write(src.read())
-            os.mkdir("/tmp/.host")
-            for k, place in enumerate(places):
-                inner = f"/tmp/.host/{k}"
-                os.mkdir(inner, 0o1777)
-                os.chmod(inner, 0o1777)
-                libc.mount(inner.encode(), place.encode(), None, MS_BIND, None)
-            if uid is not None:
-                os.chown("/tmp/work", uid, uid)
-                os.chown("/tmp/work/main.py", uid, uid)
-            os.chdir("/tmp/work")
+            root = _minimal_root(libc, uid)
             if iso["pidns"]:
                 # this process stays outside and ends as its child does; the child is the namespace's first
                 # process (it sees only the namespace's processes in a /proc of its own) and runs the program as
@@ -416,10 +379,13 @@ def _preexec(workdir: str, limits: Limits, uid: int | None, iso: dict[str, bool]
                     _mirror_exit(child, in_init=False)
                 # hidepid=2: the program sees its own processes only, not this one (a copy of the caller, whose
                 # command line it still carries)
-                libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"hidepid=2")
+                libc.mount(b"proc", f"{root}/proc".encode(), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                           b"hidepid=2")
                 child = os.fork()
                 if child:
                     _mirror_exit(child, in_init=True)
+            os.chroot(root)  # (escaping a chroot takes root, which the program no longer is below)
+            os.chdir("/tmp/work")
         mb = 1 << 20
         # CPU: SIGXCPU at the soft limit (a clear verdict), SIGKILL a second later at the hard one
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
@@ -433,6 +399,60 @@ def _preexec(workdir: str, limits: Limits, uid: int | None, iso: dict[str, bool]
             os.setuid(uid)
 
     return setup
+
+
+# What a program sees of the host: the interpreter's prefix read-only, a few device files, a minimal /etc; the
+# project, run folders, data files, /home and /root are absent. Folders that are symlinks (/bin -> usr/bin on a
+# merged /usr) are recreated as the same symlinks.
+SYSTEM_FOLDERS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+MS_REMOUNT, MS_RDONLY = 0x20, 0x1
+
+
+def _minimal_root(libc, uid: int | None) -> str:
+    """Build the program's root inside the tmpfs at /tmp (between fork and exec, as root in the new mount
+    namespace); returns its path, for chroot once /proc is mounted in it."""
+    root = "/tmp/.root"
+    os.mkdir(root, 0o755)
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(interpreter())))
+    folders = list(SYSTEM_FOLDERS) + ([prefix] if not prefix.startswith("/usr") else [])
+    for folder in folders:
+        if os.path.islink(folder):
+            os.symlink(os.readlink(folder), root + folder)
+        elif os.path.isdir(folder):
+            target = (root + folder).encode()
+            os.makedirs(target, exist_ok=True)
+            libc.mount(folder.encode(), target, None, MS_BIND | MS_REC, None)
+            libc.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+    os.mkdir(root + "/etc", 0o755)
+    name = "sandbox"
+    with open(root + "/etc/passwd", "w") as f:
+        f.write(f"root:x:0:0::/:/usr/sbin/nologin\n"
+                f"{name}:x:{uid or 65534}:{uid or 65534}::/tmp/work:/usr/sbin/nologin\n")
+    with open(root + "/etc/group", "w") as f:
+        f.write(f"root:x:0:\n{name}:x:{uid or 65534}:\n")
+    if os.path.isfile("/etc/ld.so.cache"):  # the dynamic loader finds the interpreter's libraries faster with it
+        with open("/etc/ld.so.cache", "rb") as src, open(root + "/etc/ld.so.cache", "wb") as dst:
+            dst.write(src.read())
+    os.mkdir(root + "/dev", 0o755)
+    for dev in DEVICES:
+        if os.path.exists(f"/dev/{dev}"):
+            open(f"{root}/dev/{dev}", "w").close()
+            libc.mount(f"/dev/{dev}".encode(), f"{root}/dev/{dev}".encode(), None, MS_BIND, None)
+    for name_, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                          ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{root}/dev/{name_}")
+    for writable in ("/tmp", "/dev/shm"):
+        os.mkdir(root + writable, 0o1777)
+        os.chmod(root + writable, 0o1777)
+    os.mkdir(root + "/proc", 0o555)
+    os.mkdir(root + "/tmp/work")
+    with open("main.py", "rb") as src, open(root + "/tmp/work/main.py", "wb") as dst:
+        dst.write(src.read())
+    if uid is not None:
+        os.chown(root + "/tmp/work", uid, uid)
+        os.chown(root + "/tmp/work/main.py", uid, uid)
+    return root
 
 
 def _reader(stream, cap: int, box: list, over: threading.Event) -> None:

@@ -101,6 +101,20 @@ def test_humaneval_canonical_solutions_pass_and_empty_bodies_fail(tmp_path):
         assert len(rows) == 164 and all(r["reason"] for r in rows)
 
 
+def test_hostile_completions_score_zero_through_r1_eval(tmp_path):
+    """The hostile table of tests/unit/sandbox/test_harness.py as samples of one HumanEval problem, through the
+    command: each 0 (the old exit-status verdict passed eight of them), the honest sample 1."""
+    from hostile_code import HOSTILE, PROBLEM
+
+    rows = [{"benchmark": "humaneval", "id": PROBLEM.id, "completion": c} for _, c, _ in HOSTILE]
+    rows.append({"benchmark": "humaneval", "id": PROBLEM.id, "completion": PROBLEM.program["canonical_solution"]})
+    proc = run_r1("eval", "--completions", _write(tmp_path / "c.jsonl", rows), "--benchmarks", "humaneval",
+                  "--out", str(tmp_path / "o"))
+    assert proc.returncode == 0, proc.stderr
+    got = [json.loads(line) for line in (tmp_path / "o" / "samples.jsonl").read_text().splitlines()]
+    assert [r["correct"] for r in got] == [False] * len(HOSTILE) + [True], [r["reason"] for r in got]
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

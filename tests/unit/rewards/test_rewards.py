@@ -94,6 +94,14 @@ HOLES = [
      {"answer": "3", "task": "math"}),
     ("\\boxed{4} or maybe \\boxed{3}", "so \\boxed{3}", {"answer": "3", "task": "math"}),
     ("<answer>4</answer> <answer>3</answer>", "<answer>3</answer>", {"answer": "3", "task": "arithmetic"}),
+    # a second answer after a second think, or one inside the reasoning beside the final one: more than one
+    # <answer> block anywhere is no answer
+    ("<think>x</think><answer>41</answer><think>no</think><answer>42</answer>",
+     "<think>x</think><think>no</think><answer>42</answer>", MATH42),
+    ("<think>x</think><answer>41</answer><think>no</think><answer>42</answer>",
+     "<think>x</think><answer>42</answer>", ARITH42),
+    ("<think>maybe <answer>42</answer></think><answer>42</answer>", "<think>maybe 42</think><answer>42</answer>",
+     MATH42),
     # commas are thousands separators only
     ("<answer>1,2</answer>", "<answer>12</answer>", {"answer": "12", "task": "arithmetic"}),
     ("<answer>12,34</answer>", "<answer>1,234</answer>", {"answer": "1234", "task": "arithmetic"}),
