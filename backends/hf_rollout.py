@@ -197,7 +197,7 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> H
     # its own copy only generates: held in the compute dtype (bf16 on a GPU under mixed precision)
     frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
     engine = HFGenerateEngine(load_model(frozen, device).eval(), tok, rollout, device, model.dtype,
-                              own_logprobs=trainer is not None and rollout.asynchronous)
+                              own_logprobs=(trainer is not None and rollout.asynchronous) or rollout.max_staleness > 0)
     if trainer is not None:
         engine.load_weights(trainer.named_weights())
     return engine

@@ -319,11 +319,8 @@ class TorchTrainer:
                         h, w, tgt, temperature=temperature, impl=self.impl)[0])
             except torch.OutOfMemoryError:
                 failed = True
-            if failed:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if not self._splittable:
-                    raise R1Error(self._out_of_memory(batch, rows, splittable=False))
+            if failed:  # (outside the handler: the failed forward's tensors are gone)
+                self._recover_memory(batch, rows)
                 plan = self._split(batch, [rows], 0) + plan
                 continue
             if layout is not None:  # every rank's slice of the row
@@ -358,9 +355,9 @@ class TorchTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     plan = self._split(batch, plan, oom.index)
                     splits += 1
-            if self._grad_ranks == 1 or not self._splittable or self.parallel.all_reduce_max(float(not done)) == 0:
-                if done:
-                    break
+            alone = self._grad_ranks == 1 or not self._splittable  # (not splittable: an out-of-memory raised)
+            if done if alone else self.parallel.all_reduce_max(float(not done)) == 0:  # every rank through
+                break
         self._average_gradients()
         if self.cp is not None and takes is not LossInput.LOGPROBS:  # each rank's sums are of its own range
             sums = self.cp.sum_over_ranks(sums)
@@ -385,13 +382,10 @@ class TorchTrainer:
             failed = False
             try:
                 part, aux = self._micro_step(batch.select(rows), loss, takes, len(plan), ci)
-            except torch.OutOfMemoryError:  # handled outside this block, once the failed step's tensors are gone
+            except torch.OutOfMemoryError:
                 failed = True
-            if failed:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if not self._splittable:
-                    raise R1Error(self._out_of_memory(batch, rows, splittable=False))
+            if failed:  # (outside the handler: the failed step's tensors are gone)
+                self._recover_memory(batch, rows)
                 raise _OutOfMemory(ci)
             add_metric_sums(sums, part)
             aux_sum += aux
@@ -438,6 +432,14 @@ class TorchTrainer:
         with self._cp_active(layout):  # checkpointed layers run their forward again, attention included
             total.backward()
         return part, aux
+
+    def _recover_memory(self, batch: TokenBatch, rows: list[int]) -> None:
+        """After an out-of-memory in these rows: the allocator's cache back to the device, or the one line where the
+        micro-batch cannot be split and retried."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if not self._splittable:
+            raise R1Error(self._out_of_memory(batch, rows, splittable=False))
 
     @property
     def _splittable(self) -> bool:

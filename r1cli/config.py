@@ -259,6 +259,14 @@ class RolloutConfig:
     # weights one update behind) while step k trains; the update corrects for the stale samples with TIS against
     # the engine's log-probs (rollout.tis_cap); `r1 rl` only
     asynchronous: bool = False
+    # fully asynchronous (K >= 1): a rollout worker process generates step s under the weights of version s - K
+    # (after s - K updates) while the trainer trains, up to K steps ahead; every sample is at most K updates old,
+    # corrected by TIS (rollout.tis_cap) against the worker's own log-probs; exact on resume. 0: off. `r1 rl` only
+    max_staleness: int = bounded(0, 0)
+    # with max_staleness: samples are generated partial_tokens at a time and take up newer weights that arrive in
+    # between (long answers finish under fresher weights; not bit-reproducible then)
+    partial: bool = False
+    partial_tokens: int = bounded(64, 1)
     # multi-turn rollouts with tools (r1cli.tools): names from the registry (python, calculator) or path.py:function;
     # a turn that ends with a call gets the tool's output and goes on. tool_format: fenced (a block fenced with the
     # tool's name, then "```output"; base models, the R1 template) or chat (the model's own <tool_call> JSON,

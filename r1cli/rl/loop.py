@@ -9,10 +9,11 @@ megatron or vllm.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantage
 from r1cli.rl.losses import kl_penalty
 from r1cli.rl.mismatch import engine_logprobs, mismatch_sums, tis_weights
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
+from r1cli.rl.stream import RolloutStream
 from r1cli.run.harness import RunHarness, check_run_dir
 from r1cli.run.metrics import console
 from r1cli.seeds import minibatch_seed, refill_seed, sample_seed
@@ -56,13 +58,32 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.torch.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("parallel.torch.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence "
                       "needs parallel.torch.fused_linear=recompute")
-    if r.tis_cap and not (engine_reports_logprobs(r.engine) or r.asynchronous):
+    if r.tis_cap and not (engine_reports_logprobs(r.engine) or r.asynchronous or r.max_staleness):
         raise R1Error(f"rollout.tis_cap corrects for an engine that samples from other kernels than the trainer's "
-                      f"(vllm) or from older weights (rollout.asynchronous); the {pick_engine(r.engine)} engine "
-                      "reports no log-probs of its own")
+                      f"(vllm) or from older weights (rollout.asynchronous, rollout.max_staleness); the "
+                      f"{pick_engine(r.engine)} engine reports no log-probs of its own")
     if r.asynchronous and not r.tis_cap:
         raise R1Error("rollout.asynchronous trains on samples generated one update earlier: set rollout.tis_cap "
                       "(e.g. 2.0), which weights each token by the current policy's probability over the engine's")
+    if r.max_staleness:
+        if r.asynchronous:
+            raise R1Error("rollout.max_staleness (a rollout worker process, up to K steps ahead) and "
+                          "rollout.asynchronous (one step ahead, in a thread) are two ways of generating ahead: "
+                          "choose one")
+        if not r.tis_cap:
+            raise R1Error("rollout.max_staleness trains on samples generated up to K updates earlier: set "
+                          "rollout.tis_cap (e.g. 2.0), which weights each token by the current policy's probability "
+                          "over the worker's")
+        if g.dynamic_sampling:
+            raise R1Error("grpo.dynamic_sampling decides refill rounds from the step's rewards, which a worker "
+                          "generating ahead cannot know: use rollout.max_staleness=0 with it")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise R1Error("rollout.max_staleness runs one trainer process beside one rollout worker; it is not "
+                          "built for torchrun's several processes yet")
+    if r.partial and not r.max_staleness:
+        raise R1Error("rollout.partial continues generations under newer weights: it needs rollout.max_staleness")
+    if r.partial and r.tools:
+        raise R1Error("rollout.partial with rollout.tools is not built (a turn's pieces and a tool's output)")
     if r.asynchronous and (cfg.parallel.tensor_parallel > 1 or cfg.parallel.pipeline_parallel > 1):
         raise R1Error("rollout.asynchronous generates in a thread beside the trainer, which cannot share samples "
                       "across the ranks of a tensor- or pipeline-parallel replica; use data parallelism")
@@ -109,24 +130,35 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             ("rollout_tokens_per_s", "tok/s"), ("moe/load_imbalance", "moe imb")]
     ahead = ThreadPoolExecutor(1, thread_name_prefix="r1-rollout") if cfg.rollout.asynchronous else None
     with RunHarness(cfg, trainer, resume=resume, overwrite=overwrite, progress_keys=keys, eval_before=True,
-                    evaluate=held_out_evaluator(cfg, trainer, engine)) as harness, ahead or nullcontext():
+                    evaluate=held_out_evaluator(cfg, trainer, engine)) as harness, ahead or nullcontext(), \
+            ExitStack() as stack:
         if harness.start:  # resumed: an engine with its own copy still holds the starting weights
             engine.load_weights(trainer.named_weights())
         # rollout.asynchronous: the next step's samples, generated while this step trains (a checkpoint keeps them,
         # so that a resumed run trains on what the uninterrupted one would have)
-        pending: Future | None = _done(harness.carried) if harness.carried is not None else None
-        harness.carry = (lambda: pending.result() if pending is not None else None) if ahead else None
+        pending: Future | None = None
+        stream = None
+        if cfg.rollout.max_staleness:  # fully asynchronous: a worker process generates up to K steps ahead
+            stream = stack.enter_context(RolloutStream(cfg, lambda s: step_job(prompts, schedule, s, cfg),
+                                                       harness.start, trainer.named_weights, harness.carried))
+            harness.carry = stream.carry
+        else:
+            pending = _done(harness.carried) if harness.carried is not None else None
+            harness.carry = (lambda: pending.result() if pending is not None else None) if ahead else None
         bad_streak = 0
         last: dict = {}
         for step in range(harness.start, t.steps):
             # 1-2. G samples per prompt and their rewards (a failing checker is that sample's 0); with dynamic
             # sampling, rounds of further prompts replace groups without signal. Asynchronous: generated during the
-            # last step by the weights before its update (version step - 1), and the next step's start now
-            if pending is None:
+            # last step by the weights before its update (version step - 1), and the next step's start now. Fully
+            # asynchronous: generated by the worker under version step - K
+            if stream is not None:
+                rollout, scored, sampling = streamed_step(stream, rows, schedule, step, cfg, ctx)
+            elif pending is None:
                 rollout, scored, sampling = sample_step(engine, rows, prompts, schedule, refill, step, cfg, p, ctx)
             else:
                 rollout, scored, sampling = pending.result()
-            sampling = {**sampling, "rollout/staleness": float(step - rollout.version)}
+            sampling = {"rollout/staleness": float(step - rollout.version), **sampling}
             if ahead is not None and step + 1 < t.steps:
                 pending = ahead.submit(sample_step, engine, rows, prompts, schedule, refill, step + 1, cfg, p, ctx,
                                        version=step)
@@ -146,6 +178,8 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                 pending.result()
                 sampling["time/rollout_wait_s"] = time.perf_counter() - t2
             engine.load_weights(trainer.named_weights())
+            if stream is not None:
+                stream.publish(step + 1)
             if g.ref_update_every and (step + 1) % g.ref_update_every == 0:
                 trainer.update_reference()
 
@@ -157,6 +191,9 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                               f"{harness.run_dir}")
             last = _step_metrics(p, scored, shaped, train_out, rollout.seconds, t_train, cfg)
             last.update(sampling)
+            if stream is not None:  # the share of the step the trainer waited for the worker
+                last["time/trainer_idle_share"] = sampling["time/rollout_wait_s"] / max(
+                    1e-9, sampling["time/rollout_wait_s"] + t_train)
             if cfg.rollout.tools:
                 last.update(tool_metrics(p, rollout, scored))
             last.update(_mismatch_metrics(p, behaviour.mismatch, shaped.tis, batch.scored_mask(),
@@ -283,6 +320,39 @@ def _take(parts: list[tuple[Rollout, Scored]], chosen: list[tuple[int, int]], n:
     cat = lambda f: torch.cat([pick(getattr(parts[k][1], f), q) for k, q in chosen])  # noqa: E731
     scores = Scores(total, components, failures, last_error)
     return Rollout(rows, samples, seconds), Scored(scores, cat("rewards"), cat("lengths"), cat("truncated"))
+
+
+def step_job(prompts, schedule: RowSchedule, step: int, cfg: Config):
+    """A fully asynchronous run's job for step `step`: its prompts and sampling, seeded as generate() seeds them
+    (one data-parallel rank)."""
+    idx = schedule.rows_for_step(step)
+    params = SamplingParams.from_rollout(cfg.rollout, seed=sample_seed(cfg.train.seed, step, 0))
+    return [prompts[i] for i in idx], params
+
+
+def streamed_step(stream: RolloutStream, rows, schedule: RowSchedule, step: int, cfg: Config,
+                  ctx: RewardContext) -> tuple[Rollout, Scored, dict]:
+    """1-2 of a fully asynchronous run: step `step`'s samples from the worker, their rewards; a sample whose oldest
+    token is more than rollout.max_staleness updates old takes no part in the loss (counted)."""
+    t0 = time.perf_counter()
+    done = stream.take(step)
+    n, K = cfg.rollout.n, cfg.rollout.max_staleness
+    idx = schedule.rows_for_step(step)
+    rollout = Rollout([rows[i] for i in idx for _ in range(n)], [c for grp in done.groups for c in grp],
+                      done.seconds, version=min(v for v, _ in done.versions))
+    scored = score_samples(rollout, cfg, ctx)
+    lag = torch.tensor([step - oldest for oldest, _ in done.versions])
+    scored.excluded = lag > K
+    st = stream.stats
+    busy = st.engine_busy_s + st.engine_idle_s
+    out = {"rollout/staleness": float(lag.float().mean()), "rollout/staleness_max": float(lag.max()),
+           "rollout/dropped": float((lag > K).sum()), "rollout/worker_restarts": float(st.restarts),
+           "rollout/queue_depth": float(len(stream.finished)), "time/rollout_wait_s": st.wait_s,
+           "rollout/refreshed": float(sum(newest > oldest for oldest, newest in done.versions)),
+           "time/engine_idle_share": st.engine_idle_s / busy if busy else 0.0,
+           "time/stream_take_s": time.perf_counter() - t0}
+    out.update({f"rollout/staleness_{k}": float((lag == k).sum()) for k in range(K + 1)})
+    return rollout, scored, out
 
 
 def generate(engine, rows, prompts, idx: list[int], step: int, round_: int, cfg: Config, p) -> Rollout:

@@ -1,0 +1,325 @@
+"""Fully asynchronous rollouts (rollout.max_staleness: K): a rollout worker process generates while the trainer trains.
+
+The worker holds its own engine (transformers or vLLM, built from model.path as `r1 sample` builds one) and works
+through the run's prompt schedule step by step: G samples for each of a step's prompts, seeded exactly as the
+synchronous loop seeds them. Step s is generated under the weights of version v(s) = max(0, s - K) (the weights
+after v updates): the trainer publishes every version after its update, the worker starts step s once v(s) has
+arrived, and the trainer takes step s's samples, finished in the meantime, when it gets there. Generation thus runs
+beside training up to K steps ahead, every sample is min(s, K) updates old - corrected by TIS against the worker's
+own log-probs - and the stream is a function of the seeds: a run stopped and resumed trains on the uninterrupted
+run's samples (the checkpoint keeps the finished steps whose weights it no longer has).
+
+With rollout.partial a sample is generated in pieces of rollout.partial_tokens tokens and, between pieces, the worker
+takes up any newer version that has arrived (never one newer than the step's own): long answers finish under fresher
+weights. Which token saw which version then depends on timing, so partial runs are not bit-reproducible; each
+token's version is recorded (a sample's oldest one gives its staleness, and one older than K would be dropped).
+
+A worker that dies is started again (rollout/worker_restarts) and its unfinished steps are generated again under the
+newest weights (the stream is exact until then); one that cannot start is one line; every wait on it ends after
+rollout.timeout_s.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import time
+from dataclasses import dataclass
+
+from r1cli.errors import R1Error
+
+POLL_S = 0.2  # how often a waiting trainer looks at whether the worker is alive
+
+
+@dataclass
+class Job:
+    step: int
+    prompts: list[list[int]]
+    params: object  # SamplingParams
+    version: int  # the weights it is generated under (partial: the oldest)
+
+
+@dataclass
+class Finished:
+    """A step's samples from the worker: G per prompt, each with its tokens' weight versions (oldest, newest)."""
+
+    step: int
+    groups: list  # list[list[Completion]]
+    versions: list[tuple[int, int]]  # per sample, in group order
+    seconds: float  # generating them
+    idle_s: float = 0.0  # the worker's wait for this job (weights or the job itself)
+
+
+# ------------------------------------------------------------------ the worker
+
+
+def worker_main(model_cfg, rollout_cfg, data_cfg, inbox, outbox) -> None:
+    """The worker process: build the engine, then answer jobs in order under the version each names."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    try:
+        import torch
+
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        from r1cli.interfaces import build_engine
+        from r1cli.models.loading import load_tokenizer
+        from r1cli.tools.turns import with_tools
+
+        if os.environ.get("R1_FAULT_WORKER_START"):  # a test's injection
+            raise RuntimeError("R1_FAULT_WORKER_START is set")
+        engine = with_tools(build_engine(model_cfg, rollout_cfg), load_tokenizer(model_cfg.path), rollout_cfg,
+                            data_cfg)
+    except Exception as e:  # reported to the trainer as one line
+        outbox.put(("error", f"{type(e).__name__}: {e}"))
+        return
+    outbox.put(("ready", os.getpid()))
+    Worker(engine, rollout_cfg, inbox, outbox).run()
+
+
+class Worker:
+    def __init__(self, engine, rollout_cfg, inbox, outbox):
+        self.engine, self.cfg, self.inbox, self.outbox = engine, rollout_cfg, inbox, outbox
+        self.waiting: list = []  # messages read ahead of their turn (partial runs look at the inbox mid-job)
+        self.versions: dict[int, list] = {}  # published weights not applied yet
+        self.applied = -1
+
+    def _next(self, block: bool = True):
+        if self.waiting:
+            return self.waiting.pop(0)
+        return self.inbox.get() if block else self.inbox.get_nowait()
+
+    def run(self) -> None:
+        idle_since = time.perf_counter()
+        while True:
+            msg = self._next()
+            if msg[0] == "stop":
+                return
+            if msg[0] == "weights":
+                self.versions[msg[1]] = msg[2]
+                continue
+            job: Job = msg[1]
+            while job.version not in self.versions and self.applied != job.version:
+                msg = self.inbox.get()  # the weights it needs are on their way
+                if msg[0] == "weights":
+                    self.versions[msg[1]] = msg[2]
+                else:
+                    self.waiting.append(msg)
+            self._apply(job.version)
+            idle = time.perf_counter() - idle_since
+            time.sleep(float(os.environ.get("R1_FAULT_WORKER_SLEEP_S", "0")))  # a test's slow worker
+            t0 = time.perf_counter()
+            groups, versions = self._generate(job)
+            self.outbox.put(("finished", Finished(job.step, groups, versions, time.perf_counter() - t0, idle)))
+            idle_since = time.perf_counter()
+
+    def _apply(self, version: int) -> None:
+        if version != self.applied:
+            self.engine.load_weights(self.versions.pop(version))
+            self.applied = version
+        for old in [v for v in self.versions if v < version]:
+            del self.versions[old]
+
+    def _generate(self, job: Job):
+        if not self.cfg.partial:
+            groups = self.engine.generate(job.prompts, job.params)
+            return groups, [(job.version, job.version) for g in groups for _ in g]
+        return self._generate_in_pieces(job)
+
+    def _newer_version(self, step: int) -> None:
+        """Take up the newest version that has arrived (at most the step's own), between pieces."""
+        while True:
+            try:
+                msg = self._next(block=False) if not self.waiting else self.waiting.pop(0)
+            except queue.Empty:
+                break
+            if msg[0] == "weights":
+                self.versions[msg[1]] = msg[2]
+            else:
+                self.waiting.append(msg)
+                break
+        usable = [v for v in self.versions if self.applied < v <= step]
+        if usable:
+            self._apply(max(usable))
+
+    def _generate_in_pieces(self, job: Job):
+        """rollout.partial: the first piece for every sample, then each unfinished sample continued a piece at a
+        time (the prompt and its tokens so far as the prompt, n = 1), newer weights taken up between pieces."""
+        from dataclasses import replace
+
+        piece = self.cfg.partial_tokens
+        total = job.params.max_tokens
+        first = replace(job.params, max_tokens=min(piece, total))
+        groups = self.engine.generate(job.prompts, first)
+        flat = [c for g in groups for c in g]
+        seen = [[self.applied] * len(c.completion_ids) for c in flat]
+        k = 1
+        while True:
+            todo = [i for i, c in enumerate(flat) if c.finish_reason == "length" and len(c.completion_ids) < total]
+            if not todo:
+                break
+            time.sleep(float(os.environ.get("R1_FAULT_PIECE_SLEEP_S", "0")))  # a test's slow pieces
+            self._newer_version(job.step)
+            rest = [min(piece, total - len(flat[i].completion_ids)) for i in todo]
+            for width in sorted(set(rest)):
+                chosen = [i for i, r in zip(todo, rest) if r == width]
+                more = self.engine.generate([flat[i].prompt_ids + flat[i].completion_ids for i in chosen],
+                                            replace(job.params, n=1, max_tokens=width,
+                                                    seed=job.params.seed + 7919 * k))
+                for i, (cont,) in zip(chosen, more):
+                    c = flat[i]
+                    c.completion_ids = c.completion_ids + cont.completion_ids
+                    c.text = c.text + cont.text
+                    c.finish_reason = cont.finish_reason
+                    if c.logprobs is not None and cont.logprobs is not None:
+                        c.logprobs = c.logprobs + cont.logprobs
+                    seen[i] += [self.applied] * len(cont.completion_ids)
+            k += 1
+        return groups, [(min(v), max(v)) if v else (self.applied, self.applied) for v in seen]
+
+
+# ------------------------------------------------------------------ the trainer's side
+
+
+@dataclass
+class StreamStats:
+    restarts: int = 0
+    dropped: int = 0
+    wait_s: float = 0.0  # the trainer waiting for samples, this step
+    engine_idle_s: float = 0.0
+    engine_busy_s: float = 0.0
+
+
+class RolloutStream:
+    """The trainer's end: publishes weights, hands the worker its jobs in schedule order, takes finished steps."""
+
+    def __init__(self, cfg, make_job, start: int, weights, carried: dict | None = None):
+        """`make_job(step)` -> (prompts, SamplingParams) of a step (the synchronous loop's seeds); `start`: the first
+        step to train; `weights()`: the trainer's weights now, version `start`; `carried`: the finished steps a
+        checkpoint kept."""
+        self.cfg, self.make_job, self.weights = cfg, make_job, weights
+        self.K = cfg.rollout.max_staleness
+        self.steps = cfg.train.steps
+        self.finished: dict[int, Finished] = dict(carried or {})
+        self.next_take = start
+        self.sent = max([start - 1, *self.finished])  # the last step handed out (or carried)
+        self.version = start
+        self.stats = StreamStats()
+        self.proc = None
+        self._start_worker()
+        self.publish(start)
+
+    # ------------------------------------------------------------------ the worker's life
+    def _start_worker(self) -> None:
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.inbox, self.outbox = ctx.Queue(), ctx.Queue()
+        r = self.cfg.rollout
+        self.proc = ctx.Process(target=worker_main, args=(self.cfg.model, r, self.cfg.data, self.inbox, self.outbox),
+                                daemon=True, name="r1-rollout-worker")
+        self.proc.start()
+        msg = self._get(r.start_timeout_s, "start (rollout.start_timeout_s)", starting=True)
+        if msg[0] == "error":
+            raise R1Error(f"the rollout worker could not start: {msg[1]}")
+
+    def _get(self, limit: float, what: str, starting: bool = False):
+        deadline = time.perf_counter() + (limit or float("inf"))
+        while True:
+            try:
+                return self.outbox.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
+            if not self.proc.is_alive():
+                if starting:
+                    raise R1Error(f"the rollout worker could not start: it exited with code {self.proc.exitcode}")
+                raise _WorkerDied()
+            if time.perf_counter() > deadline:
+                raise R1Error(f"the rollout worker did not {what} within {limit:g} s")
+
+    def _restart(self) -> None:
+        """The worker died: a new one, the current weights, and every step handed out but not finished handed out
+        again under them (the older weights they were due under are gone)."""
+        self.stats.restarts += 1
+        self.proc.join(timeout=1)
+        self._start_worker()
+        self.inbox.put(("weights", self.version, _shared(self.weights())))
+        for step in range(self.next_take, self.sent + 1):
+            if step not in self.finished:
+                prompts, params = self.make_job(step)
+                self.inbox.put(("job", Job(step, prompts, params, self.version)))
+
+    # ------------------------------------------------------------------ the loop's calls
+    def due_version(self, step: int) -> int:
+        return max(0, step - self.K)
+
+    def publish(self, version: int) -> None:
+        """The trainer's weights, now `version` (after that many updates), to the worker, then every job that
+        version opens (steps up to version + K)."""
+        self.version = version
+        self.inbox.put(("weights", version, _shared(self.weights())))
+        while self.sent + 1 < self.steps and self.due_version(self.sent + 1) <= version:
+            self.sent += 1
+            prompts, params = self.make_job(self.sent)
+            self.inbox.put(("job", Job(self.sent, prompts, params, self.due_version(self.sent))))
+
+    def _wait(self, step: int) -> None:
+        while step not in self.finished:
+            try:
+                msg = self._get(self.cfg.rollout.timeout_s, f"deliver step {step + 1}'s samples (rollout.timeout_s)")
+            except _WorkerDied:
+                self._restart()
+                continue
+            if msg[0] == "error":
+                raise R1Error(f"the rollout worker failed: {msg[1]}")
+            if msg[0] == "finished":
+                f: Finished = msg[1]
+                self.finished[f.step] = f
+                self.stats.engine_idle_s += f.idle_s
+                self.stats.engine_busy_s += f.seconds
+
+    def take(self, step: int) -> Finished:
+        """Step `step`'s samples, waiting for the worker (at most rollout.timeout_s at a time; a dead one is started
+        again). The engine's busy and idle seconds count from the previous take."""
+        t0 = time.perf_counter()
+        self.stats.engine_idle_s = self.stats.engine_busy_s = 0.0
+        self._wait(step)
+        self.stats.wait_s = time.perf_counter() - t0
+        self.next_take = step + 1
+        if os.environ.get("R1_FAULT_KILL_WORKER") == str(step + 1):  # a test's crash, after step `step + 1`'s take
+            self.kill_worker()
+        return self.finished.pop(step)
+
+    def carry(self) -> dict:
+        """At a checkpoint (the trainer's weights: version `self.version`): the steps due under older weights,
+        which a resumed run could not generate again - waited for, and kept."""
+        keep = [s for s in range(self.version, min(self.version + self.K, self.steps))
+                if self.due_version(s) < self.version]
+        for step in keep:
+            self._wait(step)
+        return {s: self.finished[s] for s in keep}
+
+    def kill_worker(self) -> None:
+        """(A test's hand: the worker dies as a crash would kill it.)"""
+        self.proc.kill()
+
+    def __enter__(self) -> "RolloutStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.is_alive():
+            self.inbox.put(("stop",))
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+
+
+class _WorkerDied(Exception):
+    pass
+
+
+def _shared(weights) -> list:
+    """(name, tensor) pairs on the CPU in shared memory: what a queue hands to another process without a copy per
+    reader."""
+    return [(name, t.detach().to("cpu").clone().share_memory_()) for name, t in weights]
