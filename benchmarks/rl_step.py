@@ -18,6 +18,13 @@ train.max_tokens_per_micro_batch packed ones (default: the longest prompt + comp
 tokens with padding, s/step and tokens/s.
 
     python benchmarks/rl_step.py --compare packing --config configs/smollm2/rl.yaml [--samples 32]
+
+fully-async: the synchronous loop, the one-step-off thread and the rollout worker process (rollout.max_staleness)
+on a long-tailed mix (a tenth of the prompts ask for ~8x longer answers), each from the same cold start: completion
+tokens/s and the held-out accuracy after the same samples (95% interval).
+
+    python benchmarks/rl_step.py --compare fully-async --config configs/tiny/zero.yaml --steps 40 \
+        rollout.max_new_tokens=192 [--staleness 1]
 """
 
 from __future__ import annotations
@@ -74,6 +81,73 @@ def compare_async(a) -> None:
         med[m] = tokens / wall
         print(f"{m:<8}{wall:>8.3f}{tokens / wall:>10.0f}{gen:>12.3f}{train:>9.3f}")
     print(f"async / sync completion tokens/s: {med['async'] / med['sync']:.2f}x")
+
+
+def long_tailed_mix(folder: Path, n: int, held: int, seed: int = 0) -> tuple[Path, Path]:
+    """Synthetic additions where a tenth of the prompts ask for answers about 8x longer: 2-digit sums (about 20
+    tokens of worked columns) and, every tenth row, 16-digit ones (about 150), with half the cold-start answers
+    wrong (the R1-Zero demo's noise)."""
+    from r1cli.data.records import write_jsonl
+    from r1cli.data.synth import generate, split_held_out
+
+    short = generate("arithmetic", n, seed=seed, digits=2, ops="+", answer_noise=0.5)
+    long = generate("arithmetic", n // 9 + held // 9 + 1, seed=seed + 1, digits=16, ops="+", answer_noise=0.5)
+    rows = [long.pop() if i % 10 == 9 else short.pop() for i in range(n + held)]
+    train, ev = split_held_out(rows, held)
+    write_jsonl(train, folder / "train.jsonl")
+    write_jsonl(ev, folder / "eval.jsonl")
+    return folder / "train.jsonl", folder / "eval.jsonl"
+
+
+def compare_fully_async(a) -> None:
+    """The synchronous loop, the one-step-off thread (rollout.asynchronous) and the rollout worker process
+    (rollout.max_staleness) on the long-tailed mix, from one cold start: completion tokens a second over the steps
+    (wall time between the first and the last step's log lines) and the held-out accuracy after the same samples,
+    with a 95% interval (normal approximation over the held-out samples)."""
+    import math
+
+    from r1cli.config import load_config
+    from r1cli.models.tiny import build_tiny_model
+    from r1cli.rl.loop import run_rl
+    from r1cli.run.metrics import read_metrics
+    from r1cli.sft.loop import run_sft
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        train, ev = long_tailed_mix(d, 4000, 200)
+        model = build_tiny_model(d / "tiny")
+        run_sft(load_config("configs/tiny/sft.yaml", [f"model.path={model}", f"data.train={train}", "data.eval=",
+                                                       f"train.output_dir={d / 'sft'}", "logging.progress=false",
+                                                       "logging.tensorboard=false", "data.max_seq_len=512"]))
+        common = [f"model.path={d / 'sft' / 'hf'}", f"data.train={train}", f"data.eval={ev}", *a.overrides]
+        modes = {"sync": [], "one-step-off": ["rollout.asynchronous=true", f"rollout.tis_cap={a.tis_cap}"],
+                 "fully-async": [f"rollout.max_staleness={a.staleness}", f"rollout.tis_cap={a.tis_cap}"],
+                 "fully+partial": [f"rollout.max_staleness={a.staleness}", f"rollout.tis_cap={a.tis_cap}",
+                                   "rollout.partial=true"]}
+        print(f"{'':<14}{'steps':>6}{'tokens/s':>10}{'wall s':>8}{'generate s':>11}{'train s':>8}{'waited':>7}"
+              f"{'held-out':>10}{'95% interval':>18}")
+        rate = {}
+        for m, extra in modes.items():
+            out = d / m
+            cfg = load_config(a.config, [*common, *extra, f"train.steps={a.steps}", f"train.output_dir={out}",
+                                         "logging.progress=false", "logging.tensorboard=false",
+                                         "logging.sample_every=0", "checkpoint.export_hf=false", "eval.every=0"])
+            run_rl(cfg, overwrite=True)
+            rows = read_metrics(out / "metrics.jsonl")
+            steps = [r for r in rows if "loss" in r]
+            samples = cfg.grpo.prompts_per_step * cfg.rollout.n
+            wall = steps[-1]["time"] - steps[0]["time"]
+            tokens = sum(r["response_len/mean"] * samples for r in steps[1:])
+            acc = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r][-1]
+            k = cfg.eval.samples * cfg.eval.n
+            half = 1.96 * math.sqrt(acc * (1 - acc) / k)
+            rate[m] = tokens / wall
+            med = lambda key: statistics.median(r.get(key, 0.0) for r in steps[1:])  # noqa: E731
+            print(f"{m:<14}{len(steps):>6}{rate[m]:>10.0f}{wall:>8.1f}{med('time/generate_s'):>11.2f}"
+                  f"{med('time/train_s'):>8.2f}{med('time/rollout_wait_s'):>7.2f}{acc:>10.3f}"
+                  f"{f'[{acc - half:.3f}, {acc + half:.3f}]':>18}", flush=True)
+        print("completion tokens/s against sync: " + ", ".join(f"{m} {r / rate['sync']:.2f}x"
+                                                              for m, r in rate.items() if m != "sync"))
 
 
 def compare_old_pass(a) -> None:
@@ -155,7 +229,8 @@ def compare_packing(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--compare", choices=["old-pass", "packing", "async"], default="old-pass")
+    ap.add_argument("--compare", choices=["old-pass", "packing", "async", "fully-async"], default="old-pass")
+    ap.add_argument("--staleness", type=int, default=1, help="fully-async: rollout.max_staleness")
     ap.add_argument("--tis-cap", type=float, default=2.0, help="async: rollout.tis_cap of the asynchronous run")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--repeat", type=int, default=2)
@@ -169,6 +244,10 @@ def main() -> None:
           f"{torch.get_num_threads()} torch threads; {a.config} {' '.join(a.overrides)}")
     if a.compare == "packing":
         compare_packing(a)
+    elif a.compare == "fully-async":
+        print(f"{a.steps} steps each, from one cold start on additions where a tenth of the prompts ask for ~8x "
+              "longer answers")
+        compare_fully_async(a)
     elif a.compare == "async":
         print(f"{a.steps} steps (the first left out) x {a.repeat} runs each, interleaved")
         compare_async(a)

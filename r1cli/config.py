@@ -263,10 +263,12 @@ class RolloutConfig:
     # (after s - K updates) while the trainer trains, up to K steps ahead; every sample is at most K updates old,
     # corrected by TIS (rollout.tis_cap) against the worker's own log-probs; exact on resume. 0: off. `r1 rl` only
     max_staleness: int = bounded(0, 0)
-    # with max_staleness: samples are generated partial_tokens at a time and take up newer weights that arrive in
-    # between (long answers finish under fresher weights; not bit-reproducible then)
+    # with max_staleness: continuous generation in pieces of partial_tokens tokens over a pool of up to partial_rows
+    # samples from as many steps as have arrived, under the newest weights at each piece: a long answer no longer
+    # holds up the short ones, and finishes under fresher weights (not bit-reproducible then)
     partial: bool = False
-    partial_tokens: int = bounded(64, 1)
+    partial_tokens: int = bounded(32, 1)
+    partial_rows: int = bounded(256, 1)
     # multi-turn rollouts with tools (r1cli.tools): names from the registry (python, calculator) or path.py:function;
     # a turn that ends with a call gets the tool's output and goes on. tool_format: fenced (a block fenced with the
     # tool's name, then "```output"; base models, the R1 template) or chat (the model's own <tool_call> JSON,

@@ -53,13 +53,26 @@ class Finished:
 # ------------------------------------------------------------------ the worker
 
 
+def worker_threads() -> int:
+    """On the CPU the worker takes half the cores and the trainer the rest (two busy processes that each took them
+    all would slow each other down many times over)."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def _share_the_cores() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) - worker_threads())))
+
+
 def worker_main(model_cfg, rollout_cfg, data_cfg, inbox, outbox) -> None:
     """The worker process: build the engine, then answer jobs in order under the version each names."""
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     try:
         import torch
 
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.set_num_threads(min(int(os.environ.get("OMP_NUM_THREADS", "0")) or worker_threads(),
+                                  worker_threads()))
         from r1cli.interfaces import build_engine
         from r1cli.models.loading import load_tokenizer
         from r1cli.tools.turns import with_tools
@@ -72,12 +85,13 @@ def worker_main(model_cfg, rollout_cfg, data_cfg, inbox, outbox) -> None:
         outbox.put(("error", f"{type(e).__name__}: {e}"))
         return
     outbox.put(("ready", os.getpid()))
-    Worker(engine, rollout_cfg, inbox, outbox).run()
+    worker = Worker(engine, rollout_cfg, inbox, outbox, load_tokenizer(model_cfg.path))
+    worker.run_partial() if rollout_cfg.partial else worker.run()
 
 
 class Worker:
-    def __init__(self, engine, rollout_cfg, inbox, outbox):
-        self.engine, self.cfg, self.inbox, self.outbox = engine, rollout_cfg, inbox, outbox
+    def __init__(self, engine, rollout_cfg, inbox, outbox, tokenizer):
+        self.engine, self.cfg, self.inbox, self.outbox, self.tok = engine, rollout_cfg, inbox, outbox, tokenizer
         self.waiting: list = []  # messages read ahead of their turn (partial runs look at the inbox mid-job)
         self.versions: dict[int, list] = {}  # published weights not applied yet
         self.applied = -1
@@ -119,61 +133,128 @@ class Worker:
             del self.versions[old]
 
     def _generate(self, job: Job):
-        if not self.cfg.partial:
-            groups = self.engine.generate(job.prompts, job.params)
-            return groups, [(job.version, job.version) for g in groups for _ in g]
-        return self._generate_in_pieces(job)
+        groups = self.engine.generate(job.prompts, job.params)
+        return groups, [(job.version, job.version) for g in groups for _ in g]
 
-    def _newer_version(self, step: int) -> None:
-        """Take up the newest version that has arrived (at most the step's own), between pieces."""
+    # ------------------------------------------------------------------ rollout.partial
+    def run_partial(self) -> None:
+        """Continuous generation in pieces: a pool of up to rollout.partial_rows samples, from as many steps as
+        have arrived, each piece of rollout.partial_tokens tokens generated for the whole pool under the newest
+        weights that have arrived (a sample of step s never sees a version above s: the trainer publishes s + 1
+        only after training on step s); a sample leaves the pool when it ends, a step's samples go back together
+        once all have, and the pool refills from the next steps. A long answer thus no longer holds up the short
+        ones beside it, and finishes under fresher weights."""
+        pool: list[_Row] = []
+        rows_of: dict[int, list[_Row]] = {}
+        started: dict[int, float] = {}
+        jobs: list[Job] = []
+        piece = 0
+        idle_since = time.perf_counter()
+        while True:
+            block = not pool and not jobs  # nothing to do: wait for the next message
+            for msg in self._drain(block):
+                if msg[0] == "stop":
+                    return
+                if msg[0] == "weights":
+                    self.versions[msg[1]] = msg[2]
+                else:
+                    jobs.append(msg[1])
+            if self.versions:
+                self._apply(max(self.versions))
+            while jobs and len(pool) + len(jobs[0].prompts) * jobs[0].params.n <= max(self.cfg.partial_rows, 1) \
+                    or jobs and not pool:
+                job = jobs.pop(0)
+                rows = [_Row(job, q, j, list(p)) for q, p in enumerate(job.prompts) for j in range(job.params.n)]
+                rows_of[job.step] = rows
+                started[job.step] = time.perf_counter()
+                pool += rows
+            if not pool:
+                continue
+            idle = time.perf_counter() - idle_since
+            time.sleep(float(os.environ.get("R1_FAULT_PIECE_SLEEP_S", "0")))  # a test's slow pieces
+            self._piece(pool, piece)
+            piece += 1
+            idle_since = time.perf_counter()
+            pool = [r for r in pool if not r.done]
+            for step in sorted(rows_of):
+                if all(r.done for r in rows_of[step]):
+                    rows = rows_of.pop(step)
+                    groups = [[r.completion(self.tok) for r in rows[q * rows[0].job.params.n:
+                                                                       (q + 1) * rows[0].job.params.n]]
+                              for q in range(len(rows[0].job.prompts))]
+                    versions = [(min(r.versions), max(r.versions)) for r in rows]
+                    self.outbox.put(("finished", Finished(step, groups, versions,
+                                                          time.perf_counter() - started.pop(step), idle)))
+                    idle = 0.0
+
+    def _drain(self, block: bool) -> list:
+        out = self.waiting
+        self.waiting = []
+        if block and not out:
+            out.append(self.inbox.get())
         while True:
             try:
-                msg = self._next(block=False) if not self.waiting else self.waiting.pop(0)
+                out.append(self.inbox.get_nowait())
             except queue.Empty:
-                break
-            if msg[0] == "weights":
-                self.versions[msg[1]] = msg[2]
-            else:
-                self.waiting.append(msg)
-                break
-        usable = [v for v in self.versions if self.applied < v <= step]
-        if usable:
-            self._apply(max(usable))
+                return out
 
-    def _generate_in_pieces(self, job: Job):
-        """rollout.partial: the first piece for every sample, then each unfinished sample continued a piece at a
-        time (the prompt and its tokens so far as the prompt, n = 1), newer weights taken up between pieces."""
+    def _piece(self, pool: list["_Row"], k: int) -> None:
+        """One piece for every sample of the pool, in one call (n = 1 each, its prompt and tokens so far as the
+        prompt), under the applied weights."""
         from dataclasses import replace
 
-        piece = self.cfg.partial_tokens
-        total = job.params.max_tokens
-        first = replace(job.params, max_tokens=min(piece, total))
-        groups = self.engine.generate(job.prompts, first)
-        flat = [c for g in groups for c in g]
-        seen = [[self.applied] * len(c.completion_ids) for c in flat]
-        k = 1
-        while True:
-            todo = [i for i, c in enumerate(flat) if c.finish_reason == "length" and len(c.completion_ids) < total]
-            if not todo:
-                break
-            time.sleep(float(os.environ.get("R1_FAULT_PIECE_SLEEP_S", "0")))  # a test's slow pieces
-            self._newer_version(job.step)
-            rest = [min(piece, total - len(flat[i].completion_ids)) for i in todo]
-            for width in sorted(set(rest)):
-                chosen = [i for i, r in zip(todo, rest) if r == width]
-                more = self.engine.generate([flat[i].prompt_ids + flat[i].completion_ids for i in chosen],
-                                            replace(job.params, n=1, max_tokens=width,
-                                                    seed=job.params.seed + 7919 * k))
-                for i, (cont,) in zip(chosen, more):
-                    c = flat[i]
-                    c.completion_ids = c.completion_ids + cont.completion_ids
-                    c.text = c.text + cont.text
-                    c.finish_reason = cont.finish_reason
-                    if c.logprobs is not None and cont.logprobs is not None:
-                        c.logprobs = c.logprobs + cont.logprobs
-                    seen[i] += [self.applied] * len(cont.completion_ids)
-            k += 1
-        return groups, [(min(v), max(v)) if v else (self.applied, self.applied) for v in seen]
+        params = replace(pool[0].job.params, n=1, max_tokens=self.cfg.partial_tokens, rows_per_call=len(pool),
+                         seed=pool[0].job.params.seed + 7919 * k)
+        out = self.engine.generate([r.prompt + r.ids for r in pool], params)
+        for r, (c,) in zip(pool, out):
+            r.add(c, self.applied, self.tok)
+
+
+class _Row:
+    """A sample of a partial run's pool: its tokens so far, their engine log-probs and weight versions."""
+
+    def __init__(self, job: Job, q: int, j: int, prompt: list[int]):
+        self.job, self.q, self.j, self.prompt = job, q, j, prompt
+        self.ids: list[int] = []
+        self.logprobs: list[float] | None = []
+        self.versions: list[int] = []
+        self.done = False
+        self.reason = "length"
+
+    def add(self, c, version: int, tok) -> None:
+        self.ids += c.completion_ids
+        self.logprobs = None if c.logprobs is None or self.logprobs is None else self.logprobs + list(c.logprobs)
+        self.versions += [version] * len(c.completion_ids)
+        stops = self.job.params.stop
+        text = tok.decode(self.ids, skip_special_tokens=False)
+        if c.finish_reason == "stop" or any(st in text for st in stops):
+            self.done, self.reason = True, "stop"
+            self._cut(tok, stops)
+        elif len(self.ids) >= self.job.params.max_tokens:
+            self.done = True
+            self._keep(self.job.params.max_tokens)
+
+    def _cut(self, tok, stops) -> None:
+        """At the end of the first stop string (one that spans two pieces too), or at EOS."""
+        cut = len(self.ids)
+        if tok.eos_token_id in self.ids:
+            cut = self.ids.index(tok.eos_token_id) + 1
+        while cut > 1 and any(st in tok.decode(self.ids[: cut - 1], skip_special_tokens=False) for st in stops):
+            cut -= 1
+        self._keep(cut)
+
+    def _keep(self, n: int) -> None:
+        self.ids, self.versions = self.ids[:n], self.versions[:n]
+        if self.logprobs is not None:
+            self.logprobs = self.logprobs[:n]
+
+    def completion(self, tok):
+        from r1cli.interfaces import Completion
+
+        if not self.versions:
+            self.versions = [self.job.version]
+        return Completion(list(self.prompt), self.ids, tok.decode(self.ids, skip_special_tokens=True), self.reason,
+                          self.logprobs)
 
 
 # ------------------------------------------------------------------ the trainer's side
@@ -204,6 +285,7 @@ class RolloutStream:
         self.version = start
         self.stats = StreamStats()
         self.proc = None
+        _share_the_cores()
         self._start_worker()
         self.publish(start)
 

@@ -22,6 +22,10 @@ PANELS = [
     ("tool use (share of samples)", ["tools/call_share", "tools/correct_with_call"]),
     ("turns and tool calls per sample", ["tools/turns", "tools/calls"]),
     ("engine vs trainer (off-policy)", ["rollout/mismatch_kl", "rollout/staleness"]),
+    ("staleness of fully asynchronous samples (updates old)", [f"rollout/staleness_{k}" for k in range(9)] +
+     ["rollout/dropped", "rollout/refreshed"]),
+    ("idle shares and queue (fully asynchronous)", ["time/trainer_idle_share", "time/engine_idle_share",
+                                                   "rollout/queue_depth", "rollout/worker_restarts"]),
     ("expert routing (1 = even)", ["moe/load_imbalance", "moe/load_min_share", "moe/balance"]),
 ]
 

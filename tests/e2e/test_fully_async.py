@@ -49,6 +49,10 @@ def test_a_killed_worker_is_started_again_and_the_run_finishes(cold_start, tmp_p
     assert [m["step"] for m in rows] == list(range(1, 6))
     assert [m["rollout/worker_restarts"] for m in rows] == [0, 0, 1, 1, 1]
     assert all(m["rollout/staleness_max"] <= K for m in rows)
+    from r1cli.run.report import write_report
+
+    page = write_report(str(tmp_path / "run")).read_text()  # r1 report: the staleness and idle-share panels
+    assert "staleness of fully asynchronous samples" in page and "idle shares and queue" in page
 
 
 def test_a_worker_that_cannot_start_is_one_line(cold_start, tmp_path, monkeypatch):
