@@ -1,7 +1,8 @@
 """How fast the sandbox scores code: the 164 HumanEval canonical solutions (all pass) and 164 empty bodies (all
-fail), from this process as it is, after importing torch and transformers, and holding 2 GB of tensors as a trainer
-does - each program started from a fork of the caller (`run_many`) and from the small launcher processes
-(`launch_many`, what r1 uses), side by side.
+fail), judged as r1 eval judges them (one sandboxed run each, answering its test's calls), from this process as it
+is, after importing torch and transformers, and holding 2 GB of tensors as a trainer does - each program started
+from a fork of the caller (`run_many`) and from the small launcher processes (`launch_many`, what r1 uses), side by
+side.
 
     python benchmarks/sandbox_throughput.py
 """
@@ -14,19 +15,23 @@ import time
 
 
 def score_sets() -> list[tuple[str, str, int, int, float]]:
-    from r1cli.eval.benchmarks import humaneval_problems, program_jobs
+    """Each problem judged as r1 eval judges it (r1cli.sandbox.harness: one sandboxed run answering the test's
+    calls, the test here)."""
+    from r1cli.eval.benchmarks import call_test, humaneval_problems
     from r1cli.sandbox import Limits, run_many
+    from r1cli.sandbox.harness import judge_many
     from r1cli.sandbox.launcher import launch_many
 
     problems = humaneval_problems()
     out = []
+    limits = Limits(wall_s=10, cpu_s=6)
     for name, completion in (("canonical", lambda p: p.program["canonical_solution"]),
                              ("empty", lambda p: "    pass\n")):
-        jobs = [j for p in problems for j in program_jobs(p, completion(p))]
+        tests = [call_test(p, completion(p)) for p in problems]
         for how, run in (("fork of caller", run_many), ("launchers", launch_many)):
             t0 = time.perf_counter()
-            results = run(jobs, Limits(wall_s=10, cpu_s=6))
-            out.append((name, how, len(jobs), sum(r.ok for r in results), time.perf_counter() - t0))
+            verdicts = judge_many(tests, lambda jobs, run=run: run(jobs, limits))
+            out.append((name, how, len(tests), sum(ok for ok, _ in verdicts), time.perf_counter() - t0))
     return out
 
 

@@ -84,12 +84,14 @@ def test_vllm_greedy_equals_transformers_before_and_after_a_weight_update(cold_s
 
 # with LoRA the engine receives the adapters merged into the base (named_weights) after every step
 @pytest.mark.parametrize("lora", [[], ["model.lora.rank=8", "model.lora.alpha=16", "optim.lr=3e-3"],
-                                  ["rollout.asynchronous=true", "optim.lr=0"]], ids=["full", "lora", "async"])
+                                  ["rollout.asynchronous=true", "optim.lr=0"],
+                                  ["rollout.max_staleness=1", "optim.lr=0"]], ids=["full", "lora", "async", "fully"])
 def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_start, tmp_path, lora):
     """async: vLLM generates the next step's samples in a thread while the trainer runs its step, one update behind;
-    at lr 0 the versions hold equal weights, so its log-probs, taken beside the trainer's work, must still match
-    (the first updates of this cold start move single tokens' log-probs by up to ~100 nats, as the transformers
-    engine shows too: a learning run's mismatch measures that, not vLLM)."""
+    fully: a vLLM engine in the rollout worker process does (rollout.max_staleness); at lr 0 the versions hold equal
+    weights, so its log-probs, taken beside the trainer's work, must still match (the first updates of this cold
+    start move single tokens' log-probs by up to ~100 nats, as the transformers engine shows too: a learning run's
+    mismatch measures that, not vLLM)."""
     out = tmp_path / "run"
     proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
                   f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3",
@@ -99,7 +101,7 @@ def test_a_grpo_run_with_vllm_completes_and_the_logprob_mismatch_is_small(cold_s
     assert proc.returncode == 0, proc.stderr[-4000:]
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "step" in m]
     assert [m["step"] for m in steps] == [1, 2, 3]
-    stale = "rollout.asynchronous=true" in lora
+    stale = "rollout.asynchronous=true" in lora or "rollout.max_staleness=1" in lora
     assert [m["rollout/staleness"] for m in steps] == ([0.0, 1.0, 1.0] if stale else [0.0] * 3)
     for m in steps:  # fp32 on both sides: other kernels, same distribution
         assert m["rollout/mismatch_kl"] < 1e-4 and m["rollout/mismatch_kl_max"] < 1e-2, m
