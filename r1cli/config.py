@@ -813,6 +813,16 @@ def check_lora(cfg: Config) -> None:
                       "follow the policy: grpo.ref_update_every must be 0")
 
 
+def check_generate_only(cfg: Config, command: str) -> None:
+    """What a command that only generates (r1 sample, r1 eval) would ignore: generating ahead of a trainer."""
+    r = cfg.rollout
+    for key, on in (("rollout.asynchronous", r.asynchronous), ("rollout.max_staleness", r.max_staleness),
+                    ("rollout.partial", r.partial)):
+        if on:
+            raise R1Error(f"{key} overlaps r1 rl's generation with its training; r1 {command} only generates: "
+                          "drop it")
+
+
 def check_registered(cfg: Any) -> None:
     """Every registry-backed key names a registered entry (dict keys for dict fields)."""
     import importlib

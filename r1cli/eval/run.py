@@ -14,7 +14,7 @@ from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from r1cli.config import Config, DataConfig, JudgeRewardConfig, ModelConfig, RolloutConfig
+from r1cli.config import Config, DataConfig, JudgeRewardConfig, ModelConfig, RolloutConfig, check_generate_only
 from r1cli.data.records import read_records, write_jsonl
 from r1cli.data.templates import render_prompt
 from r1cli.errors import R1Error
@@ -62,9 +62,7 @@ class EvalRequest:
     @classmethod
     def from_config(cls, cfg: Config) -> "EvalRequest":
         lora.refuse(cfg.model.lora, "eval")
-        if cfg.rollout.asynchronous:
-            raise R1Error("rollout.asynchronous overlaps r1 rl's generation with its training; r1 eval only "
-                          "generates: drop it")
+        check_generate_only(cfg, "eval")
         b = cfg.benchmark
         return cls(tuple(b.benchmarks), b.out, model=cfg.model.path, completions=b.completions,
                    data_dir=b.data_dir, samples=b.samples, temperature=b.temperature, top_p=b.top_p,

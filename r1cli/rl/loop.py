@@ -82,6 +82,10 @@ def validate(cfg: Config) -> None:
                           "built for torchrun's several processes yet")
     if r.partial and not r.max_staleness:
         raise R1Error("rollout.partial continues generations under newer weights: it needs rollout.max_staleness")
+    default = type(r)()
+    if not r.partial and (r.partial_tokens, r.partial_rows) != (default.partial_tokens, default.partial_rows):
+        raise R1Error("rollout.partial_tokens and rollout.partial_rows size rollout.partial's pieces: set "
+                      "rollout.partial=true, or drop them")
     if r.partial and r.tools:
         raise R1Error("rollout.partial with rollout.tools is not built (a turn's pieces and a tool's output)")
     if r.asynchronous and (cfg.parallel.tensor_parallel > 1 or cfg.parallel.pipeline_parallel > 1):

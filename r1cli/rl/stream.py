@@ -79,13 +79,13 @@ def worker_main(model_cfg, rollout_cfg, data_cfg, inbox, outbox) -> None:
 
         if os.environ.get("R1_FAULT_WORKER_START"):  # a test's injection
             raise RuntimeError("R1_FAULT_WORKER_START is set")
-        engine = with_tools(build_engine(model_cfg, rollout_cfg), load_tokenizer(model_cfg.path), rollout_cfg,
-                            data_cfg)
+        tokenizer = load_tokenizer(model_cfg.path)
+        engine = with_tools(build_engine(model_cfg, rollout_cfg), tokenizer, rollout_cfg, data_cfg)
     except Exception as e:  # reported to the trainer as one line
         outbox.put(("error", f"{type(e).__name__}: {e}"))
         return
     outbox.put(("ready", os.getpid()))
-    worker = Worker(engine, rollout_cfg, inbox, outbox, load_tokenizer(model_cfg.path))
+    worker = Worker(engine, rollout_cfg, inbox, outbox, tokenizer)
     worker.run_partial() if rollout_cfg.partial else worker.run()
 
 

@@ -8,7 +8,7 @@ the model named by sample.judge (the record says verified: judge), or are an err
 
 from __future__ import annotations
 
-from r1cli.config import Config
+from r1cli.config import Config, check_generate_only
 from r1cli.data.prompts import encode_prompts
 from r1cli.data.records import read_data
 from r1cli.data.templates import prompt_text
@@ -28,9 +28,7 @@ from r1cli.tools.turns import with_tools
 
 def run_sample(cfg: Config, overwrite: bool = False) -> dict:
     lora.refuse(cfg.model.lora, "sample")
-    if cfg.rollout.asynchronous:
-        raise R1Error("rollout.asynchronous overlaps r1 rl's generation with its training; r1 sample only generates: "
-                      "drop it")
+    check_generate_only(cfg, "sample")
     d, s = cfg.data, cfg.sample
     rows = read_data(d.train, d, d.max_samples)
     unanswered = set(needs_judge(rows, d.answer_field))

@@ -97,13 +97,14 @@ def test_the_tiny_run_learns_from_one_step_old_samples(cold_start, tmp_path):
     assert len(acc) == 32 and sum(acc[-8:]) / 8 >= sum(acc[:5]) / 5 + 0.15, acc
 
 
-def test_commands_that_only_generate_refuse_asynchronous_rollouts(tmp_path):
+@pytest.mark.parametrize("key", ["rollout.asynchronous=true", "rollout.max_staleness=2", "rollout.partial=true"])
+def test_commands_that_only_generate_refuse_asynchronous_rollouts(tmp_path, key):
     from r1cli.config import load_config
     from r1cli.eval.run import EvalRequest
     from r1cli.sample.loop import run_sample
 
-    cfg = load_config(None, ["rollout.asynchronous=true", f"sample.out={tmp_path / 'out.jsonl'}"])
-    with pytest.raises(R1Error, match="r1 sample only generates: drop it"):
+    cfg = load_config(None, [key, f"sample.out={tmp_path / 'out.jsonl'}"])
+    with pytest.raises(R1Error, match=f"{key.split('=')[0]} overlaps .* r1 sample only generates: drop it"):
         run_sample(cfg)
     with pytest.raises(R1Error, match="r1 eval only generates: drop it"):
         EvalRequest.from_config(cfg)

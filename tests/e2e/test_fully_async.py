@@ -84,7 +84,8 @@ def test_what_fully_asynchronous_runs_cannot_take_is_one_line(cold_start, tmp_pa
                            (["rollout.tis_cap=0"], "set rollout.tis_cap"),
                            (["grpo.dynamic_sampling=true"], "grpo.dynamic_sampling"),
                            (["rollout.max_staleness=0", "rollout.tis_cap=0", "rollout.partial=true"],
-                            "needs rollout.max_staleness")]:
+                            "needs rollout.max_staleness"),
+                           (["rollout.partial_tokens=8"], "size rollout.partial's pieces")]:
         with pytest.raises(R1Error, match=message):
             run_rl(rl_config(cold_start, tmp_path / "run", *FULLY, "train.steps=2", *extra))
 
