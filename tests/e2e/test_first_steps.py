@@ -1,11 +1,14 @@
 """One step each of sft, rl, LoRA and Megatron TP=2, each started from the repository root as a user starts it (the
 root is sys.path[0]): what CI's unconstrained step runs against the newest dependency versions r1's bounds allow,
-beside the unit tests, so that an upstream release that breaks a command shows there first."""
+beside the unit tests, so that an upstream release that breaks a command shows there first (opt-in with
+-m upstream: the default run covers these commands elsewhere)."""
 
 import pytest
 from conftest import run_r1, torchrun
 
 from r1cli.run.metrics import read_metrics
+
+pytestmark = pytest.mark.upstream
 
 QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.sample_every=0"]
 

@@ -3,7 +3,6 @@ trainer trains; every sample is exactly min(s, K) updates old, a run stopped and
 uninterrupted one, a killed worker is started again, one that cannot start is one line, the trainer never waits
 forever; rollout.partial takes up newer weights between pieces."""
 
-import os
 
 import pytest
 from test_rl import rl_config
@@ -101,17 +100,3 @@ def test_the_tiny_run_learns_fully_asynchronously(cold_start, tmp_path):
     assert_learns(out)
     assert all(m["rollout/staleness_max"] <= 1 for m in _steps(out))
 
-
-def test_the_worker_runs_in_its_own_process(cold_start, tmp_path, monkeypatch):
-    from r1cli.rl import stream as stream_mod
-
-    pids = []
-    real = stream_mod.RolloutStream._start_worker
-
-    def started(self):
-        real(self)
-        pids.append(self.proc.pid)
-
-    monkeypatch.setattr(stream_mod.RolloutStream, "_start_worker", started)
-    run_rl(rl_config(cold_start, tmp_path / "run", *FULLY, "train.steps=2"))
-    assert pids and pids[0] != os.getpid()

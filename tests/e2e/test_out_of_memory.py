@@ -18,7 +18,7 @@ def _rows(out, key):
     return [m[key] for m in read_metrics(out / "metrics.jsonl") if key in m]
 
 
-@pytest.mark.parametrize("rank", [0, 1])
+@pytest.mark.parametrize("rank", [pytest.param(0, marks=pytest.mark.slow), 1])  # (the other rank: -m slow)
 def test_an_out_of_memory_on_one_rank_costs_a_split_and_the_same_losses(tiny_model, arith_data, tmp_path, rank):
     common = [*SFT, f"model.path={tiny_model}", f"data.train={arith_data[0]}"]
     plain = torchrun(2, *common, f"train.output_dir={tmp_path / 'plain'}")
