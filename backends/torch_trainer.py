@@ -510,7 +510,7 @@ class TorchTrainer:
 
         targets = self.reference.state_dict(keep_vars=True)
         with torch.no_grad():
-            for name, full in self.named_weights():
+            for name, full in self._gathered():  # in-memory names, as the reference holds them (fused experts)
                 t = targets[name]
                 if isinstance(t, DTensor):  # every rank holds the full tensor: each cuts its own shard, no traffic
                     full = distribute_tensor(full.to(t.dtype), t.device_mesh, t.placements, src_data_rank=None)
@@ -526,8 +526,11 @@ class TorchTrainer:
         if self.lora:  # the adapters folded in, under the base model's names (what an engine and the export take)
             yield from to_checkpoint_names(self._hf_model(), lora.merged_weights(self.model, _full))
             return
-        yield from to_checkpoint_names(self._hf_model(),
-                                       ((name, _full(t)) for name, t in self.model.state_dict().items()))
+        yield from to_checkpoint_names(self._hf_model(), self._gathered())
+
+    def _gathered(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(in-memory name, whole tensor) of the policy, one at a time (a collective when sharded)."""
+        return ((name, _full(t)) for name, t in self.model.state_dict().items())
 
     def _hf_model(self):
         """The transformers model itself (under LoRA, the one peft wraps)."""

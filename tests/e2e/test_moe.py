@@ -23,10 +23,14 @@ def test_sft_and_grpo_on_a_tiny_moe_log_the_routing(arith_data, tmp_path):
     # under the checkpoint's per-expert names every step
     proc = run_r1("rl", "--config", "configs/tiny/zero.yaml", f"model.path={tmp_path / 'sft' / 'hf'}",
                   "train.steps=2", "grpo.prompts_per_step=4", "rollout.n=4", "rollout.asynchronous=true",
-                  "rollout.tis_cap=2", f"train.output_dir={tmp_path / 'rl'}", *common)
+                  "rollout.tis_cap=2", f"train.output_dir={tmp_path / 'rl'}", "grpo.beta=0.05",
+                  "grpo.ref_update_every=1", *common)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rl = [m for m in read_metrics(tmp_path / "rl" / "metrics.jsonl") if "loss" in m]
     assert len(rl) == 2 and all("moe/load_imbalance" in m for m in rl)
+    # the reference took the policy's fused expert tensors after step 1 (it raised a KeyError on the per-expert
+    # checkpoint names once): step 2's KL is zero again
+    assert rl[1]["kl"] == 0.0
     proc = run_r1("report", str(tmp_path / "rl"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "expert routing (1 = even)" in (tmp_path / "rl" / "report.html").read_text()
