@@ -308,11 +308,14 @@ def render(rows: list[tuple[str, int]], gpu_gb: float, gpus: int, command: str,
 
 
 def available_bytes(device: torch.device) -> int:
-    """Memory free for new tensors now: the GPU's free memory, or the host's MemAvailable."""
+    """Memory free for new tensors now: on a GPU what the driver has free plus what torch's caching allocator holds
+    without using it (after a training step it keeps the freed activations cached: the next tensors reuse that), or
+    the host's MemAvailable."""
     import torch
 
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + max(0, cached)
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

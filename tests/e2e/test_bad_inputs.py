@@ -191,3 +191,18 @@ def test_model_folder_without_tokenizer(model_copy, arith_data, tmp_path):
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (model_copy / f).unlink()
     one_line_error(_sft(model_copy, arith_data, tmp_path), "has no tokenizer files")
+
+
+def test_memory_torch_holds_cached_but_unused_counts_as_free_on_a_gpu(monkeypatch):
+    """After a training step torch's caching allocator keeps the freed activations reserved: the driver reports
+    them taken, yet the next generate reuses them - counted free, so that no call is refused for them (the
+    CUDA calls stand in here: 1 GB free to the driver, 6 GB reserved of which 2 GB in use)."""
+    import torch
+
+    from r1cli.run.memory_plan import available_bytes
+
+    gb = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gb, 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * gb)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gb)
+    assert available_bytes(torch.device("cuda", 0)) == 5 * gb
