@@ -322,7 +322,12 @@ class MegatronTrainer:
         size 1; the stages of a pipeline plan alike: they hold the same rows)."""
         budget = self.train_cfg.max_tokens_per_micro_batch
         if budget:
-            return token_budget_micro_batches([len(r) for r in batch.input_ids], budget), 1
+            lengths = [len(r) for r in batch.input_ids]
+            plan = token_budget_micro_batches(lengths, budget)
+            # every data-parallel rank runs as many micro-batches: FP8's amax reduction and a mixture of experts'
+            # all-to-all meet in each one (ranks whose rows pack into fewer halve their fullest)
+            count = int(self.parallel.all_reduce_max(len(plan)))
+            return (token_budget_micro_batches(lengths, budget, count) if count > len(plan) else plan), 1
         mbs = self._micro_batch_size(batch)
         return [list(range(s, min(len(batch), s + mbs))) for s in range(0, len(batch), mbs)], mbs
 
