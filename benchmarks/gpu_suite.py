@@ -169,11 +169,11 @@ def part_vllm(tiny: bool, work: Path) -> list[dict]:
     rows = []
     engine.generate(prompts[:4], params)  # warm-up
 
-    def cycle() -> str:
+    def cycle(fill: float = 0.5) -> str:
         engine.sleep()
-        if on_gpu:  # the trainer's turn: allocations as big as half the free memory, then freed into torch's cache
+        if on_gpu:  # the trainer's turn: allocations as big as `fill` of the free memory, then freed into torch's cache
             free, _ = torch.cuda.mem_get_info()
-            block = torch.empty(int(free * 0.5), dtype=torch.uint8, device="cuda")
+            block = torch.empty(int(free * fill), dtype=torch.uint8, device="cuda")
             del block
         engine.load_weights(iter(weights.items()))
         out = engine.generate(prompts[:4], params)
@@ -184,11 +184,12 @@ def part_vllm(tiny: bool, work: Path) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - the report names it
         rows.append(row("vllm", "sleep (level 2) -> trainer-sized allocation -> reload -> generate",
                         f"{type(e).__name__}: {str(e)[:120]}", "FAIL"))
-    if on_gpu:  # the same without emptying torch's cache before vLLM maps its memory again
+    if on_gpu:  # the same without emptying torch's cache before vLLM maps its memory again, the trainer's step having
+        # taken nearly all the free memory (as a real one does): the defect the empty_cache is there for shows
         real = torch.cuda.empty_cache
         torch.cuda.empty_cache = lambda: None
         try:
-            outcome = "worked: " + cycle()
+            outcome = "worked: " + cycle(fill=0.95)
         except Exception as e:  # noqa: BLE001
             outcome = f"failed ({type(e).__name__}: {str(e)[:100]})"
         finally:
@@ -275,7 +276,10 @@ def part_megatron(tiny: bool, work: Path) -> list[dict]:
 
 def part_rl(tiny: bool, work: Path) -> list[dict]:
     """`r1 rl` on one device: 3 steps with the engine auto picks (vLLM on a GPU where installed), KL, a reference
-    refresh and a checkpoint, then --resume for a 4th; one step's tokens/s and its share of time generating."""
+    refresh and a checkpoint, then --resume for a 4th; one step's tokens/s and its share of time generating. The
+    refreshed reference is frozen in bf16 beside fp32 masters computing under bf16 autocast, so its KL right after a
+    refresh is small, not zero: at most a tenth of the KL before it (the CPU checks this under model.dtype=bf16-mixed,
+    which computes as a GPU does)."""
     from r1cli.data.records import write_jsonl
     from r1cli.data.synth import generate
     from r1cli.run.metrics import read_metrics
@@ -285,7 +289,8 @@ def part_rl(tiny: bool, work: Path) -> list[dict]:
     write_jsonl(generate("arithmetic", 64, seed=0, digits=2, ops="+"), data)
     out = work / "rl-run"
     base = [sys.executable, "-m", "r1cli.cli", "rl", "--config", "configs/tiny/zero.yaml", f"model.path={model}",
-            f"data.train={data}", "data.eval=", "grpo.beta=0.04", "grpo.ref_update_every=2", "checkpoint.every=2",
+            f"data.train={data}", "data.eval=", "rollout.engine=auto", "grpo.beta=0.04", "grpo.ref_update_every=2",
+            "checkpoint.every=2", "model.dtype=bf16-mixed",
             "grpo.entropy_coef=0.01",  # a random model earns no reward: the entropy bonus still moves it (KL > 0)
             "grpo.prompts_per_step=8", "rollout.n=4", "logging.progress=false", "logging.tensorboard=false",
             "checkpoint.export_hf=false", f"train.output_dir={out}"]
@@ -296,7 +301,7 @@ def part_rl(tiny: bool, work: Path) -> list[dict]:
         return [row("rl", "r1 rl: 3 steps, a checkpoint, --resume", bad.stderr.strip().splitlines()[-1][:160],
                     "FAIL")]
     steps = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
-    ok = [m["step"] for m in steps] == [1, 2, 3, 4] and steps[1]["kl"] > 0 and steps[2]["kl"] == 0.0
+    ok = [m["step"] for m in steps] == [1, 2, 3, 4] and steps[1]["kl"] > 0 and steps[2]["kl"] <= 0.1 * steps[1]["kl"]
     last = steps[-1]
     share = last["time/generate_s"] / (last["time/generate_s"] + last["time/train_s"])
     return [row("rl", "r1 rl: KL, reference refreshed at step 2, checkpoint, --resume to step 4",

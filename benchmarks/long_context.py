@@ -74,6 +74,8 @@ def run(model: str, length: int, cp: int, checkpointing: bool, threads: int) -> 
            "--worker", "--model", model, f"parallel.context_parallel={cp}",
            f"model.gradient_checkpointing={str(checkpointing).lower()}", "--lengths", str(length)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0 and ("SIGKILL" in proc.stderr or "exitcode  : -9" in proc.stderr):
+        return None  # the machine's memory: every rank of the group lives on it
     if proc.returncode != 0:
         raise SystemExit(f"L={length} CP={cp} checkpointing={checkpointing} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -100,6 +102,10 @@ def main() -> None:
             base = None
             for cp in (1, 2):
                 r = run(a.model, length, cp, ck, a.threads)
+                if r is None:
+                    print(f"{length:>7} {'on' if ck else 'off':>5} {cp:>3}   killed: the {cp} ranks together did not "
+                          "fit this machine's memory", flush=True)
+                    continue
                 base = base or r
                 print(f"{length:>7} {'on' if ck else 'off':>5} {cp:>3} {r['seconds']:8.2f} "
                       f"{length / r['seconds']:8.0f} {r['peak'] / MB:8.0f} {r['activations'] / MB:8.0f} "

@@ -407,7 +407,7 @@ def run():
         sys.exit(2)
     except RunInterrupted as e:
         click.echo(str(e), err=True)
-        sys.exit(128 + e.signum)
+        sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -468,6 +468,10 @@ class CheckpointConfig:
     every: int = bounded(0, 0)  # 0: only at the end
     keep: int = bounded(2, 0)  # newest checkpoints kept; 0: all
     stop_after: int = bounded(0, 0)  # stop the run after this many steps (to test resume); 0: off
+    # a checkpoint whenever this many minutes passed since the last one (besides `every`): a killed job loses at
+    # most that much; 0: off. Under SLURM, scripts/slurm/launch.sh also sets R1_STOP_AT from the job's time limit:
+    # the run checkpoints and stops (exit 75, requeued) when the next step and checkpoint would not fit before it
+    every_minutes: float = bounded(0.0, 0.0)
     export_hf: bool = True
 
 

@@ -14,8 +14,13 @@ def missing_extra(package: str, extra: str) -> R1Error:
 
 
 class RunInterrupted(Exception):
-    """SIGINT or SIGTERM stopped a run after a checkpoint of its last completed step."""
+    """SIGINT or SIGTERM (or the batch job's time limit) stopped a run after a checkpoint of its last completed step;
+    the process exits with `exit_code` (128 + the signal, or OUT_OF_TIME)."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, exit_code: int | None = None):
         super().__init__(message)
         self.signum = signum
+        self.exit_code = 128 + signum if exit_code is None else exit_code
+
+
+OUT_OF_TIME = 75  # EX_TEMPFAIL: stopped with a checkpoint before the job's time limit (launch.sh requeues it)

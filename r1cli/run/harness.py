@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from r1cli.config import Config, save_config
-from r1cli.errors import R1Error, RunInterrupted
+from r1cli.errors import OUT_OF_TIME, R1Error, RunInterrupted
 from r1cli.run import checkpoint as ckpt
 from r1cli.run import identity
 from r1cli.run.folder_lock import hold_on_rank0
@@ -120,6 +120,11 @@ class RunHarness:
                                 log_every=cfg.logging.every)
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        # wall-clock checkpoints (checkpoint.every_minutes) and the batch job's deadline (R1_STOP_AT, epoch seconds:
+        # scripts/slurm/launch.sh sets it from the job's time limit)
+        self.last_saved = self.last_step = time.time()
+        self.save_s = 0.0  # how long the last checkpoint took to write
+        self.stop_at = float(os.environ.get("R1_STOP_AT", "0") or 0)
 
     # ------------------------------------------------------------------ SIGINT / SIGTERM
     def __enter__(self) -> "RunHarness":
@@ -157,15 +162,29 @@ class RunHarness:
         if self.evaluate is not None and every and step % every == 0 and step < steps:  # the last one: finish()
             self.log.log(step, self.evaluate())
         stop = bool(c.stop_after) and step == c.stop_after
-        # every rank stops after the same step, even when the signal reached them at different moments
+        now = time.time()
+        step_s, self.last_step = now - self.last_step, now
+        # the next step and a checkpoint after it would end past the job's deadline: stop here, with a checkpoint
+        late = bool(self.stop_at) and step < steps and now + step_s + max(self.save_s, step_s) > self.stop_at
+        timed = bool(c.every_minutes) and now - self.last_saved >= 60 * c.every_minutes and step < steps
+        # every rank stops (and saves) after the same step, even when a signal or its clock told them at different
+        # moments
         interrupted = self.parallel.all_reduce_sum(float(self.signum is not None)) > 0
-        if stop or interrupted or (c.every and step % c.every == 0 and step < steps):
+        late = self.parallel.all_reduce_sum(float(late)) > 0
+        timed = self.parallel.all_reduce_sum(float(timed)) > 0
+        if stop or interrupted or late or timed or (c.every and step % c.every == 0 and step < steps):
+            t0 = time.time()
             saved = ckpt.save(self.trainer, self.run_dir, step, c.keep, self.run_id,
                               self.carry() if self.carry else None)
+            self.last_saved, self.save_s = time.time(), time.time() - t0
+            self.last_step += self.save_s
             if interrupted:
                 signum = self.signum or signal.SIGTERM
                 raise RunInterrupted(f"{signal.Signals(signum).name} after step {step}: checkpoint saved to {saved}; "
                                      "continue with --resume", int(signum))
+            if late:
+                raise RunInterrupted(f"stopping after step {step}, before the job's time limit (R1_STOP_AT): "
+                                     f"checkpoint saved to {saved}; continue with --resume", 0, OUT_OF_TIME)
         if stop:
             self.print(f"stopped after step {step} (checkpoint.stop_after={c.stop_after}): checkpoint in "
                        f"{ckpt.checkpoint_root(self.run_dir)}; continue with --resume")

@@ -205,3 +205,37 @@ def test_a_checkpoint_from_before_manifests_still_resumes(tiny_model, arith_data
     assert proc.returncode == 0, proc.stderr
     assert "has no manifest.json (an older r1 wrote it): not verified" in proc.stderr
     assert "resumed from step 2" in proc.stderr
+
+
+def test_a_run_stops_with_a_checkpoint_before_the_jobs_time_limit_and_resumes(tiny_model, arith_data, tmp_path):
+    """R1_STOP_AT (scripts/slurm/launch.sh sets it from the job's end time): when the next step and a checkpoint
+    would end past it, the run checkpoints and exits 75 (launch.sh requeues the job); --resume goes on."""
+    import time
+
+    from conftest import run_r1
+
+    common = ["sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}", f"data.train={arith_data[0]}",
+              "data.eval=", "train.steps=4", "logging.every=1", "logging.progress=false",
+              "logging.tensorboard=false", f"train.output_dir={tmp_path / 'run'}"]
+    proc = run_r1(*common, env={"R1_STOP_AT": str(time.time() + 1)})
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "stopping after step 1, before the job's time limit (R1_STOP_AT)" in proc.stderr
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001").is_dir()
+    proc = run_r1(*common, "--resume", env={"R1_STOP_AT": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from r1cli.run.metrics import read_metrics
+
+    assert [m["step"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m] == [1, 2, 3, 4]
+
+
+def test_checkpoints_follow_the_wall_clock(tiny_model, arith_data, tmp_path):
+    """checkpoint.every_minutes: a checkpoint whenever that much time passed since the last one."""
+    from conftest import run_r1
+
+    proc = run_r1("sft", "--config", "configs/tiny/sft.yaml", f"model.path={tiny_model}",
+                  f"data.train={arith_data[0]}", "data.eval=", "train.steps=3", "checkpoint.every=0",
+                  "checkpoint.keep=0", "checkpoint.every_minutes=0.0001", "logging.progress=false",
+                  "logging.tensorboard=false", f"train.output_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")) == \
+        ["step_00000001", "step_00000002", "step_00000003"]
