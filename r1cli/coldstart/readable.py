@@ -25,9 +25,10 @@ def _tidy(text: str) -> str:
 def readable(text: str) -> str:
     """A generation (or a worked solution) rewritten as <think>reasoning</think><answer>final</answer>.
 
-    The reasoning is the <think> section (or everything before the answer); the final answer is the last
-    <answer> section, else the last \\boxed{}, else a closing "final answer: X" line. Without any of them the
-    answer section is left empty, and the filters drop the sample as having no final answer.
+    The reasoning is the <think> section (or everything before the answer); the final answer is the one
+    <answer> section, else the last \\boxed{} of the reasoning, else a closing "final answer: X" line. Two
+    <answer> sections are a hedge, not an answer. Without one the answer section is left empty, and the filters
+    drop the sample as having no final answer.
     """
     answer = final_answer_of(text)
     m = _THINK.search(text)

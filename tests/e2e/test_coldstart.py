@@ -24,7 +24,8 @@ from r1cli.run.metrics import read_metrics
     ("<think>4 tens and 2 units.\nFinal answer: 42.\n</think>",
      "<think>4 tens and 2 units.\nFinal answer: 42.</think><answer>42</answer>"),
     ("<think>I am not sure</think>", "<think>I am not sure</think><answer></answer>"),
-    ("<think>a<think>b</think><answer>1</answer><answer>2</answer>", "<think>ab</think><answer>2</answer>"),
+    # two answers are a hedge, not a final answer: the answer section stays empty and the filters drop it
+    ("<think>a<think>b</think><answer>1</answer><answer>2</answer>", "<think>ab</think><answer></answer>"),
 ])
 def test_readable_format(raw, want):
     assert readable(raw) == want

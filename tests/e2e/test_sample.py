@@ -27,7 +27,7 @@ GOOD = "<think>first add the units, then the tens</think><answer>42</answer>"
     ("first add the units <answer>42</answer>", "bad format"),
     ("<think>first add the units, then the tens</think>", "no final answer"),
     ("<think>units, tens</think><answer> </answer>", "no final answer"),
-    ("<think>a</think><answer>4</answer><answer>42</answer>", "bad format"),
+    ("<think>a</think><answer>4</answer><answer>42</answer>", "no final answer"),  # a hedge answers nothing
     ("<think>先 add 个位 then 十位 进位 了</think><answer>42</answer>", "mixed language"),
     ("<think>run this:\n```python\nprint(40 + 2)\n```</think><answer>42</answer>", "code block"),
     ("<think>" + "carry the one " * 6 + "</think><answer>42</answer>", "long paragraph"),
