@@ -91,11 +91,32 @@ def tp_group(tp: int):
     return mine
 
 
+def _max_over(group, value: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return int(t.item())
+
+
+def lockstep_group():
+    """A gloo group of every rank, for the engine's own step agreements (CPU tensors whatever the trainer's
+    backend)."""
+    import torch.distributed as dist
+
+    return dist.new_group(list(range(dist.get_world_size())), backend="gloo")
+
+
 class VLLMEngine:
-    def __init__(self, llm, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, device: torch.device, group=None):
+    def __init__(self, llm, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, device: torch.device, group=None,
+                 lockstep=None):
         self.llm, self.tok, self.cfg = llm, tokenizer, cfg
         self.dtype, self.device = dtype, device
         self.group = group  # engine TP group: its ranks generate together, each for its own trainer prompts
+        # every rank, when the ranks are vLLM data-parallel ranks: vLLM all-reduces "unfinished requests" over them
+        # at every engine step (an idle rank runs dummy steps), so each must enter llm.generate as often as the
+        # others - with no prompts where it has none - or the busy ones wait forever
+        self.lockstep = lockstep
         self.can_sleep = device.type == "cuda" and cfg.vllm.sleep_level > 0
         self.seeded = seeds_requests(cfg.vllm.seed_requests, device)
         self.asleep: set[str] = set()  # what vLLM has released: "weights", "kv_cache"
@@ -107,7 +128,7 @@ class VLLMEngine:
         generate them all, and each keeps its own."""
         seeds = [params.seed + i for i in range(len(prompts))]
         if self.group is None:
-            return self._generate(prompts, seeds, params) if prompts else []
+            return self._generate(prompts, seeds, params) if prompts or self.lockstep is not None else []
         import torch.distributed as dist
 
         parts: list = [None] * dist.get_world_size(self.group)
@@ -131,8 +152,11 @@ class VLLMEngine:
             seed=seed * params.n if self.seeded else None,
             logprobs=0 if params.logprobs else None, skip_special_tokens=True,
         ) for seed in seeds]
-        step = self.cfg.prompts_per_generate or len(prompts)  # every request is seeded: chunks change no result
-        outs = [o for s in range(0, len(prompts), step)
+        step = self.cfg.prompts_per_generate or max(1, len(prompts))  # every request is seeded: chunks change no result
+        calls = -(-len(prompts) // step)
+        if self.lockstep is not None:
+            calls = _max_over(self.lockstep, calls)
+        outs = [o for s in range(0, calls * step, step)
                 for o in self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts[s: s + step]],
                                            requests[s: s + step], use_tqdm=False)]
         result = []
@@ -149,6 +173,11 @@ class VLLMEngine:
                                         c.finish_reason, lps))
             result.append(group)
         return result
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether `flag` holds on any rank that must step with this one (a loop of a data-dependent number of
+        generate calls - multi-turn tool rollouts - goes on until every rank is done)."""
+        return bool(_max_over(self.lockstep, int(flag))) if self.lockstep is not None else flag
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Replace the weights in place: one reload over the trainer's tensors, pulled a bucket at a time. Asleep,
@@ -240,7 +269,8 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> V
     llm = vllm.LLM(**kw)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
-    engine = VLLMEngine(llm, tok, rollout, getattr(torch, kw["dtype"]), device, tp_group(tp) if tp > 1 else None)
+    engine = VLLMEngine(llm, tok, rollout, getattr(torch, kw["dtype"]), device, tp_group(tp) if tp > 1 else None,
+                        lockstep_group() if world // tp > 1 else None)
     if trainer is not None:  # a resumed or fine-tuned trainer's weights, not the folder's
         engine.load_weights(trainer.named_weights())
     return engine

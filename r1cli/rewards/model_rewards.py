@@ -158,7 +158,8 @@ class Judge:
 
         todo = sorted({(q, r, ref) for q, r, ref in zip(questions, responses, references)
                        if (q, r) not in self.cache})
-        if todo:
+        # an engine whose ranks step together (vLLM data parallel) is called on every rank, with or without work
+        if todo or hasattr(self.engine, "any_rank"):
             texts = [render_prompt(self.tokenizer, self.template.format(
                 question=q, response=r, reasoning=reasoning_of(r).strip(), answer=final_answer_of(r),
                 reference=ref), self.data) for q, r, ref in todo]

@@ -105,8 +105,6 @@ def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingP
             # a call is answered only where the sample may go on: another turn and room after the observation
             live = [s for s in samples if s.pending and s.turns < settings.max_turns
                     and len(s.ids) < settings.max_tokens]
-            if not live:
-                break
             answers = list(pool.map(lambda s: s.answer(settings), live))
             for s, a in zip(live, answers):
                 s.add_observation(fmt.observation(a, s.ended_eos), tok, settings.max_tokens - len(s.ids))
@@ -114,9 +112,11 @@ def generate_with_tools(engine, tok, prompts: list[list[int]], params: SamplingP
             for s in live:
                 if s not in going:
                     s.finish, s.pending = "length", []
-            if not going:
+            # ranks whose engines step together (vLLM data parallel) take as many turns as the busiest of them,
+            # with no prompts once their own samples are done
+            if not (engine.any_rank(bool(going)) if hasattr(engine, "any_rank") else going):
                 break
-            room = max(settings.max_tokens - len(s.ids) for s in going)
+            room = max((settings.max_tokens - len(s.ids) for s in going), default=1)
             outs = engine.generate([s.prompt + s.ids for s in going],
                                    replace(params, n=1, stop=stops, max_tokens=min(params.max_tokens, room),
                                            seed=params.seed + TURN_SEED_STRIDE * turn, rows_per_call=rows))
