@@ -34,6 +34,32 @@ def check_fp8() -> None:
                       f"8.9 or newer); {torch.cuda.get_device_name()} is {cc[0]}.{cc[1]}")
 
 
+def local_attention_bytes(width: int, rows: int, heads_per_rank: int, layers: int, elem: int,
+                          recompute: str | None) -> int:
+    """What megatron's local attention (no Transformer Engine) holds for one micro-batch of `rows` rows `width`
+    tokens wide: per layer [rows, heads/TP, S, S] scores in the compute dtype and their fp32 softmax, both kept for
+    the backward (softmax's output and the probabilities the value product reads) - for every layer, or one layer
+    under recompute (full, or selective: megatron's core_attn) -, plus one layer's working copy and the [S, S] mask."""
+    per_layer = rows * heads_per_rank * width * width * (elem + 4)
+    kept = per_layer * (1 if recompute else layers)
+    return kept + per_layer + rows * width * width
+
+
+def check_local_attention(width: int, rows: int, heads_per_rank: int, layers: int, elem: int,
+                          recompute: str | None, free: int) -> None:
+    """One line, before the forward that would run out of memory, where the local attention's [S, S] scores do not
+    fit: the memory plan (torch backend) counts flash attention, which megatron's local layers are not."""
+    from r1cli.errors import R1Error
+
+    need = local_attention_bytes(width, rows, heads_per_rank, layers, elem, recompute)
+    if need > free:
+        raise R1Error(f"megatron's local attention (no Transformer Engine) would hold {need / 2**30:.1f} GiB of "
+                      f"[S x S] attention scores for {rows} row(s) of {width} tokens ({free / 2**30:.1f} GiB free): "
+                      "install transformer-engine (pip install 'r1[te]', parallel.megatron.layers=te), set "
+                      "model.gradient_checkpointing with parallel.megatron.recompute=selective, lower "
+                      "train.max_tokens_per_micro_batch, or use parallel.backend=torch")
+
+
 def use_te_layers(choice: str, fp8: bool, on_gpu: bool) -> bool:
     """Whether to build Transformer Engine layers (parallel.megatron.layers): FP8 needs them; on a GPU they are the
     default wherever transformer_engine imports, since megatron's local attention materialises [B x heads/TP, S, S]

@@ -52,6 +52,7 @@ from .families import Shape, check_layout, padded_vocab, te_name
 from .model import (
     build_gpt_model,
     check_fp8,
+    check_local_attention,
     follow_position_ids,
     import_megatron,
     load_converted,
@@ -148,6 +149,14 @@ def _keep_torch_adam_step(optimizer) -> None:
         opt._set_main_param_and_optimizer_states = set_states
 
 
+def reference_recipe(policy: str | None) -> str | None:
+    """The FP8 recipe of the reference model. It only ever runs under no_grad, and Transformer Engine updates a
+    delayed recipe's scales only when leaving a grad-enabled fp8_autocast: a delayed reference would keep scale 1.0
+    for good (E4M3 flushing weights below 2^-9 to zero) and give wrong log-probs and KL. Current (tensorwise)
+    scaling takes each tensor's scale from that tensor, with no history to update."""
+    return "current" if policy else None
+
+
 class MegatronTrainer:
     model_parallel = True
     loss_inputs = frozenset({LossInput.LOGPROBS})  # the loss runs on vocabulary shards: no whole distributions
@@ -208,7 +217,8 @@ class MegatronTrainer:
         self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
         hook_routers(self.model, self.router_stats)
         self.wrapped, self.optimizer = self._wrap(self.model)
-        self.reference = self._build(layout).eval().requires_grad_(False) if need_reference else None
+        self.reference = self._build(layout, reference_recipe(self.fp8)).eval().requires_grad_(False) \
+            if need_reference else None
         self.impl = pick_impl(train.kernels, self.device)
         self._shapes = self._piece_shapes()
         self.steps_done = 0
@@ -243,12 +253,13 @@ class MegatronTrainer:
             self.cp = ContextParallel(cp, ctx.cp_rank, ctx.cp_group, ctx.on_group_device)
         return ctx
 
-    def _build(self, layout):
+    def _build(self, layout, fp8: str | None | bool = True):
+        """One model on this rank's shard; fp8: the recipe (True: the policy's)."""
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
                                 recompute=self.parallel_cfg.megatron.recompute if m.gradient_checkpointing else None,
-                                fp8=self.fp8, te=self.te, ep=self.ep, cp=self.parallel.cp_size,
+                                fp8=self.fp8 if fp8 is True else fp8, te=self.te, ep=self.ep, cp=self.parallel.cp_size,
                                 bias_rate=self.parallel_cfg.megatron.expert_bias_update_rate)
         known = model.state_dict().keys()
         if layout is not None:
@@ -331,6 +342,15 @@ class MegatronTrainer:
         mbs = self._micro_batch_size(batch)
         return [list(range(s, min(len(batch), s + mbs))) for s in range(0, len(batch), mbs)], mbs
 
+    def _check_local_attention(self, width: int, rows: int) -> None:
+        from r1cli.run.memory_plan import available_bytes
+
+        m = self.model_cfg
+        check_local_attention(width, rows, self.shape.heads // self.parallel.tp_size,
+                              self.shape.layers // self.parallel.pp_size, torch.finfo(self.dtype).bits // 8,
+                              self.parallel_cfg.megatron.recompute if m.gradient_checkpointing else None,
+                              available_bytes(self.device))
+
     def _micro_batches(self, batch: TokenBatch) -> tuple[list, int, int]:
         if self.cp is not None:
             return self._context_parallel_micro_batches(batch)
@@ -340,6 +360,8 @@ class MegatronTrainer:
             max(len(r) for r in batch.input_ids)
         width = row_width(longest, self.parallel.tp_size, self.parallel_cfg.megatron.sequence_parallel,
                           self.fp8 is not None)
+        if not self.te:
+            self._check_local_attention(width, mbs)
         out = []
         for rows in plan:
             mb = batch.select(rows)
@@ -533,8 +555,14 @@ class MegatronTrainer:
         return self.optimizer.get_grad_norm()
 
     def update_reference(self) -> None:
+        """The policy's weights into the reference; not Transformer Engine's FP8 state (`_extra_state`: the
+        delayed recipe's scales and amax history), which the reference's own recipe does not use."""
         if self.reference is not None:
-            self.reference.load_state_dict(self.model.state_dict())
+            state = {k: v for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+            missing, unexpected = self.reference.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.endswith("_extra_state")]
+            if missing or unexpected:
+                raise RuntimeError(f"reference refresh: missing {missing}, unexpected {unexpected}")
 
     # ------------------------------------------------------------------ weights and state
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
