@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused_linear import matmul_dtype
+
 
 def _chunk_terms(z, u, y, alpha: float, reverse: bool, temperature: float):
     """Per-token loss terms (kl, nll) and d(alpha T^2 kl + (1 - alpha) nll)/dz for one chunk, in fp32."""
@@ -44,25 +46,30 @@ class _FusedLinearDistill(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, th, tw, y, weights, alpha, reverse, temperature, chunk):
         V = w.shape[0]
-        wf = w.float()
+        # the four [chunk x V x H] GEMMs in autocast's dtype (or the inputs'), each weight cast once: fp32 GEMMs
+        # with TF32 off run at a fraction of a GPU's bf16 rate; the softmax terms and d(weight)'s sum stay fp32
+        cd = matmul_dtype(h)
+        wc, twc = w.to(cd), tw.to(cd)
         grad_h = torch.empty(h.shape, dtype=torch.float32, device=h.device)
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         kl_sum = torch.zeros_like(loss)
         nll_sum = torch.zeros_like(loss)
-        for a in range(0, h.shape[0], chunk):
-            b = min(a + chunk, h.shape[0])
-            hs = h[a:b].float()
-            z = hs @ wf.T
-            u = (th[a:b].float() @ tw.float().T)[:, :V]
-            kl, nll, g = _chunk_terms(z, u, y[a:b], alpha, reverse, temperature)
-            wt = weights[a:b].float()
-            loss += (wt * (alpha * temperature * temperature * kl + (1.0 - alpha) * nll)).sum()
-            kl_sum += kl.sum()
-            nll_sum += nll.sum()
-            g = g * wt[:, None]
-            grad_h[a:b] = g @ wf
-            grad_w += g.T @ hs
+        with torch.autocast(h.device.type, enabled=False):  # the casts are explicit
+            for a in range(0, h.shape[0], chunk):
+                b = min(a + chunk, h.shape[0])
+                hs = h[a:b].to(cd)
+                z = (hs @ wc.T).float()
+                u = (th[a:b].to(cd) @ twc.T)[:, :V].float()
+                kl, nll, g = _chunk_terms(z, u, y[a:b], alpha, reverse, temperature)
+                del z, u
+                wt = weights[a:b].float()
+                loss += (wt * (alpha * temperature * temperature * kl + (1.0 - alpha) * nll)).sum()
+                kl_sum += kl.sum()
+                nll_sum += nll.sum()
+                g = (g * wt[:, None]).to(cd)
+                grad_h[a:b] = g @ wc
+                grad_w += g.T @ hs
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h.dtype, w.dtype)
         ctx.mark_non_differentiable(kl_sum, nll_sum)

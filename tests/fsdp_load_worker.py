@@ -33,6 +33,15 @@ report = {"rank": rank, "reads": reads, "local": local, "total": total,
           "buffers_equal": all(torch.equal(b, b0) for (_, b), (_, b0) in
                                 zip(trainer.model.named_buffers(), real_load(cfg.model, torch.device("cpu"))
                                     .named_buffers()))}
+# after a no_grad pass no model stays gathered: FSDP2 keeps a root whole for a backward, which these never have
+from torch.distributed.tensor import DTensor  # noqa: E402
+
+from r1cli.token_batch import TokenBatch  # noqa: E402
+
+batch = TokenBatch.from_completions([[1, 2, 3]], [[4, 5, 6, 7]])
+for which, model in (("policy", trainer.model), ("reference", trainer.reference)):
+    trainer.logprobs(batch, which)
+    report[f"{which}_sharded_after_logprobs"] = all(isinstance(p, DTensor) for p in model.parameters())
 if rank == 0:
     files = load_file(f"{model_path}/model.safetensors")
     report["weights_equal"] = all(torch.equal(full[k].float(), v.float()) for k, v in files.items() if k in full)

@@ -83,7 +83,8 @@ def test_an_engine_from_configs_alone_follows_the_trainer_through_load_weights(t
 
 def test_fsdp_ranks_other_than_0_read_no_weights_and_hold_only_their_shard(tiny_model, tmp_path):
     """Under FSDP no rank holds the whole model: rank 0 reads the files (into CPU memory), the others build on the
-    meta device and receive their shards; the sharded model (policy and reference) equals the files."""
+    meta device and receive their shards; the sharded model (policy and reference) equals the files, and stays
+    sharded after a log-prob pass."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "R1_CHECK_COLLECTIVES": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           str(ROOT / "tests" / "fsdp_load_worker.py"), str(tiny_model), str(tmp_path)],
@@ -93,6 +94,8 @@ def test_fsdp_ranks_other_than_0_read_no_weights_and_hold_only_their_shard(tiny_
     assert r0["reads"] == ["auto", "auto"] and r1["reads"] == []  # policy and reference, rank 0 only
     assert r0["local"] + r1["local"] == r0["total"] and r1["local"] < r1["total"]
     assert r0["weights_equal"] and r0["buffers_equal"] and r1["buffers_equal"]
+    for r in (r0, r1):  # issue 40, finding 8: the roots (embeddings, lm_head) resharded after no_grad passes
+        assert r["policy_sharded_after_logprobs"] and r["reference_sharded_after_logprobs"]
 
 
 def test_an_engines_own_copy_leaves_the_accelerator_while_the_trainer_runs():
