@@ -38,6 +38,7 @@ def test_dry_run_prints_the_plan_without_weights(tmp_path):
     assert "none: SFT on the teacher's samples" in out
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_dry_run_reads_a_local_folder(tiny_model):
     proc = run_r1("distill", "--student", str(tiny_model), "--dry-run", "--teacher", str(tiny_model))
     assert proc.returncode == 2 and proc.stderr.strip().endswith("needs teacher data: --data FILE_OR_FOLDER (or "
@@ -99,6 +100,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_model, cold_
     assert proc.returncode == 2 and "another tokenizer" in proc.stderr and proc.stderr.count("\n") == 1
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_a_sharded_teacher_gives_the_losses_of_a_whole_one(tmp_path, tiny_model, cold_start):
     """Under FSDP the teacher is sharded like the student (no GPU holds it whole): two FSDP ranks log the losses of
     two DDP ranks, whose teacher is whole on each."""

@@ -60,6 +60,7 @@ def test_a_worker_that_cannot_start_is_one_line(cold_start, tmp_path, monkeypatc
         run_rl(rl_config(cold_start, tmp_path / "run", *FULLY, "train.steps=3"))
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_the_trainer_never_waits_forever(cold_start, tmp_path, monkeypatch):
     _with_env(monkeypatch, R1_FAULT_WORKER_SLEEP_S="30")
     with pytest.raises(R1Error, match=r"the rollout worker did not deliver step 1's samples \(rollout.timeout_s\) "

@@ -10,6 +10,7 @@ from conftest import run_r1
 from r1cli.run.metrics import read_metrics
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_scalars_and_samples_reach_every_backend_across_a_resume(cold_start, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 

@@ -128,6 +128,7 @@ def test_lora_resume_is_exact(cold_start, tmp_path):
 
 
 # FSDP: adapters on the meta-device build, the base frozen in its shards, the engine's own copy fed merged weights
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 @pytest.mark.parametrize("dp", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_ranks_match_one(cold_start, tmp_path, dp):
     base = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",

@@ -122,11 +122,12 @@ def logits(model, tmp_path, tp: int, pp: int, ep: int) -> dict:
     return json.loads(line[0][len("RESULT "):])
 
 
-@pytest.mark.parametrize("name,tp,pp,ep", [  # the default run keeps EP=2 and TP=2 x EP=2; the step tests cover TP=2
-    ("qwen3_moe", 1, 1, 2), ("deepseek_v3", 2, 1, 2),
+@pytest.mark.parametrize("name,tp,pp,ep", [  # the default run keeps EP=2; the step tests cover TP=2 and DeepSeek-V3
+    ("qwen3_moe", 1, 1, 2),
     *(pytest.param(*case, marks=pytest.mark.slow) for case in
-      [("qwen3_moe", 2, 1, 1), ("mixtral", 1, 1, 2), ("qwen3_moe", 2, 1, 2), ("qwen3_moe", 1, 2, 2),
-       ("mixtral", 2, 1, 1), ("deepseek_v3", 1, 1, 2), ("deepseek_v3", 2, 1, 1), ("deepseek_v3", 2, 2, 2)])])
+      [("deepseek_v3", 2, 1, 2), ("qwen3_moe", 2, 1, 1), ("mixtral", 1, 1, 2), ("qwen3_moe", 2, 1, 2),
+       ("qwen3_moe", 1, 2, 2), ("mixtral", 2, 1, 1), ("deepseek_v3", 1, 1, 2), ("deepseek_v3", 2, 1, 1),
+       ("deepseek_v3", 2, 2, 2)])])
 def test_megatron_core_moe_logits_equal_transformers(moe_models, name, tp, pp, ep, tmp_path):
     """megatron-core's MoE layer on the converted shards - softmax router with the top-k weights renormalised,
     dropless all-to-all dispatch over gloo when EP > 1, experts split over TP - gives transformers' logits: the
@@ -154,7 +155,8 @@ MOE_LAYOUTS = {"ep1": (1, []), "ep2": (1, ["dp2", "parallel.expert_parallel=2"])
                "tp2-sp": (2, ["parallel.megatron.sequence_parallel=true"])}
 
 
-@pytest.mark.parametrize("layout", [pytest.param("ep1", marks=pytest.mark.slow), "ep2", "tp2-sp"])
+@pytest.mark.parametrize("layout", [pytest.param("ep1", marks=pytest.mark.slow), "ep2",
+                                    pytest.param("tp2-sp", marks=pytest.mark.slow)])
 def test_one_sft_and_one_grpo_step_at_ep2_and_tp2_equal_the_torch_backend(moe_steps, layout, tmp_path):
     """megatron-core's MoE layer against transformers' own: at EP=2 each rank holds two of the four experts and
     its tokens reach the others by all-to-all; at TP=2 (with sequence parallelism, which megatron-core requires for
@@ -192,6 +194,7 @@ def test_deepseek_v3_sft_and_grpo_steps_equal_the_torch_backend(deepseek_steps, 
     assert any(n.endswith("e_score_correction_bias") for n in run[1])
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_the_aux_free_expert_bias_update_moves_each_bias_by_the_rate(deepseek_steps, moe_models, arith_data, tmp_path):
     """parallel.megatron.expert_bias_update_rate: after each of the two steps megatron-core moves every MoE layer's
     expert bias by +-rate (toward the experts that got fewer tokens than the mean, 0 where exactly even); the
@@ -212,6 +215,7 @@ def test_the_aux_free_expert_bias_update_moves_each_bias_by_the_rate(deepseek_st
     assert proc.returncode == 2 and "qwen3_moe routes without one" in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_a_checkpoint_saved_at_ep2_resumes_at_ep1_with_the_same_logprobs(moe_steps, tmp_path):
     """megatron's distributed checkpoint holds each expert once, whichever rank saved it: loaded by one process
     at EP=1 it gives the log-probs the EP=2 run had after its SFT step, and the GRPO step after loading equals

@@ -123,6 +123,7 @@ def _gain(curve):
 
 
 # the judge's learning run is opt-in: the default run has the judge grading r1 sample and r1 eval
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes; r1 eval and r1 sample with the judge stay
 @pytest.mark.parametrize("reward", ["reward_model", pytest.param("judge", marks=pytest.mark.slow)])
 def test_a_reward_model_and_a_judge_drive_the_run_the_way_they_prefer(cold_start, tiny_model, tmp_path, reward):
     task = _task(tmp_path / "task")

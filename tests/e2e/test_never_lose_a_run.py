@@ -35,6 +35,7 @@ def one_line(proc, needle):
     assert needle in lines[0], lines[0]
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_a_rerun_into_a_finished_run_refuses_and_overwrite_replaces(tiny_model, arith_data, tmp_path):
     out = tmp_path / "run"
     assert sft(tiny_model, arith_data, out, "train.steps=3").returncode == 0
@@ -113,6 +114,7 @@ def test_a_missing_latest_pointer_falls_back_to_scanning(tiny_model, arith_data,
     assert proc.returncode == 0 and "resumed from step 3" in proc.stderr, proc.stderr
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_a_torn_metrics_line_is_dropped_on_resume_and_by_report(tiny_model, arith_data, tmp_path):
     out = tmp_path / "run"
     common = ["train.steps=5", "checkpoint.every=1"]
@@ -175,6 +177,7 @@ def test_a_signal_mid_run_loses_nothing(tiny_model, arith_data, tmp_path, sig):
     assert losses(out) == losses(ref)
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_data_commands_never_overwrite_a_model_or_leave_temp_files(tiny_model, tmp_path):
     import shutil
 

@@ -4,6 +4,7 @@ r1 edited - drive `r1 rl` (and load on every rank under torchrun)."""
 import json
 import random
 
+import pytest
 from conftest import run_r1, torchrun
 
 from r1cli.run.metrics import read_metrics
@@ -31,6 +32,7 @@ def _task(folder):
     return folder
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_a_task_r1_has_never_seen_is_learned_from_two_files(cold_start, tmp_path):
     task = _task(tmp_path / "my_task")
     args = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",

@@ -69,6 +69,7 @@ def _pipeline(tmp_path, *extra):
                   "reasoning-rl:model.lora.rank=8", *extra, env={"OMP_NUM_THREADS": "1"}, timeout=900)
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes; the wiring and resume tests stay
 def test_the_tiny_pipeline_end_to_end(tmp_path):
     """From nothing: the model and data are built, every stage runs on the one before's output and reports its
     held-out accuracy, an interrupted stage resumes, and a re-run skips everything."""

@@ -166,6 +166,7 @@ def test_rl_learns_with_triton_kernels(cold_start, tmp_path):
     assert after - before >= 0.25, (before, after)
 
 
+@pytest.mark.slow  # opt-in since the default run passed 15 minutes
 def test_rl_in_a_log_prints_plain_progress_lines_and_a_summary(cold_start, tmp_path):
     """Not a terminal (a SLURM log): one readable line per logging step; the run ends with held-out accuracy
     before -> after and where the run is; checkpoint.stop_after says that it stopped."""
