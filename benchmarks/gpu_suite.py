@@ -14,6 +14,7 @@ The GPU machine has torch and Triton only: the small wheels travel with the comm
 Transformer Engine's 276 MB core wheel do not fit one call). Install them first and name their folder, so the
 header lists them and their sizes:
 
+    python benchmarks/fetch_gpu_wheels.py --out wheels --python 3.12        # here: the list, for the GPU's Python
     pip install --no-deps wheels/*.whl && python benchmarks/gpu_suite.py --wheels wheels --out docs/gpu_suite.md
 """
 
@@ -28,6 +29,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# a plain checkout runs as it is (the GPU machine: torch, Triton and benchmarks/gpu_wheels.txt, no install): r1cli
+# from here, in this process and in every process a part starts
+if str(ROOT) not in sys.path:
+    sys.path.insert(1, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 PEAK_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 
 
@@ -61,6 +67,31 @@ def _rel(a, b) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- the checks
+def part_setup(tiny: bool, work: Path) -> list[dict]:
+    """What the machine gives the rest: a C compiler for Triton's launcher (Triton builds it on first use; without
+    one every kernel fails at its first launch), where r1cli comes from, and the packages the parts use."""
+    import importlib
+    import shutil
+
+    import torch
+
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    on_gpu = torch.cuda.is_available()
+    rows = [row("setup", "a C compiler for Triton's launcher (CC, cc, gcc or clang)", cc or "none",
+                "ok" if cc else ("FAIL" if on_gpu else "info"))]
+    import r1cli
+
+    rows.append(row("setup", "r1cli imported from", str(Path(r1cli.__file__).parent.parent), "info"))
+    for name in ("triton", "transformers", "tokenizers", "safetensors", "peft", "math_verify", "megatron.core",
+                 "vllm", "transformer_engine"):
+        try:
+            mod = importlib.import_module(name)
+            rows.append(row("setup", f"import {name}", getattr(mod, "__version__", "imported"), "ok"))
+        except ImportError as e:
+            rows.append(row("setup", f"import {name}", str(e).splitlines()[0][:120], "missing"))
+    return rows
+
+
 def part_collectives(tiny: bool, work: Path) -> list[dict]:
     """The metric reductions r1 does, on the group device, through a real process group of one (NCCL on a GPU)."""
     import torch
@@ -406,6 +437,7 @@ def part_moe(tiny: bool, work: Path) -> list[dict]:
 
 # part: (function, seconds allowed on a GPU, environment)
 PARTS = {
+    "setup": (part_setup, 60, {}),
     "collectives": (part_collectives, 60, {"R1_CHECK_COLLECTIVES": "1"}),
     "kernels": (part_kernels, 150, {}),
     "vllm": (part_vllm, 150, {}),
