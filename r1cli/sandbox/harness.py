@@ -18,6 +18,7 @@ is seeded alike in every run, so a test that draws its arguments draws the same 
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import random
@@ -86,6 +87,7 @@ _r1_sys.stdout.flush()
 '''
 
 
+@functools.cache
 def _encoder_source() -> str:
     import inspect
 
