@@ -71,8 +71,10 @@ def decode(value):
 
 
 # the server runs the program, then answers the calls; `encode` travels with it as source text
-_SERVER = '''import sys as _r1_sys, json as _r1_json, math
-_r1_calls = [_r1_json.loads(_l) for _l in _r1_sys.stdin.read().split("\\n") if _l.strip()]
+# (no json in there - the calls are a literal in the code, the replies Python literals, read here with
+# ast.literal_eval: importing json (with re and enum) cost every judged program ~8 ms, 0.75x the throughput)
+_SERVER = '''import sys as _r1_sys, math
+_r1_calls = {calls}
 {encoder}
 _r1_ns = {{"__name__": "__main__"}}
 exec(compile({program!r}, "solution.py", "exec"), _r1_ns)
@@ -82,7 +84,7 @@ for _r1_args in _r1_calls:
         _r1_reply = ["value", encode(_r1_fn(*[_r1_decode(a) for a in _r1_args]))]
     except BaseException as _r1_e:
         _r1_reply = ["raised", type(_r1_e).__name__ + ": " + str(_r1_e)[:300]]
-    _r1_sys.stdout.write({mark!r} + _r1_json.dumps(_r1_reply) + "\\n")
+    _r1_sys.stdout.write({mark!r} + repr(_r1_reply) + "\\n")
 _r1_sys.stdout.flush()
 '''
 
@@ -233,8 +235,9 @@ def run_test(t: CallTest, answers: dict[str, list]) -> Outcome:
 
 def server(t: CallTest, calls: list[str]) -> tuple[str, str]:
     """The (code, stdin) the sandbox runs: the server around the judged program, the calls on stdin."""
-    code = _SERVER.format(encoder=_encoder_source(), program=t.program, entry=t.entry_point, mark=MARK)
-    return code, "".join(c + "\n" for c in calls)
+    code = _SERVER.format(encoder=_encoder_source(), program=t.program, entry=t.entry_point, mark=MARK,
+                          calls=repr([json.loads(c) for c in calls]))
+    return code, ""
 
 
 def read_answers(stdout: str, calls: list[str]) -> dict[str, list] | None:
@@ -246,12 +249,12 @@ def read_answers(stdout: str, calls: list[str]) -> dict[str, list] | None:
     out = {}
     for call, line in zip(calls, lines):
         try:
-            kind, value = json.loads(line)
+            kind, value = ast.literal_eval(line)  # plain literals only: nothing of the program's runs here
             if kind not in ("value", "raised"):
                 return None
             if kind == "value":
                 decode(value)  # well-formed
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return None
         out[call] = [kind, value]
     return out
