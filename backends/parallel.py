@@ -12,7 +12,6 @@ gloo on CPU, NCCL on GPU; one process without torchrun needs no process group.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import itertools
 import os
@@ -176,7 +175,11 @@ def check_collectives() -> None:
         def checked(*args, _fn=fn, _name=name, **kwargs):
             caller = sys._getframe(1).f_globals.get("__name__", "")
             if caller.startswith("r1cli.") and not caller.startswith("r1cli.kernels"):
-                bad = [t for t in _tensors(args, kwargs) if _PLACED.get(id(t)) is not t]
+                group = kwargs.get("group")
+                gloo = group is not None and dist.get_backend(group) == "gloo"  # a CPU group of its own (the
+                # vLLM engine's step agreements): CPU tensors are what it serves, whatever the trainer's backend
+                bad = [t for t in _tensors(args, kwargs) if _PLACED.get(id(t)) is not t
+                       and not (gloo and t.device.type == "cpu")]
                 if bad:
                     raise RuntimeError(f"torch.distributed.{_name} from {caller} on a tensor that was not placed on "
                                        f"the process group's device (DistributedContext.on_group_device): "
@@ -212,7 +215,10 @@ def start_process_group(device: torch.device, timeout_min: float = 30.0) -> None
                           MASTER_PORT=str(_free_port()))
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
                             timeout=timedelta(minutes=timeout_min))
-    atexit.register(_close_process_group)
+    # at exit, after what was created later has closed: a weakref finalizer runs at exit in reverse order of
+    # creation, so vLLM's engine (its own finalizer destroys its groups) shuts down before the group goes - an
+    # atexit hook ran first and left vLLM's cleanup an already destroyed group ("Invalid process group specified")
+    weakref.finalize(dist, _close_process_group)
     if os.environ.get("R1_CHECK_COLLECTIVES") == "1":
         check_collectives()
 

@@ -62,6 +62,9 @@ def _worker(rank: int, port: int, model: str, out: str) -> None:
     from r1cli.tools.turns import TurnSettings, generate_with_tools
 
     dist.init_process_group("gloo")
+    from r1cli.backends.parallel import check_collectives
+
+    check_collectives()  # as in every test process: r1's collectives read tensors their group serves
     tok = load_tokenizer(model)
     llm = RecordingLLM(tok, rank)
     params = SamplingParams(n=2, temperature=1.0, max_tokens=16, seed=5)
