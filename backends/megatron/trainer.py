@@ -213,7 +213,7 @@ class MegatronTrainer:
         self.dtype = torch.bfloat16 if bf16 else {"float16": torch.float16}.get(model.dtype, torch.float32)
         self.vocab_shard = padded_vocab(self.shape.vocab, tp) // tp
         self.vocab_start = self.parallel.tp_rank * self.vocab_shard
-        self.model = self._build(layout)
+        self.model = self._build(layout, self.fp8)
         self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
         hook_routers(self.model, self.router_stats)
         self.wrapped, self.optimizer = self._wrap(self.model)
@@ -253,13 +253,13 @@ class MegatronTrainer:
             self.cp = ContextParallel(cp, ctx.cp_rank, ctx.cp_group, ctx.on_group_device)
         return ctx
 
-    def _build(self, layout, fp8: str | None | bool = True):
-        """One model on this rank's shard; fp8: the recipe (True: the policy's)."""
+    def _build(self, layout, fp8: str | None):
+        """One model on this rank's shard, its linear layers in FP8 with recipe `fp8` (None: no FP8)."""
         p, m = self.parallel, self.model_cfg
         model = build_gpt_model(self.hf_cfg, p.tp_size, p.pp_size, self.dtype,
                                 sequence_parallel=self.parallel_cfg.megatron.sequence_parallel,
                                 recompute=self.parallel_cfg.megatron.recompute if m.gradient_checkpointing else None,
-                                fp8=self.fp8 if fp8 is True else fp8, te=self.te, ep=self.ep, cp=self.parallel.cp_size,
+                                fp8=fp8, te=self.te, ep=self.ep, cp=self.parallel.cp_size,
                                 bias_rate=self.parallel_cfg.megatron.expert_bias_update_rate)
         known = model.state_dict().keys()
         if layout is not None:
