@@ -22,9 +22,9 @@ from r1cli.errors import R1Error
 from r1cli.interfaces import SamplingParams, build_engine, build_parallel
 from r1cli.models.loading import load_tokenizer
 from r1cli.rewards import RewardContext, check_task_rows, score
+from r1cli.run.console import console
 from r1cli.run.harness import check_run_dir
 from r1cli.run.identity import matches, of_config
-from r1cli.run.metrics import console
 from r1cli.sample.keep import keep_candidates
 from r1cli.sample.store import ResumableOutput, identity_record
 from r1cli.seeds import batch_seed, second_pass_seed

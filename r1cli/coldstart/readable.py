@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from r1cli.config import DataConfig
 from r1cli.data.templates import render_prompt
-from r1cli.sample.filters import final_answer_of
+from r1cli.parsing import final_answer_of
 
 _THINK = re.compile(r"<think>(.*?)(?:</think>|<answer>|$)", re.DOTALL)
 _BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")

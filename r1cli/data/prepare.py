@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from r1cli.data.records import read_records, write_jsonl
 from r1cli.errors import R1Error
-from r1cli.rewards.answers import all_boxed
+from r1cli.parsing import all_boxed
 
 PROBLEM_COLUMNS = ("problem", "question", "prompt", "query")
 SOLUTION_COLUMNS = ("solution", "response", "reasoning", "generation")

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from r1cli.config import DataConfig
 from r1cli.data.templates import render_turns, row_messages
 from r1cli.errors import R1Error
+from r1cli.parsing import fenced_observations
 from r1cli.token_batch import IGNORE, TokenBatch
-from r1cli.tools.formats import fenced_observations
 
 
 @dataclass

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from r1cli.data.records import read_records
 from r1cli.errors import R1Error
+from r1cli.parsing import all_boxed
 from r1cli.registry import Registry
 from r1cli.rewards import TASKS, RewardContext, extract_answer
-from r1cli.rewards.answers import all_boxed, code_of, math_equal
+from r1cli.rewards.answers import code_of, math_equal
 
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # DeepSeek-R1's
 CHOICE_SUFFIX = "\nAnswer with the letter of the correct option within \\boxed{}."

@@ -33,9 +33,10 @@ from r1cli.rewards import RewardContext
 from r1cli.run import folder_lock
 from r1cli.run.append_log import AppendLog, cut_torn_tail
 from r1cli.run.checkpoint import write_text_atomic
+from r1cli.run.console import console
 from r1cli.run.identity import check as identity_check
 from r1cli.run.identity import fingerprint
-from r1cli.run.metrics import console, read_metrics
+from r1cli.run.metrics import read_metrics
 from r1cli.seeds import batch_seed
 
 
@@ -107,7 +108,7 @@ def _score(problems: list[Problem], completions: list[list[str]], ctx: RewardCon
            judge=None) -> list[list[dict]]:
     """Verdict records per problem and sample; programs of all problems run together in the sandbox pool, and a
     judged problem's samples go to the judge together."""
-    from r1cli.sample.filters import final_answer_of
+    from r1cli.parsing import final_answer_of
     from r1cli.sandbox import Limits
     from r1cli.sandbox.harness import judge_many
     from r1cli.sandbox.launcher import launch_many

@@ -13,6 +13,7 @@ from collections import Counter
 from fractions import Fraction
 
 from r1cli.errors import R1Error
+from r1cli.parsing import all_boxed
 from r1cli.registry import Registry
 
 from .scoring import RewardContext
@@ -79,23 +80,6 @@ def _code_row(row: dict, answer_field: str) -> str | None:
 # ------------------------------------------------------------------ answers
 
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def all_boxed(text: str) -> list[str]:
-    """The contents of every \\boxed{…} in text, braces balanced."""
-    out, i = [], text.find("\\boxed{")
-    while i >= 0:
-        depth, start = 0, i + len("\\boxed{")
-        for j in range(start, len(text)):
-            if text[j] == "{":
-                depth += 1
-            elif text[j] == "}":
-                if depth == 0:
-                    out.append(text[start:j])
-                    break
-                depth -= 1
-        i = text.find("\\boxed{", i + 1)
-    return out
 
 
 def _outside_reasoning(text: str) -> str:

@@ -16,6 +16,8 @@ import os
 import re
 from dataclasses import replace
 
+from r1cli.parsing import final_answer_of, reasoning_of, verdict
+
 from .scoring import RewardContext, reward
 
 _MODELS: dict[tuple[str, str], object] = {}  # (kind, path) -> the loaded scorer (one per process)
@@ -147,14 +149,11 @@ class Judge:
         if self.cfg.verdict == "score":
             m = re.search(r"-?\d+(?:\.\d+)?", reply)
             return max(0.0, min(1.0, float(m.group()) / self.cfg.max_score)) if m else 0.0
-        from r1cli.sample.judge import verdict
-
         return float(verdict(reply))
 
     def __call__(self, questions: list[str], responses: list[str], references: list[str]) -> list[float]:
         from r1cli.data.templates import render_prompt
         from r1cli.interfaces import SamplingParams
-        from r1cli.sample.filters import final_answer_of, reasoning_of
 
         todo = sorted({(q, r, ref) for q, r, ref in zip(questions, responses, references)
                        if (q, r) not in self.cache})

@@ -39,8 +39,8 @@ from r1cli.rl.losses import kl_penalty
 from r1cli.rl.mismatch import engine_logprobs, mismatch_sums, tis_weights
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.rl.stream import RolloutStream
+from r1cli.run.console import console
 from r1cli.run.harness import RunHarness, check_run_dir
-from r1cli.run.metrics import console
 from r1cli.seeds import minibatch_seed, refill_seed, sample_seed
 from r1cli.token_batch import TokenBatch, balance_ranks
 from r1cli.tools import with_tool_schemas

@@ -28,8 +28,9 @@ from r1cli.config import Config, save_config
 from r1cli.errors import OUT_OF_TIME, R1Error, RunInterrupted
 from r1cli.run import checkpoint as ckpt
 from r1cli.run import identity
+from r1cli.run.console import console
 from r1cli.run.folder_lock import hold_on_rank0
-from r1cli.run.metrics import MetricsLog, StepProgress, console
+from r1cli.run.metrics import MetricsLog, StepProgress
 
 RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "tensorboard", "hf",
                  "hf-adapter", "wandb", "mlruns", "wandb_run_id", "mlflow_run_id", "identity.json")

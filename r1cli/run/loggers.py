@@ -90,7 +90,7 @@ class WandbLogger:
     def __init__(self, run_dir, cfg, resume: bool):
         wandb = _require("wandb", "wandb")
         from r1cli.config import to_dict
-        from r1cli.run.metrics import console
+        from r1cli.run.console import console
 
         self.wandb = wandb
         mode = os.environ.get("WANDB_MODE") or ("online" if _reachable("api.wandb.ai") else "offline")

@@ -6,12 +6,12 @@ import json
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from r1cli.data.records import write_jsonl
 from r1cli.errors import R1Error
-
-console = Console(stderr=True)
+from r1cli.run.console import console
+from r1cli.run.loggers import LOGGERS, finite_scalars
 
 
 class MetricsLog:
@@ -25,8 +25,6 @@ class MetricsLog:
         self.samples_path = Path(run_dir) / "samples.jsonl"
         self.loggers: list = []
         if enabled:
-            from r1cli.run.loggers import LOGGERS
-
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if fresh:  # a new run does not append to an old run's curve
                 self.path.unlink(missing_ok=True)
@@ -37,8 +35,6 @@ class MetricsLog:
         """On resume: forget lines logged after the checkpoint we continue from (and a torn last line)."""
         if not (self.enabled and self.path.is_file()):
             return
-        from r1cli.data.records import write_jsonl
-
         write_jsonl([m for m in read_metrics(self.path) if m["step"] <= step], self.path)
         if self.samples_path.is_file():
             write_jsonl([m for m in read_metrics(self.samples_path) if m["step"] <= step], self.samples_path)
@@ -46,8 +42,6 @@ class MetricsLog:
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        from r1cli.run.loggers import finite_scalars
-
         clean = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in values.items()}
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")

@@ -8,24 +8,9 @@ import re
 from collections import Counter
 
 from r1cli.config import FilterConfig
+from r1cli.parsing import final_answer_of, reasoning_of
 from r1cli.rewards import REWARDS, RewardContext
 from r1cli.rewards.rules import language_share
-
-_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-
-
-def reasoning_of(text: str) -> str:
-    """The chain of thought: inside <think>…</think>, else everything before <answer>."""
-    m = _THINK.search(text)
-    return m.group(1) if m else text.split("<answer>")[0]
-
-
-def final_answer_of(text: str) -> str:
-    """The text of the one <answer>…</answer>, stripped ('' when there is none, or more than one: a second answer
-    block anywhere is no answer, as for every checker)."""
-    found = _ANSWER.findall(text)
-    return found[0].strip() if len(found) == 1 else ""
 
 
 def rejection(text: str, row: dict, ctx: RewardContext, cfg: FilterConfig, n_tokens: int = 0) -> str | None:

@@ -10,16 +10,10 @@ from r1cli.data.records import Records
 from r1cli.data.templates import render_prompt
 from r1cli.interfaces import SamplingParams, build_engine
 from r1cli.models.loading import load_tokenizer
-from r1cli.sample.filters import final_answer_of, reasoning_of
+from r1cli.parsing import final_answer_of, reasoning_of, verdict
 
 JUDGE_PROMPT = ("You check answers. Question:\n{question}\n\nA student's reasoning:\n{reasoning}\n\n"
                 "The student's final answer: {answer}\n\nIs the final answer correct? Reply with one word, yes or no.")
-
-
-def verdict(text: str) -> bool:
-    """The judge's reply means yes: its first word is yes (any case, punctuation ignored)."""
-    words = text.strip().split()
-    return bool(words) and words[0].strip(".,:;!*\"'").lower() == "yes"
 
 
 class AnswerJudge:

@@ -19,8 +19,9 @@ from r1cli.data.records import write_jsonl
 from r1cli.run import folder_lock
 from r1cli.run.append_log import AppendLog, cut_torn_tail
 from r1cli.run.checkpoint import write_text_atomic
+from r1cli.run.console import console
 from r1cli.run.identity import check as identity_check
-from r1cli.run.metrics import console, read_metrics
+from r1cli.run.metrics import read_metrics
 
 
 def shard_path(path: Path, rank: int, size: int) -> Path:

@@ -48,16 +48,6 @@ class Fenced:
         return "".join("\n" + obs.text.rstrip("\n") + "\n```\n" for _, obs in answers)
 
 
-_FENCED_OUTPUT = re.compile(r"(?<=```output)(\n.*?\n```\n?)", re.S)
-
-
-def fenced_observations(text: str) -> list[tuple[str, bool]]:
-    """[(piece, is_tool_output)] of a response in the fenced format: the output blocks' contents (what the tool
-    wrote, and the fence that closes it) are the tool's, everything else the model's."""
-    parts = _FENCED_OUTPUT.split(text)
-    return [(p, i % 2 == 1) for i, p in enumerate(parts) if p]
-
-
 class ChatCalls:
     """Hermes-style JSON tool calls, observations rendered by the chat template."""
 

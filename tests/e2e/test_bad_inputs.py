@@ -146,7 +146,7 @@ def test_long_prompts_are_dropped_with_a_count_or_an_error(tmp_path, tiny_model)
     import io
     from contextlib import redirect_stderr
 
-    from r1cli.run.metrics import console
+    from r1cli.run.console import console
 
     with redirect_stderr(io.StringIO()):
         with console.capture() as cap:

@@ -113,7 +113,7 @@ def test_two_ranks_share_the_prompts(cold_start, tmp_path):
 
 
 def test_judge_reads_yes_and_no():
-    from r1cli.sample.judge import verdict
+    from r1cli.parsing import verdict
 
     assert verdict(" Yes.") and verdict("yes, it is") and verdict("**YES**")
     assert not verdict("No") and not verdict("") and not verdict("yesterday") and not verdict("The answer is yes")
@@ -123,8 +123,8 @@ def test_prompts_without_answers_go_to_the_judge(cold_start, tmp_path, monkeypat
     """Rows without an answer are an error without sample.judge; with one, its verdict decides what is kept
     and the record says it was judged. The judge here knows the sums (it recomputes them from the question),
     so what it keeps must be exactly the samples whose final answer is the true sum."""
+    from r1cli.parsing import final_answer_of
     from r1cli.sample import judge as judge_mod
-    from r1cli.sample.filters import final_answer_of
 
     rows = read_metrics(cold_start / "eval.jsonl")[:16]
     data = tmp_path / "q.jsonl"
