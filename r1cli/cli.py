@@ -12,8 +12,9 @@ from r1cli.errors import R1Error, RunInterrupted
 OVERRIDES_HELP = """
 Settings come from --config and then from OVERRIDES, each `section.key=value`
 (e.g. `optim.lr=1e-5 grpo.beta=0 rewards.weights.format=0.5`); later ones win.
-`--print-config` prints every key with its merged value and exits; r1cli/config.py
-documents each key, its type, range and default."""
+`--print-config` prints every key with its merged value and exits; the
+configuration reference (docs/reference/config.md, generated from r1cli/config/)
+lists each key, its type, range and default."""
 
 
 def _training_command(name: str, help_text: str):

@@ -51,9 +51,9 @@ def test_the_refusal_is_one_line_before_any_model_loads(tmp_path):
     ("rollout.kv_cache_gb", "rollout.vllm.kv_cache_gb", 2.0),
 ])
 def test_a_moved_key_still_works_and_says_where_it_went(old, new, value, capsys):
-    from r1cli import config
+    from r1cli.config import loading
 
-    config._noted.discard(old)
+    loading._noted.discard(old)
     engine = ["rollout.engine=vllm"] if "vllm" in new else []
     cfg = load_config(None, engine + [f"{old}={value}"])
     section, *path = new.split(".")
