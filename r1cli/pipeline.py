@@ -34,10 +34,11 @@ from r1cli.models.loading import resolve_device
 from r1cli.run import checkpoint as ckpt
 from r1cli.run import folder_lock
 from r1cli.run.checkpoint import write_text_atomic
+from r1cli.run.console import console
 from r1cli.run.identity import check as identity_check
 from r1cli.run.identity import of_config
 from r1cli.run.identity import write as write_identity
-from r1cli.run.metrics import console, read_metrics
+from r1cli.run.metrics import read_metrics
 
 DEFAULT = CONFIG_DIR / "tiny" / "r1.yaml"
 STAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -314,17 +315,28 @@ def run_pipeline(path: str | Path | None, overrides: list[str]) -> list[dict]:
     return results
 
 
+def _within(path: str, root: str | Path) -> str:
+    """A path inside the pipeline's folder, relative to it (the table's title names the folder); others as given."""
+    if not path:
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return path
+
+
 def _summary(p: Pipeline, results: list[dict], base_acc: Path) -> None:
     from rich.table import Table
 
-    table = Table(title=f"r1 pipeline ({p.output_dir})")
+    table = Table(title=f"r1 pipeline ({p.output_dir}; paths below are relative to it)")
     for col in ("stage", "command", "from", "made", "held-out accuracy", "s"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # a long path wraps in a narrow terminal instead of being cut
     if base_acc.is_file():
         table.add_row("base", "", "", "", f"{json.loads(base_acc.read_text())['eval/accuracy']:.3f}", "")
     for r in results:
         acc = r.get("eval/accuracy")
-        table.add_row(r["stage"], r["command"], r["model"], r.get("made_model") or r.get("made_data", ""),
+        made = r.get("made_model") or r.get("made_data", "")
+        table.add_row(r["stage"], r["command"], _within(r["model"], p.output_dir), _within(made, p.output_dir),
                       "" if acc is None else f"{acc:.3f}", str(r["seconds"]))
     console.print(table)
     if p.report:
