@@ -28,7 +28,7 @@ HEADER = """\
 # The exact versions of the environment in which CI last passed (Python {py}, {platform}), written there by
 # `python .ci/versions.py freeze {name}`. The README's install commands and .ci/run use it (pip install ... -c {name}).
 # torch and Triton are left out: torch is installed first, by its own command, and its CUDA builds pin their own
-# Triton. To move to newer versions: README, "Tested versions".
+# Triton. To move to newer versions: docs/install.md, "Tested versions".
 """
 
 def _name(dist_name: str) -> str:

