@@ -152,7 +152,7 @@ def cli_reference() -> str:
             for name in sorted(cmd.commands):
                 walk(cmd.commands[name], path + [name])
             return
-        ctx = click.Context(cmd, info_name=" ".join(path))
+        ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=120, max_content_width=120)
         out.append(f"## `{' '.join(path)}`\n\n")
         help_text = inspect.cleandoc(cmd.help or "")
         out.append(help_text.replace("`--print-config`", "`--print-config`") + "\n\n")
