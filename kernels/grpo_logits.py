@@ -49,7 +49,7 @@ def _grpo_fwd_kernel(
     loss_ptr, logp_ptr, lse_ptr, ent_ptr, kl_ptr, clipped_ptr, dlogp_ptr,
     V, inv_temp, eps_low, eps_high, beta, dual_clip, ent_coef, clamp,
     HAS_LOSS: tl.constexpr, HAS_REF: tl.constexpr, KL: tl.constexpr, WITH_ENT: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    CISPO: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     active = 1
@@ -73,11 +73,17 @@ def _grpo_fwd_kernel(
         d = logp - old
         inside = (d >= -clamp) & (d <= clamp)
         ratio = tl.exp(tl.minimum(tl.maximum(d, -clamp), clamp))
-        unclipped = -adv * ratio
-        clipped = -adv * tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
-        pg = tl.maximum(unclipped, clipped)
-        is_clipped = clipped > unclipped
-        dpg = tl.where(is_clipped | (~inside), 0.0, -adv * ratio)
+        weight = tl.minimum(tl.maximum(ratio, 1.0 - eps_low), 1.0 + eps_high)
+        if CISPO:  # -sg(w) A log r: every token's gradient is -w A, the clip bounds w (r1cli.rl.losses)
+            pg = -adv * weight * d
+            is_clipped = weight != ratio
+            dpg = -adv * weight
+        else:
+            unclipped = -adv * ratio
+            clipped = -adv * weight
+            pg = tl.maximum(unclipped, clipped)
+            is_clipped = clipped > unclipped
+            dpg = tl.where(is_clipped | (~inside), 0.0, -adv * ratio)
         if dual_clip > 1.0:
             bound = -adv * dual_clip
             use_bound = (adv < 0) & (bound < pg)
@@ -206,7 +212,7 @@ def tile_grad(z: torch.Tensor, targets: torch.Tensor, v_start: int, lse, entropy
 class _GRPOLossFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, kl,
-                temperature, dual_clip, entropy_coef, clamp, has_loss, with_entropy, inplace):
+                temperature, dual_clip, entropy_coef, clamp, has_loss, with_entropy, inplace, cispo):
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         n, V = logits.shape
         dev = logits.device
@@ -224,7 +230,8 @@ class _GRPOLossFromLogits(torch.autograd.Function):
                 mask.to(torch.int32).contiguous() if has_loss else dummy,
                 loss, logp, lse, ent, klv, clipped, dlogp,
                 V, 1.0 / temperature, eps_low, eps_high, beta, dual_clip, entropy_coef, clamp,
-                HAS_LOSS=has_loss, HAS_REF=has_ref, KL=KL_CODES[kl], WITH_ENT=with_entropy, **_launch("fwd", V),
+                HAS_LOSS=has_loss, HAS_REF=has_ref, KL=KL_CODES[kl], WITH_ENT=with_entropy, CISPO=cispo,
+                **_launch("fwd", V),
             )
         # d(loss)/d(entropy): -entropy_coef on rows in the loss, 0 on masked rows
         dent = -entropy_coef * mask.float() if has_loss and with_entropy else None
@@ -248,23 +255,23 @@ class _GRPOLossFromLogits(torch.autograd.Function):
         if with_entropy and g_ent is not None:
             g_h = g_h + g_ent.float()
         d = tile_grad(logits, targets, 0, lse, ent, g_lp, g_h, temperature, out=logits if inplace else None)
-        return (d,) + (None,) * 16
+        return (d,) + (None,) * 17
 
 
 def triton_grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, eps_low, eps_high, beta,
                      kl="k3", temperature=1.0, dual_clip=0.0, entropy_coef=0.0, clamp=20.0, with_entropy=False,
-                     inplace=False):
+                     inplace=False, policy_loss="ppo"):
     from .reference import TokenRecord
 
     with_ent = with_entropy or entropy_coef != 0
     loss, logp, ent, klv, clipped = _GRPOLossFromLogits.apply(
         logits, targets, old_logp, ref_logp, advantages, mask, eps_low, eps_high, beta, kl, temperature,
-        dual_clip, entropy_coef, clamp, True, with_ent, inplace)
+        dual_clip, entropy_coef, clamp, True, with_ent, inplace, policy_loss == "cispo")
     return loss, TokenRecord(logp.detach(), klv, clipped, ent.detach() if with_ent else None)
 
 
 def triton_logprobs(logits, targets, *, temperature=1.0, with_entropy=False, inplace=False):
     _, logp, ent, _, _ = _GRPOLossFromLogits.apply(
         logits, targets, None, None, None, None, 0.0, 0.0, 0.0, "k3", temperature, 0.0, 0.0, 20.0, False,
-        with_entropy, inplace)
+        with_entropy, inplace, False)
     return logp, (ent if with_entropy else None)

@@ -46,12 +46,17 @@ def logprobs(logits, targets, *, temperature: float = 1.0, with_entropy: bool = 
 
 
 def _kernel_scalars(objective: ElementwiseObjective) -> dict:
-    """The spec as the fused kernels' scalar arguments; those kernels apply token-level ratios only."""
+    """The spec as the fused kernels' scalar arguments; those kernels apply token-level ratios and the ppo or cispo
+    policy losses only."""
     if not objective.elementwise:
         raise ValueError(f"the fused GRPO kernels apply token-level ratios, not ratio_level={objective.ratio_level!r}")
+    policy = getattr(objective, "policy_loss", "ppo")
+    if policy not in ("ppo", "cispo"):
+        raise ValueError(f"the fused GRPO kernels compute grpo.policy_loss ppo or cispo, not {policy!r}: "
+                         "train.kernels=torch")
     return dict(eps_low=objective.eps_low, eps_high=objective.eps_high, beta=objective.beta, kl=objective.kl,
                 temperature=objective.temperature, dual_clip=objective.dual_clip,
-                entropy_coef=objective.entropy_coef, clamp=objective.clamp)
+                entropy_coef=objective.entropy_coef, clamp=objective.clamp, policy_loss=policy)
 
 
 def grpo_loss(logits, targets, old_logp, ref_logp, advantages, mask, *, objective: ElementwiseObjective,

@@ -17,6 +17,9 @@ class GRPOConfig:
     # (mu 1, one mini-batch, no TIS, no KL in the reward, no one-pass kernel): the ratio is then exactly 1 and
     # the gradient the same; recompute always runs it
     old_logprobs: Literal["auto", "recompute"] = "auto"
+    # ppo: the clipped surrogate (GRPO, DAPO); cispo: the importance weight clipped and detached times the log-prob
+    # (MiniMax-M1), so no token's gradient is dropped by the clip
+    policy_loss: str = named("ppo", "r1cli.rl.losses:POLICY_LOSSES")
     eps_low: float = bounded(0.2, 0.0)  # PPO clip below: the ratio is clipped at 1 - eps_low
     eps_high: float = bounded(0.2, 0.0)  # PPO clip above, 1 + eps_high (DAPO's clip-higher: eps_high > eps_low)
     dual_clip: float = bounded(0.0, 0.0)  # c > 1 enables dual clip for negative advantages; 0: off

@@ -51,6 +51,12 @@ class RolloutConfig:
     # truncated importance sampling: the loss of token t is weighted by min(p_trainer / p_engine, tis_cap),
     # correcting for the engine sampling from a slightly different distribution; 0: off
     tis_cap: float = bounded(0.0, 0.0)
+    # masked importance sampling (MIS, IcePop): tokens whose p_trainer / p_engine lies outside [mis_low, mis_high]
+    # are left out of the loss instead of reweighted - every token of the sample at mis_level=sequence, judged by its
+    # geometric-mean ratio; 0: off. Beside tis_cap or alone; logged as rollout/mis_masked (share of tokens)
+    mis_low: float = bounded(0.0, 0.0)
+    mis_high: float = bounded(0.0, 0.0)  # the upper bound of the ratio a token keeps (with mis_low)
+    mis_level: Literal["token", "sequence"] = "token"  # judge each token, or each sample by its geometric mean
     # one-step-off-policy: step k+1's samples are generated (in a thread, by an engine holding its own copy of the
     # weights one update behind) while step k trains; the update corrects for the stale samples with TIS against
     # the engine's log-probs (rollout.tis_cap); `r1 rl` only

@@ -3,6 +3,10 @@
     grpo   : A_i = (R_i - mean(R)) / (std(R) + eps)           DeepSeekMath / R1
     drgrpo : A_i =  R_i - mean(R)                              Dr. GRPO (no std normalisation)
     rloo   : A_i =  R_i - mean_{j != i} R_j                     Ahmadian et al. 2024
+    reinforce++          : A_i,t = whiten_batch(G_i,t), G_i,t = R_i - beta sum_{s>=t} KL_i,s   Hu 2025
+                           (the token-level KL in the reward with grpo.kl_in_reward, else G = R_i)
+    reinforce++-baseline : A_i = whiten_batch(R_i - mean(R))     the group mean first, then the batch
+    whiten_batch: (x - mean) / (std + eps) over every completion token of the whole step, all ranks together
 """
 
 from __future__ import annotations
@@ -36,6 +40,42 @@ def rloo_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
     if g < 2:
         raise ValueError("rloo needs at least 2 samples per prompt")
     return (r - r.mean(-1, keepdim=True)) * g / (g - 1)  # = R_i - mean of the others
+
+
+@ADVANTAGES.register("reinforce++")
+def reinforce_pp_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
+    """REINFORCE++: no baseline inside the group; the batch normalisation (whiten_batch) replaces it."""
+    return r.clone()
+
+
+@ADVANTAGES.register("reinforce++-baseline")
+def reinforce_pp_baseline_advantage(r: torch.Tensor, eps: float) -> torch.Tensor:
+    """REINFORCE++-baseline: the group mean subtracted first; the batch normalisation (whiten_batch) follows."""
+    return r - r.mean(-1, keepdim=True)
+
+
+# normalised over the whole batch after the group step (r1cli.rl.loop.add_advantages calls whiten_batch)
+reinforce_pp_advantage.batch_whitened = reinforce_pp_baseline_advantage.batch_whitened = True
+reinforce_pp_advantage.token_kl_returns = True  # grpo.kl_in_reward enters as a per-token return
+
+
+def whiten_batch(adv: torch.Tensor, mask: torch.Tensor, eps: float, gather=lambda x: [x]) -> torch.Tensor:
+    """(A - mean) / (std + eps) with the mean and the unbiased std over every token of `mask` [S, C] on every rank:
+    `gather(local)` returns every data-parallel rank's local value (the whole step's statistics, not a rank's or a
+    group's). adv: [S] (one per sample, counted once per token) or [S, C]."""
+    grid = adv.double().unsqueeze(-1).expand(mask.shape) if adv.dim() == 1 else adv.double()
+    m = mask.double()
+    local = (float(m.sum()), float((grid * m).sum()), float((grid * grid * m).sum()))
+    n, s1, s2 = (sum(part[i] for part in gather(local)) for i in range(3))
+    mean = s1 / max(n, 1.0)
+    var = max(s2 - n * mean * mean, 0.0) / max(n - 1.0, 1.0)
+    return ((adv.double() - mean) / (var ** 0.5 + eps)).to(adv.dtype)
+
+
+def token_returns(rewards: torch.Tensor, kl: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:
+    """[S, C] G_t = R - beta * sum_{s >= t} KL_s over each sample's completion tokens (0 on padding)."""
+    future = (kl * mask).flip(-1).cumsum(-1).flip(-1)
+    return (rewards.unsqueeze(-1) - beta * future) * mask
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo",

@@ -34,9 +34,16 @@ from r1cli.interfaces import (
 )
 from r1cli.models.loading import context_length
 from r1cli.rewards import REWARDS, RewardContext, Scores, check_task_rows, score
-from r1cli.rl.advantages import ADVANTAGES, equal_reward_groups, group_advantages, overlong_penalty
+from r1cli.rl.advantages import (
+    ADVANTAGES,
+    equal_reward_groups,
+    group_advantages,
+    overlong_penalty,
+    token_returns,
+    whiten_batch,
+)
 from r1cli.rl.losses import kl_penalty
-from r1cli.rl.mismatch import engine_logprobs, mismatch_sums, tis_weights
+from r1cli.rl.mismatch import engine_logprobs, mis_keep, mismatch_sums, tis_weights
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.rl.stream import RolloutStream
 from r1cli.run.console import console
@@ -58,6 +65,13 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.torch.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("parallel.torch.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence "
                       "needs parallel.torch.fused_linear=recompute")
+    if (r.mis_low or r.mis_high) and not 0 < r.mis_low < 1 < r.mis_high:
+        raise R1Error(f"rollout.mis_low and rollout.mis_high bound the ratio p_trainer / p_engine a token keeps: "
+                      f"0 < mis_low < 1 < mis_high (e.g. 0.5 and 2.0); this run has {r.mis_low} and {r.mis_high}")
+    if r.mis_low and not (engine_reports_logprobs(r.engine) or r.asynchronous or r.max_staleness):
+        raise R1Error(f"rollout.mis_low/mis_high mask tokens where the engine sampled from another distribution than "
+                      f"the trainer's (vllm, or older weights: rollout.asynchronous, rollout.max_staleness); the "
+                      f"{pick_engine(r.engine)} engine reports no log-probs of its own")
     if r.tis_cap and not (engine_reports_logprobs(r.engine) or r.asynchronous or r.max_staleness):
         raise R1Error(f"rollout.tis_cap corrects for an engine that samples from other kernels than the trainer's "
                       f"(vllm) or from older weights (rollout.asynchronous, rollout.max_staleness); the "
@@ -174,7 +188,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                                                 [c.observation for c in rollout.samples])  # tool output: unscored
             t1 = time.perf_counter()
             behaviour = add_logprobs(trainer, batch, rollout, scored, objective, cfg)  # 3. old / reference log-probs
-            shaped = add_advantages(batch, scored, behaviour, cfg)  # 4. advantages and loss weights
+            shaped = add_advantages(batch, scored, behaviour, cfg, trainer.parallel.all_gather)  # 4. advantages
             train_out = optimize(trainer, batch, objective, cfg, step)  # 5. mu passes of mini-batch steps
             t_train = time.perf_counter() - t1
             if pending is not None:  # the engine finishes the next step's samples before new weights reach it
@@ -201,7 +215,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             if cfg.rollout.tools:
                 last.update(tool_metrics(p, rollout, scored))
             last.update(_mismatch_metrics(p, behaviour.mismatch, shaped.tis, batch.scored_mask(),
-                                          cfg.rollout.tis_cap))
+                                          cfg.rollout.tis_cap, shaped.kept))
             if p.is_main:
                 if step == harness.start or (cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0):
                     _print_samples(rollout.samples, rollout.rows, scored.scores, cfg, step + 1)
@@ -245,6 +259,7 @@ class Behaviour:
 
     engine_logp: torch.Tensor | None  # [S, C]
     mismatch: dict | None  # sums for rollout/mismatch_kl
+    reward_kl: torch.Tensor | None = None  # [S, C] per-token KL penalty for per-token returns (REINFORCE++)
 
 
 @dataclass
@@ -254,6 +269,7 @@ class Shaped:
     advantages: torch.Tensor  # [S] one per sample
     flat_groups: torch.Tensor  # [S / G] bool: every reward of the group equal (no signal)
     tis: torch.Tensor | None  # [S, C] truncated importance weights (rollout.tis_cap)
+    kept: torch.Tensor | None = None  # [S, C] 1 where masked importance sampling keeps a token (rollout.mis_low)
 
 
 def _done(value) -> Future:
@@ -399,11 +415,15 @@ def add_logprobs(trainer, batch: TokenBatch, rollout: Rollout, scored: Scored, o
             batch.fields["engine_logp"] = engine_logp  # the mismatch metric comes from that forward too
         return Behaviour(engine_logp, None)
     batch.fields["old_logp"] = trainer.logprobs(batch, "policy", objective.temperature)
+    reward_kl = None
     if g.beta > 0 and g.kl_in_reward:
-        kl_seq = (kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator) * mask).sum(-1)
-        scored.rewards = scored.rewards - g.beta * kl_seq
+        kl_tok = kl_penalty(batch.fields["old_logp"], batch.fields["ref_logp"], g.kl_estimator) * mask
+        if getattr(ADVANTAGES.get(g.advantage), "token_kl_returns", False):
+            reward_kl = kl_tok  # per-token returns in add_advantages
+        else:
+            scored.rewards = scored.rewards - g.beta * kl_tok.sum(-1)
     mismatch = None if engine_logp is None else mismatch_sums(batch.fields["old_logp"], engine_logp, mask)
-    return Behaviour(engine_logp, mismatch)
+    return Behaviour(engine_logp, mismatch, reward_kl)
 
 
 def old_pass_needed(cfg: Config) -> bool:
@@ -415,12 +435,15 @@ def old_pass_needed(cfg: Config) -> bool:
     whole = not g.mini_batch_size or g.mini_batch_size == g.prompts_per_step * cfg.rollout.n
     one_pass = cfg.parallel.backend == "torch" and cfg.parallel.torch.fused_linear == "one_pass"
     return (g.old_logprobs == "recompute" or g.mu > 1 or not whole or cfg.rollout.tis_cap > 0
-            or (g.beta > 0 and g.kl_in_reward) or one_pass)
+            or cfg.rollout.mis_low > 0 or (g.beta > 0 and g.kl_in_reward) or one_pass)
 
 
-def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg: Config) -> Shaped:
-    """batch.fields advantages ([S], or [S, C] with TIS), loss_weight [S] and mask [S, C]: what GRPOLoss reads.
-    Groups without signal (grpo.drop_equal_groups) and truncated samples (grpo.overlong_filter) weigh 0."""
+def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg: Config,
+                   gather=lambda x: [x]) -> Shaped:
+    """batch.fields advantages ([S], or [S, C] with TIS or per-token returns), loss_weight [S] and mask [S, C]:
+    what GRPOLoss reads. Groups without signal (grpo.drop_equal_groups) and truncated samples
+    (grpo.overlong_filter) weigh 0. gather: every data-parallel rank's value of a local one (the batch-normalised
+    estimators' statistics span the whole step)."""
     g, n = cfg.grpo, cfg.rollout.n
     mask = batch.scored_mask()
     advantages = group_advantages(scored.rewards, n, g.advantage, g.adv_eps)
@@ -432,12 +455,22 @@ def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg:
         weight = weight * (~scored.truncated).float()
     if scored.excluded is not None:
         weight = weight * (~scored.excluded).float()
-    token_adv, tis = advantages, None
+    estimator = ADVANTAGES.get(g.advantage)
+    if behaviour.reward_kl is not None:  # REINFORCE++: the KL penalty as per-token returns
+        advantages = token_returns(scored.rewards, behaviour.reward_kl, g.beta, mask.float())
+    if getattr(estimator, "batch_whitened", False):  # REINFORCE++: over every token of the step that trains
+        advantages = whiten_batch(advantages, mask * weight.unsqueeze(-1), g.adv_eps, gather)
+    token_adv, tis, kept = advantages, None, None
     if cfg.rollout.tis_cap and behaviour.engine_logp is not None:  # truncated importance sampling, per token
         tis = tis_weights(batch.fields["old_logp"], behaviour.engine_logp, mask, cfg.rollout.tis_cap)
-        token_adv = advantages.unsqueeze(-1) * tis
-    batch.fields.update(advantages=token_adv, loss_weight=weight, mask=mask * weight.unsqueeze(-1))
-    return Shaped(advantages, flat_groups, tis)
+        token_adv = (advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages) * tis
+    if cfg.rollout.mis_low and behaviour.engine_logp is not None:  # masked importance sampling
+        r = cfg.rollout
+        kept = mis_keep(batch.fields["old_logp"], behaviour.engine_logp, mask, r.mis_low, r.mis_high, r.mis_level)
+    loss_mask = mask * weight.unsqueeze(-1) * (1 if kept is None else kept)
+    batch.fields.update(advantages=token_adv, loss_weight=weight, mask=loss_mask)
+    # one per sample for the logs: a per-token return's value at the first token (the whole return)
+    return Shaped(advantages if advantages.dim() == 1 else advantages[:, 0], flat_groups, tis, kept)
 
 
 def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, step: int) -> dict:
@@ -523,14 +556,16 @@ def tool_metrics(parallel, rollout: Rollout, scored: Scored) -> dict:
 
 
 def _mismatch_metrics(parallel, mismatch: dict | None, tis: torch.Tensor | None, mask: torch.Tensor,
-                      cap: float) -> dict:
+                      cap: float, kept: torch.Tensor | None = None) -> dict:
     """rollout/mismatch_kl (mean per token) and rollout/mismatch_kl_max over every rank's tokens; with TIS the
-    mean weight and the share of tokens whose weight the cap truncated."""
+    mean weight and the share of tokens whose weight the cap truncated; with MIS the share of tokens masked."""
     if mismatch is None:
         return {}
     local = dict(mismatch)
     if tis is not None:
         local.update(tis_sum=float((tis * mask).sum()), tis_capped=float(((tis >= cap) * mask).sum()))
+    if kept is not None:
+        local.update(mis_masked=float(((1 - kept) * mask).sum()))
     parts = parallel.all_gather(local)
     count = max(1.0, sum(x["count"] for x in parts))
     out = {"rollout/mismatch_kl": sum(x["sum"] for x in parts) / count,
@@ -538,6 +573,8 @@ def _mismatch_metrics(parallel, mismatch: dict | None, tis: torch.Tensor | None,
     if tis is not None:
         out["rollout/tis_weight"] = sum(x["tis_sum"] for x in parts) / count
         out["rollout/tis_capped"] = sum(x["tis_capped"] for x in parts) / count
+    if kept is not None:
+        out["rollout/mis_masked"] = sum(x["mis_masked"] for x in parts) / count
     return out
 
 

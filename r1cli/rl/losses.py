@@ -8,8 +8,10 @@ Every log-ratio is clamped before exp so that one wild token cannot overflow.
     dual  : for A < 0, L_t = min(L_t, -c A)                          Ye et al. 2020
     KL_t  : k1 = log(pi/ref), k2 = (log(pi/ref))^2 / 2, k3 = ref/pi - log(ref/pi) - 1   (Schulman 2020)
     GSPO  : r_i = exp(mean_t(logp - old_logp)) for the whole sequence (Zheng et al. 2025)
+    CISPO : L_t = -sg(clip(r_t, 1-eps_low, 1+eps_high)) A log r_t      MiniMax-M1 (2025): every token keeps a
+            REINFORCE gradient -w A d(log p), its importance weight w clipped and detached
 
-Three registries name the variants (grpo.kl_estimator, grpo.loss_agg, grpo.ratio_level);
+Four registries name the variants (grpo.policy_loss, grpo.kl_estimator, grpo.loss_agg, grpo.ratio_level);
 objective.py assembles them into one spec.
 """
 
@@ -22,6 +24,8 @@ from r1cli.registry import Registry
 KL_ESTIMATORS = Registry("KL estimator", "grpo.kl_estimator")  # log(pi/ref) per token -> KL estimate
 AGGREGATIONS = Registry("loss aggregation", "grpo.loss_agg")  # per-token loss -> scalar
 RATIO_LEVELS = Registry("ratio level", "grpo.ratio_level")  # (logp, old_logp, mask) -> per-token log-ratio
+# (log_ratio, advantages, eps_low, eps_high, dual_clip, clamp) -> (per-token loss, 0/1 flag where a clip acted)
+POLICY_LOSSES = Registry("policy loss", "grpo.policy_loss")
 
 
 @KL_ESTIMATORS.register("k1")
@@ -59,6 +63,23 @@ def clipped_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low
         loss = torch.where(advantages < 0, torch.minimum(base, bound), base)
         was_clipped = torch.where(loss < base, torch.ones_like(was_clipped), was_clipped)
     return loss, was_clipped
+
+
+@POLICY_LOSSES.register("ppo")
+def ppo_policy_loss(log_ratio, advantages, eps_low, eps_high, dual_clip=0.0, clamp=20.0):
+    """The clipped surrogate of PPO, GRPO and DAPO: a token whose ratio left [1-eps_low, 1+eps_high] in the direction
+    its advantage pushes gets no gradient."""
+    return clipped_surrogate(log_ratio, advantages, eps_low, eps_high, dual_clip, clamp)
+
+
+@POLICY_LOSSES.register("cispo")
+def cispo_policy_loss(log_ratio, advantages, eps_low, eps_high, dual_clip=0.0, clamp=20.0):
+    """CISPO (MiniMax-M1): -sg(w) A log r with w = clip(r, 1-eps_low, 1+eps_high). Its gradient is -w A d(log p)
+    for every token - the clip bounds the weight, it drops no token's gradient - and it equals PPO's where the
+    ratio is inside the clip range. The value is 0 on-policy (log r = 0), as the surrogate's is -A."""
+    ratio = torch.exp(log_ratio.detach().clamp(-clamp, clamp))
+    weight = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
+    return -advantages * weight * log_ratio, (weight != ratio).to(log_ratio.dtype)
 
 
 @RATIO_LEVELS.register("token")

@@ -10,6 +10,11 @@ is not quite on-policy. Two things follow from the engine's per-token log-probs:
     TIS       truncated importance sampling (Yao et al. 2025, "Your efficient RL framework
               secretly brings you off-policy RL training"): each token's policy-gradient
               term is weighted by w_t = min(exp(logp_trainer - logp_engine), cap)
+    MIS       masked importance sampling (IcePop, Ling team 2025; verl's rollout rejection): a
+              token whose ratio exp(logp_trainer - logp_engine) lies outside [low, high] is left
+              out of the loss (its mask 0); at the sequence level every token of a sample whose
+              geometric-mean ratio exp(mean_t(logp_trainer - logp_engine)) lies outside; the
+              loss's normalisation then counts the tokens kept
 
 Every GRPO surrogate is positively homogeneous in the advantage (for w > 0,
 clip(r) wA and min/max of such terms scale by w, and so does the dual-clip bound), so
@@ -54,3 +59,15 @@ def tis_weights(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: tor
     """[B, T] min(p_trainer / p_engine, cap) on completion tokens (1 elsewhere); a constant, not differentiated."""
     w = torch.exp((trainer_logp.float() - engine_logp.float()).clamp(max=20.0)).clamp(max=cap)
     return torch.where(mask > 0, w, torch.ones_like(w)).detach()
+
+
+def mis_keep(trainer_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor, low: float, high: float,
+             level: str = "token") -> torch.Tensor:
+    """[B, T] 1 where a completion token stays in the loss, 0 where masked importance sampling leaves it out (and
+    on padding): its ratio p_trainer / p_engine - or, at level "sequence", its sample's geometric-mean ratio -
+    outside [low, high]."""
+    log_ratio = (trainer_logp.float() - engine_logp.float()) * mask
+    if level == "sequence":
+        log_ratio = (log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(mask)
+    inside = (log_ratio >= torch.log(torch.tensor(low))) & (log_ratio <= torch.log(torch.tensor(high)))
+    return (inside & (mask > 0)).to(mask.dtype)

@@ -13,15 +13,16 @@ from dataclasses import dataclass
 import torch
 
 from r1cli.config import GRPOConfig
+from r1cli.errors import R1Error
 from r1cli.interfaces import LossInput
 from r1cli.kernels.records import TokenRecord
 from r1cli.rl.losses import (
     AGGREGATIONS,
     KL_ESTIMATORS,
+    POLICY_LOSSES,
     RATIO_LEVELS,
     aggregate,
     aggregation_weights,
-    clipped_surrogate,
     kl_penalty,
 )
 from r1cli.rl.mismatch import mismatch_terms
@@ -40,18 +41,23 @@ class GRPOObjective:
     max_len: int = 0  # Dr. GRPO's constant normaliser: the generation budget
     temperature: float = 1.0  # log-probs are of the sampling distribution
     clamp: float = 20.0  # |log-ratio| bound before exp
+    policy_loss: str = "ppo"  # ppo: the clipped surrogate; cispo: the clipped, detached weight times log p
 
     def __post_init__(self):
         KL_ESTIMATORS.check(self.kl, "grpo.kl_estimator")
         RATIO_LEVELS.check(self.ratio_level, "grpo.ratio_level")
         AGGREGATIONS.check(self.loss_agg, "grpo.loss_agg")
+        POLICY_LOSSES.check(self.policy_loss, "grpo.policy_loss")
+        if self.policy_loss == "cispo" and (self.dual_clip or self.ratio_level != "token"):
+            raise R1Error("grpo.policy_loss=cispo clips a token-level importance weight and keeps every token's "
+                          "gradient: it takes no grpo.dual_clip and no grpo.ratio_level=sequence")
 
     @classmethod
     def from_config(cls, g: GRPOConfig, temperature: float, max_len: int) -> "GRPOObjective":
         return cls(eps_low=g.eps_low, eps_high=g.eps_high, dual_clip=g.dual_clip,
                    beta=0.0 if g.kl_in_reward else g.beta, kl=g.kl_estimator, entropy_coef=g.entropy_coef,
                    ratio_level=g.ratio_level, loss_agg=g.loss_agg, max_len=max_len, temperature=temperature,
-                   clamp=g.log_ratio_clamp)
+                   clamp=g.log_ratio_clamp, policy_loss=g.policy_loss)
 
     @property
     def needs_entropy(self) -> bool:
@@ -74,7 +80,8 @@ class GRPOObjective:
         if adv.shape != logp.shape:
             adv = adv.unsqueeze(-1).expand_as(logp)
         log_ratio = RATIO_LEVELS.get(self.ratio_level)(logp, old_logp.float(), mask)
-        pg, clipped = clipped_surrogate(log_ratio, adv, self.eps_low, self.eps_high, self.dual_clip, self.clamp)
+        pg, clipped = POLICY_LOSSES.get(self.policy_loss)(log_ratio, adv, self.eps_low, self.eps_high, self.dual_clip,
+                                                          self.clamp)
         if self.beta > 0 and ref_logp is not None:
             kl_t = kl_penalty(logp, ref_logp.float(), self.kl, self.clamp)
         else:

@@ -97,6 +97,9 @@ def test_two_ranks_match_one(cold_start, tmp_path, dp):
      "grpo.mini_batch_size=8"],
     ["grpo.loss_agg=seq-mean-token-sum-norm", "grpo.advantage=drgrpo", "grpo.dual_clip=3.0",
      "grpo.overlong_buffer=8", "grpo.overlong_filter=true", "rollout.max_new_tokens=16"],
+    ["grpo.policy_loss=cispo", "grpo.advantage=reinforce++", "grpo.beta=0.05", "grpo.kl_in_reward=true",
+     "grpo.kl_estimator=k1", "grpo.mu=2"],
+    ["grpo.advantage=reinforce++-baseline", "grpo.loss_agg=token-mean"],
 ])
 def test_variants_run_and_report(cold_start, tmp_path, switches):
     run_rl(rl_config(cold_start, tmp_path, *SHORT, "train.steps=3", *switches))
@@ -252,3 +255,30 @@ def test_dynamic_sampling_refills_the_step_with_groups_that_have_signal_and_resu
     run_rl(rl_config(cold_start, tmp_path / "cut", *dyn), resume=True)
     for key in ("loss", "reward/total", "sampling/rounds", "sampling/groups_dropped", "grad_norm"):
         assert _curve(tmp_path / "cut", key) == _curve(tmp_path / "full", key), key
+
+
+# opt-in (each a full tiny R1-Zero run): the objectives peers use, from the demo's cold start, each against its own
+# lr=0 control
+OBJECTIVES = {
+    "cispo": ["grpo.policy_loss=cispo", "grpo.eps_low=0.2", "grpo.eps_high=0.28"],
+    "reinforce++": ["grpo.advantage=reinforce++", "grpo.beta=0.01", "grpo.kl_in_reward=true",
+                    "grpo.kl_estimator=k1"],
+    "reinforce++-baseline": ["grpo.advantage=reinforce++-baseline"],
+    # masked importance sampling needs the engine's own log-probs: one-step-off samples (the transformers engine
+    # reports none), the mask beside TIS
+    "mis": ["rollout.asynchronous=true", "rollout.tis_cap=2.0", "rollout.mis_low=0.5", "rollout.mis_high=2.0"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_each_objective_learns_and_lr_zero_does_not(cold_start, tmp_path, name):
+    run_rl(rl_config(cold_start, tmp_path / "run", *OBJECTIVES[name]))
+    before, after = eval_curve(tmp_path / "run")
+    assert after - before >= 0.20, (name, before, after)
+    if name == "mis":  # the share of tokens masked is logged every step
+        assert all(0 <= m["rollout/mis_masked"] <= 1 for m in read_metrics(tmp_path / "run" / "metrics.jsonl")
+                   if "loss" in m)
+    run_rl(rl_config(cold_start, tmp_path / "lr0", *OBJECTIVES[name], "optim.lr=0.0", "train.steps=16"))
+    before0, after0 = eval_curve(tmp_path / "lr0")
+    assert before0 == before and abs(after0 - before0) < 0.05, (name, before0, after0)
