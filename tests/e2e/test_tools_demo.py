@@ -1,5 +1,6 @@
-"""The tools demo of the README (configs/tiny/tools-sft.yaml, tools.yaml), as a user runs it: the tiny model learns
-to call python for products it cannot work out in its head (opt-in: -m slow, ~10 min)."""
+"""The tools demo of docs/guides/tools.md (configs/tiny/tools-sft.yaml, tools.yaml), as a user runs it: the tiny
+model learns to call python for products it cannot work out in its head (opt-in: -m slow, ~8 min; CI runs it as its
+own step, since with a fifth of tool calls in the cold start it learned on some machines and seeds only)."""
 
 import json
 
@@ -18,7 +19,7 @@ def test_the_tools_demo_learns_to_call_the_tool(tmp_path):
     quiet = ["logging.progress=false", "logging.tensorboard=false"]
     train, held = tmp_path / "mul.jsonl", tmp_path / "mul_eval.jsonl"
     r1("data", "tiny-model", "--out", tmp_path / "tiny-model")
-    r1("data", "synth", "arithmetic", "--digits", "3", "--ops", "*", "--tool-share", "0.2", "--out", train,
+    r1("data", "synth", "arithmetic", "--digits", "3", "--ops", "*", "--tool-share", "0.5", "--out", train,
        "--n", "4000", "--eval-out", held, "--eval-n", "200")
     data = [f"data.train={train}", f"data.eval={held}"]
     r1("sft", "--config", "configs/tiny/tools-sft.yaml", f"model.path={tmp_path / 'tiny-model'}", *data,
