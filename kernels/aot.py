@@ -152,7 +152,8 @@ def compile_launch(launch: Launch, arch: int = 90) -> Report:
 
 def production_launches(V: int = 151936, dtype=torch.bfloat16) -> list[Launch]:
     """The launches of one GRPO training step on a Qwen-sized vocabulary: loss from logits (with and without
-    entropy, every KL estimator), log-probs, and the fused-linear tile statistics and gradient."""
+    entropy, every KL estimator, the ppo and cispo policy losses), log-probs, and the fused-linear tile statistics
+    and gradient."""
     from .fused_linear import VOCAB_TILE
     from .grpo_logits import _GRPOLossFromLogits, tile_grad, tile_stats
 
@@ -161,11 +162,12 @@ def production_launches(V: int = 151936, dtype=torch.bfloat16) -> list[Launch]:
     t = torch.zeros(n, dtype=torch.int64)
     f = torch.zeros(n)
     with record_launches() as launches:
-        for kl, ent in [("k1", False), ("k2", False), ("k3", False), ("k3", True)]:
+        for kl, ent, cispo in [("k1", False, False), ("k2", False, False), ("k3", False, False), ("k3", True, False),
+                               ("k3", False, True)]:
             _GRPOLossFromLogits.forward(_Ctx(), logits, t, f, f, f, f, 0.2, 0.28, 0.04, kl, 1.0, 0.0,
-                                        0.01 if ent else 0.0, 20.0, True, ent, False)
+                                        0.01 if ent else 0.0, 20.0, True, ent, False, cispo)
         _GRPOLossFromLogits.forward(_Ctx(), logits, t, None, None, None, None, 0.0, 0.0, 0.0, "k3", 1.0, 0.0, 0.0,
-                                    20.0, False, False, False)
+                                    20.0, False, False, False, False)
         tile = torch.zeros(n, min(V, VOCAB_TILE), dtype=dtype)
         for ent in (False, True):
             tile_stats(tile, t, 0, 1.0, ent)

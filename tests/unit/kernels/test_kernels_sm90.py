@@ -29,8 +29,9 @@ def reports():
 def test_every_launch_compiles_for_sm90(reports):
     names = {r["name"] for r in reports}
     assert names == {"_grpo_fwd_kernel", "_stats_kernel", "_grad_kernel"}
-    # loss with k1/k2/k3, with entropy, log-probs only; tile statistics and gradient with and without entropy
-    assert len(reports) == 9
+    # loss with k1/k2/k3, with entropy, CISPO, log-probs only; tile statistics and gradient with and without entropy
+    assert len(reports) == 10
+    assert any("CISPO=True" in r["config"] for r in reports)
 
 
 def test_no_register_spills(reports):
