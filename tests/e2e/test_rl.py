@@ -142,8 +142,12 @@ def test_report_draws_the_curves(cold_start, tmp_path):
     assert "no KL" not in write_report(str(tmp_path / "kl")).read_text()
 
 
-@pytest.mark.parametrize("fused_linear,loss_agg", [("recompute", "seq-mean-token-mean"),
-                                                   ("one_pass", "seq-mean-token-mean"), ("one_pass", "token-mean")])
+# the one-pass forms are opt-in (the default run was near its 15 minutes): tests/unit/kernels holds the one-pass
+# Triton kernel to its reference, and tests/e2e/test_packing.py runs the one-pass loss in a trainer
+@pytest.mark.parametrize("fused_linear,loss_agg", [
+    ("recompute", "seq-mean-token-mean"),
+    pytest.param("one_pass", "seq-mean-token-mean", marks=pytest.mark.slow),
+    pytest.param("one_pass", "token-mean", marks=pytest.mark.slow)])
 def test_triton_kernels_train_like_the_reference(cold_start, tmp_path, fused_linear, loss_agg):
     """`train.kernels=triton` (interpreted on CPU) gives the same run as the plain-torch reference, with the
     logits recomputed in the backward or the gradient formed in the forward from the aggregation weights."""
