@@ -155,7 +155,7 @@ def cli_reference() -> str:
         ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=120, max_content_width=120)
         out.append(f"## `{' '.join(path)}`\n\n")
         help_text = inspect.cleandoc(cmd.help or "")
-        out.append(help_text.replace("`--print-config`", "`--print-config`") + "\n\n")
+        out.append(help_text + "\n\n")
         out.append(f"```\n{cmd.get_usage(ctx).replace('Usage: ', '')}\n```\n\n")
         params = [p for p in cmd.params if p.name != "help"]
         if params:

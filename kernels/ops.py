@@ -50,7 +50,7 @@ def _kernel_scalars(objective: ElementwiseObjective) -> dict:
     policy losses only."""
     if not objective.elementwise:
         raise ValueError(f"the fused GRPO kernels apply token-level ratios, not ratio_level={objective.ratio_level!r}")
-    policy = getattr(objective, "policy_loss", "ppo")
+    policy = objective.policy_loss
     if policy not in ("ppo", "cispo"):
         raise ValueError(f"the fused GRPO kernels compute grpo.policy_loss ppo or cispo, not {policy!r}: "
                          "train.kernels=torch")

@@ -65,6 +65,9 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.torch.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("parallel.torch.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence "
                       "needs parallel.torch.fused_linear=recompute")
+    if r.mis_level != "token" and not r.mis_low:  # read only with the mask on: refused, not ignored
+        raise R1Error("rollout.mis_level is read only with masked importance sampling: set rollout.mis_low and "
+                      "rollout.mis_high (e.g. 0.5 and 2.0), or drop rollout.mis_level")
     if (r.mis_low or r.mis_high) and not 0 < r.mis_low < 1 < r.mis_high:
         raise R1Error(f"rollout.mis_low and rollout.mis_high bound the ratio p_trainer / p_engine a token keeps: "
                       f"0 < mis_low < 1 < mis_high (e.g. 0.5 and 2.0); this run has {r.mis_low} and {r.mis_high}")

@@ -50,5 +50,7 @@ def test_the_bounds_must_hold_one():
     for bad in (["rollout.mis_low=1.2", "rollout.mis_high=2"], ["rollout.mis_low=0.5", "rollout.mis_high=0"]):
         with pytest.raises(R1Error, match="0 < mis_low < 1 < mis_high"):
             validate(load_config(None, bad))
+    with pytest.raises(R1Error, match="mis_level is read only with masked importance sampling"):
+        validate(load_config(None, ["rollout.mis_level=sequence"]))
     with pytest.raises(R1Error, match="reports no log-probs"):  # the transformers engine: nothing to compare with
         validate(load_config(None, ["rollout.mis_low=0.5", "rollout.mis_high=2"]))
