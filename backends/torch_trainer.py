@@ -28,6 +28,7 @@ from r1cli.lr_schedule import lr_factor
 from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
 from r1cli.models.router_stats import RouterStats, hook_transformers_routers, load_balancing
+from r1cli.models.value_head import to_value_head, values_at
 from r1cli.models.weight_names import to_checkpoint_names
 from r1cli.run.checkpoint import restore_rng, save_rng
 from r1cli.token_batch import TokenBatch, token_budget_micro_batches
@@ -95,7 +96,11 @@ class TorchTrainer:
     loss_inputs = frozenset(LossInput)  # log-probs, one-pass weighted terms, hidden states
 
     def __init__(self, model: ModelConfig, train: TrainConfig, optim: OptimConfig, parallel: ParallelConfig,
-                 need_reference: bool = False):
+                 need_reference: bool = False, value_head: bool = False):
+        """value_head: a critic (PPO's value model): the lm_head replaced by a zero [1 x hidden] head whose output at
+        each scored token's position is V, its files named critic_* in a checkpoint beside the policy's."""
+        self.value_head = value_head
+        self.files = "critic_" if value_head else ""
         if not self.model_parallel and (parallel.tensor_parallel > 1 or parallel.pipeline_parallel > 1 or
                                         parallel.expert_parallel > 1):
             raise R1Error(f"parallel.backend={parallel.backend} is data parallel only: parallel.tensor_parallel="
@@ -210,6 +215,8 @@ class TorchTrainer:
 
         def build(device: torch.device, weights: bool = True) -> nn.Module:
             m = load_model(cfg, device, weights=weights)
+            if self.value_head:
+                to_value_head(m)
             if frozen:
                 m.eval().requires_grad_(False)
             elif adapted:
@@ -304,9 +311,18 @@ class TorchTrainer:
         else:
             raise RuntimeError("no reference model is loaded (grpo.beta == 0)")
         with base:
-            return self._logprobs(module, batch, temperature)
+            return self._per_token(module, batch, lambda h, w, tgt: kernels.fused_linear_logprobs(
+                h, w, tgt, temperature=temperature, impl=self.impl)[0])
 
-    def _logprobs(self, module: nn.Module, batch: TokenBatch, temperature: float) -> torch.Tensor:
+    @torch.no_grad()
+    def values(self, batch: TokenBatch) -> torch.Tensor:
+        """A critic's [B, C] values V at each row's scored tokens (the state before each; 0 past the end)."""
+        if not self.value_head:
+            raise RuntimeError("values() is a critic's (value_head=True)")
+        return self._per_token(self.loss_module, batch, lambda h, w, tgt: values_at(h, w))
+
+    def _per_token(self, module: nn.Module, batch: TokenBatch, fn) -> torch.Tensor:
+        """[B, C] fn(hidden, head weight, targets) of each row's scored tokens, in micro-batches (0 past the end)."""
         module.eval()
         mask = batch.scored_mask()
         out = torch.zeros_like(mask)
@@ -317,8 +333,7 @@ class TorchTrainer:
             failed = False
             try:
                 with self.autocast, self._cp_active(layout):
-                    logp = module(ids, pos, idx, lambda h, w: kernels.fused_linear_logprobs(
-                        h, w, tgt, temperature=temperature, impl=self.impl)[0])
+                    logp = module(ids, pos, idx, lambda h, w: fn(h, w, tgt))
             except torch.OutOfMemoryError:
                 failed = True
             if failed:  # (outside the handler: the failed forward's tensors are gone)
@@ -560,13 +575,13 @@ class TorchTrainer:
         if self.lora:  # the adapters alone: the base is model.path, whose content the run's identity records
             model_sd, weights_file = self.adapter_state_dict(), ADAPTER_FILE
         else:
-            model_sd, weights_file = self.full_state_dict(), "model.safetensors"
+            model_sd, weights_file = self.full_state_dict(), self.files + "model.safetensors"
         optim_sd = get_optimizer_state_dict(self.loss_module, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.parallel.is_main:
             save_file({k: v.detach().clone().contiguous() for k, v in model_sd.items()}, str(directory / weights_file))
             torch.save({"optimizer": optim_sd, "scheduler": self.scheduler.state_dict(), "extra": extra},
-                       directory / "trainer.pt")
+                       directory / (self.files + "trainer.pt"))
         if self.reference is not None:
             ref = self.reference.state_dict()
             if self._sharded:  # gathered on every rank (a collective), written by rank 0
@@ -576,7 +591,8 @@ class TorchTrainer:
             if self.parallel.is_main:
                 save_file({k: v.detach().clone().contiguous() for k, v in ref.items()},
                           str(directory / "reference.safetensors"))
-        save_rng(directory, self.parallel.rank)
+        if not self.value_head:  # the policy's trainer keeps the generators' states (one set per rank)
+            save_rng(directory, self.parallel.rank)
         self.parallel.barrier()
 
     def load(self, directory: Path) -> dict:
@@ -599,14 +615,15 @@ class TorchTrainer:
         if self.lora:
             self._load_adapters(directory / ADAPTER_FILE)
         else:
-            set_model_state_dict(self.loss_module, weights("model.safetensors"), options=opts)
-        blob = torch.load(directory / "trainer.pt", weights_only=False, mmap=True)
+            set_model_state_dict(self.loss_module, weights(self.files + "model.safetensors"), options=opts)
+        blob = torch.load(directory / (self.files + "trainer.pt"), weights_only=False, mmap=True)
         set_optimizer_state_dict(self.loss_module, self.optimizer, blob["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
         self.scheduler.load_state_dict(blob["scheduler"])
         if self.reference_module is not None and (directory / "reference.safetensors").is_file():
             set_model_state_dict(self.reference_module, weights("reference.safetensors"), options=opts)
-        restore_rng(directory, self.parallel.rank)
+        if not self.value_head:
+            restore_rng(directory, self.parallel.rank)
         return blob["extra"]
 
     def export_hf(self, directory: Path) -> None:

@@ -262,6 +262,23 @@ def build_trainer(cfg: "Config", need_reference: bool = False, command: str = "s
     return cls(cfg.model, train, cfg.optim, cfg.parallel, need_reference=need_reference)
 
 
+def build_critic(cfg: "Config", policy: TrainerBackend) -> TrainerBackend:
+    """PPO's value model (grpo.advantage=gae): a second torch trainer from critic.path (model.path when empty) with a
+    value head, its own AdamW at critic.lr, the policy's data-parallel layout and micro-batches (its token budget
+    as the policy's trainer resolved it)."""
+    from dataclasses import replace
+
+    from r1cli.errors import R1Error
+
+    if cfg.parallel.backend != "torch":
+        raise R1Error(f"grpo.advantage=gae trains a critic on parallel.backend=torch; {cfg.parallel.backend} holds "
+                      "no value model yet")
+    model = replace(cfg.model, path=cfg.critic.path or cfg.model.path)
+    optim = replace(cfg.optim, lr=cfg.critic.lr)
+    train = getattr(policy, "train_cfg", cfg.train)
+    return TRAINERS.get("torch")(model, train, optim, cfg.parallel, need_reference=False, value_head=True)
+
+
 def pick_engine(name: str) -> str:
     """`auto`: vLLM on a GPU (where it is the fast one) if it is installed, transformers otherwise (on CPU vLLM is
     no faster: DESIGN.md)."""
@@ -323,5 +340,5 @@ def build_engine(model: "ModelConfig", rollout: "RolloutConfig", trainer: Traine
 
 __all__ = ["SamplingParams", "Completion", "ParallelContext", "LossInput", "TokenLoss", "choose_loss_input",
            "TrainerBackend", "RolloutEngine", "TimedEngine", "TRAINERS", "ENGINES", "LAYOUTS", "CONVERTERS",
-           "build_trainer", "build_engine", "build_parallel", "pick_engine", "engine_factory",
+           "build_trainer", "build_critic", "build_engine", "build_parallel", "pick_engine", "engine_factory",
            "engine_reports_logprobs"]

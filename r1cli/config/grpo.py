@@ -26,7 +26,8 @@ class GRPOConfig:
     ratio_level: str = named("token", "r1cli.rl.losses:RATIO_LEVELS")  # sequence: GSPO
     # seq-mean-token-mean (paper), token-mean (DAPO), seq-mean-token-sum-norm (Dr. GRPO)
     loss_agg: str = named("seq-mean-token-mean", "r1cli.rl.losses:AGGREGATIONS")
-    advantage: str = named("grpo", "r1cli.rl.advantages:ADVANTAGES")  # grpo, drgrpo, rloo
+    # grpo, drgrpo, rloo, reinforce++, reinforce++-baseline (group or batch baselines); gae: PPO's learned critic
+    advantage: str = named("grpo", "r1cli.rl.advantages:ADVANTAGES")
     adv_eps: float = bounded(1e-6, 0.0)  # added to the group std before dividing
     beta: float = bounded(0.001, 0.0)  # KL weight; 0 loads no reference model
     kl_estimator: str = named("k3", "r1cli.rl.losses:KL_ESTIMATORS")  # k1, k2, k3

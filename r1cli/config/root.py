@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from r1cli.config.coldstart import ColdstartConfig
+from r1cli.config.critic import CriticConfig
 from r1cli.config.data import DataConfig
 from r1cli.config.distill import DistillConfig
 from r1cli.config.eval import BenchmarkConfig, EvalConfig
+from r1cli.config.fields import owned
 from r1cli.config.grpo import GRPOConfig
 from r1cli.config.model import ModelConfig
 from r1cli.config.parallel import ParallelConfig
@@ -30,6 +32,8 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    # PPO's value model, read only with grpo.advantage=gae
+    critic: CriticConfig = owned(CriticConfig, "grpo.advantage", ("gae",))
     eval: EvalConfig = field(default_factory=EvalConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -6,6 +6,9 @@
     reinforce++          : A_i,t = whiten_batch(G_i,t), G_i,t = R_i - beta sum_{s>=t} KL_i,s   Hu 2025
                            (the token-level KL in the reward with grpo.kl_in_reward, else G = R_i)
     reinforce++-baseline : A_i = whiten_batch(R_i - mean(R))     the group mean first, then the batch
+    gae    : A_i,t = sum_l (gamma lam)^l delta_i,t+l, delta_t = r_t + gamma V_t+1 - V_t   PPO with a critic
+             (Schulman 2016; Open-Reasoner-Zero): r_t the reward R_i at the last token (- beta KL_t per token with
+             grpo.kl_in_reward), V the critic's values; returns A + V train the critic; whitened with critic.whiten
     whiten_batch: (x - mean) / (std + eps) over every completion token of the whole step, all ranks together
 """
 
@@ -57,6 +60,43 @@ def reinforce_pp_baseline_advantage(r: torch.Tensor, eps: float) -> torch.Tensor
 # normalised over the whole batch after the group step (r1cli.rl.loop.add_advantages calls whiten_batch)
 reinforce_pp_advantage.batch_whitened = reinforce_pp_baseline_advantage.batch_whitened = True
 reinforce_pp_advantage.token_kl_returns = True  # grpo.kl_in_reward enters as a per-token return
+
+
+@ADVANTAGES.register("gae")
+def gae_rewards(r: torch.Tensor, eps: float) -> torch.Tensor:
+    """PPO with a learned critic: no group step (a group of one is fine); r1cli.rl.loop.add_advantages runs gae() over
+    the critic's values."""
+    return r.clone()
+
+
+gae_rewards.needs_critic = True  # a value model beside the policy (the critic section), and rollout.n >= 1
+gae_rewards.token_kl_returns = True  # grpo.kl_in_reward enters as a reward per token
+
+
+def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over each row's action tokens (mask [S, C] 1; tokens a tool wrote, 0, are
+    stepped over: the next action's value follows the last), the value after a row's last action 0 (the episode
+    ends). token_rewards, values: [S, C]. Returns (advantages, returns = advantages + values), 0 off the mask."""
+    r, v, m = token_rewards.double(), values.double(), mask.bool()
+    adv = torch.zeros_like(r)
+    last = torch.zeros(r.shape[0], dtype=r.dtype)  # A of the next action token
+    next_v = torch.zeros(r.shape[0], dtype=r.dtype)  # V of the next action token (0 past the end)
+    for t in range(r.shape[1] - 1, -1, -1):
+        here = m[:, t]
+        a = r[:, t] + gamma * next_v - v[:, t] + gamma * lam * last
+        adv[:, t] = torch.where(here, a, 0.0)
+        last = torch.where(here, a, last)
+        next_v = torch.where(here, v[:, t], next_v)
+    ret = (adv + v) * m
+    return adv.to(values.dtype), ret.to(values.dtype)
+
+
+def final_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[S, C] each sample's reward at its last action token (mask 1), 0 elsewhere."""
+    m = mask.bool()
+    last = (m.cumsum(-1) == m.sum(-1, keepdim=True)) & m  # the last 1 of each row
+    return rewards.unsqueeze(-1).to(torch.float32) * last
 
 
 def whiten_batch(adv: torch.Tensor, mask: torch.Tensor, eps: float, gather=lambda x: [x]) -> torch.Tensor:

@@ -27,6 +27,7 @@ from r1cli.eval.accuracy import held_out_evaluator
 from r1cli.interfaces import (
     Completion,
     SamplingParams,
+    build_critic,
     build_engine,
     build_trainer,
     engine_reports_logprobs,
@@ -37,11 +38,14 @@ from r1cli.rewards import REWARDS, RewardContext, Scores, check_task_rows, score
 from r1cli.rl.advantages import (
     ADVANTAGES,
     equal_reward_groups,
+    final_token_rewards,
+    gae,
     group_advantages,
     overlong_penalty,
     token_returns,
     whiten_batch,
 )
+from r1cli.rl.critic import ValueLoss, WithCritic
 from r1cli.rl.losses import kl_penalty
 from r1cli.rl.mismatch import engine_logprobs, mis_keep, mismatch_sums, tis_weights
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
@@ -57,8 +61,23 @@ from r1cli.tools.turns import with_tools
 def validate(cfg: Config) -> None:
     """What no single section can check alone, before any model loads."""
     g, r = cfg.grpo, cfg.rollout
-    if r.n < 2:
-        raise R1Error("rollout.n must be at least 2: advantages are relative to the group (one sample has none)")
+    critic = needs_critic(cfg)
+    if r.n < 2 and not critic:
+        raise R1Error("rollout.n must be at least 2: advantages are relative to the group (one sample has none); "
+                      "grpo.advantage=gae takes its baseline from a learned critic instead")
+    if critic:
+        if cfg.parallel.backend != "torch":
+            raise R1Error(f"grpo.advantage=gae trains a critic on parallel.backend=torch; {cfg.parallel.backend} "
+                          "holds no value model yet")
+        if cfg.model.lora.rank:
+            raise R1Error("grpo.advantage=gae with model.lora is not built (the critic would need its own adapters "
+                          "and a trainable value head): train the policy in full, or use a group baseline")
+        if cfg.parallel.context_parallel > 1:
+            raise R1Error("grpo.advantage=gae with parallel.context_parallel > 1 is not built (the value loss takes "
+                          "whole rows' hidden states): use parallel.context_parallel=1 or a group baseline")
+        if r.n < 2 and (g.drop_equal_groups or g.dynamic_sampling):
+            raise R1Error("grpo.drop_equal_groups and grpo.dynamic_sampling drop groups whose rewards are all equal: "
+                          "with rollout.n=1 that is every group; use rollout.n >= 2 or drop them")
     if getattr(ADVANTAGES.get(g.advantage), "divides_by_std", False) and g.adv_eps <= 0:
         raise R1Error(f"grpo.adv_eps=0 with grpo.advantage={g.advantage}: a group whose rewards are all equal "
                       "divides 0 by 0 (NaN advantages); use a small positive grpo.adv_eps such as 1e-6")
@@ -110,6 +129,11 @@ def validate(cfg: Config) -> None:
                       "across the ranks of a tensor- or pipeline-parallel replica; use data parallelism")
 
 
+def needs_critic(cfg: Config) -> bool:
+    """Whether the advantage estimator takes a learned critic's values (grpo.advantage=gae)."""
+    return bool(getattr(ADVANTAGES.get(cfg.grpo.advantage), "needs_critic", False))
+
+
 def validate_layout(cfg: Config, dp_size: int) -> None:
     g = cfg.grpo
     if g.prompts_per_step % dp_size:
@@ -135,6 +159,7 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     g, t = cfg.grpo, cfg.train
     objective = GRPOObjective.from_config(g, cfg.rollout.temperature, cfg.rollout.max_new_tokens)
     trainer = build_trainer(cfg, need_reference=g.beta > 0, command="rl")
+    critic = build_critic(cfg, trainer) if needs_critic(cfg) else None  # PPO's value model, beside the policy
     p = trainer.parallel
     validate_layout(cfg, p.dp_size)
     engine = with_tools(build_engine(cfg.model, cfg.rollout, trainer), trainer.tokenizer, cfg.rollout, cfg.data)
@@ -149,8 +174,11 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
     ctx = RewardContext.from_config(cfg.data, cfg.rewards)
     keys = [("reward/total", "reward"), ("reward/accuracy", "acc"), ("response_len/mean", "len"), ("kl", "kl"),
             ("rollout_tokens_per_s", "tok/s"), ("moe/load_imbalance", "moe imb")]
+    if critic is not None:
+        keys.append(("critic/value_loss", "V loss"))
     ahead = ThreadPoolExecutor(1, thread_name_prefix="r1-rollout") if cfg.rollout.asynchronous else None
-    with RunHarness(cfg, trainer, resume=resume, overwrite=overwrite, progress_keys=keys, eval_before=True,
+    saved = trainer if critic is None else WithCritic(trainer, critic)  # what a checkpoint holds
+    with RunHarness(cfg, saved, resume=resume, overwrite=overwrite, progress_keys=keys, eval_before=True,
                     evaluate=held_out_evaluator(cfg, trainer, engine)) as harness, ahead or nullcontext(), \
             ExitStack() as stack:
         if harness.start:  # resumed: an engine with its own copy still holds the starting weights
@@ -191,8 +219,10 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
                                                 [c.observation for c in rollout.samples])  # tool output: unscored
             t1 = time.perf_counter()
             behaviour = add_logprobs(trainer, batch, rollout, scored, objective, cfg)  # 3. old / reference log-probs
+            if critic is not None:  # and the critic's values of each state
+                batch.fields["old_values"] = critic.values(batch)
             shaped = add_advantages(batch, scored, behaviour, cfg, trainer.parallel.all_gather)  # 4. advantages
-            train_out = optimize(trainer, batch, objective, cfg, step)  # 5. mu passes of mini-batch steps
+            train_out = optimize(trainer, batch, objective, cfg, step, critic)  # 5. mu passes of mini-batch steps
             t_train = time.perf_counter() - t1
             if pending is not None:  # the engine finishes the next step's samples before new weights reach it
                 t2 = time.perf_counter()
@@ -459,7 +489,16 @@ def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg:
     if scored.excluded is not None:
         weight = weight * (~scored.excluded).float()
     estimator = ADVANTAGES.get(g.advantage)
-    if behaviour.reward_kl is not None:  # REINFORCE++: the KL penalty as per-token returns
+    if getattr(estimator, "needs_critic", False):  # PPO: GAE over the critic's values, returns for the critic
+        c = cfg.critic
+        token_r = final_token_rewards(scored.rewards, mask)
+        if behaviour.reward_kl is not None:  # the KL penalty as a reward per token
+            token_r = token_r - g.beta * behaviour.reward_kl
+        advantages, returns = gae(token_r, batch.fields["old_values"], mask, c.gamma, c.lam)
+        batch.fields.update(returns=returns, value_mask=mask * weight.unsqueeze(-1))
+        if c.whiten:
+            advantages = whiten_batch(advantages, mask * weight.unsqueeze(-1), g.adv_eps, gather)
+    elif behaviour.reward_kl is not None:  # REINFORCE++: the KL penalty as per-token returns
         advantages = token_returns(scored.rewards, behaviour.reward_kl, g.beta, mask.float())
     if getattr(estimator, "batch_whitened", False):  # REINFORCE++: over every token of the step that trains
         advantages = whiten_batch(advantages, mask * weight.unsqueeze(-1), g.adv_eps, gather)
@@ -476,8 +515,10 @@ def add_advantages(batch: TokenBatch, scored: Scored, behaviour: Behaviour, cfg:
     return Shaped(advantages if advantages.dim() == 1 else advantages[:, 0], flat_groups, tis, kept)
 
 
-def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, step: int) -> dict:
-    """mu passes over the batch in shuffled mini-batches; each one optimizer step, normalised by its global size."""
+def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, step: int, critic=None) -> dict:
+    """mu passes over the batch in shuffled mini-batches; each one optimizer step, normalised by its global size.
+    With a critic each mini-batch also takes one critic step on the value loss (only that during the first
+    critic.warmup_steps steps)."""
     g, p = cfg.grpo, trainer.parallel
     n_local = len(batch)
     mini_local = (g.mini_batch_size // p.dp_size) if g.mini_batch_size else n_local
@@ -496,7 +537,14 @@ def optimize(trainer, batch: TokenBatch, objective: GRPOObjective, cfg: Config, 
             part = batch.select(mb)
             if cfg.train.max_tokens_per_micro_batch and p.dp_size > 1:  # packed: every rank about as many tokens
                 part = balance_ranks(part, p)
-            out = trainer.train_step(part, GRPOLoss(objective, max(seqs, 1.0), max(tokens, 1.0)))
+            out = {}
+            if critic is None or step >= cfg.critic.warmup_steps:
+                out = trainer.train_step(part, GRPOLoss(objective, max(seqs, 1.0), max(tokens, 1.0)))
+            if critic is not None:
+                value_tokens = p.all_reduce_sum(float(batch.fields["value_mask"][mb].sum()))
+                c_out = critic.train_step(part, ValueLoss(cfg.critic.value_clip, max(value_tokens, 1.0)))
+                out.update({k: v for k, v in c_out.items() if k.startswith("critic/")},
+                           **{"critic/grad_norm": c_out["grad_norm"], "critic/skipped": c_out["skipped"]})
             for k, v in out.items():
                 acc[k] = acc.get(k, 0.0) + v
             steps += 1
@@ -543,6 +591,7 @@ def _step_metrics(parallel, scored: Scored, shaped: Shaped, train_out: dict, t_r
         if k in train_out:
             out[k] = float(train_out[k])
     out.update({k: float(v) for k, v in train_out.items() if k.startswith("moe/")})  # a mixture of experts' routing
+    out.update({k: float(v) for k, v in train_out.items() if k.startswith("critic/")})  # PPO's value model
     return out
 
 

@@ -4,7 +4,8 @@ config.json (no weights read, no GPU), and each resident piece is sized as the t
 Rows: parameters, gradients and AdamW state (fp32 masters under model.dtype auto / bf16-mixed; divided over the
 data-parallel ranks under FSDP; under model.lora a frozen base in the compute dtype plus fp32 adapters, which alone
 have gradients and AdamW state, and no reference copy), the reference model (grpo.beta > 0: in the compute dtype,
-bf16 on a GPU under auto, and sharded like the policy), the rollout engine's weights
+bf16 on a GPU under auto, and sharded like the policy), PPO's critic (grpo.advantage=gae: parameters, gradients and
+AdamW state of the model at critic.path with a [1 x hidden] value head), the rollout engine's weights
 (a transformers engine shares the policy unless FSDP shards it, then keeps its own copy in the compute dtype; vLLM
 keeps a bf16 copy split over its TP ranks) and
 its KV cache, and the activation peak of a micro-batch (activation_bytes: counted from the decoder's shapes). The
@@ -62,6 +63,22 @@ def size_of_config(c) -> ModelSize:
                      getattr(c, "head_dim", None) or c.hidden_size // heads, c.vocab_size, c.intermediate_size)
 
 
+def critic_parameters(path: str) -> int:
+    """Parameters of a critic built from the model at `path`: the model with its lm_head replaced by a [1 x hidden]
+    value head (r1cli.models.value_head), counted on the meta device from config.json."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from r1cli.models.value_head import to_value_head
+
+    if not (Path(path) / "config.json").is_file():
+        raise R1Error(f"{path}: no config.json; the memory plan needs the critic's config.json (critic.path)")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+    to_value_head(model)
+    return sum(p.numel() for p in model.parameters())
+
+
 def _param_bytes(dtype: str) -> int:
     return 2 if dtype in ("bfloat16", "float16") else 4  # auto and bf16-mixed keep fp32 masters
 
@@ -96,6 +113,10 @@ def plan(cfg: Config, command: str, gpus: int, size: ModelSize | None = None, de
     elif rl and cfg.grpo.beta > 0:  # frozen in the compute dtype, sharded like the policy
         rows.append(("reference model", m.params * _param_bytes(frozen_dtype(cfg.model.dtype, torch.device(device)))
                      // shard))
+    if rl and cfg.grpo.advantage == "gae":  # PPO's critic: trained in full beside the policy, sharded like it
+        critic = critic_parameters(cfg.critic.path or cfg.model.path)
+        rows += [("critic parameters", critic * pb // shard), ("critic gradients", critic * pb // shard),
+                 ("critic AdamW state", 2 * critic * pb // shard)]
     if rl:
         r = cfg.rollout
         seq = cfg.data.max_prompt_tokens or 1024

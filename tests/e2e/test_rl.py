@@ -60,18 +60,38 @@ def test_rl_resume_is_exact(cold_start, tmp_path):
         assert [v for _, v in cut] == [v for _, v in full], key  # bit-exact on CPU
 
 
+def test_rl_with_a_critic_resumes_exactly(cold_start, tmp_path):
+    gae = ["grpo.advantage=gae", "rollout.n=2", "critic.lr=1e-3", "critic.warmup_steps=1", "grpo.mu=2",
+           "grpo.mini_batch_size=4", "train.steps=4"]
+    run_rl(rl_config(cold_start, tmp_path / "full", *SHORT, *gae))
+    run_rl(rl_config(cold_start, tmp_path / "cut", *SHORT, *gae, "checkpoint.stop_after=2"))
+    run_rl(rl_config(cold_start, tmp_path / "cut", *SHORT, *gae), resume=True)
+    for key in ("critic/value_loss", "critic/grad_norm", "critic/values", "reward/total"):
+        full, cut = _curve(tmp_path / "full", key), _curve(tmp_path / "cut", key)
+        assert [s for s, _ in cut] == [s for s, _ in full] == list(range(1, 5)), key
+        assert [v for _, v in cut] == [v for _, v in full], key  # bit-exact on CPU
+    losses = _curve(tmp_path / "full", "loss")
+    assert [s for s, _ in losses] == list(range(2, 5))  # step 1 trained the critic alone (critic.warmup_steps=1)
+    assert _curve(tmp_path / "cut", "loss") == losses
+
+
 # opt-in: the default run holds two RL ranks to one under FSDP with LoRA (tests/e2e/test_lora.py) and DDP through
 # sft; FSDP's sharded path is also in sft, distill and the streamed loading test
 @pytest.mark.slow
-@pytest.mark.parametrize("dp", ["ddp", "fsdp", "fsdp-packed"])
+@pytest.mark.parametrize("dp", ["ddp", "fsdp", "fsdp-packed", "fsdp-gae"])
 def test_two_ranks_match_one(cold_start, tmp_path, dp):
     """fsdp-packed: the two ranks pack their micro-batches (train.max_tokens_per_micro_batch) after dealing the
-    step's rows between them by tokens (balance_ranks), against one padded rank."""
+    step's rows between them by tokens (balance_ranks), against one padded rank. fsdp-gae: PPO's critic sharded
+    too, its advantages whitened over both ranks' tokens, saved and resumed."""
     base = ["rl", "--config", "configs/tiny/zero.yaml", f"model.path={cold_start / 'sft' / 'hf'}",
             f"data.train={cold_start / 'train.jsonl'}", "data.eval=", "train.steps=3", "grpo.prompts_per_step=4",
             "rollout.n=4", "rollout.prompts_per_generate=1", "logging.progress=false", "logging.tensorboard=false",
             "logging.sample_every=0", "checkpoint.export_hf=false", "train.micro_batch_size=4",
             f"parallel.torch.data_parallel={dp.split('-')[0]}", "grpo.beta=0.05", "grpo.ref_update_every=2"]
+    keys = ["reward/total", "loss", "grad_norm", "kl"]
+    if dp == "fsdp-gae":
+        base += ["grpo.advantage=gae", "critic.lr=1e-3"]
+        keys += ["critic/value_loss", "critic/grad_norm"]
     one = torchrun(1, *base, f"train.output_dir={tmp_path / 'one'}")
     assert one.returncode == 0, one.stderr[-3000:]
     if dp == "fsdp-packed":
@@ -82,7 +102,7 @@ def test_two_ranks_match_one(cold_start, tmp_path, dp):
     assert two.returncode == 0, two.stderr[-3000:]
     two = torchrun(2, *base, f"train.output_dir={tmp_path / 'two'}", "--resume")
     assert two.returncode == 0, two.stderr[-3000:]
-    for key in ("reward/total", "loss", "grad_norm", "kl"):
+    for key in keys:
         a, b = _curve(tmp_path / "one", key), _curve(tmp_path / "two", key)
         assert len(a) == len(b) == 3
         torch.testing.assert_close(torch.tensor([v for _, v in b]), torch.tensor([v for _, v in a]),
@@ -271,6 +291,8 @@ OBJECTIVES = {
     # masked importance sampling needs the engine's own log-probs: one-step-off samples (the transformers engine
     # reports none), the mask beside TIS
     "mis": ["rollout.asynchronous=true", "rollout.tis_cap=2.0", "rollout.mis_low=0.5", "rollout.mis_high=2.0"],
+    # PPO with a learned critic (GAE, lambda 0.95), its lr raised like the policy's for the tiny model
+    "gae": ["grpo.advantage=gae", "critic.lr=3e-4"],
 }
 
 
@@ -280,6 +302,9 @@ def test_each_objective_learns_and_lr_zero_does_not(cold_start, tmp_path, name):
     run_rl(rl_config(cold_start, tmp_path / "run", *OBJECTIVES[name]))
     before, after = eval_curve(tmp_path / "run")
     assert after - before >= 0.20, (name, before, after)
+    if name == "gae":  # the critic learns: its value loss over the last 20 steps below the first 20's
+        v = [m["critic/value_loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in m]
+        assert sum(v[-20:]) < 0.8 * sum(v[:20]), v
     if name == "mis":  # the share of tokens masked is logged every step
         assert all(0 <= m["rollout/mis_masked"] <= 1 for m in read_metrics(tmp_path / "run" / "metrics.jsonl")
                    if "loss" in m)

@@ -59,7 +59,7 @@ def test_shipped_configs_load():
 
 @pytest.mark.parametrize("override, pattern", [
     ("grpo.advantage=grpoo", r"unknown advantage estimator 'grpoo' in grpo.advantage; did you mean 'grpo'\? "
-                             r"\(known: grpo, drgrpo, rloo, reinforce\+\+, reinforce\+\+-baseline\)"),
+                             r"\(known: grpo, drgrpo, rloo, reinforce\+\+, reinforce\+\+-baseline, gae\)"),
     ("grpo.loss_agg=mean", r"unknown loss aggregation 'mean' in grpo.loss_agg.*known: seq-mean-token-mean, "
                            r"token-mean, seq-mean-token-sum-norm"),
     ("grpo.kl_estimator=k4", r"unknown KL estimator 'k4' in grpo.kl_estimator.*known: k1, k2, k3"),
