@@ -8,6 +8,7 @@ weights after a step cost nothing; otherwise (sharded trainer, or `r1 eval` /
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Iterable
 
@@ -16,6 +17,7 @@ import torch
 from r1cli.config import ModelConfig, RolloutConfig
 from r1cli.interfaces import Completion, SamplingParams, engine_factory
 from r1cli.models.loading import autocast, frozen_dtype, load_model, load_tokenizer, resolve_device
+from r1cli.models.routing_replay import per_sequence, routing_hooks
 from r1cli.run.memory_plan import check_generation_fits
 
 
@@ -32,12 +34,35 @@ class GumbelSample:
         return scores.float() - torch.log(-torch.log(u))
 
 
-def sampler(params: SamplingParams, generator: torch.Generator):
+class StepLogprobs:
+    """Each sampled token's log-prob at the sampling temperature, from the logits generate itself computed (as vLLM
+    reports them): the first processor keeps each step's log-softmax and reads the token drawn from it at the next
+    step (the last one from the finished sequences)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature or 1.0
+        self.prev: torch.Tensor | None = None
+        self.taken: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:
+            self.taken.append(self.prev.gather(-1, input_ids[:, -1:]).squeeze(-1).cpu())
+        self.prev = torch.log_softmax(scores.float() / self.temperature, -1)
+        return scores
+
+    def finish(self, seqs: torch.Tensor) -> torch.Tensor:
+        """[rows, generated tokens] once generate returned its sequences."""
+        if self.prev is not None:
+            self.taken.append(self.prev.gather(-1, seqs[:, -1:]).squeeze(-1).cpu())
+        return torch.stack(self.taken, 1)
+
+
+def sampler(params: SamplingParams, generator: torch.Generator, first=()):
     """Temperature, top-k and top-p as transformers applies them, then the Gumbel draw; generate runs greedy over
-    the result."""
+    the result. `first`: processors that see the raw logits before them."""
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-    steps = [TemperatureLogitsWarper(params.temperature)]
+    steps = [*first, TemperatureLogitsWarper(params.temperature)]
     if params.top_k:
         steps.append(TopKLogitsWarper(params.top_k))
     if params.top_p < 1.0:
@@ -47,8 +72,10 @@ def sampler(params: SamplingParams, generator: torch.Generator):
 
 class HFGenerateEngine:
     def __init__(self, model, tokenizer, cfg: RolloutConfig, device: torch.device, dtype: str = "auto",
-                 shared: bool = False, own_logprobs: bool = False):
+                 shared: bool = False, own_logprobs: bool = False, routing: str = "off"):
         self.model, self.tok, self.cfg, self.device = model, tokenizer, cfg, device
+        # model.routing_replay: the experts of every token and the log-probs come from the generation itself
+        self.routing = routing_hooks(model) if routing != "off" else None
         self.shared = shared  # the trainer's live module: its weights are always current
         # report each sampled token's log-prob under this engine's weights (when params.logprobs asks): an
         # asynchronous run's behaviour policy, one update behind the trainer
@@ -119,25 +146,41 @@ class HFGenerateEngine:
                                   min(elem, 2) if self.device.type == "cuda" else elem, self.device)
             ids, att = (t.repeat_interleave(n, dim=0) for t in self._left_pad(chunk))  # row i * n + j: sample j of i
             kw = dict(do_sample=False)  # greedy, or sampling as the argmax of Gumbel-perturbed scores
+            steps = StepLogprobs(params.temperature) if self.routing is not None else None
+            first = () if steps is None else (steps,)
             if params.temperature > 0:
-                kw["logits_processor"] = sampler(params, torch.Generator(self.device).manual_seed(params.seed + s))
-            with self.autocast:
+                kw["logits_processor"] = sampler(params, torch.Generator(self.device).manual_seed(params.seed + s),
+                                                 first)
+            elif first:
+                from transformers import LogitsProcessorList
+
+                kw["logits_processor"] = LogitsProcessorList(first)
+            with self.autocast, self.routing.record() if self.routing is not None else nullcontext():
                 seqs = self.model.generate(
                     input_ids=ids, attention_mask=att, max_new_tokens=params.max_tokens, use_cache=True,
                     stop_strings=list(params.stop) or None, tokenizer=self.tok,
                     pad_token_id=self.tok.pad_token_id, eos_token_id=self.tok.eos_token_id, **kw,
                 )
             width = ids.shape[1]
+            cut = [[self._cut(seqs[i * n + j, width:].tolist(), params.stop) for j in range(n)]
+                   for i in range(len(chunk))]
+            routes = logps = None
+            if self.routing is not None:
+                starts = [width - len(p) for p in chunk for _ in range(n)]
+                lengths = [len(p) + len(c) for p, row in zip(chunk, cut) for c, _ in row]
+                routes = per_sequence(self.routing.recorded, len(starts), starts, lengths)
+                logps = steps.finish(seqs).tolist()
             for i, p_ids in enumerate(chunk):
                 group = []
-                for j in range(n):
-                    gen = seqs[i * n + j, width:].tolist()
-                    c_ids, truncated = self._cut(gen, params.stop)
+                for j, (c_ids, truncated) in enumerate(cut[i]):
                     truncated = truncated and len(c_ids) >= params.max_tokens
-                    group.append(Completion(list(p_ids), c_ids, self.tok.decode(c_ids, skip_special_tokens=True),
-                                            "length" if truncated else "stop"))
+                    c = Completion(list(p_ids), c_ids, self.tok.decode(c_ids, skip_special_tokens=True),
+                                   "length" if truncated else "stop")
+                    if routes is not None:
+                        c.routing, c.logprobs = routes[i * n + j], logps[i * n + j][: len(c_ids)]
+                    group.append(c)
                 out.append(group)
-        if self.own_logprobs and params.logprobs:
+        if self.own_logprobs and params.logprobs and self.routing is None:
             self._score(out, params.temperature or 1.0, step * n)
         if was_training:
             self.model.train()
@@ -186,7 +229,8 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> H
     # an asynchronous run generates while the trainer updates: the engine holds its own copy, one update behind
     shared = None if trainer is None or rollout.asynchronous else trainer.generation_model
     if shared is not None:
-        return HFGenerateEngine(shared, trainer.tokenizer, rollout, trainer.device, model.dtype, shared=True)
+        return HFGenerateEngine(shared, trainer.tokenizer, rollout, trainer.device, model.dtype, shared=True,
+                                routing=model.routing_replay)
     if trainer is not None:
         device = trainer.device
     else:  # one process per GPU under torchrun
@@ -197,7 +241,8 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> H
     # its own copy only generates: held in the compute dtype (bf16 on a GPU under mixed precision)
     frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
     engine = HFGenerateEngine(load_model(frozen, device).eval(), tok, rollout, device, model.dtype,
-                              own_logprobs=(trainer is not None and rollout.asynchronous) or rollout.max_staleness > 0)
+                              own_logprobs=(trainer is not None and rollout.asynchronous) or rollout.max_staleness > 0,
+                              routing=model.routing_replay)
     if trainer is not None:
         engine.load_weights(trainer.named_weights())
     return engine

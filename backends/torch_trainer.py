@@ -28,6 +28,7 @@ from r1cli.lr_schedule import lr_factor
 from r1cli.models import lora
 from r1cli.models.loading import autocast, compute_dtype, frozen_dtype, load_model, load_tokenizer, resolve_device
 from r1cli.models.router_stats import RouterStats, hook_transformers_routers, load_balancing
+from r1cli.models.routing_replay import routing_hooks
 from r1cli.models.value_head import to_value_head, values_at
 from r1cli.models.weight_names import to_checkpoint_names
 from r1cli.run.checkpoint import restore_rng, save_rng
@@ -134,6 +135,11 @@ class TorchTrainer:
         self.router_stats = RouterStats()  # a mixture of experts' routing during each train step
         self.moe = hook_transformers_routers(self.model, self.router_stats)
         self.balance = load_balancing(self._hf_model()) if self.moe else None
+        # model.routing_replay: the engine's recorded experts checked against (replay: used by) the policy's forwards
+        self.routing = routing_hooks(self.model) if model.routing_replay != "off" and not value_head else None
+        if model.routing_replay != "off" and not value_head and self.routing is None:
+            raise R1Error(f"model.routing_replay={model.routing_replay} replays a mixture of experts' routing; the "
+                          f"model at {model.path} has no top-k routers: set model.routing_replay=off")
         # replicated: the gradients are averaged by _average_gradients after each step's micro-batches (no DDP,
         # whose gradient collectives run inside the last backward, where an out-of-memory could not be retried)
         self.wrapped = self.loss_module
@@ -171,6 +177,14 @@ class TorchTrainer:
                              self.parallel.on_group_device)
         cp.register()
         return cp
+
+    def _replay(self, mb: TokenBatch):
+        """model.routing_replay around a micro-batch's forward (and backward): its recorded experts laid out as
+        _tensors lays its rows."""
+        if self.routing is None or mb.routing is None:
+            return nullcontext()
+        rows = mb.packed(max(len(r) for r in mb.input_ids)) if self.train_cfg.max_tokens_per_micro_batch else mb
+        return self.routing.replay(rows.routing_grid(), swap=self.model_cfg.routing_replay == "replay")
 
     def _cp_active(self, layout):
         return self.cp.active(layout) if self.cp is not None else nullcontext()
@@ -312,7 +326,7 @@ class TorchTrainer:
             raise RuntimeError("no reference model is loaded (grpo.beta == 0)")
         with base:
             return self._per_token(module, batch, lambda h, w, tgt: kernels.fused_linear_logprobs(
-                h, w, tgt, temperature=temperature, impl=self.impl)[0])
+                h, w, tgt, temperature=temperature, impl=self.impl)[0], replay=which == "policy")
 
     @torch.no_grad()
     def values(self, batch: TokenBatch) -> torch.Tensor:
@@ -321,18 +335,20 @@ class TorchTrainer:
             raise RuntimeError("values() is a critic's (value_head=True)")
         return self._per_token(self.loss_module, batch, lambda h, w, tgt: values_at(h, w))
 
-    def _per_token(self, module: nn.Module, batch: TokenBatch, fn) -> torch.Tensor:
-        """[B, C] fn(hidden, head weight, targets) of each row's scored tokens, in micro-batches (0 past the end)."""
+    def _per_token(self, module: nn.Module, batch: TokenBatch, fn, replay: bool = False) -> torch.Tensor:
+        """[B, C] fn(hidden, head weight, targets) of each row's scored tokens, in micro-batches (0 past the end);
+        replay: the policy's forward, routed as model.routing_replay says."""
         module.eval()
         mask = batch.scored_mask()
         out = torch.zeros_like(mask)
         plan = self._micro_batches(batch)
         while plan:  # a micro-batch that runs out of memory is halved (rows are independent here)
             rows = plan.pop(0)
-            ids, pos, idx, tgt, layout = self._tensors(batch.select(rows))
+            mb = batch.select(rows)
+            ids, pos, idx, tgt, layout = self._tensors(mb)
             failed = False
             try:
-                with self.autocast, self._cp_active(layout):
+                with self.autocast, self._cp_active(layout), self._replay(mb) if replay else nullcontext():
                     logp = module(ids, pos, idx, lambda h, w: fn(h, w, tgt))
             except torch.OutOfMemoryError:
                 failed = True
@@ -383,6 +399,12 @@ class TorchTrainer:
         out = self._optimizer_step()
         out.update(loss.finish(self.parallel.reduce_metric_sums(sums)))
         out.update(self.router_stats.metrics(self.parallel.sum_tensor))
+        if self.routing is not None:  # the share of recorded token-layers the policy routed alike, every rank's
+            agree, total = self.routing.agree, self.routing.total
+            self.routing.take_agreement()
+            total = self.parallel.all_reduce_sum(total)
+            if total:
+                out["moe/routing_agreement"] = self.parallel.all_reduce_sum(agree) / total
         if self.balance is not None:  # the load-balancing term before its coefficient, mean over ranks
             out["moe/aux_loss"] = self.parallel.all_reduce_sum(aux_sum) / self.parallel.dp_size
         self.router_stats.mask = None
@@ -434,7 +456,8 @@ class TorchTrainer:
                 logp, ent = self.cp.gather(logp, layout), None if ent is None else self.cp.gather(ent, layout)
             return loss(logp, ent, mb)
 
-        with self.autocast, self._cp_active(layout):
+        replay = self._replay(mb)
+        with self.autocast, self._cp_active(layout), replay:
             value, part = self.wrapped(ids, pos, idx, loss_fn)
         # gradients are averaged over the data (x context) parallel ranks and the loss is already global; under
         # context parallelism the ranks' gradients (each from its own tokens) add up to the micro-batch's
@@ -448,7 +471,8 @@ class TorchTrainer:
         if self._fault == (self.train_steps, index) and not self._fault_fired:  # R1_FAULT_OOM: a test's injection
             self._fault_fired = True
             raise torch.OutOfMemoryError(f"injected by R1_FAULT_OOM at step {self.train_steps}, micro-batch {index}")
-        with self._cp_active(layout):  # checkpointed layers run their forward again, attention included
+        # checkpointed layers run their forward again, attention included (and routed as the forward was)
+        with self._cp_active(layout), self._replay(mb):
             total.backward()
         return part, aux
 

@@ -67,6 +67,9 @@ class Completion:
     turns: int = 1
     tool_calls: int = 0
     tool_errors: int = 0
+    # model.routing_replay: the experts each input position (prompt + completion) was routed to, [tokens, layers,
+    # k] (-1 for the last token, which generation never fed back)
+    routing: "torch.Tensor | None" = None
 
     @property
     def truncated(self) -> bool:

@@ -23,17 +23,21 @@ class TokenBatch:
     targets: list[list[int]]  # targets[b][t]: the token predicted at position t, IGNORE where not scored
     position_ids: list[list[int]] | None = None  # None: 0..len-1 (packed rows restart at each sample)
     fields: dict[str, torch.Tensor] = field(default_factory=dict)
+    # MoE routing replay: per row, the experts the engine routed each input position to [len(row), layers, k]
+    # (r1cli.models.routing_replay; -1 where none was recorded), or None
+    routing: list[torch.Tensor] | None = None
 
     @classmethod
     def from_completions(cls, prompt_ids: list[list[int]], completion_ids: list[list[int]],
-                         observation: list[list[bool] | None] | None = None) -> "TokenBatch":
+                         observation: list[list[bool] | None] | None = None,
+                         routing: list[torch.Tensor] | None = None) -> "TokenBatch":
         """Prompt + completion rows; completion token j is predicted at position len(prompt) - 1 + j. `observation`
         marks the completion tokens a tool wrote (multi-turn rollouts): context the model reads, not tokens it chose,
         so they are not scored - out of the loss, the KL, the entropy and the scored grid."""
         obs = observation or [None] * len(prompt_ids)
         targets = [[IGNORE] * (len(p) - 1) + [IGNORE if o and o[j] else t for j, t in enumerate(c)] + [IGNORE]
                    for p, c, o in zip(prompt_ids, completion_ids, obs)]
-        return cls([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], targets)
+        return cls([list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)], targets, routing=routing)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -56,7 +60,8 @@ class TokenBatch:
         width = max(1, max(self.counts[b] for b in rows))
         fields = {k: (v[pick] if v.dim() == 1 else v[pick, :width]) for k, v in self.fields.items()}
         return TokenBatch([self.input_ids[b] for b in rows], [self.targets[b] for b in rows],
-                          None if self.position_ids is None else [self.position_ids[b] for b in rows], fields)
+                          None if self.position_ids is None else [self.position_ids[b] for b in rows], fields,
+                          None if self.routing is None else [self.routing[b] for b in rows])
 
     @classmethod
     def concat(cls, parts: list["TokenBatch"]) -> "TokenBatch":
@@ -72,7 +77,8 @@ class TokenBatch:
                 width = max(v.shape[1] for v in vs)
                 vs = [torch.nn.functional.pad(v, (0, width - v.shape[1])) for v in vs]
             fields[name] = torch.cat(vs)
-        return cls([b.input_ids[k] for b, k in rows], [b.targets[k] for b, k in rows], pos, fields)
+        routing = None if any(b.routing is None for b in parts) else [b.routing[k] for b, k in rows]
+        return cls([b.input_ids[k] for b, k in rows], [b.targets[k] for b, k in rows], pos, fields, routing)
 
     def packed(self, width: int | None = None) -> "TokenBatch":
         """The rows laid end to end, in order, into rows of at most `width` tokens (a new row where the next does not
@@ -82,13 +88,28 @@ class TokenBatch:
         ids: list[list[int]] = []
         tgt: list[list[int]] = []
         pos: list[list[int]] = []
+        routing: list[list[torch.Tensor]] = []
         for b, row in enumerate(self.input_ids):
             if not ids or (width is not None and len(ids[-1]) + len(row) > width):
-                ids.append([]), tgt.append([]), pos.append([])
+                ids.append([]), tgt.append([]), pos.append([]), routing.append([])
             ids[-1] += row
             tgt[-1] += self.targets[b]
             pos[-1] += self.position_ids[b] if self.position_ids is not None else range(len(row))
-        return TokenBatch(ids, tgt, pos)
+            if self.routing is not None:
+                routing[-1].append(self.routing[b])
+        return TokenBatch(ids, tgt, pos, routing=None if self.routing is None else [torch.cat(r) for r in routing])
+
+    def routing_grid(self) -> torch.Tensor | None:
+        """[B * L, layers, k] the recorded experts of every position of tensors()' right-padded [B, L] rows (-1 on
+        padding), in the order a router sees them; None without routing."""
+        if self.routing is None:
+            return None
+        width = max(len(r) for r in self.input_ids)
+        first = self.routing[0]
+        grid = first.new_full((len(self), width, *first.shape[1:]), -1)
+        for b, r in enumerate(self.routing):
+            grid[b, : r.shape[0]] = r
+        return grid.reshape(-1, *first.shape[1:])
 
     def tensors(self, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Right-padded input_ids and position_ids [B, L], the flat indices (b * L + t) of scored positions [N]

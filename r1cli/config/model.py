@@ -36,4 +36,8 @@ class ModelConfig:
     # (E4M3 forward, E5M2 gradients) over bf16 weights with fp32 master copies
     precision: Literal["auto", "fp8"] = "auto"
     fp8_recipe: Literal["delayed", "current"] = "delayed"  # scaling from an amax history, or from this tensor
+    # MoE routing replay (R3; torch backend, transformers engine, softmax top-k routers): record keeps the experts the
+    # engine routed each token to and its log-probs from generation, and logs moe/routing_agreement (the share the
+    # trainer routes alike); replay also routes the trainer's forwards through the recorded experts
+    routing_replay: Literal["off", "record", "replay"] = "off"
     lora: LoraConfig = field(default_factory=LoraConfig)

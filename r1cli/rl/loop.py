@@ -84,17 +84,29 @@ def validate(cfg: Config) -> None:
     if cfg.parallel.torch.fused_linear == "one_pass" and g.ratio_level != "token":
         raise R1Error("parallel.torch.fused_linear=one_pass applies token-level ratios; grpo.ratio_level=sequence "
                       "needs parallel.torch.fused_linear=recompute")
+    m = cfg.model
+    if m.routing_replay != "off":
+        engine = pick_engine(r.engine)
+        why = ("parallel.backend=torch" if cfg.parallel.backend != "torch" else
+               "rollout.engine=hf (the transformers engine records the experts through router hooks; vLLM 0.32 "
+               "returns no routing)" if engine != "hf" else
+               "parallel.context_parallel=1" if cfg.parallel.context_parallel > 1 else
+               "no rollout.tools (a tool's turns would need their routing stitched)" if r.tools else
+               "rollout.max_staleness=0 (the worker's samples carry no routing yet)" if r.max_staleness else "")
+        if why:
+            raise R1Error(f"model.routing_replay={m.routing_replay} is built for {why}; set model.routing_replay=off")
+    reports = engine_reports_logprobs(r.engine) or m.routing_replay != "off"  # the engine's own log-probs
     if r.mis_level != "token" and not r.mis_low:  # read only with the mask on: refused, not ignored
         raise R1Error("rollout.mis_level is read only with masked importance sampling: set rollout.mis_low and "
                       "rollout.mis_high (e.g. 0.5 and 2.0), or drop rollout.mis_level")
     if (r.mis_low or r.mis_high) and not 0 < r.mis_low < 1 < r.mis_high:
         raise R1Error(f"rollout.mis_low and rollout.mis_high bound the ratio p_trainer / p_engine a token keeps: "
                       f"0 < mis_low < 1 < mis_high (e.g. 0.5 and 2.0); this run has {r.mis_low} and {r.mis_high}")
-    if r.mis_low and not (engine_reports_logprobs(r.engine) or r.asynchronous or r.max_staleness):
+    if r.mis_low and not (reports or r.asynchronous or r.max_staleness):
         raise R1Error(f"rollout.mis_low/mis_high mask tokens where the engine sampled from another distribution than "
                       f"the trainer's (vllm, or older weights: rollout.asynchronous, rollout.max_staleness); the "
                       f"{pick_engine(r.engine)} engine reports no log-probs of its own")
-    if r.tis_cap and not (engine_reports_logprobs(r.engine) or r.asynchronous or r.max_staleness):
+    if r.tis_cap and not (reports or r.asynchronous or r.max_staleness):
         raise R1Error(f"rollout.tis_cap corrects for an engine that samples from other kernels than the trainer's "
                       f"(vllm) or from older weights (rollout.asynchronous, rollout.max_staleness); the "
                       f"{pick_engine(r.engine)} engine reports no log-probs of its own")
@@ -214,9 +226,11 @@ def run_rl(cfg: Config, resume: bool = False, overwrite: bool = False) -> dict:
             else:
                 pending = None
                 engine.sleep()  # the trainer's turn (vLLM on GPU frees its KV cache; the next generate wakes it)
+            routing = [c.routing for c in rollout.samples]  # model.routing_replay: the engine's experts per token
             batch = TokenBatch.from_completions([c.prompt_ids for c in rollout.samples],
                                                 [c.completion_ids for c in rollout.samples],
-                                                [c.observation for c in rollout.samples])  # tool output: unscored
+                                                [c.observation for c in rollout.samples],  # tool output: unscored
+                                                None if any(r is None for r in routing) else routing)
             t1 = time.perf_counter()
             behaviour = add_logprobs(trainer, batch, rollout, scored, objective, cfg)  # 3. old / reference log-probs
             if critic is not None:  # and the critic's values of each state

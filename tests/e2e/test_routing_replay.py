@@ -1,0 +1,104 @@
+"""MoE routing replay (model.routing_replay) on a tiny qwen3_moe: the transformers engine records the experts of every
+token, the trainer routed through them takes exactly those experts, and its log-probs then sit closer to the
+engine's than when it routes itself; an r1 rl run logs the agreement and the mismatch."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from r1cli.config import load_config
+from r1cli.errors import R1Error
+from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+from r1cli.models.routing_replay import routers
+from r1cli.models.tiny import TinySpec, build_tiny_model
+from r1cli.rl.loop import run_rl, validate
+from r1cli.rl.mismatch import mismatch_sums
+from r1cli.run.metrics import read_metrics
+from r1cli.token_batch import TokenBatch
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory) -> tuple[Path, Path]:
+    """The tiny qwen3_moe, and a copy whose routers' weights are perturbed by 30%: an engine that routes some tokens
+    elsewhere (as other kernels and near-ties do in a real engine) with the same experts - on any CPU."""
+    root = tmp_path_factory.mktemp("moe")
+    model = build_tiny_model(root / "model", TinySpec(family="qwen3_moe", num_experts=8, num_experts_per_tok=2))
+    engine = root / "engine"
+    engine.mkdir()
+    for f in model.iterdir():
+        (engine / f.name).write_bytes(f.read_bytes())
+    g = torch.Generator().manual_seed(0)
+    sd = load_file(str(engine / "model.safetensors"))
+    sd = {k: v * (1 + 0.3 * torch.randn(v.shape, generator=g)) if k.endswith("mlp.gate.weight") else v
+          for k, v in sd.items()}
+    save_file(sd, str(engine / "model.safetensors"), metadata={"format": "pt"})
+    return model, engine
+
+
+def _cfg(path, mode="replay", *extra):
+    return load_config("configs/tiny/zero.yaml", [f"model.path={path}", "rollout.engine=hf", "train.device=cpu",
+                                                 f"model.routing_replay={mode}", *extra])
+
+
+def test_replayed_routing_is_the_recorded_one_and_the_mismatch_falls(moe):
+    model, engine_path = moe
+    engine = build_engine(_cfg(engine_path).model, _cfg(engine_path).rollout)  # its own (perturbed) copy
+    trainer = build_trainer(_cfg(model))
+    prompts = [[5 + i, 6, 7 + 2 * i, 8][: 2 + i % 3] for i in range(8)]
+    samples = [c for g in engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1,
+                                                                  logprobs=True)) for c in g]
+    layers = len(routers(trainer.model))
+    for c in samples:  # every input position has its experts; only the last token was never fed back
+        assert c.routing.shape == (len(c.prompt_ids) + len(c.completion_ids), layers, 2)
+        assert (c.routing[:-1] >= 0).all() and len(c.logprobs) == len(c.completion_ids)
+    batch = TokenBatch.from_completions([c.prompt_ids for c in samples], [c.completion_ids for c in samples],
+                                        routing=[c.routing for c in samples])
+    mask = batch.scored_mask()
+    engine_logp = torch.zeros_like(mask)
+    for i, c in enumerate(samples):
+        engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    used = []  # the experts each router call of the trainer's forward went to (after the replay hook)
+    for m in routers(trainer.model):
+        m.register_forward_hook(lambda mod, args, out: used.append(out[2].clone()))
+    mismatch, agreement = {}, {}
+    for mode in ("record", "replay"):
+        trainer.model_cfg = replace(trainer.model_cfg, routing_replay=mode)
+        used.clear()
+        logp = trainer.logprobs(batch)
+        s = mismatch_sums(logp, engine_logp, mask)
+        mismatch[mode], agreement[mode] = s["sum"] / s["count"], trainer.routing.take_agreement()
+        if mode == "replay":  # token for token, layer by layer: the recorded experts
+            grid = batch.routing_grid()
+            recorded = grid >= 0
+            got = torch.stack(used, 1)  # [tokens, layers, k]: one micro-batch, layers in order
+            assert torch.equal(got[recorded.all(-1)], grid[recorded.all(-1)].long())
+    assert agreement["record"] < 0.9  # the perturbed engine routed many tokens elsewhere
+    assert mismatch["replay"] < 0.5 * mismatch["record"], mismatch
+
+
+def test_an_rl_run_logs_the_routing_agreement_and_mismatch(moe, arith_data, tmp_path):
+    model, _ = moe
+    common = [f"data.train={arith_data[0]}", "data.eval=", "logging.progress=false", "logging.tensorboard=false",
+              "logging.sample_every=0", "train.steps=2", "grpo.prompts_per_step=4", "rollout.n=4",
+              "checkpoint.export_hf=false", "rollout.max_new_tokens=16"]
+    run_rl(load_config("configs/tiny/zero.yaml", [f"model.path={model}", f"train.output_dir={tmp_path}",
+                                                  "model.routing_replay=replay", *common]))
+    steps = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "loss" in m]
+    assert len(steps) == 2
+    for m in steps:
+        assert 0.9 <= m["moe/routing_agreement"] <= 1.0  # the engine is the trainer's own module here
+        assert 0.0 <= m["rollout/mismatch_kl"] < 1e-3
+
+
+def test_what_it_cannot_replay_is_refused(moe, tiny_model):
+    for extra, match in [(["rollout.engine=vllm"], "rollout.engine=hf"),
+                         (["parallel.backend=megatron"], "parallel.backend=torch"),
+                         (["rollout.tools=[python]"], "rollout.tools")]:
+        with pytest.raises(R1Error, match=match):
+            validate(_cfg(moe[0], "replay", *extra))
+    with pytest.raises(R1Error, match="no top-k routers"):
+        build_trainer(_cfg(tiny_model))
+    validate(_cfg(moe[0], "record", "rollout.tis_cap=2.0"))  # the engine's log-probs now come from generation
