@@ -242,7 +242,7 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> H
     frozen = replace(model, dtype=frozen_dtype(model.dtype, device), gradient_checkpointing=False)
     engine = HFGenerateEngine(load_model(frozen, device).eval(), tok, rollout, device, model.dtype,
                               own_logprobs=(trainer is not None and rollout.asynchronous) or rollout.max_staleness > 0,
-                              routing=model.routing_replay)
+                              routing=model.routing_replay if trainer is not None else "off")  # a trainer's only
     if trainer is not None:
         engine.load_weights(trainer.named_weights())
     return engine

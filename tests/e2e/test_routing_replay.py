@@ -1,6 +1,6 @@
 """MoE routing replay (model.routing_replay) on a tiny qwen3_moe: the transformers engine records the experts of every
 token, the trainer routed through them takes exactly those experts, and its log-probs then sit closer to the
-engine's than when it routes itself; an r1 rl run logs the agreement and the mismatch."""
+engine's than when it routes itself, in the loop's own logged mismatch too; vLLM's routed experts read as r1's."""
 
 from dataclasses import replace
 from pathlib import Path
@@ -9,9 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from r1cli.backends.hf_rollout import HFGenerateEngine
 from r1cli.config import load_config
 from r1cli.errors import R1Error
-from r1cli.interfaces import SamplingParams, build_engine, build_trainer
+from r1cli.interfaces import SamplingParams, build_trainer
+from r1cli.models.loading import load_model
 from r1cli.models.routing_replay import routers
 from r1cli.models.tiny import TinySpec, build_tiny_model
 from r1cli.rl.loop import run_rl, validate
@@ -45,8 +47,10 @@ def _cfg(path, mode="replay", *extra):
 
 def test_replayed_routing_is_the_recorded_one_and_the_mismatch_falls(moe):
     model, engine_path = moe
-    engine = build_engine(_cfg(engine_path).model, _cfg(engine_path).rollout)  # its own (perturbed) copy
     trainer = build_trainer(_cfg(model))
+    # an engine of its own (the perturbed copy) recording as a trainer's engine does
+    engine = HFGenerateEngine(load_model(_cfg(engine_path).model, torch.device("cpu")).eval(), trainer.tokenizer,
+                              _cfg(engine_path).rollout, torch.device("cpu"), routing="replay")
     prompts = [[5 + i, 6, 7 + 2 * i, 8][: 2 + i % 3] for i in range(8)]
     samples = [c for g in engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=24, seed=1,
                                                                   logprobs=True)) for c in g]
@@ -79,26 +83,67 @@ def test_replayed_routing_is_the_recorded_one_and_the_mismatch_falls(moe):
     assert mismatch["replay"] < 0.5 * mismatch["record"], mismatch
 
 
-def test_an_rl_run_logs_the_routing_agreement_and_mismatch(moe, arith_data, tmp_path):
+def test_an_rl_run_logs_a_smaller_mismatch_with_replay(moe, arith_data, tmp_path, monkeypatch):
+    """The loop's own figures: one-step-off runs (the engine holds its own copy) whose engine copy has its routers
+    perturbed after every weight load (an engine that routes some tokens elsewhere), at lr 0 so that both runs see
+    the same samples: the logged rollout/mismatch_kl with replay is far below the one without, every step."""
     model, _ = moe
-    common = [f"data.train={arith_data[0]}", "data.eval=", "logging.progress=false", "logging.tensorboard=false",
-              "logging.sample_every=0", "train.steps=2", "grpo.prompts_per_step=4", "rollout.n=4",
-              "checkpoint.export_hf=false", "rollout.max_new_tokens=16"]
-    run_rl(load_config("configs/tiny/zero.yaml", [f"model.path={model}", f"train.output_dir={tmp_path}",
-                                                  "model.routing_replay=replay", *common]))
-    steps = [m for m in read_metrics(tmp_path / "metrics.jsonl") if "loss" in m]
-    assert len(steps) == 2
-    for m in steps:
-        assert 0.9 <= m["moe/routing_agreement"] <= 1.0  # the engine is the trainer's own module here
-        assert 0.0 <= m["rollout/mismatch_kl"] < 1e-3
+    load = HFGenerateEngine.load_weights
+
+    def perturbed(self, weights):
+        load(self, weights)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in routers(self.model):
+                m.weight.mul_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+
+    monkeypatch.setattr(HFGenerateEngine, "load_weights", perturbed)
+    common = [f"model.path={model}", f"data.train={arith_data[0]}", "data.eval=", "logging.progress=false",
+              "logging.tensorboard=false", "logging.sample_every=0", "train.steps=3", "grpo.prompts_per_step=4",
+              "rollout.n=4", "checkpoint.export_hf=false", "rollout.max_new_tokens=16", "rollout.asynchronous=true",
+              "rollout.tis_cap=2.0", "optim.lr=0.0"]
+    logged = {}
+    for mode in ("record", "replay"):
+        run_rl(load_config("configs/tiny/zero.yaml", [*common, f"train.output_dir={tmp_path / mode}",
+                                                      f"model.routing_replay={mode}"]))
+        logged[mode] = [m for m in read_metrics(tmp_path / mode / "metrics.jsonl") if "loss" in m]
+    assert len(logged["record"]) == len(logged["replay"]) == 3
+    for rec, rep in zip(logged["record"], logged["replay"]):
+        assert rec["reward/total"] == rep["reward/total"]  # the same samples
+        assert rec["moe/routing_agreement"] < 0.9  # the engine routed many token-layers elsewhere
+        assert rep["rollout/mismatch_kl"] < 0.5 * rec["rollout/mismatch_kl"], (rep, rec)
 
 
 def test_what_it_cannot_replay_is_refused(moe, tiny_model):
-    for extra, match in [(["rollout.engine=vllm"], "rollout.engine=hf"),
-                         (["parallel.backend=megatron"], "parallel.backend=torch"),
+    for extra, match in [(["parallel.backend=megatron"], "parallel.backend=torch"),
+                         (["parallel.context_parallel=2"], "context_parallel=1"),
                          (["rollout.tools=[python]"], "rollout.tools")]:
         with pytest.raises(R1Error, match=match):
             validate(_cfg(moe[0], "replay", *extra))
     with pytest.raises(R1Error, match="no top-k routers"):
         build_trainer(_cfg(tiny_model))
     validate(_cfg(moe[0], "record", "rollout.tis_cap=2.0"))  # the engine's log-probs now come from generation
+
+
+def test_vllm_routing_is_read_as_r1s_and_needs_a_gpu(monkeypatch):
+    """vLLM returns every position's experts but the last (routed_experts [positions - 1, layers, k]); its Model
+    Runner V2 that records them needs Triton, so on a CPU it is one line."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from r1cli.backends.vllm_rollout import completion_routing, routing_kwargs
+
+    rows = np.arange(5 * 3 * 2).reshape(5, 3, 2) % 8
+    got = completion_routing(SimpleNamespace(routed_experts=rows), 6)
+    assert got.shape == (6, 3, 2) and got.dtype == torch.int16
+    assert torch.equal(got[:5], torch.as_tensor(rows).to(torch.int16)) and (got[5] == -1).all()
+    with pytest.raises(R1Error, match="no routed experts"):
+        completion_routing(SimpleNamespace(routed_experts=None), 6)
+    cfg = _cfg("m")
+    assert routing_kwargs(replace(cfg.model, routing_replay="off"), on_gpu=False) == {}
+    with pytest.raises(R1Error, match="needs Triton on a GPU"):
+        routing_kwargs(cfg.model, on_gpu=False)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    assert routing_kwargs(cfg.model, on_gpu=True) == {"enable_return_routed_experts": True}
+    assert __import__("os").environ["VLLM_USE_V2_MODEL_RUNNER"] == "1"
