@@ -14,6 +14,7 @@ from r1cli.backends.vllm_rollout import VLLMEngine
 from r1cli.distill.loss import DistillLoss
 from r1cli.interfaces import ParallelContext, RolloutEngine, TokenLoss, TrainerBackend
 from r1cli.kernels.records import ElementwiseObjective
+from r1cli.rl.critic import ValueLoss
 from r1cli.rl.objective import GRPOLoss, GRPOObjective
 from r1cli.sft.loss import NLLLoss
 
@@ -26,8 +27,8 @@ def engines(a: HFGenerateEngine, b: VLLMEngine, c: FakeEngine) -> list[RolloutEn
     return [a, b, c]
 
 
-def losses(a: GRPOLoss, b: NLLLoss, c: DistillLoss) -> list[TokenLoss]:
-    return [a, b, c]
+def losses(a: GRPOLoss, b: NLLLoss, c: DistillLoss, d: ValueLoss) -> list[TokenLoss]:
+    return [a, b, c, d]
 
 
 def contexts(a: DistributedContext) -> ParallelContext:
