@@ -1,10 +1,11 @@
 """`r1 rl`: the GRPO loop, top to bottom.
 
-Per step: prompts -> G samples each -> rewards -> group advantages -> old/ref
-log-probs -> mu passes of clipped-objective mini-batch steps -> new weights to the
-rollout engine. It talks only to a trainer backend, a rollout engine and their
-parallel context (r1cli/interfaces.py) and never imports torch.distributed,
-megatron or vllm.
+Per step: prompts -> G samples each -> rewards -> old/ref log-probs -> advantages
+(group-relative; or, with grpo.advantage=gae, GAE over a learned critic's values) ->
+mu passes of clipped-objective mini-batch steps (and the critic's value-loss steps) ->
+new weights to the rollout engine. It talks only to a trainer backend, a rollout
+engine and their parallel context (r1cli/interfaces.py) and never imports
+torch.distributed, megatron or vllm.
 """
 
 from __future__ import annotations
