@@ -27,6 +27,8 @@ PANELS = [
     ("idle shares and queue (fully asynchronous)", ["time/trainer_idle_share", "time/engine_idle_share",
                                                    "rollout/queue_depth", "rollout/worker_restarts"]),
     ("expert routing (1 = even)", ["moe/load_imbalance", "moe/load_min_share", "moe/balance"]),
+    ("routing replay: share of token-layers routed as the engine did", ["moe/routing_agreement"]),
+    ("critic (PPO): value loss and explained variance", ["critic/value_loss", "critic/explained_var"]),
 ]
 
 

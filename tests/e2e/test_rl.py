@@ -73,6 +73,9 @@ def test_rl_with_a_critic_resumes_exactly(cold_start, tmp_path):
     losses = _curve(tmp_path / "full", "loss")
     assert [s for s, _ in losses] == list(range(2, 5))  # step 1 trained the critic alone (critic.warmup_steps=1)
     assert _curve(tmp_path / "cut", "loss") == losses
+    from r1cli.run.report import write_report
+
+    assert "critic (PPO): value loss" in write_report(str(tmp_path / "full")).read_text()
 
 
 # opt-in: the default run holds two RL ranks to one under FSDP with LoRA (tests/e2e/test_lora.py) and DDP through

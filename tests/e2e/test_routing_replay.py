@@ -133,6 +133,9 @@ def test_an_rl_run_logs_a_smaller_mismatch_with_replay(moe, arith_data, tmp_path
         assert rec["reward/total"] == rep["reward/total"]  # the same samples
         assert rec["moe/routing_agreement"] < 0.9  # the engine routed many token-layers elsewhere
         assert rep["rollout/mismatch_kl"] < 0.5 * rec["rollout/mismatch_kl"], (rep, rec)
+    from r1cli.run.report import write_report
+
+    assert "routing replay: share of token-layers" in write_report(str(tmp_path / "replay")).read_text()
 
 
 def test_what_it_cannot_replay_is_refused(moe, tiny_model):
