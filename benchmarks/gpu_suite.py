@@ -250,12 +250,10 @@ def _vllm_routing_row(work: Path, on_gpu: bool) -> dict:
         return row("vllm", item, "vLLM records the experts on its Model Runner V2 only (Triton, a GPU)", "info")
     from dataclasses import replace
 
-    import torch
-
     from r1cli.config import load_config
     from r1cli.interfaces import SamplingParams, build_engine, build_trainer
     from r1cli.models.tiny import TinySpec, build_tiny_model
-    from r1cli.rl.mismatch import mismatch_sums
+    from r1cli.rl.mismatch import engine_logprobs, mismatch_sums
     from r1cli.token_batch import TokenBatch
 
     try:
@@ -271,9 +269,7 @@ def _vllm_routing_row(work: Path, on_gpu: bool) -> dict:
         batch = TokenBatch.from_completions([c.prompt_ids for c in out], [c.completion_ids for c in out],
                                             routing=[c.routing for c in out])
         mask = batch.scored_mask()
-        engine_logp = torch.zeros_like(mask)
-        for i, c in enumerate(out):
-            engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+        engine_logp = engine_logprobs([c.logprobs for c in out], mask.shape[1])
         figures = []
         for mode in ("record", "replay"):
             trainer.model_cfg = replace(trainer.model_cfg, routing_replay=mode)

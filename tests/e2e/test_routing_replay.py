@@ -17,7 +17,7 @@ from r1cli.models.loading import load_model
 from r1cli.models.routing_replay import routers
 from r1cli.models.tiny import TinySpec, build_tiny_model
 from r1cli.rl.loop import run_rl, validate
-from r1cli.rl.mismatch import mismatch_sums
+from r1cli.rl.mismatch import engine_logprobs, mismatch_sums
 from r1cli.run.metrics import read_metrics
 from r1cli.token_batch import TokenBatch
 
@@ -61,9 +61,7 @@ def test_replayed_routing_is_the_recorded_one_and_the_mismatch_falls(moe):
     batch = TokenBatch.from_completions([c.prompt_ids for c in samples], [c.completion_ids for c in samples],
                                         routing=[c.routing for c in samples])
     mask = batch.scored_mask()
-    engine_logp = torch.zeros_like(mask)
-    for i, c in enumerate(samples):
-        engine_logp[i, : len(c.logprobs)] = torch.tensor(c.logprobs)
+    engine_logp = engine_logprobs([c.logprobs for c in samples], mask.shape[1])
     used = []  # the experts each router call of the trainer's forward went to (after the replay hook)
     for m in routers(trainer.model):
         m.register_forward_hook(lambda mod, args, out: used.append(out[2].clone()))
