@@ -258,7 +258,7 @@ def read_yaml(path: str | Path) -> dict:
 PATH_KEYS = ("model.path", "data.train", "data.eval", "data.chat_template", "train.output_dir", "sample.out",
              "sample.judge", "benchmark.out", "benchmark.data_dir", "benchmark.completions", "coldstart.out",
              "coldstart.generator", "coldstart.exemplars", "distill.teacher", "rewards.model.path",
-             "rewards.judge.path", "rewards.judge.template")
+             "rewards.judge.path", "rewards.judge.template", "critic.path")
 
 
 def _expand_paths(cfg: Config) -> None:

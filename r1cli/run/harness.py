@@ -38,9 +38,10 @@ RUN_ARTIFACTS = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints",
 
 def run_identity(cfg: Config) -> dict:
     """What a training run's results depend on (r1cli.run.identity): a --resume with other inputs is refused."""
-    return identity.of_config(cfg, ["model", "data", "train", "optim", "grpo", "rewards", "rollout", "distill"],
+    return identity.of_config(cfg, ["model", "data", "train", "optim", "grpo", "critic", "rewards", "rollout",
+                                    "distill"],
                      {"model.path": cfg.model.path, "data.train": cfg.data.train,
-                      "distill.teacher": cfg.distill.teacher})
+                      "distill.teacher": cfg.distill.teacher, "critic.path": cfg.critic.path})
 
 
 def check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:

@@ -113,7 +113,7 @@ HOW = ("*.out", "model.path", "data.train", "data.eval", "data.max_samples", "da
        "rollout.prompts_per_generate", "rollout.timeout_s", "rollout.start_timeout_s", "rewards.timeout_s",
        "coldstart.generator",
        "coldstart.exemplars", "sample.judge", "rewards.model.path", "rewards.judge.path", "distill.teacher",
-       "distill.student", "distill.chunk_tokens")
+       "distill.student", "distill.chunk_tokens", "critic.path")
 
 
 def of_config(cfg, sections: list[str], paths: dict[str, str]) -> dict[str, Any]:

@@ -151,3 +151,19 @@ def test_gae_runs_a_group_of_one_and_refuses_what_it_cannot_train():
 def test_a_checkpoint_without_a_critic_is_refused(tmp_path):
     with pytest.raises(R1Error, match="holds no critic"):
         WithCritic(object(), object()).load(tmp_path)
+
+
+def test_a_resume_with_other_critic_settings_is_another_run(tmp_path):
+    """The critic's section and its starting weights are part of what a run's results depend on."""
+    from r1cli.run.harness import run_identity
+
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    base = ["grpo.advantage=gae", f"model.path={model}"]
+    one = run_identity(load_config(None, base))
+    assert run_identity(load_config(None, [*base, "critic.lr=1e-4"])) != one
+    other = tmp_path / "critic"
+    other.mkdir()
+    (other / "config.json").write_text('{"other": 1}')
+    assert "critic.path (content)" in run_identity(load_config(None, [*base, f"critic.path={other}"]))
